@@ -1,0 +1,1 @@
+"""modeld: serve several llama.cpp models from one process."""

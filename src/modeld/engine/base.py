@@ -1,0 +1,119 @@
+"""The contract between a worker thread, a token loop and the event loop.
+
+A generation is driven by a :class:`TokenLoop` on the instance's worker thread. It writes
+UTF-8 text into a :class:`TokenRing` (single producer: the loop; single consumer: the event
+loop). The consumer sleeps on ``ring.fileno()`` and drains everything available at once.
+
+Rules every loop keeps (the C loop and the Python twin alike):
+
+* text is pushed as bytes; a UTF-8 character split across tokens is held back until it is
+  complete, so a drained batch never ends inside a valid multi-byte sequence (bytes that
+  can never become valid UTF-8 are pushed as they are; the consumer decodes with
+  ``errors="replace"``);
+* a stop string ends the generation with :attr:`StopCode.STOP`, and no byte of it or
+  after it is ever pushed, also when it spans several tokens;
+* the cancel flag is checked before every token and between prompt batches;
+* when the ring is full the producer blocks without spinning until the consumer drains
+  or cancels;
+* the loop never calls ``finish()``: the worker does, after recording the outcome, so the
+  consumer sees the outcome as soon as it sees the end of the stream.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from modeld.types import LoopKind, SamplingParams
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+__all__ = ["RING_CAPACITY_BYTES", "LoopOutcome", "StopCode", "TokenLoop", "TokenRing"]
+
+RING_CAPACITY_BYTES = 64 * 1024
+
+
+class StopCode(enum.IntEnum):
+    """How a loop ended; integers so that C can report them without touching Python."""
+
+    STOP = 0  # end-of-generation token or a stop string
+    LENGTH = 1  # max_tokens reached (or the context is full)
+    CANCELLED = 2  # the ring's cancel flag was set
+    ERROR = 3  # llama.cpp failed (decode error); see LoopOutcome.error
+
+
+@dataclass(frozen=True, slots=True)
+class LoopOutcome:
+    stop_code: StopCode
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_eval_ms: float
+    eval_ms: float
+    error: str | None = None
+
+
+class TokenRing(Protocol):
+    """Bounded SPSC byte ring with a cancel flag and a wake-up file descriptor.
+
+    Consumer side (event loop): ``fileno``, ``drain``, ``cancel``, ``close``.
+    Producer side (worker thread): ``push`` (used by the loop), ``finish`` (by the worker).
+    """
+
+    def fileno(self) -> int:
+        """A descriptor that turns readable when the ring turns non-empty or finishes."""
+        ...
+
+    def drain(self) -> tuple[bytes, int, bool]:
+        """Take everything available without blocking: ``(text, tokens, finished)``.
+
+        ``finished`` is true once the producer has called ``finish()`` and nothing is left.
+        Clears the wake-up descriptor, so the next wait sleeps until new data arrives.
+        """
+        ...
+
+    def push(self, data: bytes, tokens: int) -> bool:
+        """Append ``data`` (made by ``tokens`` tokens); blocks while full.
+
+        Returns False, having pushed nothing more, once the ring is cancelled.
+        """
+        ...
+
+    def finish(self) -> None:
+        """Mark the end of the stream and wake the consumer. Idempotent."""
+        ...
+
+    def cancel(self) -> None:
+        """Ask the producer to stop; wakes it if it waits for space. Any thread, idempotent."""
+        ...
+
+    @property
+    def cancelled(self) -> bool: ...
+
+    def close(self) -> None:
+        """Release the descriptor. Only after the producer is done with the ring."""
+        ...
+
+
+class TokenLoop(Protocol):
+    """Runs one generation on the worker thread that owns ``llama``."""
+
+    kind: LoopKind
+
+    def new_ring(self, capacity_bytes: int = RING_CAPACITY_BYTES) -> TokenRing: ...
+
+    def run(
+        self,
+        llama: Llama,
+        ring: TokenRing,
+        prompt_tokens: Sequence[int],
+        params: SamplingParams,
+    ) -> LoopOutcome:
+        """Evaluate the prompt from an empty KV cache, then sample until a stop condition.
+
+        Blocks until the generation ends. Raises nothing for llama.cpp failures: they come
+        back as ``StopCode.ERROR`` with a message.
+        """
+        ...

@@ -1,0 +1,115 @@
+"""The pure-Python twin of the C ring: same semantics, a lock instead of atomics."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+__all__ = ["PyTokenRing"]
+
+
+class _WakeFd:
+    """An eventfd (or a pipe where there is none) that is readable while 'set'."""
+
+    def __init__(self) -> None:
+        if hasattr(os, "eventfd"):
+            self._read_fd = self._write_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._is_eventfd = True
+        else:  # pragma: no cover - non-Linux
+            self._read_fd, self._write_fd = os.pipe()
+            os.set_blocking(self._read_fd, False)
+            self._is_eventfd = False
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def set(self) -> None:
+        if self._is_eventfd:
+            os.eventfd_write(self._write_fd, 1)
+        else:  # pragma: no cover
+            os.write(self._write_fd, b"x")
+
+    def clear(self) -> None:
+        try:
+            if self._is_eventfd:
+                os.eventfd_read(self._read_fd)
+            else:  # pragma: no cover
+                while os.read(self._read_fd, 4096):
+                    pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self._read_fd)
+        if self._write_fd != self._read_fd:  # pragma: no cover
+            os.close(self._write_fd)
+
+
+class PyTokenRing:
+    """Bounded byte buffer between one producer thread and the event loop."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        if capacity_bytes < 16:
+            raise ValueError("ring capacity must be at least 16 bytes")
+        self._capacity_bytes = capacity_bytes
+        self._buffer = bytearray()
+        self._tokens = 0
+        self._finished = False
+        self._cancelled = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self._wake = _WakeFd()
+
+    def fileno(self) -> int:
+        return self._wake.fileno()
+
+    def push(self, data: bytes, tokens: int) -> bool:
+        view = memoryview(data)
+        first = True
+        with self._cond:
+            while view or first:
+                while not self._cancelled and len(self._buffer) >= self._capacity_bytes:
+                    self._cond.wait()
+                if self._cancelled:
+                    return False
+                room = self._capacity_bytes - len(self._buffer)
+                piece, view = view[:room], view[room:]
+                was_empty = not self._buffer and self._tokens == 0
+                self._buffer += piece
+                if first:
+                    self._tokens += tokens
+                    first = False
+                if was_empty:
+                    self._wake.set()
+        return True
+
+    def drain(self) -> tuple[bytes, int, bool]:
+        with self._cond:
+            self._wake.clear()
+            data, tokens = bytes(self._buffer), self._tokens
+            self._buffer.clear()
+            self._tokens = 0
+            self._cond.notify_all()
+            return data, tokens, self._finished
+
+    def finish(self) -> None:
+        with self._cond:
+            if not self._finished:
+                self._finished = True
+                self._wake.set()
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+        self._wake.close()

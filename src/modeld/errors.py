@@ -1,0 +1,142 @@
+"""modeld's exception tree.
+
+Every error a caller can meet is a :class:`ModeldError` with a stable ``code`` (the wire
+string in JSON error bodies). HTTP statuses live in one table in ``modeld.api.errors``.
+
+    ModeldError
+    ├── InvalidRequest            bad_request           the request itself is wrong
+    │   └── InvalidModelId        invalid_model_id      unsafe or malformed model id
+    ├── ModelNotFound             model_not_found       no such file in the models dir
+    ├── NoDefaultModel            no_default_model      ``model`` omitted, none configured
+    ├── ModelInvalid              model_invalid         the GGUF file fails validation
+    ├── ModelTooLarge             model_too_large       cannot fit even an empty budget
+    ├── ModelLoadFailed           model_load_failed     llama.cpp refused the file
+    │   └── ModelCoolingDown      model_cooling_down    a recent load failed; retry later
+    ├── Overloaded                (abstract)            backpressure; carries retry_after_s
+    │   ├── QueueFull             queue_full            the model's queue is at its depth
+    │   ├── QueueTimeout          queue_timeout         waited longer than max_wait_ms
+    │   ├── TooManyInflight       too_many_inflight     global in-flight cap reached
+    │   └── MemoryBusy            memory_busy           only busy instances block the load
+    ├── ShuttingDown              shutting_down         the manager no longer admits work
+    ├── RequestNotFound           request_not_found     unknown request id (cancel)
+    ├── InferTimeout              infer_timeout         never started within infer_timeout
+    └── EngineError               engine_error          llama.cpp failed mid-generation
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EngineError",
+    "InferTimeout",
+    "InvalidModelId",
+    "InvalidRequest",
+    "MemoryBusy",
+    "ModelCoolingDown",
+    "ModelInvalid",
+    "ModelLoadFailed",
+    "ModelNotFound",
+    "ModelTooLarge",
+    "ModeldError",
+    "NoDefaultModel",
+    "Overloaded",
+    "QueueFull",
+    "QueueTimeout",
+    "RequestNotFound",
+    "ShuttingDown",
+    "TooManyInflight",
+]
+
+
+class ModeldError(Exception):
+    """Base of every error modeld raises on purpose."""
+
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(ModeldError):
+    code = "bad_request"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidModelId(InvalidRequest):
+    code = "invalid_model_id"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, field="model")
+
+
+class ModelNotFound(ModeldError):
+    code = "model_not_found"
+
+
+class NoDefaultModel(ModeldError):
+    code = "no_default_model"
+
+
+class ModelInvalid(ModeldError):
+    code = "model_invalid"
+
+
+class ModelTooLarge(ModeldError):
+    code = "model_too_large"
+
+
+class ModelLoadFailed(ModeldError):
+    code = "model_load_failed"
+
+
+class ModelCoolingDown(ModelLoadFailed):
+    code = "model_cooling_down"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Overloaded(ModeldError):
+    """Backpressure: the client should retry after ``retry_after_s``."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class QueueFull(Overloaded):
+    code = "queue_full"
+
+
+class QueueTimeout(Overloaded):
+    code = "queue_timeout"
+
+
+class TooManyInflight(Overloaded):
+    code = "too_many_inflight"
+
+
+class MemoryBusy(Overloaded):
+    code = "memory_busy"
+
+
+class ShuttingDown(ModeldError):
+    code = "shutting_down"
+
+
+class RequestNotFound(ModeldError):
+    code = "request_not_found"
+
+
+class InferTimeout(ModeldError):
+    code = "infer_timeout"
+
+
+class EngineError(ModeldError):
+    code = "engine_error"

@@ -1,0 +1,130 @@
+"""Value types shared by every layer: enums whose values are their wire strings, and the
+msgspec structs that are the single source of truth for request bounds."""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+import msgspec
+
+__all__ = [
+    "MAX_STOP_STRINGS",
+    "MAX_STOP_STRING_CHARS",
+    "Chunk",
+    "DoneReason",
+    "GenerationMetrics",
+    "GenerationResult",
+    "InferRequest",
+    "InstanceState",
+    "LoopKind",
+    "SamplingParams",
+]
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_PROMPT_CHARS = 1_000_000
+MAX_TOKENS_CAP = 1_048_576
+SEED_MAX = 2**32 - 1
+
+
+class DoneReason(enum.StrEnum):
+    """Why a stream ended; the value is what the terminal line says."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    EVICTED = "evicted"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+    SHUTDOWN = "shutdown"
+
+
+class InstanceState(enum.StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    ERROR = "error"
+    UNLOADING = "unloading"
+
+
+class LoopKind(enum.StrEnum):
+    """Which token loop drives generations: the C extension or its pure-Python twin."""
+
+    C = "c"
+    PYTHON = "python"
+
+
+ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+StopString = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+
+
+class InferRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The body of ``POST /infer`` and the arguments of ``ModelManager.generate``."""
+
+    prompt: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
+    model: ModelId | None = None
+    stream: bool = True
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_CAP)] = 128
+    temperature: Temperature = 0.8
+    top_p: Probability = 0.95
+    top_k: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 40
+    min_p: Probability = 0.05
+    repeat_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] = 1.0
+    stop: Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP_STRINGS)] = []
+    seed: Annotated[int, msgspec.Meta(ge=0, le=SEED_MAX)] | None = None
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty,
+            stop=tuple(self.stop),
+            seed=self.seed,
+        )
+
+
+class SamplingParams(msgspec.Struct, frozen=True):
+    """What the token loop needs, already validated."""
+
+    max_tokens: int = 128
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+class Chunk(msgspec.Struct, frozen=True):
+    """Text produced since the last chunk and how many tokens made it."""
+
+    text: str
+    tokens: int
+
+
+class GenerationMetrics(msgspec.Struct, frozen=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_ms: float = 0.0
+    load_ms: float = 0.0
+    ttft_ms: float = 0.0
+    prompt_eval_ms: float = 0.0
+    eval_ms: float = 0.0
+    total_ms: float = 0.0
+    tokens_per_second: float = 0.0
+
+
+class GenerationResult(msgspec.Struct, frozen=True):
+    """The terminal record of one generation: exactly one per request."""
+
+    done_reason: DoneReason
+    model: str
+    request_id: str
+    metrics: GenerationMetrics
+    error: dict[str, str] | None = None
