@@ -20,7 +20,8 @@ string in JSON error bodies). HTTP statuses live in one table in ``modeld.api.er
     ├── ShuttingDown              shutting_down         the manager no longer admits work
     ├── RequestNotFound           request_not_found     unknown request id (cancel)
     ├── InferTimeout              infer_timeout         never started within infer_timeout
-    └── EngineError               engine_error          llama.cpp failed mid-generation
+    ├── EngineError               engine_error          llama.cpp failed mid-generation
+    └── TokenLoopUnavailable      token_loop_unavailable  the C loop cannot load here
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "QueueTimeout",
     "RequestNotFound",
     "ShuttingDown",
+    "TokenLoopUnavailable",
     "TooManyInflight",
 ]
 
@@ -140,3 +142,10 @@ class InferTimeout(ModeldError):
 
 class EngineError(ModeldError):
     code = "engine_error"
+
+
+class TokenLoopUnavailable(ModeldError):
+    """The requested token loop cannot run here (C extension missing or built for another
+    llama-cpp-python); set the loop to ``python`` explicitly to use the twin."""
+
+    code = "token_loop_unavailable"

