@@ -1,0 +1,168 @@
+"""Settings, from four sources with one precedence: flag > ``MODELD_*`` env > TOML file > default.
+
+Every setting is a field of :class:`Settings`; the command line and the environment are
+derived from the fields, so a new setting is one line here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+from modeld.errors import InvalidRequest
+from modeld.types import LoopKind
+
+__all__ = ["ConfigError", "Settings", "add_settings_arguments", "load_settings"]
+
+ENV_PREFIX = "MODELD_"
+
+
+class ConfigError(InvalidRequest):
+    """A setting has a bad value; the message names the setting and its source."""
+
+    code = "bad_config"
+
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    models_dir: Path = Path("~/models/llm")
+    vram_budget_mb: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    vram_margin_mb: Annotated[int, msgspec.Meta(ge=0)] = 512
+    default_model: str | None = None
+    max_queue_depth: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 32
+    max_wait_ms: Annotated[int, msgspec.Meta(ge=0)] = 30_000
+    max_inflight: PositiveInt | None = None
+    infer_timeout: Annotated[float, msgspec.Meta(gt=0)] | None = 600.0
+    load_timeout: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    log_level: str = "info"
+    n_ctx: Annotated[int, msgspec.Meta(ge=16, le=1 << 20)] = 4096
+    n_batch: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 512
+    n_gpu_layers: Annotated[int, msgspec.Meta(ge=-1, le=1024)] = -1
+    threads: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None
+    prewarm_default: bool = False
+    cors_origins: list[str] = []
+    allowed_hosts: list[str] = []
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1 << 20
+    shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    token_loop: LoopKind = LoopKind.C
+    no_mmap: bool = False
+    demo: bool = False
+
+    @property
+    def models_path(self) -> Path:
+        return self.models_dir.expanduser()
+
+    @property
+    def n_threads(self) -> int:
+        return self.threads or max(1, os.cpu_count() or 1)
+
+
+_FIELDS: dict[str, Any] = {f.name: f for f in msgspec.structs.fields(Settings)}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _is_bool(name: str) -> bool:
+    return _FIELDS[name].type is bool
+
+
+def _is_list(name: str) -> bool:
+    return typing.get_origin(_FIELDS[name].type) is list
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; defaults are suppressed so that absent flags fall through."""
+    parser.add_argument("--config", type=Path, help="TOML file with settings", default=None)
+    for name in _FIELDS:
+        flag = _flag(name)
+        if _is_bool(name):
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS
+            )
+        else:
+            help_text = "comma-separated list" if _is_list(name) else None
+            parser.add_argument(flag, default=argparse.SUPPRESS, help=help_text)
+
+
+def _from_text(name: str, raw: str) -> object:
+    """Env vars and flags are strings; turn them into what the field's type decodes."""
+    if _is_list(name):
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    if _is_bool(name):
+        lowered = raw.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off", ""}:
+            return False
+        raise ConfigError(f"{name}: expected a boolean, got {raw!r}", field=name)
+    if raw.strip().lower() in {"none", ""} and _FIELDS[name].default is None:
+        return None
+    return raw
+
+
+def load_settings(
+    flags: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> Settings:
+    """Merge the sources. Raises :class:`ConfigError` naming the bad setting."""
+    env = os.environ if env is None else env
+    flags = dict(flags or {})
+    file_path = flags.pop("config", None) or env.get(ENV_PREFIX + "CONFIG") or config_file
+    merged: dict[str, object] = {}
+    if file_path:
+        merged.update(_read_toml(Path(str(file_path))))
+    for name in _FIELDS:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            merged[name] = _from_text(name, raw)
+    for name, value in flags.items():
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown setting {name!r}", field=name)
+        merged[name] = _from_text(name, value) if isinstance(value, str) else value
+    try:
+        return msgspec.convert(merged, Settings, strict=False, dec_hook=_decode_path)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid setting: {exc}") from exc
+
+
+def _decode_path(kind: type, value: object) -> object:
+    if kind is Path and isinstance(value, str):
+        return Path(value)
+    raise NotImplementedError
+
+
+def _read_toml(path: Path) -> dict[str, object]:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    section = data.get("modeld", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"config file {path}: [modeld] must be a table")
+    unknown = sorted(set(section) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}", field=unknown[0])
+    return dict(section)
+
+
+def settings_from_argv(argv: Sequence[str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(prog="modeld")
+    add_settings_arguments(parser)
+    return load_settings(vars(parser.parse_args(argv)))

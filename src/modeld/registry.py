@@ -1,0 +1,107 @@
+"""The models directory: model id -> a path that is provably inside it.
+
+This is the one validator for model ids; every endpoint and the library go through
+:meth:`Registry.resolve`, so nothing outside the directory can ever be opened.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+from modeld.errors import InvalidModelId, ModelNotFound
+
+__all__ = ["ModelFile", "Registry", "check_model_id"]
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]{0,250}\.gguf$")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFile:
+    id: str
+    path: Path
+    size_bytes: int
+    mtime_ns: int
+
+    @property
+    def name(self) -> str:
+        return self.id
+
+
+def check_model_id(model_id: str) -> str:
+    """Reject anything but a bare ``*.gguf`` file name. Raises :class:`InvalidModelId`."""
+    if "\x00" in model_id:
+        raise InvalidModelId("model id must not contain NUL")
+    if "/" in model_id or "\\" in model_id or model_id in {".", ".."} or ".." in model_id:
+        raise InvalidModelId("model id must be a bare file name, without path separators or '..'")
+    if unicodedata.normalize("NFC", model_id) != model_id or not _SAFE_ID.match(model_id):
+        raise InvalidModelId(
+            "model id must be a file name ending in .gguf made of letters, digits, '.', '_', "
+            "'+' and '-'"
+        )
+    return model_id
+
+
+class Registry:
+    """Scans ``models_dir`` for ``*.gguf`` files; rescans on demand (no restart needed)."""
+
+    def __init__(self, models_dir: Path) -> None:
+        self._root = models_dir.expanduser()
+        self._models: dict[str, ModelFile] = {}
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    def scan(self) -> list[ModelFile]:
+        """Re-read the directory. A missing directory is an empty registry, not an error."""
+        found: dict[str, ModelFile] = {}
+        try:
+            entries = sorted(os.scandir(self._root), key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            entries = []
+        for entry in entries:
+            if not entry.name.endswith(".gguf"):
+                continue
+            try:
+                found[entry.name] = self._inspect(check_model_id(entry.name))
+            except (InvalidModelId, ModelNotFound):
+                continue
+        self._models = found
+        return list(found.values())
+
+    def models(self) -> list[ModelFile]:
+        return list(self._models.values())
+
+    def resolve(self, model_id: str) -> ModelFile:
+        """The file for ``model_id``, rescanning once if it is unknown.
+
+        Raises :class:`InvalidModelId` for unsafe ids and :class:`ModelNotFound` otherwise.
+        """
+        check_model_id(model_id)
+        return self._inspect(model_id)
+
+    def _inspect(self, model_id: str) -> ModelFile:
+        candidate = self._root / model_id
+        try:
+            real = candidate.resolve(strict=True)
+            root = self._root.resolve(strict=True)
+        except (OSError, RuntimeError) as exc:
+            raise ModelNotFound(f"model {model_id!r} not found in the models dir") from exc
+        if real.parent != root:
+            raise InvalidModelId(f"model {model_id!r} resolves outside the models dir")
+        try:
+            info = real.stat()
+        except OSError as exc:
+            raise ModelNotFound(f"model {model_id!r} cannot be read: {exc.strerror}") from exc
+        if not stat.S_ISREG(info.st_mode):
+            raise ModelNotFound(f"model {model_id!r} is not a regular file")
+        if not os.access(real, os.R_OK):
+            raise ModelNotFound(f"model {model_id!r} is not readable")
+        model = ModelFile(model_id, real, info.st_size, info.st_mtime_ns)
+        self._models[model_id] = model
+        return model

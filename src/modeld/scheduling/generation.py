@@ -1,0 +1,151 @@
+"""One running generation as the event loop sees it: chunks drained from the ring, then
+exactly one :class:`~modeld.types.GenerationResult`."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import anyio
+
+from modeld.engine.base import LoopOutcome, StopCode, TokenRing
+from modeld.types import Chunk, DoneReason, GenerationMetrics, GenerationResult
+
+if TYPE_CHECKING:
+    from modeld.engine.worker import ThreadCall
+
+__all__ = ["Generation", "RequestTiming"]
+
+_STOP_REASONS = {
+    StopCode.STOP: DoneReason.STOP,
+    StopCode.LENGTH: DoneReason.LENGTH,
+    StopCode.CANCELLED: DoneReason.CANCELLED,
+    StopCode.ERROR: DoneReason.ERROR,
+}
+
+
+class RequestTiming:
+    """Monotonic marks of one request's phases, in seconds."""
+
+    def __init__(self) -> None:
+        self.admitted_s = time.monotonic()
+        self.load_s = 0.0
+        self.started_s = 0.0
+        self.first_chunk_s = 0.0
+
+
+class Generation:
+    """Async iterator of :class:`Chunk`; ``result`` is set once it is exhausted.
+
+    Cancelling the task that iterates does not stop the token loop by itself: the owner
+    (``ModelManager.stream``) calls :meth:`aclose`, which cancels the ring and waits for
+    the loop to return, so the instance is never handed on while its context is in use.
+    """
+
+    def __init__(
+        self,
+        *,
+        request_id: str,
+        model_id: str,
+        ring: TokenRing,
+        call: ThreadCall[LoopOutcome],
+        timing: RequestTiming,
+        deadline_s: float | None,
+        on_finished: Callable[[Generation], None],
+    ) -> None:
+        self.request_id = request_id
+        self.model_id = model_id
+        self.result: GenerationResult | None = None
+        self._ring = ring
+        self._call = call
+        self._timing = timing
+        self._deadline_s = deadline_s
+        self._on_finished = on_finished
+        self._cancel_reason: DoneReason | None = None
+        self._held_tokens = 0
+
+    def cancel(self, reason: DoneReason = DoneReason.CANCELLED) -> None:
+        """Stop the token loop within one token; the result will say ``reason``."""
+        if self._cancel_reason is None and self.result is None:
+            self._cancel_reason = reason
+        self._ring.cancel()
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        chunk = await self._next_chunk()
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+    async def _next_chunk(self) -> Chunk | None:
+        while self.result is None:
+            data, tokens, finished = self._ring.drain()
+            if data:
+                if not self._timing.first_chunk_s:
+                    self._timing.first_chunk_s = time.monotonic()
+                chunk = Chunk(data.decode("utf-8", "replace"), tokens + self._held_tokens)
+                self._held_tokens = 0
+                return chunk
+            self._held_tokens += tokens  # a token whose text is still held back
+            if finished:
+                await self._finish()
+                return None
+            timeout_s = None
+            if self._deadline_s is not None:
+                timeout_s = self._deadline_s - time.monotonic()
+                if timeout_s <= 0:
+                    self.cancel(DoneReason.TIMEOUT)
+                    timeout_s = None
+            with anyio.move_on_after(timeout_s if timeout_s is not None else math.inf):
+                await anyio.wait_readable(self._ring.fileno())
+        return None
+
+    async def aclose(self) -> None:
+        """Cancel if still running and wait, shielded, until the loop has returned."""
+        if self.result is not None:
+            return
+        self.cancel(self._cancel_reason or DoneReason.CANCELLED)
+        with anyio.CancelScope(shield=True):
+            while self.result is None:
+                await self._next_chunk()
+
+    async def _finish(self) -> None:
+        try:
+            outcome = await self._call.wait()
+        finally:
+            self._ring.close()
+        reason = _STOP_REASONS[outcome.stop_code]
+        if outcome.stop_code is StopCode.CANCELLED:
+            reason = self._cancel_reason or DoneReason.CANCELLED
+        self.result = GenerationResult(
+            done_reason=reason,
+            model=self.model_id,
+            request_id=self.request_id,
+            metrics=self._metrics(outcome),
+            error={"code": "engine_error", "message": outcome.error} if outcome.error else None,
+        )
+        self._on_finished(self)
+
+    def _metrics(self, outcome: LoopOutcome) -> GenerationMetrics:
+        timing = self._timing
+        now_s = time.monotonic()
+        eval_s = outcome.eval_ms / 1000
+        return GenerationMetrics(
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            queue_ms=_ms(timing.started_s - timing.admitted_s - timing.load_s),
+            load_ms=_ms(timing.load_s),
+            ttft_ms=_ms(timing.first_chunk_s - timing.admitted_s) if timing.first_chunk_s else 0.0,
+            prompt_eval_ms=round(outcome.prompt_eval_ms, 3),
+            eval_ms=round(outcome.eval_ms, 3),
+            total_ms=_ms(now_s - timing.admitted_s),
+            tokens_per_second=round(outcome.completion_tokens / eval_s, 3) if eval_s > 0 else 0.0,
+        )
+
+
+def _ms(seconds: float) -> float:
+    return round(max(0.0, seconds) * 1000, 3)

@@ -1,0 +1,113 @@
+"""One loaded (or loading) model: its state machine, its slot and its counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import anyio
+
+from modeld.errors import ModeldError
+from modeld.registry import ModelFile
+from modeld.scheduling.fifo import FifoSlot
+from modeld.types import InstanceState
+
+if TYPE_CHECKING:
+    from modeld.engine.llama_engine import LlamaEngine
+    from modeld.engine.worker import EngineWorker
+    from modeld.scheduling.generation import Generation
+
+__all__ = ["IllegalTransition", "Instance", "InstanceStatistics", "ModelCounters"]
+
+_ALLOWED = {
+    InstanceState.LOADING: {InstanceState.READY, InstanceState.ERROR},
+    InstanceState.READY: {InstanceState.UNLOADING},
+    InstanceState.ERROR: {InstanceState.LOADING, InstanceState.UNLOADING},
+    InstanceState.UNLOADING: set(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+@dataclass
+class ModelCounters:
+    """Per model, outliving its instances (an evicted model keeps its history)."""
+
+    loads_total: int = 0
+    load_failures_total: int = 0
+    evictions_total: int = 0
+    last_error: str | None = None
+    consecutive_failures: int = 0
+    retry_at_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceStatistics:
+    model_id: str
+    state: InstanceState
+    last_used_unix: float
+    est_vram_mb: float
+    measured: bool
+    queue_len: int
+    inflight: int
+    loads_total: int
+    evictions_total: int
+    last_error: str | None
+    uptime_seconds: float
+    pinned: bool
+    retry_in_seconds: float
+
+
+@dataclass(eq=False)
+class Instance:
+    model: ModelFile
+    counters: ModelCounters
+    state: InstanceState = InstanceState.LOADING
+    charge_bytes: int = 0
+    measured: bool = False
+    pinned: bool = False
+    last_used_s: float = 0.0
+    ready_at_s: float = 0.0
+    engine: LlamaEngine | None = None
+    worker: EngineWorker | None = None
+    active: Generation | None = None
+    slot: FifoSlot = field(default_factory=FifoSlot)
+    settled: anyio.Event = field(default_factory=anyio.Event)  # load finished, either way
+    gone: anyio.Event = field(default_factory=anyio.Event)  # closed and out of the budget
+    error: ModeldError | None = None
+
+    @property
+    def model_id(self) -> str:
+        return self.model.id
+
+    @property
+    def idle(self) -> bool:
+        return not self.slot.busy and self.slot.queue_len == 0
+
+    @property
+    def evictable(self) -> bool:
+        return self.state is InstanceState.READY and self.idle and not self.pinned
+
+    def transition(self, new: InstanceState) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise IllegalTransition(f"{self.model_id}: {self.state} -> {new} is not allowed")
+        self.state = new
+
+    def statistics(self, now_s: float, now_unix: float) -> InstanceStatistics:
+        return InstanceStatistics(
+            model_id=self.model_id,
+            state=self.state,
+            last_used_unix=now_unix - (now_s - self.last_used_s),
+            est_vram_mb=round(self.charge_bytes / (1024 * 1024), 3),
+            measured=self.measured,
+            queue_len=self.slot.queue_len,
+            inflight=1 if self.slot.busy else 0,
+            loads_total=self.counters.loads_total,
+            evictions_total=self.counters.evictions_total,
+            last_error=self.counters.last_error,
+            uptime_seconds=round(now_s - self.ready_at_s, 3) if self.ready_at_s else 0.0,
+            pinned=self.pinned,
+            retry_in_seconds=round(max(0.0, self.counters.retry_at_s - now_s), 3),
+        )
