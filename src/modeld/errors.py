@@ -5,7 +5,9 @@ string in JSON error bodies). HTTP statuses live in one table in ``modeld.api.er
 
     ModeldError
     ├── InvalidRequest            bad_request           the request itself is wrong
-    │   └── InvalidModelId        invalid_model_id      unsafe or malformed model id
+    │   ├── InvalidModelId        invalid_model_id      unsafe or malformed model id
+    │   ├── PayloadTooLarge       payload_too_large     body over --max-body-bytes
+    │   └── RequestBodyTimeout    request_timeout       body not received in time
     ├── ModelNotFound             model_not_found       no such file in the models dir
     ├── NoDefaultModel            no_default_model      ``model`` omitted, none configured
     ├── ModelInvalid              model_invalid         the GGUF file fails validation
@@ -19,6 +21,7 @@ string in JSON error bodies). HTTP statuses live in one table in ``modeld.api.er
     │   └── MemoryBusy            memory_busy           only busy instances block the load
     ├── ShuttingDown              shutting_down         the manager no longer admits work
     ├── RequestNotFound           request_not_found     unknown request id (cancel)
+    ├── ForbiddenHost             forbidden_host        Host header not allowed
     ├── InferTimeout              infer_timeout         never started within infer_timeout
     ├── EngineError               engine_error          llama.cpp failed mid-generation
     └── TokenLoopUnavailable      token_loop_unavailable  the C loop cannot load here
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 __all__ = [
     "EngineError",
+    "ForbiddenHost",
     "InferTimeout",
     "InvalidModelId",
     "InvalidRequest",
@@ -40,8 +44,10 @@ __all__ = [
     "ModeldError",
     "NoDefaultModel",
     "Overloaded",
+    "PayloadTooLarge",
     "QueueFull",
     "QueueTimeout",
+    "RequestBodyTimeout",
     "RequestNotFound",
     "ShuttingDown",
     "TokenLoopUnavailable",
@@ -149,3 +155,17 @@ class TokenLoopUnavailable(ModeldError):
     llama-cpp-python); set the loop to ``python`` explicitly to use the twin."""
 
     code = "token_loop_unavailable"
+
+
+class PayloadTooLarge(InvalidRequest):
+    code = "payload_too_large"
+
+
+class RequestBodyTimeout(InvalidRequest):
+    code = "request_timeout"
+
+
+class ForbiddenHost(ModeldError):
+    """The Host header names no allowed host (DNS-rebinding defence)."""
+
+    code = "forbidden_host"

@@ -1,0 +1,91 @@
+"""The Starlette application: routes, middleware, error mapping and the manager's lifespan."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from modeld.api.errors import error_body
+from modeld.api.middleware import RequestContextMiddleware
+from modeld.api.routes import build_routes, modeld_error_handler
+from modeld.config import Settings
+from modeld.errors import ModeldError
+from modeld.scheduling.manager import ModelManager
+
+__all__ = ["create_app"]
+
+
+def _is_loopback(host: str) -> bool:
+    if host in {"localhost", ""}:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _request_id(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", ""))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    body = error_body(code, str(exc.detail), _request_id(request))
+    return Response(body, exc.status_code, exc.headers, media_type="application/json")
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    body = error_body("internal_error", "internal server error", _request_id(request))
+    return Response(body, 500, media_type="application/json")
+
+
+def create_app(settings: Settings, manager: ModelManager | None = None) -> Starlette:
+    """An ASGI app serving ``manager`` (made from ``settings`` when not given).
+
+    The app's lifespan enters the manager and, with ``prewarm_default``, loads the default
+    model before the first request, so ``/readyz`` is 200 when serving starts.
+    """
+    owned_manager = manager or ModelManager(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with owned_manager:
+            if settings.prewarm_default and settings.default_model:
+                await owned_manager.load(settings.default_model)
+            yield
+
+    allowed_hosts = frozenset(h.lower() for h in settings.allowed_hosts)
+    if not _is_loopback(settings.host) and not allowed_hosts:
+        allowed_hosts = frozenset({"*"})  # bound to a real interface: the operator decides
+    middleware = [Middleware(RequestContextMiddleware, allowed_hosts=allowed_hosts)]
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["content-type", "x-request-id", "x-log-level"],
+                expose_headers=["x-request-id", "retry-after"],
+            )
+        )
+    app = Starlette(
+        routes=build_routes(),
+        middleware=middleware,
+        exception_handlers={
+            ModeldError: modeld_error_handler,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.manager = owned_manager
+    return app

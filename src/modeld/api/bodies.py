@@ -1,0 +1,58 @@
+"""Reading and decoding request bodies: bounded in size and time, decoded once by msgspec."""
+
+from __future__ import annotations
+
+import re
+from typing import TypeVar
+
+import anyio
+import msgspec
+from starlette.requests import Request
+
+from modeld.errors import InvalidRequest, PayloadTooLarge, RequestBodyTimeout
+
+__all__ = ["decode_body", "read_body"]
+
+T = TypeVar("T")
+_FIELD_AT = re.compile(r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)")
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
+
+
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The whole body, refusing early (from Content-Length) when it is too large.
+
+    Raises :class:`PayloadTooLarge` (413) or :class:`RequestBodyTimeout` (408).
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"request body is over {max_bytes} bytes")
+    parts: list[bytes] = []
+    total = 0
+    try:
+        with anyio.fail_after(timeout_s):
+            async for part in request.stream():
+                total += len(part)
+                if total > max_bytes:
+                    raise PayloadTooLarge(f"request body is over {max_bytes} bytes")
+                parts.append(part)
+    except TimeoutError:
+        raise RequestBodyTimeout(f"request body not received within {timeout_s:g} s") from None
+    return b"".join(parts)
+
+
+def decode_body(body: bytes, schema: type[T]) -> T:
+    """Decode and validate in one pass. Every failure is a 400 naming the field."""
+    if not body.strip():
+        raise InvalidRequest("request body is empty; expected a JSON object")
+    try:
+        return msgspec.json.decode(body, type=schema)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = _UNKNOWN_FIELD.search(message) or _FIELD_AT.search(message)
+        raise InvalidRequest(message, field=match.group(1) if match else None) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"malformed JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise InvalidRequest("request body is not valid UTF-8") from None
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply") from None

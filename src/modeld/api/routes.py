@@ -1,0 +1,148 @@
+"""HTTP endpoints. Each handler translates between the wire and ``ModelManager``; nothing
+else lives here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import msgspec
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from modeld.api.bodies import decode_body, read_body
+from modeld.api.errors import error_response
+from modeld.api.streaming import NdjsonGenerationResponse, terminal_record, unless_disconnected
+from modeld.errors import ModeldError
+from modeld.scheduling.manager import ModelManager
+from modeld.types import InferRequest
+
+__all__ = ["build_routes"]
+
+_BODY_TIMEOUT_S = 30.0
+
+
+class LoadRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    pin: bool | None = None
+
+
+def _noop() -> None:
+    pass
+
+
+def _json(data: Any, status: int = 200, request_id: str = "") -> Response:
+    headers = {"X-Request-ID": request_id} if request_id else None
+    return Response(orjson.dumps(data), status, headers, media_type="application/json")
+
+
+def _request_id(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", ""))
+
+
+def _manager(request: Request) -> ModelManager:
+    manager: ModelManager = request.app.state.manager
+    return manager
+
+
+async def healthz(request: Request) -> Response:
+    return _json({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    manager = _manager(request)
+    default = manager.settings.default_model
+    ready = manager.accepting and manager.is_ready(default)
+    return _json({"status": "ready" if ready else "not_ready"}, 200 if ready else 503)
+
+
+async def list_models(request: Request) -> Response:
+    manager = _manager(request)
+    models = [
+        {
+            "id": m.id,
+            "name": m.name,
+            "path": str(m.path),
+            "size_bytes": m.size_bytes,
+            "state": manager.state_of(m.id),
+        }
+        for m in manager.models()
+    ]
+    return _json({"models": models})
+
+
+async def status(request: Request) -> Response:
+    stats = _manager(request).statistics()
+    body = msgspec.to_builtins(stats)
+    for instance in body["instances"]:
+        instance["last_used"] = instance.pop("last_used_unix")
+    return _json(body)
+
+
+async def infer(request: Request) -> Response:
+    manager = _manager(request)
+    request_id = _request_id(request)
+    body = await read_body(request, manager.settings.max_body_bytes, _BODY_TIMEOUT_S)
+    infer_request = decode_body(body, InferRequest)
+    owner = manager.stream(infer_request, request_id=request_id)
+    # Until the stream starts nothing reads from the client: watch for it leaving, so a
+    # queued or loading request whose client is gone leaves the queue at once.
+    started, generation = await unless_disconnected(request.receive, owner.__aenter__, _noop)
+    if not started or generation is None:
+        return Response(status_code=499)  # the client left; nobody reads this
+    if infer_request.stream:
+        return NdjsonGenerationResponse(owner, generation, request_id)
+
+    async def collect() -> str:
+        return "".join([chunk.text async for chunk in generation])
+
+    try:
+        _, text = await unless_disconnected(request.receive, collect, generation.cancel)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await owner.__aexit__(None, None, None)
+    assert generation.result is not None
+    record = terminal_record(generation.result)
+    record["text"] = text or ""
+    return _json(record, request_id=request_id)
+
+
+async def cancel_request(request: Request) -> Response:
+    target = request.path_params["request_id"]
+    _manager(request).cancel_request(target)
+    return _json({"request_id": target, "cancelled": True})
+
+
+async def load_model(request: Request) -> Response:
+    manager = _manager(request)
+    body = await read_body(request, manager.settings.max_body_bytes, _BODY_TIMEOUT_S)
+    load_request = decode_body(body, LoadRequest) if body.strip() else LoadRequest()
+    stats = await manager.load(request.path_params["model_id"], pin=load_request.pin)
+    instance = msgspec.to_builtins(stats)
+    instance["last_used"] = instance.pop("last_used_unix")
+    return _json(instance)
+
+
+async def unload_model(request: Request) -> Response:
+    model_id = request.path_params["model_id"]
+    await _manager(request).unload(model_id)
+    return _json({"model": model_id, "unloaded": True})
+
+
+def build_routes() -> list[Route]:
+    return [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/models", list_models, methods=["GET"]),
+        Route("/status", status, methods=["GET"]),
+        Route("/infer", infer, methods=["POST"]),
+        Route("/requests/{request_id}", cancel_request, methods=["DELETE"]),
+        Route("/models/{model_id}/load", load_model, methods=["POST"]),
+        Route("/models/{model_id}/instance", unload_model, methods=["DELETE"]),
+    ]
+
+
+async def modeld_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ModeldError)
+    return error_response(exc, _request_id(request))

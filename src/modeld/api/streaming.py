@@ -1,0 +1,119 @@
+"""The NDJSON response of ``POST /infer``: chunk lines, then exactly one terminal line.
+
+It is an ASGI response of its own so that it, not the framework, owns the generation:
+whatever happens (client gone, timeout, eviction, shutdown), the ``finally`` releases it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import TypeVar
+
+import anyio
+import msgspec
+import orjson
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from modeld.scheduling.generation import Generation
+from modeld.types import DoneReason, GenerationResult
+
+__all__ = [
+    "NdjsonGenerationResponse",
+    "terminal_record",
+    "unless_disconnected",
+    "wait_for_disconnect",
+]
+
+T = TypeVar("T")
+NDJSON = "application/x-ndjson"
+
+
+def terminal_record(result: GenerationResult) -> dict[str, object]:
+    record: dict[str, object] = {"done": True, **msgspec.to_builtins(result)}
+    if record.get("error") is None:
+        record.pop("error", None)
+    return record
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Returns when the client has gone (the body was already read in full)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(
+    receive: Receive, work: Callable[[], Awaitable[T]], on_disconnect: Callable[[], None]
+) -> tuple[bool, T | None]:
+    """Run ``work`` while watching for the client leaving; ``(finished, value)``.
+
+    On disconnect ``on_disconnect`` is called (it should make ``work`` end, e.g. by
+    cancelling the generation) and ``work`` is cancelled. Errors of ``work`` propagate
+    as they are, never wrapped in an exception group.
+    """
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+    async with anyio.create_task_group() as tasks:
+
+        async def watch() -> None:
+            await wait_for_disconnect(receive)
+            on_disconnect()
+            tasks.cancel_scope.cancel()
+
+        tasks.start_soon(watch)
+        try:
+            outcome.append(await work())
+        except Exception as exc:  # re-raised below, outside the task group
+            failure.append(exc)
+        finally:
+            tasks.cancel_scope.cancel()
+    if failure:
+        raise failure[0]
+    return (True, outcome[0]) if outcome else (False, None)
+
+
+class NdjsonGenerationResponse(Response):
+    media_type = NDJSON
+
+    def __init__(
+        self,
+        owner: AbstractAsyncContextManager[Generation],
+        generation: Generation,
+        request_id: str,
+    ) -> None:
+        super().__init__(
+            content=None,
+            status_code=200,
+            headers={"X-Request-ID": request_id, "Cache-Control": "no-store"},
+            media_type=NDJSON,
+        )
+        self._owner = owner
+        self._generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        generation = self._generation
+        try:
+            async with anyio.create_task_group() as tasks:
+
+                async def cancel_on_disconnect() -> None:
+                    await wait_for_disconnect(receive)
+                    generation.cancel(DoneReason.CANCELLED)
+                    tasks.cancel_scope.cancel()
+
+                tasks.start_soon(cancel_on_disconnect)
+                await send(
+                    {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+                )
+                async for chunk in generation:
+                    line = orjson.dumps({"text": chunk.text, "tokens": chunk.tokens}) + b"\n"
+                    await send({"type": "http.response.body", "body": line, "more_body": True})
+                assert generation.result is not None
+                last = orjson.dumps(terminal_record(generation.result)) + b"\n"
+                await send({"type": "http.response.body", "body": last, "more_body": False})
+                tasks.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._owner.__aexit__(None, None, None)
