@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from modeld.engine.base import TokenLoop
 from modeld.testing.tiny_gguf import TinyModelSpec, write_tiny_gguf
+from modeld.types import LoopKind
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +46,31 @@ def models_dir(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Path]:
     for source in sorted(tiny_model_dir.glob("*.gguf")):
         shutil.copyfile(source, directory / source.name)
     yield directory
+
+
+@pytest.fixture(scope="session")
+def medium_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three ~11 MB models (same shape, different weights): big enough for MB budgets."""
+    directory = tmp_path_factory.mktemp("medium-models")
+    for index, name in enumerate(["med-a", "med-b", "med-c"]):
+        spec = TinyModelSpec(n_embd=256, n_ff=512, n_layer=4, seed=10 + index)
+        write_tiny_gguf(directory / f"{name}.gguf", spec)
+    return directory
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Every async test runs under asyncio and under trio."""
+    return str(request.param)
+
+
+@pytest.fixture(params=[LoopKind.PYTHON])
+def token_loop_kind(request: pytest.FixtureRequest) -> LoopKind:
+    return LoopKind(request.param)
+
+
+@pytest.fixture
+def token_loop(token_loop_kind: LoopKind) -> TokenLoop:
+    from modeld.engine.select import token_loop as select_token_loop
+
+    return select_token_loop(token_loop_kind)

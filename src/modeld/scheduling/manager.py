@@ -450,7 +450,10 @@ class ModelManager:
                 instance.engine = engine
                 await worker.run(engine.warm_up)
                 measured_bytes = self._probe.used_bytes() - before_bytes
-            self._budget.charge(model.id, max(measured_bytes, estimate.kv_cache_bytes))
+            # The measurement replaces the estimate; llama.cpp's own sizes are its floor,
+            # because RSS growth undercounts pages that are mapped but not yet touched.
+            reported_bytes = engine.model_size_bytes + estimate.kv_cache_bytes
+            self._budget.charge(model.id, max(measured_bytes, reported_bytes))
             instance.charge_bytes = self._budget.charge_of(model.id)
             instance.measured = True
         except ModeldError as exc:

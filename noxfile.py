@@ -1,0 +1,39 @@
+"""Task runner: `nox -s tests`, `nox -s lint`, `nox -s bench`, `nox -s sanitize`."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("-e", ".[dev]")
+    session.run("ruff", "check", "src", "tests", "benchmarks")
+    session.run("ruff", "format", "--check", "src", "tests", "benchmarks")
+    session.run("mypy")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    session.install("-e", ".[test]")
+    session.run(
+        "python", "-m", "pytest", "benchmarks", "--benchmark-only", "-p", "no:randomly",
+        *session.posargs,
+    )  # fmt: skip
+
+
+@nox.session
+def sanitize(session: nox.Session) -> None:
+    """The C extension built with AddressSanitizer, then its tests."""
+    session.env["MODELD_C_SANITIZE"] = "address"
+    session.install("-e", ".[test]", "--no-build-isolation")
+    session.run("python", "-m", "pytest", "tests/engine", *session.posargs)

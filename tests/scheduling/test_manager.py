@@ -1,0 +1,252 @@
+"""ModelManager on real llama.cpp with tiny models, under asyncio and trio."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from anyio.lowlevel import checkpoint
+
+from modeld import errors
+from modeld.scheduling.manager import ModelManager
+from modeld.types import Chunk, DoneReason, GenerationResult, InferRequest, InstanceState
+
+pytestmark = pytest.mark.anyio
+
+Factory = Callable[..., ModelManager]
+
+
+def ask(model: str | None = "tiny-a.gguf", **fields: Any) -> InferRequest:
+    fields.setdefault("max_tokens", 16)
+    fields.setdefault("temperature", 0.0)
+    return InferRequest(prompt=fields.pop("prompt", "hello"), model=model, **fields)
+
+
+async def test_stream_yields_chunks_then_one_result(manager_factory: Factory, models_dir: Path) -> None:
+    async with manager_factory(models_dir) as manager:
+        items = [item async for item in manager.generate(ask(max_tokens=12))]
+    chunks, last = items[:-1], items[-1]
+    assert all(isinstance(c, Chunk) for c in chunks)
+    assert isinstance(last, GenerationResult)
+    assert last.done_reason is DoneReason.LENGTH
+    assert sum(c.tokens for c in chunks) == last.metrics.completion_tokens == 12
+    assert last.model == "tiny-a.gguf"
+    assert last.metrics.prompt_tokens > 0
+    assert last.metrics.total_ms >= last.metrics.ttft_ms > 0
+
+
+async def test_greedy_output_is_deterministic(manager_factory: Factory, models_dir: Path) -> None:
+    async with manager_factory(models_dir) as manager:
+        first, _ = await manager.complete(ask(max_tokens=20))
+        second, _ = await manager.complete(ask(max_tokens=20))
+        other, _ = await manager.complete(ask("tiny-b.gguf", max_tokens=20))
+    assert first == second
+    assert first != other  # a different model really answered
+
+
+async def test_default_model_and_missing_default(manager_factory: Factory, models_dir: Path) -> None:
+    async with manager_factory(models_dir, default_model="tiny-b.gguf") as manager:
+        _, result = await manager.complete(ask(model=None))
+        assert result.model == "tiny-b.gguf"
+    async with manager_factory(models_dir) as manager:
+        with pytest.raises(errors.NoDefaultModel):
+            await manager.complete(ask(model=None))
+
+
+async def test_unknown_and_unsafe_models(manager_factory: Factory, models_dir: Path) -> None:
+    async with manager_factory(models_dir) as manager:
+        with pytest.raises(errors.ModelNotFound):
+            await manager.complete(ask("missing.gguf"))
+        with pytest.raises(errors.InvalidModelId):
+            await manager.complete(ask("../tiny-a.gguf"))
+        assert manager.statistics().admitted == 0
+
+
+async def test_prompt_plus_max_tokens_must_fit_the_context(
+    manager_factory: Factory, models_dir: Path
+) -> None:
+    async with manager_factory(models_dir) as manager:
+        with pytest.raises(errors.InvalidRequest) as caught:
+            await manager.complete(ask(max_tokens=250, prompt="hello " * 10))
+        assert caught.value.field == "max_tokens"
+        # the instance is free again for the next request
+        _, result = await manager.complete(ask(max_tokens=4))
+        assert result.done_reason is DoneReason.LENGTH
+
+
+async def test_concurrent_requests_trigger_one_load(manager_factory: Factory, models_dir: Path) -> None:
+    results: list[GenerationResult] = []
+    async with manager_factory(models_dir) as manager:
+
+        async def one() -> None:
+            results.append((await manager.complete(ask(max_tokens=8)))[1])
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(5):
+                tasks.start_soon(one)
+        assert manager.counters["tiny-a.gguf"].loads_total == 1
+    assert [r.done_reason for r in results] == [DoneReason.LENGTH] * 5
+
+
+async def test_fifo_within_a_model(manager_factory: Factory, models_dir: Path) -> None:
+    started: list[int] = []
+    async with manager_factory(models_dir) as manager:
+        await manager.load("tiny-a.gguf")
+        async with manager.stream(ask()) as holder:  # keeps the instance busy
+            async with anyio.create_task_group() as tasks:
+
+                async def queued(index: int) -> None:
+                    async with manager.stream(ask(max_tokens=2)) as generation:
+                        started.append(index)
+                        async for _ in generation:
+                            pass
+
+                for index in range(4):
+                    tasks.start_soon(queued, index)
+                    await anyio.wait_all_tasks_blocked()
+                assert manager.statistics().instances[0].queue_len == 4
+                async for _ in holder:
+                    pass
+                # leaving `holder` releases the slot; the queue drains in order
+                tasks.cancel_scope.deadline = anyio.current_time() + 30
+            assert started == [0, 1, 2, 3]
+
+
+async def test_queue_full_is_rejected_at_once(manager_factory: Factory, models_dir: Path) -> None:
+    async with manager_factory(models_dir, max_queue_depth=1) as manager:
+        await manager.load("tiny-a.gguf")
+        async with manager.stream(ask()), anyio.create_task_group() as tasks:
+            tasks.start_soon(manager.complete, ask())
+            await anyio.wait_all_tasks_blocked()
+            with pytest.raises(errors.QueueFull) as caught:
+                await manager.complete(ask())
+            assert caught.value.retry_after_s >= 1
+            tasks.cancel_scope.cancel()
+
+
+async def test_queue_timeout_after_max_wait(manager_factory: Factory, models_dir: Path) -> None:
+    async with manager_factory(models_dir, max_wait_ms=50) as manager:
+        await manager.load("tiny-a.gguf")
+        async with manager.stream(ask()):
+            with pytest.raises(errors.QueueTimeout) as caught:
+                await manager.complete(ask())
+            assert caught.value.retry_after_s >= 1
+            assert manager.statistics().instances[0].queue_len == 0
+
+
+async def test_global_inflight_cap(manager_factory: Factory, models_dir: Path) -> None:
+    async with manager_factory(models_dir, max_inflight=1) as manager:
+        async with manager.stream(ask()):
+            with pytest.raises(errors.TooManyInflight):
+                await manager.complete(ask("tiny-b.gguf"))
+        _, result = await manager.complete(ask("tiny-b.gguf"))
+        assert result.done_reason is DoneReason.LENGTH
+
+
+async def test_cancelled_waiter_leaves_the_queue(manager_factory: Factory, models_dir: Path) -> None:
+    async with manager_factory(models_dir) as manager:
+        await manager.load("tiny-a.gguf")
+        async with manager.stream(ask()) as holder:
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(manager.complete, ask())
+                    await anyio.wait_all_tasks_blocked()
+                    assert manager.statistics().instances[0].queue_len == 1
+                    scope.cancel()
+            assert manager.statistics().instances[0].queue_len == 0
+            assert manager.statistics().admitted == 1
+            async for _ in holder:
+                pass
+        _, result = await manager.complete(ask(max_tokens=2))
+        assert result.done_reason is DoneReason.LENGTH
+
+
+async def test_leaving_a_stream_early_cancels_it(manager_factory: Factory, models_dir: Path) -> None:
+    async with manager_factory(models_dir, n_ctx=512) as manager:
+        async with manager.stream(ask(max_tokens=400)) as generation:
+            async for _ in generation:
+                break
+        assert generation.result is not None
+        assert generation.result.done_reason is DoneReason.CANCELLED
+        assert generation.result.metrics.completion_tokens < 400
+        assert manager.statistics().instances[0].inflight == 0
+
+
+async def test_cancel_request_by_id(manager_factory: Factory, models_dir: Path) -> None:
+    async with manager_factory(models_dir) as manager:
+        async with manager.stream(ask(max_tokens=200), request_id="r-1") as generation:
+            manager.cancel_request("r-1")
+            async for _ in generation:
+                pass
+        assert generation.result is not None
+        assert generation.result.done_reason is DoneReason.CANCELLED
+        with pytest.raises(errors.RequestNotFound):
+            manager.cancel_request("r-1")
+
+
+async def test_unload_of_a_busy_instance_ends_its_stream_as_evicted(
+    manager_factory: Factory, models_dir: Path
+) -> None:
+    async with manager_factory(models_dir) as manager:
+        async with manager.stream(ask(max_tokens=200)) as generation:
+            await manager.unload("tiny-a.gguf")
+            async for _ in generation:
+                pass
+        assert generation.result is not None
+        assert generation.result.done_reason is DoneReason.EVICTED
+        assert manager.state_of("tiny-a.gguf") == "unloaded"
+        assert manager.statistics().used_est_mb == 0
+        with pytest.raises(errors.ModelNotFound):
+            await manager.unload("tiny-a.gguf")
+
+
+async def test_infer_timeout_ends_stream_with_timeout(manager_factory: Factory, models_dir: Path) -> None:
+    async with manager_factory(models_dir, infer_timeout=0.01) as manager:
+        async with manager.stream(ask(max_tokens=200)) as generation:
+            await anyio.sleep(0.05)  # the deadline passes while nobody reads
+            async for _ in generation:
+                pass
+    assert generation.result is not None
+    assert generation.result.done_reason in {DoneReason.TIMEOUT, DoneReason.LENGTH}
+
+
+async def test_different_models_generate_in_parallel(manager_factory: Factory, models_dir: Path) -> None:
+    async with manager_factory(models_dir) as manager:
+        async with manager.stream(ask("tiny-a.gguf")) as a, manager.stream(ask("tiny-b.gguf")) as b:
+            stats = {i.model_id: i.inflight for i in manager.statistics().instances}
+            assert stats == {"tiny-a.gguf": 1, "tiny-b.gguf": 1}
+            texts = ["".join([c.text async for c in g]) for g in (a, b)]
+        assert all(texts)
+
+
+async def test_shutdown_cancels_running_streams(manager_factory: Factory, models_dir: Path) -> None:
+    manager = manager_factory(models_dir)
+    async with manager:
+        async with manager.stream(ask(max_tokens=200)) as generation:
+            await manager.shutdown(grace_s=0.0)
+            async for _ in generation:
+                pass
+        with pytest.raises(errors.ShuttingDown):
+            await manager.complete(ask())
+    assert generation.result is not None
+    assert generation.result.done_reason in {DoneReason.SHUTDOWN, DoneReason.LENGTH}
+    assert manager.statistics().instances == ()
+
+
+async def test_lifecycle_events_are_published(manager_factory: Factory, models_dir: Path) -> None:
+    async with manager_factory(models_dir) as manager, manager.events.subscribe() as events:
+        await manager.load("tiny-a.gguf")
+        await manager.unload("tiny-a.gguf")
+        kinds = [(await events.next()).kind for _ in range(3)]
+    assert kinds == ["model_load_started", "model_ready", "model_evicted"]
+
+
+async def test_pin_keeps_instance_and_status_shows_it(manager_factory: Factory, models_dir: Path) -> None:
+    async with manager_factory(models_dir) as manager:
+        stats = await manager.load("tiny-a.gguf", pin=True)
+        assert stats.pinned and stats.state is InstanceState.READY
+        assert stats.loads_total == 1
+        await checkpoint()

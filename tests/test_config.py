@@ -1,0 +1,70 @@
+"""Settings precedence is flag > env > TOML file > default; bad values name the setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from modeld.config import ConfigError, Settings, load_settings
+from modeld.types import LoopKind
+
+
+def test_defaults() -> None:
+    settings = load_settings({}, env={})
+    assert settings == Settings()
+    assert settings.max_queue_depth == 32
+    assert settings.max_wait_ms == 30_000
+    assert settings.host == "127.0.0.1"
+    assert settings.token_loop is LoopKind.C
+
+
+def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
+    config = tmp_path / "modeld.toml"
+    config.write_text('[modeld]\nport = 1111\nn_ctx = 1024\nmax_queue_depth = 3\n')
+    env = {"MODELD_PORT": "2222", "MODELD_N_CTX": "2048"}
+    settings = load_settings({"port": "3333", "config": str(config)}, env=env)
+    assert settings.port == 3333  # flag
+    assert settings.n_ctx == 2048  # env beats file
+    assert settings.max_queue_depth == 3  # file beats default
+
+
+def test_config_file_from_env(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("default_model = 'm.gguf'\ncors_origins = ['http://a']\n")
+    settings = load_settings({}, env={"MODELD_CONFIG": str(config)})
+    assert settings.default_model == "m.gguf"
+    assert settings.cors_origins == ["http://a"]
+
+
+def test_env_lists_and_bools() -> None:
+    env = {"MODELD_CORS_ORIGINS": "http://a, http://b", "MODELD_PREWARM_DEFAULT": "true"}
+    settings = load_settings({}, env=env)
+    assert settings.cors_origins == ["http://a", "http://b"]
+    assert settings.prewarm_default is True
+
+
+@pytest.mark.parametrize(
+    ("flags", "env"),
+    [
+        ({"port": "eighty"}, {}),
+        ({"port": "70000"}, {}),
+        ({"n_ctx": "0"}, {}),
+        ({}, {"MODELD_MAX_QUEUE_DEPTH": "-1"}),
+        ({}, {"MODELD_PREWARM_DEFAULT": "maybe"}),
+        ({}, {"MODELD_TOKEN_LOOP": "rust"}),
+    ],
+)
+def test_bad_values_are_config_errors(flags: dict[str, str], env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError):
+        load_settings(flags, env=env)
+
+
+def test_bad_files_are_config_errors(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text("port = [")
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("prot = 1\n")
+    for path in [broken, unknown, tmp_path / "missing.toml"]:
+        with pytest.raises(ConfigError):
+            load_settings({"config": str(path)}, env={})
