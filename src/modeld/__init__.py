@@ -1,1 +1,41 @@
-"""modeld: serve several llama.cpp models from one process."""
+"""modeld: serve several llama.cpp models from one process, inside a memory budget.
+
+The library surface; ``modeld.api`` and ``modeld.server`` (Starlette, Hypercorn) are only
+imported by whoever serves HTTP.
+"""
+
+from modeld import errors
+from modeld.config import Settings, load_settings
+from modeld.errors import ModeldError
+from modeld.scheduling.generation import Generation
+from modeld.scheduling.manager import ManagerStatistics, ModelManager
+from modeld.types import (
+    Chunk,
+    DoneReason,
+    GenerationMetrics,
+    GenerationResult,
+    InferRequest,
+    InstanceState,
+    LoopKind,
+    SamplingParams,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Chunk",
+    "DoneReason",
+    "Generation",
+    "GenerationMetrics",
+    "GenerationResult",
+    "InferRequest",
+    "InstanceState",
+    "LoopKind",
+    "ManagerStatistics",
+    "ModelManager",
+    "ModeldError",
+    "SamplingParams",
+    "Settings",
+    "errors",
+    "load_settings",
+]

@@ -61,7 +61,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
     @property
     def models_path(self) -> Path:
-        return self.models_dir.expanduser()
+        return Path(self.models_dir).expanduser()
 
     @property
     def n_threads(self) -> int:

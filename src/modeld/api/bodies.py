@@ -15,7 +15,7 @@ __all__ = ["decode_body", "read_body"]
 
 T = TypeVar("T")
 _FIELD_AT = re.compile(r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)")
-_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
+_UNKNOWN_FIELD = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
 
 
 async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:

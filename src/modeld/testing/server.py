@@ -1,0 +1,78 @@
+"""Start a real ``modeld serve`` in a subprocess on 127.0.0.1 and a free port.
+
+For tests and benchmarks: the server is stopped through its own process handle (SIGTERM,
+then a bounded wait), never by name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from modeld.server import free_port
+
+__all__ = ["RunningServer", "start_modeld"]
+
+_SRC = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen[bytes]
+    base_url: str
+    log_path: Path
+
+    def client(self, timeout_s: float = 60) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=timeout_s)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 30) -> int:
+        """SIGTERM, then wait for the exit status (killed only if it does not exit)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+
+def start_modeld(models_dir: Path, log_dir: Path, *flags: str) -> RunningServer:
+    """Start the server and return once ``/healthz`` answers."""
+    port = free_port()
+    log_path = log_dir / f"modeld-{port}.log"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_SRC), env.get("PYTHONPATH")]))
+    command = [
+        sys.executable, "-m", "modeld.cli", "serve",
+        "--models-dir", str(models_dir), "--host", "127.0.0.1", "--port", str(port),
+        *flags,
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = RunningServer(process, f"http://127.0.0.1:{port}", log_path)
+    _wait_until_listening(server)
+    return server
+
+
+def _wait_until_listening(server: RunningServer, attempts: int = 600) -> None:
+    for _ in range(attempts):
+        if server.process.poll() is not None:
+            raise RuntimeError(f"modeld exited early:\n{server.log()}")
+        try:
+            if httpx.get(server.base_url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.05)  # waiting for the port to open; not a synchronisation sleep
+    server.stop()
+    raise RuntimeError(f"modeld did not start listening:\n{server.log()}")
