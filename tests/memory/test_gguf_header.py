@@ -40,7 +40,8 @@ def enc_value(value_type: int, value: object) -> bytes:
         assert isinstance(value, str | bytes)
         return struct.pack("<I", STR) + enc_str(value)
     if value_type == ARR:
-        element_type, items = value  # type: ignore[misc]
+        assert isinstance(value, tuple)
+        element_type, items = value
         body = b"".join(
             enc_str(item) if element_type == STR else struct.pack(_LAYOUT[element_type], item)
             for item in items

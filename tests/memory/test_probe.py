@@ -100,13 +100,15 @@ def fake_nvml(devices: list[list[SimpleNamespace]], *, fail_init: bool = False) 
         calls.append("shutdown")
         state["initialised"] = False
 
-    module.NVMLError = NVMLError  # type: ignore[attr-defined]
-    module.nvmlInit = nvml_init  # type: ignore[attr-defined]
-    module.nvmlShutdown = shutdown  # type: ignore[attr-defined]
-    module.nvmlDeviceGetCount = device_count  # type: ignore[attr-defined]
-    module.nvmlDeviceGetHandleByIndex = handle  # type: ignore[attr-defined]
-    module.nvmlDeviceGetComputeRunningProcesses = processes  # type: ignore[attr-defined]
-    module.calls = calls  # type: ignore[attr-defined]
+    module.__dict__.update(
+        NVMLError=NVMLError,
+        nvmlInit=nvml_init,
+        nvmlShutdown=shutdown,
+        nvmlDeviceGetCount=device_count,
+        nvmlDeviceGetHandleByIndex=handle,
+        nvmlDeviceGetComputeRunningProcesses=processes,
+        calls=calls,
+    )
     return module
 
 
@@ -156,7 +158,7 @@ def test_nvml_errors_are_translated_once() -> None:
 
 def test_a_bug_is_not_disguised_as_an_nvml_error() -> None:
     nvml = fake_nvml([[]])
-    nvml.nvmlDeviceGetComputeRunningProcesses = None  # type: ignore[attr-defined]
+    nvml.__dict__["nvmlDeviceGetComputeRunningProcesses"] = None
     with pytest.raises(TypeError):
         NvmlProbe(nvml).used_bytes()
 
