@@ -1,0 +1,211 @@
+"""The ring contract (engine/base.py), for the C ring and the Python twin alike."""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modeld.engine.base import TokenRing
+from modeld.engine.pyring import PyTokenRing
+from modeld.types import LoopKind
+from tests.engine.support import wait_until
+
+RingFactory = Callable[[int], TokenRing]
+
+
+def _c_ring(capacity_bytes: int) -> TokenRing:
+    from modeld.engine.select import token_loop
+
+    return token_loop(LoopKind.C).new_ring(capacity_bytes)
+
+
+@pytest.fixture(params=[LoopKind.C, LoopKind.PYTHON], ids=str)
+def make_ring(request: pytest.FixtureRequest) -> Iterator[RingFactory]:
+    """A factory for the C ring or the Python ring; closes what it made."""
+    made: list[TokenRing] = []
+
+    def make(capacity_bytes: int = 64) -> TokenRing:
+        ring = (
+            _c_ring(capacity_bytes) if request.param is LoopKind.C else PyTokenRing(capacity_bytes)
+        )
+        made.append(ring)
+        return ring
+
+    yield make
+    for ring in made:
+        ring.close()
+
+
+def _readable(ring: TokenRing) -> bool:
+    return bool(select.select([ring.fileno()], [], [], 0)[0])
+
+
+def _is_full(ring: TokenRing) -> bool:
+    """The producer is asleep on a full ring (white-box: neither ring has an event for it)."""
+    if isinstance(ring, PyTokenRing):
+        return len(ring._buffer) >= ring._capacity_bytes
+    return bool(ring.producer_waiting)  # type: ignore[attr-defined]
+
+
+def test_push_then_drain(make_ring: RingFactory) -> None:
+    ring = make_ring(64)
+    assert ring.push(b"hello ", 1)
+    assert ring.push(b"world", 2)
+    assert ring.drain() == (b"hello world", 3, False)
+    assert ring.drain() == (b"", 0, False)
+
+
+def test_empty_push_still_counts_tokens(make_ring: RingFactory) -> None:
+    ring = make_ring(64)
+    assert ring.push(b"", 1)  # a token whose bytes are held back (half a character)
+    assert _readable(ring)
+    assert ring.drain() == (b"", 1, False)
+
+
+def test_fd_is_written_once_per_turn_to_non_empty(make_ring: RingFactory) -> None:
+    ring = make_ring(64)
+    assert not _readable(ring)
+    for _ in range(5):
+        ring.push(b"x", 1)
+    assert os.eventfd_read(ring.fileno()) == 1  # one wake-up for five pushes
+    ring.drain()
+    assert not _readable(ring)
+    ring.push(b"y", 1)
+    assert _readable(ring)
+    assert ring.drain() == (b"y", 1, False)
+    assert not _readable(ring)
+
+
+def test_finish_wakes_and_reports_after_the_data(make_ring: RingFactory) -> None:
+    ring = make_ring(64)
+    ring.push(b"tail", 1)
+    ring.drain()
+    ring.push(b"end", 1)
+    ring.finish()
+    ring.finish()  # idempotent
+    assert _readable(ring)
+    assert ring.drain() == (b"end", 1, True)
+    assert ring.drain() == (b"", 0, True)
+
+
+def test_capacity_below_minimum_is_refused(make_ring: RingFactory) -> None:
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        make_ring(15)
+
+
+def test_push_after_cancel_returns_false(make_ring: RingFactory) -> None:
+    ring = make_ring(64)
+    ring.cancel()
+    ring.cancel()
+    assert ring.cancelled
+    assert not ring.push(b"late", 1)
+    assert ring.drain() == (b"", 0, False)
+
+
+def test_full_ring_blocks_until_drained(make_ring: RingFactory) -> None:
+    ring = make_ring(16)
+    payload = bytes(range(100))
+    pushed: list[bool] = []
+    producer = threading.Thread(target=lambda: pushed.append(ring.push(payload, 7)))
+    producer.start()
+    received = bytearray()
+    tokens = 0
+    while len(received) < len(payload):
+        wait_until(lambda: _is_full(ring) or not producer.is_alive())
+        data, count, _ = ring.drain()
+        assert len(data) <= 16
+        received += data
+        tokens += count
+    producer.join()
+    assert pushed == [True]
+    assert (bytes(received), tokens) == (payload, 7)
+
+
+def test_cancel_unblocks_a_waiting_producer(make_ring: RingFactory) -> None:
+    ring = make_ring(16)
+    pushed: list[bool] = []
+    producer = threading.Thread(target=lambda: pushed.append(ring.push(b"z" * 64, 1)))
+    producer.start()
+    wait_until(lambda: _is_full(ring))
+    ring.cancel()
+    producer.join()
+    assert pushed == [False]
+    data, _, _ = ring.drain()
+    assert data == b"z" * 16
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    capacity=st.integers(16, 64),
+    steps=st.lists(st.one_of(st.binary(max_size=40), st.none()), max_size=60),
+)
+def test_wraparound_keeps_bytes_in_order(capacity: int, steps: list[bytes | None]) -> None:
+    """Single-threaded model check of the C ring: pushes that fit, drains in between."""
+    ring = _c_ring(capacity)
+    expected = bytearray()
+    buffered = 0
+    received = bytearray()
+    try:
+        for step in steps:
+            if step is None or buffered + len(step) > capacity:
+                data, _, _ = ring.drain()
+                received += data
+                buffered = 0
+            if step is not None and len(step) <= capacity:
+                assert ring.push(step, 1)
+                expected += step
+                buffered += len(step)
+        received += ring.drain()[0]
+    finally:
+        ring.close()
+    assert bytes(received) == bytes(expected)
+
+
+# ------------------------------------------------------------------ C ring only
+
+
+@pytest.fixture
+def c_ring() -> Iterator[TokenRing]:
+    ring = _c_ring(16)
+    yield ring
+    ring.cancel()
+    ring.close()
+
+
+def test_c_ring_refuses_a_second_producer(c_ring: TokenRing) -> None:
+    producer = threading.Thread(target=lambda: c_ring.push(b"q" * 64, 1))
+    producer.start()
+    wait_until(lambda: _is_full(c_ring))
+    with pytest.raises(RuntimeError, match="already has an active producer"):
+        c_ring.push(b"x", 1)
+    with pytest.raises(RuntimeError, match="while its producer runs"):
+        c_ring.close()
+    c_ring.cancel()
+    producer.join()
+
+
+def test_c_ring_rejects_negative_tokens(c_ring: TokenRing) -> None:
+    with pytest.raises(ValueError, match="must not be negative"):
+        c_ring.push(b"x", -1)
+
+
+def test_c_ring_closed_use_raises(c_ring: TokenRing) -> None:
+    c_ring.close()
+    c_ring.close()  # idempotent
+    for call in (c_ring.fileno, c_ring.drain, c_ring.finish, lambda: c_ring.push(b"", 0)):
+        with pytest.raises(ValueError, match="closed"):
+            call()
+
+
+def test_c_ring_capacity_bounds() -> None:
+    with pytest.raises(ValueError, match="at most 1 GiB"):
+        _c_ring(2**31)
+    ring = _c_ring(16)
+    assert ring.capacity_bytes == 16  # type: ignore[attr-defined]
+    ring.close()
