@@ -210,8 +210,10 @@ ring_push(ring_t *r, const char *src, size_t len, uint64_t tokens)
         size_t n = len < room ? len : (size_t)room;
         size_t at = (size_t)(head % r->capacity);
         size_t before_wrap = n < r->capacity - at ? n : (size_t)(r->capacity - at);
-        memcpy(r->data + at, src, before_wrap);
-        memcpy(r->data, src + before_wrap, n - before_wrap);
+        if (n > 0) { /* src may be NULL when there is nothing to copy */
+            memcpy(r->data + at, src, before_wrap);
+            memcpy(r->data, src + before_wrap, n - before_wrap);
+        }
         head += n;
         src += n;
         len -= n;
@@ -333,13 +335,15 @@ static bool
 text_feed(text_asm *t, const char *piece, size_t n, size_t *release)
 {
     *release = 0;
-    if (t->stopped) {
+    if (t->stopped || (n == 0 && t->len == 0)) {
         return true;
     }
     if (!text_reserve(t, t->len + n)) {
         return false;
     }
-    memcpy(t->pending + t->len, piece, n);
+    if (n > 0) {
+        memcpy(t->pending + t->len, piece, n);
+    }
     t->len += n;
     size_t cut = SIZE_MAX;
     for (size_t i = 0; i < t->stops->count; i++) {
@@ -366,8 +370,10 @@ text_consume(text_asm *t, size_t n)
         t->len = 0;
         return;
     }
-    memmove(t->pending, t->pending + n, t->len - n);
-    t->len -= n;
+    if (n > 0) {
+        memmove(t->pending, t->pending + n, t->len - n);
+        t->len -= n;
+    }
 }
 
 /* The held-back tail at the end of a generation: t->pending[0:*n], then empty. */
