@@ -34,7 +34,7 @@ from modeld.types import LoopKind, SamplingParams
 N_CTX = 2048
 TOKENS = 1000
 ROUNDS = 15
-CONCURRENT_ROUNDS = 9
+CONCURRENT_ROUNDS = 15
 PARAMS = SamplingParams(max_tokens=TOKENS, temperature=0.0)
 RING_BYTES = 1 << 20  # holds a whole generation: no consumer in the overhead benchmark
 
@@ -121,29 +121,34 @@ def test_decode_speed(benchmark: Any, tiny_llama: Llama, name: str) -> None:
 
 @pytest.mark.timeout(600)
 def test_decode_speed_ratios(benchmark: Any, tiny_llama: Llama) -> None:
-    """The three variants in interleaved rounds; medians and ratios into extra_info."""
+    """The three variants in interleaved rounds: medians, and medians of per-round ratios.
+
+    A ratio taken within one round compares runs a fraction of a second apart, so it is
+    far less sensitive to a noisy neighbour than a ratio of two medians.
+    """
     variants = _variants(tiny_llama)
     for variant in variants.values():
         variant()  # warm-up
+    names = list(variants)
 
-    def measure() -> dict[str, float]:
-        samples: dict[str, list[float]] = {name: [] for name in variants}
-        names = list(variants)
+    def measure() -> list[dict[str, float]]:
+        rounds = []
         for round_index in range(ROUNDS):
             shift = round_index % len(names)  # rotate, so that no variant always goes first
-            for name in names[shift:] + names[:shift]:
-                samples[name].append(_tokens_per_second(variants[name]))
-        return {name: statistics.median(values) for name, values in samples.items()}
+            rounds.append(
+                {n: _tokens_per_second(variants[n]) for n in names[shift:] + names[:shift]}
+            )
+        return rounds
 
-    medians = benchmark.pedantic(measure, rounds=1, iterations=1)
+    rounds = benchmark.pedantic(measure, rounds=1, iterations=1)
+    medians = {n: statistics.median(r[n] for r in rounds) for n in names}
     ratios = {
-        "c_vs_generate": medians["c"] / medians["generate"],
-        "python_vs_generate": medians["python"] / medians["generate"],
-        "c_vs_python": medians["c"] / medians["python"],
+        f"{a}_vs_{b}": statistics.median(r[a] / r[b] for r in rounds)
+        for a, b in [("c", "generate"), ("python", "generate"), ("c", "python")]
     }
     benchmark.extra_info.update({f"{k}_tokens_per_s": v for k, v in medians.items()})
     benchmark.extra_info.update(ratios)
-    print(f"\ntokens/s (median of {ROUNDS}): {medians}\nratios: {ratios}")
+    print(f"\ntokens/s (median of {ROUNDS} rounds): {medians}\nper-round ratios: {ratios}")
 
 
 # ------------------------------------------------------------------ concurrency
@@ -210,15 +215,18 @@ def test_two_models_threads_vs_processes(benchmark: Any, tiny_paths: list[Path])
     loop = token_loop(LoopKind.C)
     _threads_round(loop, models)  # warm-up
 
-    def measure() -> dict[str, float]:
-        threads, procs = [], []
-        for _ in range(CONCURRENT_ROUNDS):
-            threads.append(_threads_round(loop, models))
-            procs.append(processes_round())
-        return {"threads": statistics.median(threads), "processes": statistics.median(procs)}
+    def measure() -> list[tuple[float, float]]:
+        rounds = []
+        for round_index in range(CONCURRENT_ROUNDS):
+            if round_index % 2:  # alternate which goes first
+                procs = processes_round()
+                rounds.append((_threads_round(loop, models), procs))
+            else:
+                rounds.append((_threads_round(loop, models), processes_round()))
+        return rounds
 
     try:
-        medians = benchmark.pedantic(measure, rounds=1, iterations=1)
+        rounds = benchmark.pedantic(measure, rounds=1, iterations=1)
     finally:
         for parent, _ in pipes:
             parent.send("stop")
@@ -226,7 +234,14 @@ def test_two_models_threads_vs_processes(benchmark: Any, tiny_paths: list[Path])
             process.join()
         for llama in models:
             llama.close()
-    ratio = medians["threads"] / medians["processes"]
+    medians = {
+        "threads": statistics.median(t for t, _ in rounds),
+        "processes": statistics.median(p for _, p in rounds),
+    }
+    ratio = statistics.median(t / p for t, p in rounds)
     benchmark.extra_info.update({f"{k}_tokens_per_s": v for k, v in medians.items()})
     benchmark.extra_info["threads_vs_processes"] = ratio
-    print(f"\naggregate tokens/s (median of {CONCURRENT_ROUNDS}): {medians}\nratio: {ratio:.3f}")
+    print(
+        f"\naggregate tokens/s (median of {CONCURRENT_ROUNDS} rounds): {medians}\n"
+        f"per-round ratio threads/processes: {ratio:.3f}"
+    )
