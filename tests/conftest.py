@@ -45,7 +45,7 @@ def models_dir(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Path]:
     directory.mkdir()
     for source in sorted(tiny_model_dir.glob("*.gguf")):
         shutil.copyfile(source, directory / source.name)
-    yield directory
+    return directory
 
 
 @pytest.fixture(scope="session")

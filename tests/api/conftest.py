@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +28,5 @@ def start_server(tmp_path: Path, token_loop_kind: str) -> Iterator[ServerFactory
 
     yield start
     for server in started:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             server.stop()
-        except subprocess.TimeoutExpired:
-            pass

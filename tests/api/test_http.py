@@ -56,15 +56,18 @@ def test_streaming_ndjson(server: RunningServer) -> None:
     assert response.headers["x-request-id"] == "req-42"
     lines = ndjson(response)
     terminal = [line for line in lines if line.get("done")]
-    assert len(terminal) == 1 and lines[-1] is terminal[0]
+    assert len(terminal) == 1
+    assert lines[-1] is terminal[0]
     chunks = lines[:-1]
-    assert chunks and all(set(c) == {"text", "tokens"} for c in chunks)
+    assert chunks
+    assert all(set(c) == {"text", "tokens"} for c in chunks)
     done = terminal[0]
     assert done["done_reason"] == "length"
     assert done["model"] == "tiny-b.gguf"
     assert done["request_id"] == "req-42"
     metrics = done["metrics"]
-    assert isinstance(metrics, dict) and set(metrics) == TERMINAL_METRICS
+    assert isinstance(metrics, dict)
+    assert set(metrics) == TERMINAL_METRICS
     assert metrics["completion_tokens"] == 20 == sum(int(c["tokens"]) for c in chunks)  # type: ignore[call-overload]
 
 
@@ -75,7 +78,8 @@ def test_non_streaming(server: RunningServer) -> None:
         streamed = ndjson(client.post("/infer", json={**body, "stream": True}))
     assert first.headers["content-type"] == "application/json"
     result = first.json()
-    assert result["done"] is True and result["done_reason"] == "length"
+    assert result["done"] is True
+    assert result["done_reason"] == "length"
     assert result["model"] == "tiny-a.gguf"  # the default model
     assert result["metrics"]["completion_tokens"] == 8
     assert result["text"] == "".join(str(line["text"]) for line in streamed[:-1])
@@ -97,7 +101,8 @@ def test_status(server: RunningServer) -> None:
         assert key in status
     assert status["token_loop"] in {"c", "python"}
     (instance,) = status["instances"]
-    assert instance["model_id"] == "tiny-a.gguf" and instance["state"] == "ready"
+    assert instance["model_id"] == "tiny-a.gguf"
+    assert instance["state"] == "ready"
     for key in [
         "last_used",
         "est_vram_mb",
@@ -109,7 +114,8 @@ def test_status(server: RunningServer) -> None:
         "uptime_seconds",
     ]:
         assert key in instance
-    assert instance["loads_total"] == 1 and instance["est_vram_mb"] > 0
+    assert instance["loads_total"] == 1
+    assert instance["est_vram_mb"] > 0
 
 
 BAD_INPUTS = [
@@ -157,7 +163,8 @@ def test_bad_inputs_get_documented_errors_and_the_server_stays_up(
             assert response.status_code == status, (body, response.text)
             error = response.json()["error"]
             assert error["code"] == code, (body, error)
-            assert error["message"] and error["request_id"] == response.headers["x-request-id"]
+            assert error["message"]
+            assert error["request_id"] == response.headers["x-request-id"]
             if field is not None:
                 assert error.get("field") == field, (body, error)
             assert client.get("/healthz").status_code == 200

@@ -18,6 +18,8 @@ from modeld.api.middleware import RequestContextMiddleware
 from modeld.api.routes import build_routes, modeld_error_handler
 from modeld.config import Settings
 from modeld.errors import ModeldError
+from modeld.observability.access import AccessObserver, log_event
+from modeld.observability.metrics import Metrics
 from modeld.scheduling.manager import ModelManager
 
 __all__ = ["create_app"]
@@ -55,6 +57,10 @@ def create_app(settings: Settings, manager: ModelManager | None = None) -> Starl
     model before the first request, so ``/readyz`` is 200 when serving starts.
     """
     owned_manager = manager or ModelManager(settings)
+    metrics = Metrics(owned_manager.statistics, lambda: dict(owned_manager.counters))
+    owned_manager.events.add_listener(metrics.on_event)
+    owned_manager.events.add_listener(log_event)
+    routes = build_routes()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -66,7 +72,14 @@ def create_app(settings: Settings, manager: ModelManager | None = None) -> Starl
     allowed_hosts = frozenset(h.lower() for h in settings.allowed_hosts)
     if not _is_loopback(settings.host) and not allowed_hosts:
         allowed_hosts = frozenset({"*"})  # bound to a real interface: the operator decides
-    middleware = [Middleware(RequestContextMiddleware, allowed_hosts=allowed_hosts)]
+    middleware = [
+        Middleware(
+            RequestContextMiddleware,
+            allowed_hosts=allowed_hosts,
+            routes=routes,
+            observer=AccessObserver(metrics),
+        )
+    ]
     if settings.cors_origins:
         middleware.append(
             Middleware(
@@ -78,7 +91,7 @@ def create_app(settings: Settings, manager: ModelManager | None = None) -> Starl
             )
         )
     app = Starlette(
-        routes=build_routes(),
+        routes=routes,
         middleware=middleware,
         exception_handlers={
             ModeldError: modeld_error_handler,
@@ -88,4 +101,5 @@ def create_app(settings: Settings, manager: ModelManager | None = None) -> Starl
         lifespan=lifespan,
     )
     app.state.manager = owned_manager
+    app.state.metrics = metrics
     return app

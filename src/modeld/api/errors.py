@@ -35,6 +35,7 @@ STATUS_BY_ERROR: dict[type[errors.ModeldError], int] = {
     errors.InferTimeout: 504,
     errors.EngineError: 500,
     errors.TokenLoopUnavailable: 500,
+    errors.MemoryProbeError: 503,
     errors.ModeldError: 500,
 }
 

@@ -6,16 +6,25 @@ import ipaddress
 import re
 import time
 import uuid
+from typing import Protocol
 
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders, QueryParams
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from modeld.api.errors import error_body
+from modeld.observability.logging import level_number, request_logging
 
-__all__ = ["RequestContextMiddleware", "host_is_allowed"]
+__all__ = ["RequestContextMiddleware", "RequestObserver", "host_is_allowed"]
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+class RequestObserver(Protocol):
+    def started(self, path: str) -> None: ...
+
+    def finished(self, scope: Scope, path: str, status: int, duration_s: float) -> None: ...
 
 
 def host_is_allowed(host_header: str, allowed: frozenset[str]) -> bool:
@@ -35,13 +44,37 @@ def host_is_allowed(host_header: str, allowed: frozenset[str]) -> bool:
         return False
 
 
-class RequestContextMiddleware:
-    """Gives every request an id (echoed in ``X-Request-ID``) and refuses foreign Hosts."""
+def route_template(routes: list[BaseRoute], scope: Scope) -> str:
+    """The matched route's path template: bounded label cardinality for metrics."""
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return str(getattr(route, "path", "other"))
+    return "other"
 
-    def __init__(self, app: ASGIApp, *, allowed_hosts: frozenset[str], on_response=None) -> None:  # type: ignore[no-untyped-def]
+
+def requested_log_level(scope: Scope, headers: Headers) -> int | None:
+    """``X-Log-Level`` or ``?log=``: a per-request logging threshold (e.g. ``debug``)."""
+    raw = headers.get("x-log-level") or QueryParams(scope.get("query_string", b"")).get("log")
+    return level_number(raw) if raw else None
+
+
+class RequestContextMiddleware:
+    """Request id (echoed in ``X-Request-ID``), Host check, per-request log level, and the
+    observer's view of every response (access log, metrics)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        allowed_hosts: frozenset[str],
+        routes: list[BaseRoute],
+        observer: RequestObserver | None = None,
+    ) -> None:
         self.app = app
         self.allowed_hosts = allowed_hosts
-        self.on_response = on_response
+        self.routes = routes
+        self.observer = observer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -50,9 +83,11 @@ class RequestContextMiddleware:
         headers = Headers(scope=scope)
         given = headers.get("x-request-id", "")
         request_id = given if _SANE_REQUEST_ID.match(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        path = route_template(self.routes, scope)
         started_s = time.monotonic()
-        status_holder = [0]
+        status_holder = [500]
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -60,19 +95,26 @@ class RequestContextMiddleware:
                 MutableHeaders(scope=message)["X-Request-ID"] = request_id
             await send(message)
 
-        if not host_is_allowed(headers.get("host", ""), self.allowed_hosts):
-            body = error_body("forbidden_host", "Host header is not allowed", request_id)
-            await send_with_id(
-                {
-                    "type": "http.response.start",
-                    "status": 403,
-                    "headers": [(b"content-type", b"application/json")],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
-            return
+        if self.observer is not None:
+            self.observer.started(path)
         try:
-            await self.app(scope, receive, send_with_id)
+            with request_logging(request_id, requested_log_level(scope, headers)):
+                if host_is_allowed(headers.get("host", ""), self.allowed_hosts):
+                    await self.app(scope, receive, send_with_id)
+                else:
+                    await self._forbidden(send_with_id, send, request_id)
         finally:
-            if self.on_response is not None:
-                self.on_response(scope, status_holder[0], time.monotonic() - started_s)
+            if self.observer is not None:
+                duration_s = time.monotonic() - started_s
+                self.observer.finished(scope, path, status_holder[0], duration_s)
+
+    @staticmethod
+    async def _forbidden(send_with_id: Send, send: Send, request_id: str) -> None:
+        body = error_body("forbidden_host", "Host header is not allowed", request_id)
+        start: Message = {
+            "type": "http.response.start",
+            "status": 403,
+            "headers": [(b"content-type", b"application/json")],
+        }
+        await send_with_id(start)
+        await send({"type": "http.response.body", "body": body})

@@ -8,14 +8,17 @@ from typing import Any
 import anyio
 import msgspec
 import orjson
+from loguru import logger
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from modeld.api.bodies import decode_body, read_body
-from modeld.api.errors import error_response
+from modeld.api.errors import error_response, status_for
+from modeld.api.events import events, metrics
 from modeld.api.streaming import NdjsonGenerationResponse, terminal_record, unless_disconnected
 from modeld.errors import ModeldError
+from modeld.observability.logging import prompt_logging_enabled
 from modeld.scheduling.manager import ModelManager
 from modeld.types import InferRequest
 
@@ -52,9 +55,14 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     manager = _manager(request)
-    default = manager.settings.default_model
-    ready = manager.accepting and manager.is_ready(default)
-    return _json({"status": "ready" if ready else "not_ready"}, 200 if ready else 503)
+    stalled = manager.stalled_loads()  # the watchdog: a load hung past --load-timeout
+    ready = manager.accepting and not stalled and manager.is_ready(manager.settings.default_model)
+    body: dict[str, object] = {"status": "ready" if ready else "not_ready"}
+    if stalled:
+        body["stalled_loads"] = stalled
+    if not manager.accepting:
+        body["reason"] = "shutting_down"
+    return _json(body, 200 if ready else 503)
 
 
 async def list_models(request: Request) -> Response:
@@ -85,6 +93,9 @@ async def infer(request: Request) -> Response:
     request_id = _request_id(request)
     body = await read_body(request, manager.settings.max_body_bytes, _BODY_TIMEOUT_S)
     infer_request = decode_body(body, InferRequest)
+    request.scope["state"]["model"] = infer_request.model or manager.settings.default_model
+    if prompt_logging_enabled():
+        logger.debug("prompt", prompt=infer_request.prompt, model=infer_request.model)
     owner = manager.stream(infer_request, request_id=request_id)
     # Until the stream starts nothing reads from the client: watch for it leaving, so a
     # queued or loading request whose client is gone leaves the queue at once.
@@ -103,6 +114,9 @@ async def infer(request: Request) -> Response:
         with anyio.CancelScope(shield=True):
             await owner.__aexit__(None, None, None)
     assert generation.result is not None
+    request.scope["state"]["queue_ms"] = generation.result.metrics.queue_ms
+    if prompt_logging_enabled():
+        logger.debug("completion", text=text)
     record = terminal_record(generation.result)
     record["text"] = text or ""
     return _json(record, request_id=request_id)
@@ -140,9 +154,17 @@ def build_routes() -> list[Route]:
         Route("/requests/{request_id}", cancel_request, methods=["DELETE"]),
         Route("/models/{model_id}/load", load_model, methods=["POST"]),
         Route("/models/{model_id}/instance", unload_model, methods=["DELETE"]),
+        Route("/events", events, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ]
 
 
 async def modeld_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ModeldError)
+    status_code = status_for(exc)
+    if status_code in _REJECTION_STATUSES:
+        request.app.state.metrics.rejections.labels(exc.code, str(status_code)).inc()
     return error_response(exc, _request_id(request))
+
+
+_REJECTION_STATUSES = {429, 503, 504}

@@ -109,6 +109,7 @@ class NdjsonGenerationResponse(Response):
                     line = orjson.dumps({"text": chunk.text, "tokens": chunk.tokens}) + b"\n"
                     await send({"type": "http.response.body", "body": line, "more_body": True})
                 assert generation.result is not None
+                scope.setdefault("state", {})["queue_ms"] = generation.result.metrics.queue_ms
                 last = orjson.dumps(terminal_record(generation.result)) + b"\n"
                 await send({"type": "http.response.body", "body": last, "more_body": False})
                 tasks.cancel_scope.cancel()

@@ -69,7 +69,9 @@ class TextAssembler:
                 out = bytes(self._pending[:cut])
                 self._pending.clear()
                 return out
-        hold = max(_stop_prefix_hold(self._pending, self._stops), utf8_incomplete_tail(self._pending))
+        hold = max(
+            _stop_prefix_hold(self._pending, self._stops), utf8_incomplete_tail(self._pending)
+        )
         release = len(self._pending) - hold
         out = bytes(self._pending[:release])
         del self._pending[:release]

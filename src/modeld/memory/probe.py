@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol, runtime_checkable
 
-from modeld.errors import ModeldError
+from modeld.errors import MemoryProbeError
 
 __all__ = [
     "MemoryProbe",
@@ -47,12 +47,6 @@ __all__ = [
     "RssSample",
     "detect_probe",
 ]
-
-
-class MemoryProbeError(ModeldError):
-    """The memory probe cannot measure (NVML failed, or ``/proc`` is unreadable)."""
-
-    code = "memory_probe_failed"
 
 
 @runtime_checkable

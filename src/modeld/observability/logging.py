@@ -1,20 +1,80 @@
-"""loguru configured for JSON lines on stderr (one object per event)."""
+"""loguru configured for JSON lines on stderr, with a per-request level override.
+
+A request may ask for a more verbose threshold (``X-Log-Level: debug`` or ``?log=debug``);
+prompts and generated text are only ever logged at debug, so they appear only when the
+effective level (the global one, or the request's) is debug or lower.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
+import orjson
 from loguru import logger
 
-__all__ = ["configure_logging"]
+__all__ = [
+    "configure_logging",
+    "level_number",
+    "prompt_logging_enabled",
+    "request_logging",
+]
 
-_LEVELS = {"trace", "debug", "info", "success", "warning", "error", "critical"}
+_LEVELS = {"trace": 5, "debug": 10, "info": 20, "success": 25, "warning": 30, "error": 40}
+_DEFAULT = "info"
+_global_level_no = [_LEVELS[_DEFAULT]]  # set once by configure_logging at startup
+_request_level_no: ContextVar[int | None] = ContextVar("modeld_request_level_no", default=None)
 
 
-def configure_logging(level: str = "info") -> None:
-    """Replace loguru's default sink with a JSON-lines one at ``level``."""
-    name = level.lower()
-    if name not in _LEVELS:
-        name = "info"
+def level_number(name: str | None) -> int | None:
+    """The numeric level for a name such as ``debug``; None when unknown."""
+    return _LEVELS.get((name or "").strip().lower())
+
+
+def _effective_level_no() -> int:
+    requested = _request_level_no.get()
+    return min(_global_level_no[0], requested) if requested else _global_level_no[0]
+
+
+def _filter(record: Any) -> bool:
+    return bool(record["level"].no >= _effective_level_no())
+
+
+def prompt_logging_enabled() -> bool:
+    """Whether the current request may log prompts and generated text."""
+    return _effective_level_no() <= _LEVELS["debug"]
+
+
+@contextmanager
+def request_logging(request_id: str, level_no: int | None) -> Iterator[None]:
+    """Within the block, log lines carry ``request_id`` and honour the request's level."""
+    token = _request_level_no.set(level_no)
+    try:
+        with logger.contextualize(request_id=request_id):
+            yield
+    finally:
+        _request_level_no.reset(token)
+
+
+def _json_line(message: Any) -> None:
+    """One flat JSON object per line: time, level, message, then the bound fields."""
+    record = message.record
+    line = {
+        "time": record["time"].isoformat(),
+        "level": record["level"].name.lower(),
+        "message": record["message"],
+        **record["extra"],
+    }
+    if record["exception"] is not None:
+        line["exception"] = repr(record["exception"].value)
+    sys.stderr.write(orjson.dumps(line, default=str).decode() + "\n")
+
+
+def configure_logging(level: str = _DEFAULT) -> None:
+    """Replace loguru's default sink with a JSON-lines one on stderr."""
+    _global_level_no[0] = level_number(level) or _LEVELS[_DEFAULT]
     logger.remove()
-    logger.add(sys.stderr, level=name.upper(), serialize=True, backtrace=False, diagnose=False)
+    logger.add(_json_line, level=0, filter=_filter, backtrace=False, diagnose=False)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -43,15 +43,28 @@ class Subscription:
         return self._events.popleft()
 
 
+Listener = Callable[[Event], None]
+
+
 class EventHub:
-    """Publish from the event loop's thread; subscribe from any task."""
+    """Publish from the event loop's thread; subscribe from any task.
+
+    Listeners (metrics, logs) are called synchronously on publish and must not block;
+    subscribers (``GET /events``) read at their own pace from a bounded buffer.
+    """
 
     def __init__(self, capacity_per_subscriber: int = 256) -> None:
         self._capacity = capacity_per_subscriber
         self._subscribers: set[Subscription] = set()
+        self._listeners: list[Listener] = []
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
 
     def publish(self, kind: str, **data: object) -> None:
         event = Event(kind, dict(data))
+        for listener in self._listeners:
+            listener(event)
         for subscriber in self._subscribers:
             subscriber._offer(event)
 

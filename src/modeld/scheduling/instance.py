@@ -70,6 +70,7 @@ class Instance:
     pinned: bool = False
     last_used_s: float = 0.0
     ready_at_s: float = 0.0
+    loading_since_s: float = 0.0
     engine: LlamaEngine | None = None
     worker: EngineWorker | None = None
     active: Generation | None = None

@@ -23,6 +23,7 @@ from modeld.engine.base import LoopOutcome, StopCode, TokenLoop, TokenRing
 from modeld.engine.llama_engine import EngineSettings, LlamaEngine
 from modeld.engine.worker import EngineWorker
 from modeld.errors import (
+    InferTimeout,
     InvalidRequest,
     MemoryBusy,
     ModelCoolingDown,
@@ -39,7 +40,7 @@ from modeld.errors import (
 )
 from modeld.memory.budget import Candidate, MemoryBudget, choose_victims
 from modeld.memory.capacity import default_budget_mb, gpu_offload_available
-from modeld.memory.estimate import estimate_footprint
+from modeld.memory.estimate import FootprintEstimate, estimate_footprint
 from modeld.memory.gguf_header import read_gguf_header
 from modeld.memory.probe import MemoryProbe, detect_probe
 from modeld.registry import ModelFile, Registry
@@ -175,6 +176,15 @@ class ModelManager:
             return instance is not None and instance.state is InstanceState.READY
         return any(i.state is InstanceState.READY for i in self._instances.values())
 
+    def stalled_loads(self) -> list[str]:
+        """Models whose load has run past ``--load-timeout``: the watchdog's signal."""
+        limit_s = time.monotonic() - self.settings.load_timeout
+        return [
+            i.model_id
+            for i in self._instances.values()
+            if i.state is InstanceState.LOADING and i.loading_since_s < limit_s
+        ]
+
     def statistics(self) -> ManagerStatistics:
         now_s, now_unix = time.monotonic(), time.time()
         return ManagerStatistics(
@@ -188,9 +198,8 @@ class ModelManager:
             admitted=self._admitted,
             accepting=self._accepting,
             instances=tuple(
-                i.statistics(now_s, now_unix) for i in sorted(
-                    self._instances.values(), key=lambda i: i.model_id
-                )
+                i.statistics(now_s, now_unix)
+                for i in sorted(self._instances.values(), key=lambda i: i.model_id)
             ),
         )
 
@@ -279,6 +288,26 @@ class ModelManager:
     async def _start(self, model: ModelFile, request: InferRequest, request_id: str) -> Generation:
         timing = RequestTiming()
         deadline_s = timing.admitted_s + self.settings.max_wait_ms / 1000
+        timeout = self.settings.infer_timeout
+        if timeout is not None and timing.admitted_s + timeout < deadline_s:
+            deadline_s = timing.admitted_s + timeout
+            try:
+                with anyio.fail_after(max(0.0, deadline_s - time.monotonic())):
+                    return await self._start_within(model, request, request_id, timing, math.inf)
+            except TimeoutError:
+                raise InferTimeout(
+                    f"{model.id}: not started within --infer-timeout ({timeout:g} s)"
+                ) from None
+        return await self._start_within(model, request, request_id, timing, deadline_s)
+
+    async def _start_within(
+        self,
+        model: ModelFile,
+        request: InferRequest,
+        request_id: str,
+        timing: RequestTiming,
+        deadline_s: float,
+    ) -> Generation:
         while True:
             load_started_s = time.monotonic()
             instance = await self._ready_instance(model, deadline_s)
@@ -307,7 +336,8 @@ class ModelManager:
         self, instance: Instance, request: InferRequest, request_id: str, timing: RequestTiming
     ) -> Generation:
         engine, worker = instance.engine, instance.worker
-        assert engine is not None and worker is not None
+        assert engine is not None
+        assert worker is not None
         prompt_tokens = await worker.run(lambda: engine.tokenize(request.prompt))
         if len(prompt_tokens) + request.max_tokens > engine.n_ctx:
             raise InvalidRequest(
@@ -343,6 +373,19 @@ class ModelManager:
         self._generations.pop(generation.request_id, None)
         instance.slot.release()
         self._notify_memory_changed()
+        result = generation.result
+        if result is not None:
+            metrics = result.metrics
+            self.events.publish(
+                "generation_finished",
+                model=result.model,
+                request_id=result.request_id,
+                done_reason=str(result.done_reason),
+                completion_tokens=metrics.completion_tokens,
+                ttft_ms=metrics.ttft_ms,
+                queue_ms=metrics.queue_ms,
+                tokens_per_second=metrics.tokens_per_second,
+            )
 
     # ----------------------------------------------------------------- instances
 
@@ -408,7 +451,9 @@ class ModelManager:
                 f"{counters.retry_at_s - now_s:.1f} s",
                 retry_after_s=math.ceil(counters.retry_at_s - now_s),
             )
-        instance = Instance(model=model, counters=counters, last_used_s=now_s)
+        instance = Instance(
+            model=model, counters=counters, last_used_s=now_s, loading_since_s=now_s
+        )
         self._instances[model.id] = instance
         assert self._task_group is not None, "use ModelManager as an async context manager"
         self._task_group.start_soon(self._load, instance, deadline_s, name=f"load {model.id}")
@@ -430,7 +475,9 @@ class ModelManager:
                 n_batch=self.settings.n_batch,
                 gpu=self._gpu,
             )
+            self._progress(model.id, "validated", 0.1)
             await self._reserve(instance, estimate.total_bytes, deadline_s)
+            self._progress(model.id, "memory_reserved", 0.2)
             async with self._load_lock:  # one load at a time: measurements stay attributable
                 before_bytes = self._probe.used_bytes()
                 worker = EngineWorker(f"modeld:{model.id}")
@@ -448,12 +495,10 @@ class ModelManager:
                     )
                 )
                 instance.engine = engine
+                self._progress(model.id, "weights_loaded", 0.9)
                 await worker.run(engine.warm_up)
                 measured_bytes = self._probe.used_bytes() - before_bytes
-            # The measurement replaces the estimate; llama.cpp's own sizes are its floor,
-            # because RSS growth undercounts pages that are mapped but not yet touched.
-            reported_bytes = engine.model_size_bytes + estimate.kv_cache_bytes
-            self._budget.charge(model.id, max(measured_bytes, reported_bytes))
+            self._budget.charge(model.id, self._charge_after_load(measured_bytes, estimate, engine))
             instance.charge_bytes = self._budget.charge_of(model.id)
             instance.measured = True
         except ModeldError as exc:
@@ -473,13 +518,37 @@ class ModelManager:
             instance.settled.set()
             self._notify_memory_changed()
 
+    def _progress(self, model_id: str, stage: str, fraction: float) -> None:
+        """Load stages as events. llama-cpp-python 0.3.36's ``Llama`` exposes no hook for
+        llama.cpp's progress callback, so progress is reported per stage, not per tensor."""
+        self.events.publish(
+            "model_loading_progress", model=model_id, stage=stage, progress=fraction
+        )
+
+    def _charge_after_load(
+        self, measured_bytes: int, estimate: FootprintEstimate, engine: LlamaEngine
+    ) -> int:
+        """What a loaded instance costs the budget from now on.
+
+        On a GPU, NVML's per-process growth across the load replaces the estimate (floored
+        by llama.cpp's own weight + KV sizes). On CPU, RSS right after warm-up misses the
+        compute buffer and KV pages that are allocated but not yet touched, so the estimate
+        stays the floor there and a larger measurement replaces it.
+        """
+        reported_bytes = engine.model_size_bytes + estimate.kv_cache_bytes
+        if self._probe.kind == "nvml":
+            return max(measured_bytes, reported_bytes)
+        return max(measured_bytes, reported_bytes, estimate.total_bytes)
+
     async def _fail_load(self, instance: Instance, error: ModeldError) -> None:
         counters = instance.counters
         counters.load_failures_total += 1
         counters.last_error = error.message
         if not isinstance(error, (MemoryBusy, QueueTimeout)):
             counters.consecutive_failures += 1
-            backoff_s = min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2 ** (counters.consecutive_failures - 1))
+            backoff_s = min(
+                _BACKOFF_MAX_S, _BACKOFF_BASE_S * 2 ** (counters.consecutive_failures - 1)
+            )
             counters.retry_at_s = time.monotonic() + backoff_s
         instance.error = error
         instance.transition(InstanceState.ERROR)
@@ -502,7 +571,9 @@ class ModelManager:
             others = [i for i in self._instances.values() if i is not instance]
             victims = choose_victims(
                 (
-                    Candidate(i.model_id, self._budget.charge_of(i.model_id), i.last_used_s, i.evictable)
+                    Candidate(
+                        i.model_id, self._budget.charge_of(i.model_id), i.last_used_s, i.evictable
+                    )
                     for i in others
                 ),
                 need_bytes,
@@ -535,7 +606,9 @@ class ModelManager:
         self._memory_changed.set()
         self._memory_changed = anyio.Event()
 
-    async def _unload(self, instance: Instance, reason: DoneReason, *, eviction: bool = False) -> None:
+    async def _unload(
+        self, instance: Instance, reason: DoneReason, *, eviction: bool = False
+    ) -> None:
         if instance.state is InstanceState.UNLOADING or instance.gone.is_set():
             await instance.gone.wait()
             return
@@ -579,7 +652,7 @@ def _run_loop(
     """Runs on the worker thread; whatever happens, the consumer sees the stream end."""
     try:
         return engine.generate(ring, prompt_tokens, params)  # type: ignore[arg-type]
-    except Exception as exc:  # noqa: BLE001 - reported as the stream's error, never lost
+    except Exception as exc:
         return LoopOutcome(StopCode.ERROR, len(prompt_tokens), 0, 0.0, 0.0, error=repr(exc))
     finally:
         ring.finish()

@@ -1,0 +1,50 @@
+"""What every HTTP response and lifecycle event leaves behind: a log line and metrics."""
+
+from __future__ import annotations
+
+from loguru import logger
+from starlette.types import Scope
+
+from modeld.observability.metrics import Metrics
+from modeld.scheduling.events import Event
+
+__all__ = ["AccessObserver", "log_event"]
+
+_QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}
+
+
+class AccessObserver:
+    """The HTTP middleware's observer: in-flight gauge, request metrics, access log."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def started(self, path: str) -> None:
+        self._metrics.http_inflight.labels(path).inc()
+
+    def finished(self, scope: Scope, path: str, status: int, duration_s: float) -> None:
+        method = str(scope.get("method", ""))
+        self._metrics.http_inflight.labels(path).dec()
+        self._metrics.observe_http(path, method, status, duration_s)
+        state = scope.get("state", {})
+        log = logger.debug if path in _QUIET_PATHS else logger.info
+        log(
+            "request",
+            request_id=state.get("request_id"),
+            method=method,
+            path=scope.get("path"),
+            route=path,
+            status=status,
+            latency_ms=round(duration_s * 1000, 3),
+            model=state.get("model"),
+            queue_ms=state.get("queue_ms"),
+        )
+
+
+def log_event(event: Event) -> None:
+    """An EventHub listener: lifecycle events as log lines (never prompt text)."""
+    if event.kind.startswith("model_"):
+        level = "WARNING" if event.kind == "model_error" else "INFO"
+        logger.log(level, event.kind, **event.data)
+    elif event.kind == "generation_finished":
+        logger.info("generation finished", **event.data)

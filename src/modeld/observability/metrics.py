@@ -1,0 +1,141 @@
+"""Prometheus metrics in modeld's own registry.
+
+Counters and histograms are fed by events (HTTP responses, lifecycle events, finished
+generations); gauges and per-model totals are read from ``ModelManager.statistics()``
+snapshots at scrape time, so a scrape never races the scheduler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from modeld.scheduling.events import Event
+from modeld.scheduling.instance import ModelCounters
+from modeld.scheduling.manager import ManagerStatistics
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Seconds, from sub-millisecond HTTP answers to ten-minute generations.
+_LATENCY_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+    300, 600,
+)  # fmt: skip
+_TOKENS_PER_S_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
+
+
+class _SnapshotCollector(Collector):
+    """Gauges and totals taken from the manager's frozen snapshots at scrape time."""
+
+    def __init__(
+        self,
+        statistics: Callable[[], ManagerStatistics],
+        counters: Callable[[], dict[str, ModelCounters]],
+    ) -> None:
+        self._statistics = statistics
+        self._counters = counters
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        stats = self._statistics()
+        for name, value, doc in [
+            ("modeld_budget_mb", stats.budget_mb, "memory budget for all instances"),
+            ("modeld_margin_mb", stats.margin_mb, "memory kept free inside the budget"),
+            ("modeld_used_est_mb", stats.used_est_mb, "memory charged to loaded instances"),
+            ("modeld_admitted_requests", stats.admitted, "requests queued or streaming"),
+        ]:
+            yield GaugeMetricFamily(name, doc, value=value)
+        queue_len = GaugeMetricFamily("modeld_queue_len", "queued requests", labels=["model"])
+        inflight = GaugeMetricFamily("modeld_inflight", "running generations", labels=["model"])
+        loaded = GaugeMetricFamily(
+            "modeld_loaded_bytes", "bytes charged to the instance", labels=["model"]
+        )
+        for instance in stats.instances:
+            queue_len.add_metric([instance.model_id], instance.queue_len)
+            inflight.add_metric([instance.model_id], instance.inflight)
+            loaded.add_metric([instance.model_id], instance.est_vram_mb * 1024 * 1024)
+        yield from (queue_len, inflight, loaded)
+        loads = CounterMetricFamily("modeld_loads", "successful loads", labels=["model"])
+        failures = CounterMetricFamily("modeld_load_failures", "failed loads", labels=["model"])
+        evictions = CounterMetricFamily("modeld_evictions", "LRU evictions", labels=["model"])
+        for model_id, counts in sorted(self._counters().items()):
+            loads.add_metric([model_id], counts.loads_total)
+            failures.add_metric([model_id], counts.load_failures_total)
+            evictions.add_metric([model_id], counts.evictions_total)
+        yield from (loads, failures, evictions)
+
+
+class Metrics:
+    def __init__(
+        self,
+        statistics: Callable[[], ManagerStatistics],
+        counters: Callable[[], dict[str, ModelCounters]],
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.http_requests = Counter(
+            "modeld_http_requests",
+            "HTTP requests answered",
+            ["path", "method", "status"],
+            registry=self.registry,
+        )
+        self.http_duration = Histogram(
+            "modeld_http_request_duration_seconds",
+            "time to answer (streams: until the last byte)",
+            ["path", "method", "status"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.http_inflight = Gauge(
+            "modeld_http_inflight_requests", "HTTP requests in progress", ["path"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.rejections = Counter(
+            "modeld_rejections", "requests refused by backpressure", ["reason", "status"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.load_duration = Histogram(
+            "modeld_load_duration_seconds", "model load and warm-up time", ["model"],
+            buckets=_LATENCY_BUCKETS_S, registry=self.registry,
+        )  # fmt: skip
+        self.tokens_generated = Counter(
+            "modeld_tokens_generated", "completion tokens generated", ["model"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "modeld_time_to_first_token_seconds", "arrival to first chunk", ["model"],
+            buckets=_LATENCY_BUCKETS_S, registry=self.registry,
+        )  # fmt: skip
+        self.decode_rate = Histogram(
+            "modeld_decode_tokens_per_second", "decode speed per generation", ["model"],
+            buckets=_TOKENS_PER_S_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.generations = Counter(
+            "modeld_generations", "finished generations", ["model", "done_reason"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.registry.register(_SnapshotCollector(statistics, counters))
+
+    def on_event(self, event: Event) -> None:
+        """An EventHub listener."""
+        data = event.data
+        model = str(data.get("model", ""))
+        if event.kind == "model_ready":
+            self.load_duration.labels(model).observe(float(data["load_ms"]) / 1000)  # type: ignore[arg-type]
+        elif event.kind == "generation_finished":
+            self.generations.labels(model, str(data["done_reason"])).inc()
+            self.tokens_generated.labels(model).inc(int(data["completion_tokens"]))  # type: ignore[call-overload]
+            if float(data["ttft_ms"]) > 0:  # type: ignore[arg-type]
+                self.ttft.labels(model).observe(float(data["ttft_ms"]) / 1000)  # type: ignore[arg-type]
+            if float(data["tokens_per_second"]) > 0:  # type: ignore[arg-type]
+                self.decode_rate.labels(model).observe(float(data["tokens_per_second"]))  # type: ignore[arg-type]
+
+    def observe_http(self, path: str, method: str, status: int, duration_s: float) -> None:
+        labels = (path, method, str(status))
+        self.http_requests.labels(*labels).inc()
+        self.http_duration.labels(*labels).observe(duration_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
