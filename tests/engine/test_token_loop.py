@@ -26,6 +26,11 @@ from tests.engine.support import (
 
 GREEDY = SamplingParams(max_tokens=64, temperature=0.0)
 SEEDED = SamplingParams(max_tokens=64, temperature=0.9, top_k=50, top_p=0.9, seed=1234)
+# llama-cpp-python samples straight from the distribution below zero; the C chain must too
+NEGATIVE_TEMPERATURE = SamplingParams(max_tokens=64, temperature=-1.0, seed=99)
+SAMPLINGS = pytest.mark.parametrize(
+    "params", [GREEDY, SEEDED, NEGATIVE_TEMPERATURE], ids=["greedy", "seeded", "negative-temp"]
+)
 
 
 def _prompt(llama: Llama, text: str = "hello world and the", special: bool = False) -> list[int]:
@@ -43,7 +48,7 @@ def _completion_count(llama: Llama, tokens: list[int]) -> int:
 # ------------------------------------------------------------------ equivalence
 
 
-@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+@SAMPLINGS
 def test_matches_llama_generate_on_tiny_model(
     loop: TokenLoop, tiny_llama: Llama, params: SamplingParams
 ) -> None:
@@ -57,7 +62,7 @@ def test_matches_llama_generate_on_tiny_model(
     assert seen.outcome.prompt_tokens == len(prompt)
 
 
-@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+@SAMPLINGS
 def test_c_loop_token_ids_equal_llama_generate(
     c_loop: TokenLoop, tiny_llama: Llama, params: SamplingParams
 ) -> None:

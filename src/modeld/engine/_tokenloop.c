@@ -519,6 +519,10 @@ build_sampler(const loop_state *s)
     lib.llama_sampler_chain_add(
         chain, lib.llama_sampler_init_penalties(
                    s->n_vocab, s->penalty_last_n, (float)s->repeat_penalty, 0.0f, 0.0f));
+    if (s->temperature < 0.0) {
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(s->seed));
+        return chain;
+    }
     if (s->temperature == 0.0) {
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy());
         return chain;
