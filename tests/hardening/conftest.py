@@ -78,7 +78,9 @@ def read_response(sock: socket.socket) -> RawResponse:
     for line in header_lines:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
-    if "content-length" in headers:
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = read_chunked(sock, body)
+    elif "content-length" in headers:
         length = int(headers["content-length"])
         while len(body) < length:
             part = sock.recv(65536)
@@ -89,6 +91,24 @@ def read_response(sock: socket.socket) -> RawResponse:
         while part := sock.recv(65536):
             body += part
     return RawResponse(int(status_line.split(" ")[1]), headers, body)
+
+
+def read_chunked(sock: socket.socket, data: bytes) -> bytes:
+    """Decode a chunked body whose first bytes are ``data``."""
+    body = b""
+    while True:
+        while b"\r\n" not in data:
+            data += sock.recv(65536) or b"\r\n"
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0] or b"0", 16)
+        if size == 0:
+            return body
+        while len(data) < size + 2:
+            part = sock.recv(65536)
+            if not part:
+                return body + data[:size]
+            data += part
+        body, data = body + data[:size], data[size + 2 :]
 
 
 def raw_exchange(server: RunningServer, request: bytes, timeout_s: float = 30) -> RawResponse:
