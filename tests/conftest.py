@@ -64,7 +64,7 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture(params=[LoopKind.PYTHON])
+@pytest.fixture(params=[LoopKind.C, LoopKind.PYTHON])
 def token_loop_kind(request: pytest.FixtureRequest) -> LoopKind:
     return LoopKind(request.param)
 

