@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from llama_cpp import Llama
+from pytest_benchmark.fixture import BenchmarkFixture
 
 from modeld.testing.server import RunningServer, start_modeld
 
@@ -94,7 +95,7 @@ def reference_decode(llama: Llama) -> tuple[float, int]:
 
 
 def test_http_decode_vs_llama_generate(
-    benchmark: pytest.FixtureRequest, server: RunningServer, gemma_dir: Path
+    benchmark: BenchmarkFixture, server: RunningServer, gemma_dir: Path
 ) -> None:
     model = _model_id(gemma_dir)
     llama = Llama(
@@ -118,10 +119,10 @@ def test_http_decode_vs_llama_generate(
         reference_decode_rate, _ = reference_decode(llama)
         reference_rates.append(reference_decode_rate)
 
-    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)  # type: ignore[attr-defined]
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     llama.close()
     ratio = statistics.median(http_rates) / statistics.median(reference_rates)
-    benchmark.extra_info.update(  # type: ignore[attr-defined]
+    benchmark.extra_info.update(
         {
             "http_tokens_per_s": round(statistics.median(http_rates), 2),
             "llama_generate_tokens_per_s": round(statistics.median(reference_rates), 2),
@@ -129,12 +130,12 @@ def test_http_decode_vs_llama_generate(
             "ttft_ms": round(statistics.median(ttfts) * 1000, 1),
         }
     )
-    print(f"\n[{server}] {benchmark.extra_info}")  # type: ignore[attr-defined]
+    print(f"\n[{server}] {benchmark.extra_info}")
     assert ratio > 0
 
 
 def test_cold_load_and_first_token(
-    benchmark: pytest.FixtureRequest, server: RunningServer, gemma_dir: Path
+    benchmark: BenchmarkFixture, server: RunningServer, gemma_dir: Path
 ) -> None:
     model = _model_id(gemma_dir)
     body = {"model": model, "prompt": "Hi", "max_tokens": 1, "temperature": 0, "stream": False}
@@ -148,8 +149,6 @@ def test_cold_load_and_first_token(
             results.append(time.perf_counter() - started)
             assert response.status_code == 200, response.text
 
-    benchmark.pedantic(cold, rounds=ROUNDS, iterations=1)  # type: ignore[attr-defined]
-    benchmark.extra_info["cold_load_first_token_ms"] = round(  # type: ignore[attr-defined]
-        statistics.median(results) * 1000, 1
-    )
-    print(f"\ncold load + first token: {benchmark.extra_info}")  # type: ignore[attr-defined]
+    benchmark.pedantic(cold, rounds=ROUNDS, iterations=1)
+    benchmark.extra_info["cold_load_first_token_ms"] = round(statistics.median(results) * 1000, 1)
+    print(f"\ncold load + first token: {benchmark.extra_info}")

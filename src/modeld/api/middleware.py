@@ -6,6 +6,7 @@ import ipaddress
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Protocol
 
 from starlette.datastructures import Headers, MutableHeaders, QueryParams
@@ -44,7 +45,7 @@ def host_is_allowed(host_header: str, allowed: frozenset[str]) -> bool:
         return False
 
 
-def route_template(routes: list[BaseRoute], scope: Scope) -> str:
+def route_template(routes: Sequence[BaseRoute], scope: Scope) -> str:
     """The matched route's path template: bounded label cardinality for metrics."""
     for route in routes:
         match, _ = route.matches(scope)
@@ -68,7 +69,7 @@ class RequestContextMiddleware:
         app: ASGIApp,
         *,
         allowed_hosts: frozenset[str],
-        routes: list[BaseRoute],
+        routes: Sequence[BaseRoute],
         observer: RequestObserver | None = None,
     ) -> None:
         self.app = app

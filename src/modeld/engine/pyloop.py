@@ -45,7 +45,7 @@ class PythonTokenLoop:
         text = TextAssembler(params.stop)
         seed = params.seed if params.seed is not None else secrets.randbits(32)
         llama.set_seed(seed)
-        llama.reset()
+        llama.reset()  # type: ignore[no-untyped-call]
 
         # Prompt evaluation runs inside one llama_decode per batch; the abort callback is
         # the only way to stop it early. It costs a Python call per graph node, so it is

@@ -16,7 +16,9 @@ from modeld.types import Chunk, DoneReason, GenerationMetrics, GenerationResult
 if TYPE_CHECKING:
     from modeld.engine.worker import ThreadCall
 
-__all__ = ["Generation", "RequestTiming"]
+__all__ = ["COALESCE_S", "Generation", "RequestTiming"]
+
+COALESCE_S = 0.005  # at most ~200 lines a second per stream
 
 _STOP_REASONS = {
     StopCode.STOP: DoneReason.STOP,
@@ -65,6 +67,7 @@ class Generation:
         self._on_finished = on_finished
         self._cancel_reason: DoneReason | None = None
         self._held_tokens = 0
+        self._last_chunk_s = 0.0
 
     def cancel(self, reason: DoneReason = DoneReason.CANCELLED) -> None:
         """Stop the token loop within one token; the result will say ``reason``."""
@@ -85,8 +88,9 @@ class Generation:
         while self.result is None:
             data, tokens, finished = self._ring.drain()
             if data:
+                self._last_chunk_s = time.monotonic()
                 if not self._timing.first_chunk_s:
-                    self._timing.first_chunk_s = time.monotonic()
+                    self._timing.first_chunk_s = self._last_chunk_s
                 chunk = Chunk(data.decode("utf-8", "replace"), tokens + self._held_tokens)
                 self._held_tokens = 0
                 return chunk
@@ -102,7 +106,21 @@ class Generation:
                     timeout_s = None
             with anyio.move_on_after(timeout_s if timeout_s is not None else math.inf):
                 await anyio.wait_readable(self._ring.fileno())
+                await self._coalesce()
         return None
+
+    async def _coalesce(self) -> None:
+        """Let a fast model's tokens gather for a few ms after the previous chunk.
+
+        One line per token costs the event loop and the client more than the tokens
+        themselves on small models; the first chunk is never delayed, and the wait ends
+        early if the ring fills or the stream finishes (both wake the descriptor again
+        only after a drain, so this is a plain short sleep).
+        """
+        if self._last_chunk_s and not self._ring.cancelled:
+            wait_s = self._last_chunk_s + COALESCE_S - time.monotonic()
+            if wait_s > 0:
+                await anyio.sleep(wait_s)
 
     async def aclose(self) -> None:
         """Cancel if still running and wait, shielded, until the loop has returned."""

@@ -91,6 +91,10 @@ class Instance:
     def evictable(self) -> bool:
         return self.state is InstanceState.READY and self.idle and not self.pinned
 
+    def is_ready(self) -> bool:
+        """A method, not a comparison at the call site: the state changes across awaits."""
+        return self.state is InstanceState.READY
+
     def transition(self, new: InstanceState) -> None:
         if new not in _ALLOWED[self.state]:
             raise IllegalTransition(f"{self.model_id}: {self.state} -> {new} is not allowed")

@@ -614,8 +614,8 @@ class ModelManager:
             return
         if instance.state is InstanceState.LOADING:
             await instance.settled.wait()
-            if instance.state is not InstanceState.READY:
-                return
+        if not instance.is_ready():  # the load failed: it disposed of itself
+            return
         instance.transition(InstanceState.UNLOADING)
         if instance.active is not None:
             instance.active.cancel(reason)

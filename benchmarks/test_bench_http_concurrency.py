@@ -1,0 +1,129 @@
+"""8 concurrent NDJSON streams over 2 models: HTTP against the same work in the library.
+
+Both sides use the C loop, one llama.cpp thread per model, and the same two random-weight
+models (fast enough that per-token overhead shows). Rounds alternate HTTP and library in
+one run. Run:
+
+    python -m pytest benchmarks/test_bench_http_concurrency.py --benchmark-only -s
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from pytest_benchmark.fixture import BenchmarkFixture
+
+from modeld import InferRequest, ModelManager, Settings
+from modeld.testing.server import RunningServer, start_modeld
+from modeld.testing.tiny_gguf import TinyModelSpec, write_tiny_gguf
+
+MODELS = ["bench-a.gguf", "bench-b.gguf"]
+STREAMS = 8
+MAX_TOKENS = 480
+ROUNDS = 5
+FLAGS = ("--threads", "1", "--n-ctx", "512", "--max-wait-ms", "600000", "--token-loop", "c")
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("bench-concurrency")
+    for seed, name in enumerate(MODELS):
+        spec = TinyModelSpec(n_embd=256, n_ff=768, n_layer=4, seed=seed, context_length=512)
+        write_tiny_gguf(directory / name, spec)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    running = start_modeld(models_dir, tmp_path_factory.mktemp("logs"), *FLAGS)
+    yield running
+    running.stop()
+
+
+def _body(index: int) -> dict[str, object]:
+    return {
+        "model": MODELS[index % 2],
+        "prompt": f"stream {index}",
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+    }
+
+
+async def _http_round(base_url: str) -> float:
+    """Aggregate completion tokens per second of STREAMS concurrent NDJSON streams."""
+    tokens = 0
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+
+        async def one(index: int) -> None:
+            nonlocal tokens
+            async with client.stream("POST", "/infer", json=_body(index)) as response:
+                async for line in response.aiter_lines():
+                    if '"done":true' in line:
+                        tokens += int(line.split('"completion_tokens":')[1].split(",")[0])
+
+        started = time.perf_counter()
+        async with anyio.create_task_group() as tasks:
+            for index in range(STREAMS):
+                tasks.start_soon(one, index)
+        return tokens / (time.perf_counter() - started)
+
+
+async def _library_round(manager: ModelManager) -> float:
+    tokens = 0
+
+    async def one(index: int) -> None:
+        nonlocal tokens
+        body = _body(index)
+        request = InferRequest(
+            prompt=str(body["prompt"]), model=str(body["model"]), max_tokens=MAX_TOKENS,
+            temperature=0.0,
+        )  # fmt: skip
+        async with manager.stream(request) as generation:
+            async for _ in generation:
+                pass
+        assert generation.result is not None
+        tokens += generation.result.metrics.completion_tokens
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tasks:
+        for index in range(STREAMS):
+            tasks.start_soon(one, index)
+    return tokens / (time.perf_counter() - started)
+
+
+def test_http_streams_vs_library(
+    benchmark: BenchmarkFixture, server: RunningServer, models_dir: Path
+) -> None:
+    settings = Settings(models_dir=models_dir, threads=1, n_ctx=512, max_wait_ms=600_000)
+    http_rates: list[float] = []
+    library_rates: list[float] = []
+
+    async def measure() -> None:
+        async with ModelManager(settings) as manager:
+            await _library_round(manager)  # load + warm both sides
+            await _http_round(server.base_url)
+
+            async def one_round() -> None:
+                http_rates.append(await _http_round(server.base_url))
+                library_rates.append(await _library_round(manager))
+
+            for _ in range(ROUNDS):
+                await one_round()
+
+    benchmark.pedantic(lambda: anyio.run(measure), rounds=1, iterations=1)
+    ratios = [h / lib for h, lib in zip(http_rates, library_rates, strict=True)]
+    benchmark.extra_info.update(
+        {
+            "http_tokens_per_s": round(statistics.median(http_rates), 1),
+            "library_tokens_per_s": round(statistics.median(library_rates), 1),
+            "ratio_median": round(statistics.median(ratios), 3),
+        }
+    )
+    print(f"\n8 streams / 2 models: {benchmark.extra_info}")
+    assert all(rate > 0 for rate in http_rates + library_rates)
