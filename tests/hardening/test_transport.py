@@ -218,35 +218,39 @@ def test_sane_request_id_is_echoed(client: httpx.Client, given: str) -> None:
 @pytest.mark.parametrize(
     ("name", "request_bytes", "status"),
     [
-        (
+        pytest.param(
             "content-length-negative",
             b"POST /infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -1\r\n\r\n",
             400,
+            id="content-length-negative",
         ),
-        (
+        pytest.param(
             "content-length-twice-differing",
             b"POST /infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n"
             b"Content-Length: 3\r\n\r\n{}",
             400,
+            id="content-length-twice-differing",
         ),
-        (
+        pytest.param(
             "bad-chunk-size",
             b"POST /infer HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"zz\r\n{}\r\n0\r\n\r\n",
             400,
+            id="bad-chunk-size",
         ),
-        (
+        pytest.param(
             "nul-in-target",
             b"GET /heal\x00thz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
             400,
+            id="nul-in-target",
         ),
-        (
+        pytest.param(
             "header-block-70kb",
             b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"b" * 70_000 + b"\r\n\r\n",
             431,
+            id="header-block-70kb",
         ),
     ],
-    ids=lambda value: value if isinstance(value, str) else "",
 )
 def test_malformed_framing_is_refused(
     server: RunningServer, name: str, request_bytes: bytes, status: int
