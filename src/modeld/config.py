@@ -54,6 +54,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     cors_origins: list[str] = []
     allowed_hosts: list[str] = []
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1 << 20
+    body_timeout: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 10.0
     token_loop: LoopKind = LoopKind.C
     no_mmap: bool = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import httpx
@@ -198,3 +199,20 @@ def test_sigterm_exits_cleanly(server: RunningServer) -> None:
     with server.client() as client:
         client.post("/infer", json={"prompt": "hi", "max_tokens": 2})
     assert server.stop() == 0
+
+
+def test_slow_body_gets_408(start_server: ServerFactory, models_dir: Path) -> None:
+    server = start_server(models_dir, "--body-timeout", "0.5")
+    host, port = server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )  # then nothing more: a client that trickles or stalls its body
+        reply = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408")
+    assert b'"request_timeout"' in reply
+    with server.client() as client:
+        assert client.get("/healthz").status_code == 200

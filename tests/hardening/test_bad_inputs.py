@@ -176,19 +176,11 @@ UNSAFE_PATH_IDS = [
 ]
 
 
-UNLOAD_SKIPS_THE_ID_CHECK = pytest.mark.xfail(
-    strict=True,
-    reason="bug: ModelManager.unload() looks the id up in _instances without check_model_id, "
-    "so an unsafe id gets 404 'not loaded' instead of 400 invalid_model_id",
-)
-
-
 def path_cases(method: str) -> list[object]:
-    cases: list[object] = []
-    for name, segment, status, code in UNSAFE_PATH_IDS:
-        marks = UNLOAD_SKIPS_THE_ID_CHECK if method == "DELETE" and status == 400 else ()
-        cases.append(pytest.param(method, segment, status, code, id=name, marks=marks))
-    return cases
+    return [
+        pytest.param(method, segment, status, code, id=name)
+        for name, segment, status, code in UNSAFE_PATH_IDS
+    ]
 
 
 TEMPLATES = {"POST": "/models/{}/load", "DELETE": "/models/{}/instance"}

@@ -160,12 +160,6 @@ def test_load_failure_then_cooldown(refused_server: RunningServer) -> None:
         assert refused_server.process.poll() is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a failed load's instance is disposed (manager._fail_load -> _dispose "
-    "removes it from _instances), so /status lists no entry for the model and its "
-    "last_error / retry_in_seconds are invisible while requests get model_cooling_down",
-)
 def test_status_shows_the_cooldown(refused_server: RunningServer) -> None:
     with refused_server.client() as client:
         assert client.post("/infer", json={**GREEDY, "model": "refused.gguf"}).status_code == 500

@@ -77,12 +77,6 @@ def test_chunked_body_under_the_limit_is_served(client: httpx.Client) -> None:
     assert response.json()["done_reason"] == "length"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a 413 sent before the body was read keeps the connection open in the "
-    "response headers (no 'Connection: close'), so a keep-alive client reuses a connection "
-    "Hypercorn is about to close",
-)
 def test_early_413_closes_the_connection_explicitly(server: RunningServer) -> None:
     head = http_request("POST", "/infer").replace(b"Connection: close\r\n", b"")
     head = head.replace(b"Content-Length: 0", f"Content-Length: {10 * MAX_BODY_BYTES}".encode())

@@ -56,6 +56,9 @@ def error_body(code: str, message: str, request_id: str, field: str | None = Non
 
 def error_response(error: errors.ModeldError, request_id: str) -> Response:
     headers = {"X-Request-ID": request_id}
+    if isinstance(error, errors.PayloadTooLarge | errors.RequestBodyTimeout):
+        # The body was not read: the connection cannot be reused, so say so.
+        headers["Connection"] = "close"
     retry_after_s = getattr(error, "retry_after_s", None)
     if retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))

@@ -24,8 +24,6 @@ from modeld.types import InferRequest
 
 __all__ = ["build_routes"]
 
-_BODY_TIMEOUT_S = 30.0
-
 
 class LoadRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     pin: bool | None = None
@@ -91,7 +89,7 @@ async def status(request: Request) -> Response:
 async def infer(request: Request) -> Response:
     manager = _manager(request)
     request_id = _request_id(request)
-    body = await read_body(request, manager.settings.max_body_bytes, _BODY_TIMEOUT_S)
+    body = await read_body(request, manager.settings.max_body_bytes, manager.settings.body_timeout)
     infer_request = decode_body(body, InferRequest)
     request.scope["state"]["model"] = infer_request.model or manager.settings.default_model
     if prompt_logging_enabled():
@@ -130,7 +128,7 @@ async def cancel_request(request: Request) -> Response:
 
 async def load_model(request: Request) -> Response:
     manager = _manager(request)
-    body = await read_body(request, manager.settings.max_body_bytes, _BODY_TIMEOUT_S)
+    body = await read_body(request, manager.settings.max_body_bytes, manager.settings.body_timeout)
     load_request = decode_body(body, LoadRequest) if body.strip() else LoadRequest()
     stats = await manager.load(request.path_params["model_id"], pin=load_request.pin)
     instance = msgspec.to_builtins(stats)

@@ -21,7 +21,7 @@ from anyio.abc import TaskGroup
 from modeld.config import Settings
 from modeld.engine.base import LoopOutcome, StopCode, TokenLoop, TokenRing
 from modeld.engine.llama_engine import EngineSettings, LlamaEngine
-from modeld.engine.worker import EngineWorker
+from modeld.engine.worker import EngineWorker, WorkerStopped
 from modeld.errors import (
     InferTimeout,
     InvalidRequest,
@@ -43,8 +43,9 @@ from modeld.memory.capacity import default_budget_mb, gpu_offload_available
 from modeld.memory.estimate import FootprintEstimate, estimate_footprint
 from modeld.memory.gguf_header import read_gguf_header
 from modeld.memory.probe import MemoryProbe, detect_probe
-from modeld.registry import ModelFile, Registry
+from modeld.registry import ModelFile, Registry, check_model_id
 from modeld.scheduling.events import EventHub
+from modeld.scheduling.fifo import FifoSlot
 from modeld.scheduling.generation import Generation, RequestTiming
 from modeld.scheduling.instance import Instance, InstanceStatistics, ModelCounters
 from modeld.types import Chunk, DoneReason, GenerationResult, InferRequest, InstanceState
@@ -110,6 +111,7 @@ class ModelManager:
             )
         )
         self._instances: dict[str, Instance] = {}
+        self._slots: dict[str, FifoSlot] = {}
         self._counters: dict[str, ModelCounters] = {}
         self._generations: dict[str, Generation] = {}
         self._admitted = 0
@@ -176,6 +178,29 @@ class ModelManager:
             return instance is not None and instance.state is InstanceState.READY
         return any(i.state is InstanceState.READY for i in self._instances.values())
 
+    def _cooling_down(self, now_s: float) -> list[InstanceStatistics]:
+        """Models with no instance whose last load failed: shown as ``error`` with the
+        error and the time left before a retry, so the cooldown is visible."""
+        return [
+            InstanceStatistics(
+                model_id=model_id,
+                state=InstanceState.ERROR,
+                last_used_unix=0.0,
+                est_vram_mb=0.0,
+                measured=False,
+                queue_len=self._slot_for(model_id).queue_len,
+                inflight=0,
+                loads_total=counters.loads_total,
+                evictions_total=counters.evictions_total,
+                last_error=counters.last_error,
+                uptime_seconds=0.0,
+                pinned=False,
+                retry_in_seconds=round(counters.retry_at_s - now_s, 3),
+            )
+            for model_id, counters in self._counters.items()
+            if model_id not in self._instances and counters.retry_at_s > now_s
+        ]
+
     def stalled_loads(self) -> list[str]:
         """Models whose load has run past ``--load-timeout``: the watchdog's signal."""
         limit_s = time.monotonic() - self.settings.load_timeout
@@ -198,8 +223,11 @@ class ModelManager:
             admitted=self._admitted,
             accepting=self._accepting,
             instances=tuple(
-                i.statistics(now_s, now_unix)
-                for i in sorted(self._instances.values(), key=lambda i: i.model_id)
+                sorted(
+                    [i.statistics(now_s, now_unix) for i in self._instances.values()]
+                    + self._cooling_down(now_s),
+                    key=lambda stats: stats.model_id,
+                )
             ),
         )
 
@@ -272,12 +300,12 @@ class ModelManager:
             raise TooManyInflight(
                 f"{self._admitted} requests in flight (cap {cap})", self._retry_after_s(cap)
             )
-        instance = self._instances.get(model_id)
+        slot = self._slot_for(model_id)
         depth = self.settings.max_queue_depth
-        if instance is not None and instance.slot.busy and instance.slot.queue_len >= depth:
+        if slot.busy and slot.queue_len >= depth:
             raise QueueFull(
-                f"{model_id}: {instance.slot.queue_len} requests queued (depth {depth})",
-                self._retry_after_s(instance.slot.queue_len),
+                f"{model_id}: {slot.queue_len} requests queued (depth {depth})",
+                self._retry_after_s(slot.queue_len),
             )
         self._admitted += 1
 
@@ -293,7 +321,12 @@ class ModelManager:
             deadline_s = timing.admitted_s + timeout
             try:
                 with anyio.fail_after(max(0.0, deadline_s - time.monotonic())):
-                    return await self._start_within(model, request, request_id, timing, math.inf)
+                    # the inner deadline only bounds the load's memory wait; this scope,
+                    # a moment earlier, is the one that fires
+                    inner_deadline_s = deadline_s + 1.0
+                    return await self._start_within(
+                        model, request, request_id, timing, inner_deadline_s
+                    )
             except TimeoutError:
                 raise InferTimeout(
                     f"{model.id}: not started within --infer-timeout ({timeout:g} s)"
@@ -308,37 +341,51 @@ class ModelManager:
         timing: RequestTiming,
         deadline_s: float,
     ) -> Generation:
-        while True:
-            load_started_s = time.monotonic()
-            instance = await self._ready_instance(model, deadline_s)
-            timing.load_s += time.monotonic() - load_started_s
-            if instance.slot.busy and instance.slot.queue_len >= self.settings.max_queue_depth:
-                raise QueueFull(
-                    f"{model.id}: queue is full", self._retry_after_s(instance.slot.queue_len)
-                )
-            try:
-                await instance.slot.acquire(max(0.0, deadline_s - time.monotonic()))
-            except TimeoutError:
-                raise QueueTimeout(
-                    f"{model.id}: waited {self.settings.max_wait_ms} ms in the queue",
-                    self._retry_after_s(instance.slot.queue_len + 1),
-                ) from None
-            if instance.state is InstanceState.READY:
-                break
-            instance.slot.release()  # unloaded while we waited: load it again
+        # The model's queue is joined first and held across the load, so the order of
+        # arrival is the order of service, whatever happens to the instance meanwhile.
+        slot = self._slot_for(model.id)
+        if slot.busy and slot.queue_len >= self.settings.max_queue_depth:
+            raise QueueFull(f"{model.id}: queue is full", self._retry_after_s(slot.queue_len))
         try:
-            return await self._launch(instance, request, request_id, timing)
+            await slot.acquire(max(0.0, deadline_s - time.monotonic()))
+        except TimeoutError:
+            raise QueueTimeout(
+                f"{model.id}: waited {self.settings.max_wait_ms} ms in the queue",
+                self._retry_after_s(slot.queue_len + 1),
+            ) from None
+        try:
+            while True:
+                load_started_s = time.monotonic()
+                instance = await self._ready_instance(model, deadline_s)
+                timing.load_s += time.monotonic() - load_started_s
+                generation = await self._launch(instance, request, request_id, timing)
+                if generation is not None:
+                    return generation
+                # unloaded between the load and the launch: load it again, still first
         except BaseException:
-            instance.slot.release()
+            slot.release()
             raise
+
+    def _slot_for(self, model_id: str) -> FifoSlot:
+        """One FIFO per model, outliving its instances."""
+        slot = self._slots.get(model_id)
+        if slot is None:
+            slot = self._slots[model_id] = FifoSlot()
+        return slot
 
     async def _launch(
         self, instance: Instance, request: InferRequest, request_id: str, timing: RequestTiming
-    ) -> Generation:
+    ) -> Generation | None:
+        """Tokenize and start the loop; None when the instance went away meanwhile."""
         engine, worker = instance.engine, instance.worker
-        assert engine is not None
-        assert worker is not None
-        prompt_tokens = await worker.run(lambda: engine.tokenize(request.prompt))
+        if engine is None or worker is None:
+            return None
+        try:
+            prompt_tokens = await worker.run(lambda: engine.tokenize(request.prompt))
+        except WorkerStopped:
+            return None
+        if not instance.is_ready():
+            return None
         if len(prompt_tokens) + request.max_tokens > engine.n_ctx:
             raise InvalidRequest(
                 f"prompt ({len(prompt_tokens)} tokens) + max_tokens ({request.max_tokens}) "
@@ -403,7 +450,7 @@ class ModelManager:
 
         Raises :class:`ModelNotFound` when it is not loaded.
         """
-        instance = self._instances.get(model_id)
+        instance = self._instances.get(check_model_id(model_id))
         if instance is None:
             raise ModelNotFound(f"model {model_id!r} is not loaded")
         await self._unload(instance, DoneReason.EVICTED)
@@ -452,7 +499,11 @@ class ModelManager:
                 retry_after_s=math.ceil(counters.retry_at_s - now_s),
             )
         instance = Instance(
-            model=model, counters=counters, last_used_s=now_s, loading_since_s=now_s
+            model=model,
+            counters=counters,
+            slot=self._slot_for(model.id),
+            last_used_s=now_s,
+            loading_since_s=now_s,
         )
         self._instances[model.id] = instance
         assert self._task_group is not None, "use ModelManager as an async context manager"
