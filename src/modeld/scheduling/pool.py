@@ -1,0 +1,407 @@
+"""The instances: loading inside the budget, LRU eviction, unloading, per-model queues.
+
+Everything here runs on the event loop; state changes between awaits are atomic, so the
+budget's check-and-charge needs no lock.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import anyio
+from anyio.abc import TaskGroup
+
+from modeld.config import Settings
+from modeld.engine.base import TokenLoop
+from modeld.engine.llama_engine import EngineSettings, LlamaEngine
+from modeld.engine.worker import EngineWorker
+from modeld.errors import (
+    MemoryBusy,
+    ModelCoolingDown,
+    ModeldError,
+    ModelLoadFailed,
+    ModelNotFound,
+    ModelTooLarge,
+    QueueTimeout,
+    ShuttingDown,
+)
+from modeld.memory.budget import Candidate, MemoryBudget, choose_victims
+from modeld.memory.estimate import FootprintEstimate, estimate_footprint
+from modeld.memory.gguf_header import read_gguf_header
+from modeld.memory.probe import MemoryProbe
+from modeld.registry import ModelFile, Registry, check_model_id
+from modeld.scheduling.events import EventHub
+from modeld.scheduling.fifo import FifoSlot
+from modeld.scheduling.instance import Instance, InstanceStatistics, ModelCounters
+from modeld.types import DoneReason, InstanceState
+
+__all__ = ["EngineFactory", "InstancePool"]
+
+MIB = 1024 * 1024
+_BACKOFF_BASE_S = 1.0
+_BACKOFF_MAX_S = 60.0
+
+EngineFactory = Callable[[ModelFile, EngineSettings, TokenLoop, int], LlamaEngine]
+
+
+def _default_engine_factory(
+    model: ModelFile, settings: EngineSettings, loop: TokenLoop, n_ctx_train: int
+) -> LlamaEngine:
+    return LlamaEngine(model.path, settings, loop, n_ctx_train)
+
+
+class InstancePool:
+    """Owns the budget, the instances, their counters and the per-model FIFO slots."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: Registry,
+        events: EventHub,
+        token_loop: TokenLoop,
+        probe: MemoryProbe,
+        budget: MemoryBudget,
+        gpu: bool,
+        retry_after_s: Callable[[int], float],
+        engine_factory: EngineFactory | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.events = events
+        self.budget = budget
+        self._loop = token_loop
+        self._probe = probe
+        self._gpu = gpu
+        self._retry_after_s = retry_after_s
+        self._engine_factory = engine_factory or _default_engine_factory
+        self._instances: dict[str, Instance] = {}
+        self._slots: dict[str, FifoSlot] = {}
+        self.counters: dict[str, ModelCounters] = {}
+        self._memory_changed = anyio.Event()
+        self._load_lock = anyio.Lock()
+        self._task_group: TaskGroup | None = None
+        self.accepting = True
+
+    def start(self, task_group: TaskGroup) -> None:
+        """Loads run in the owner's task group, so a waiter leaving never cancels one."""
+        self._task_group = task_group
+
+    def get(self, model_id: str) -> Instance | None:
+        return self._instances.get(model_id)
+
+    def all(self) -> list[Instance]:
+        return list(self._instances.values())
+
+    def slot_for(self, model_id: str) -> FifoSlot:
+        """One FIFO per model, outliving its instances."""
+        slot = self._slots.get(model_id)
+        if slot is None:
+            slot = self._slots[model_id] = FifoSlot()
+        return slot
+
+    def statistics(self, now_s: float, now_unix: float) -> list[InstanceStatistics]:
+        loaded = [i.statistics(now_s, now_unix) for i in self._instances.values()]
+        return sorted(loaded + self._cooling_down(now_s), key=lambda stats: stats.model_id)
+
+    def stalled_loads(self) -> list[str]:
+        """Models whose load has run past ``--load-timeout``: the watchdog's signal."""
+        limit_s = time.monotonic() - self.settings.load_timeout
+        return [
+            i.model_id
+            for i in self._instances.values()
+            if i.state is InstanceState.LOADING and i.loading_since_s < limit_s
+        ]
+
+    async def load(self, model_id: str, *, pin: bool | None = None) -> Instance:
+        """Load (and warm) a model now; optionally pin it against eviction."""
+        model = self.registry.resolve(model_id)
+        deadline_s = time.monotonic() + self.settings.load_timeout
+        instance = await self.ready_instance(model, deadline_s)
+        if pin is not None:
+            instance.pinned = pin
+        return instance
+
+    async def unload_model(self, model_id: str) -> None:
+        """Unload a model, cancelling its running generation (done_reason ``evicted``).
+
+        Raises :class:`InvalidModelId` for unsafe ids, :class:`ModelNotFound` when it is
+        not loaded.
+        """
+        instance = self._instances.get(check_model_id(model_id))
+        if instance is None:
+            raise ModelNotFound(f"model {model_id!r} is not loaded")
+        await self.unload(instance, DoneReason.EVICTED)
+
+    async def unload_all(self, reason: DoneReason) -> None:
+        for instance in list(self._instances.values()):
+            await self.unload(instance, reason)
+
+    def _cooling_down(self, now_s: float) -> list[InstanceStatistics]:
+        """Models with no instance whose last load failed: shown as ``error`` with the
+        error and the time left before a retry, so the cooldown is visible."""
+        return [
+            InstanceStatistics(
+                model_id=model_id,
+                state=InstanceState.ERROR,
+                last_used_unix=0.0,
+                est_vram_mb=0.0,
+                measured=False,
+                queue_len=self.slot_for(model_id).queue_len,
+                inflight=0,
+                loads_total=counters.loads_total,
+                evictions_total=counters.evictions_total,
+                last_error=counters.last_error,
+                uptime_seconds=0.0,
+                pinned=False,
+                retry_in_seconds=round(counters.retry_at_s - now_s, 3),
+            )
+            for model_id, counters in self.counters.items()
+            if model_id not in self._instances and counters.retry_at_s > now_s
+        ]
+
+    async def ready_instance(self, model: ModelFile, deadline_s: float) -> Instance:
+        """A ready instance of ``model``, loading it (once, however many wait) if needed.
+
+        Raises the load's own error (:class:`ModelInvalid`, :class:`ModelTooLarge`,
+        :class:`MemoryBusy`, ...), :class:`ModelCoolingDown` during a failed load's backoff,
+        :class:`QueueTimeout` past ``deadline_s``, :class:`ShuttingDown`. Cancelling the
+        wait does not cancel the load: other requests may be waiting for it.
+        """
+        while True:
+            if not self.accepting:
+                raise ShuttingDown("modeld is shutting down")
+            instance = self._instances.get(model.id)
+            if instance is None:
+                instance = self._begin_load(model, deadline_s)
+            if instance.state is InstanceState.UNLOADING:
+                await instance.gone.wait()
+                continue
+            if instance.state is InstanceState.READY:
+                if self._file_changed(instance):
+                    await self.unload(instance, DoneReason.EVICTED)
+                    continue
+                return instance
+            with anyio.move_on_after(max(0.0, deadline_s - time.monotonic())) as scope:
+                await instance.settled.wait()
+            if scope.cancelled_caught:
+                raise QueueTimeout(f"{model.id}: still loading after the request's max wait", 1.0)
+            if instance.state is InstanceState.ERROR:
+                assert instance.error is not None
+                raise instance.error
+
+    def _file_changed(self, instance: Instance) -> bool:
+        """A file rewritten in place under a loaded (mmapped) model must not be used."""
+        try:
+            current = self.registry.resolve(instance.model_id)
+        except ModeldError:
+            return True
+        return (current.size_bytes, current.mtime_ns) != (
+            instance.model.size_bytes,
+            instance.model.mtime_ns,
+        )
+
+    def _begin_load(self, model: ModelFile, deadline_s: float) -> Instance:
+        counters = self.counters.setdefault(model.id, ModelCounters())
+        now_s = time.monotonic()
+        if counters.retry_at_s > now_s:
+            raise ModelCoolingDown(
+                f"{model.id}: loading failed ({counters.last_error}); retrying is allowed in "
+                f"{counters.retry_at_s - now_s:.1f} s",
+                retry_after_s=math.ceil(counters.retry_at_s - now_s),
+            )
+        instance = Instance(
+            model=model,
+            counters=counters,
+            slot=self.slot_for(model.id),
+            last_used_s=now_s,
+            loading_since_s=now_s,
+        )
+        self._instances[model.id] = instance
+        assert self._task_group is not None, "use ModelManager as an async context manager"
+        self._task_group.start_soon(self._load, instance, deadline_s, name=f"load {model.id}")
+        return instance
+
+    async def _load(self, instance: Instance, deadline_s: float) -> None:
+        model, counters = instance.model, instance.counters
+        started_s = time.monotonic()
+        self.events.publish("model_load_started", model=model.id)
+        try:
+            header = await anyio.to_thread.run_sync(
+                lambda: read_gguf_header(model.path, max_context_length=1 << 20)
+            )
+            n_ctx = min(self.settings.n_ctx, header.context_length)
+            estimate = estimate_footprint(
+                header,
+                n_ctx=n_ctx,
+                n_gpu_layers=self.settings.n_gpu_layers,
+                n_batch=self.settings.n_batch,
+                gpu=self._gpu,
+            )
+            self._progress(model.id, "validated", 0.1)
+            await self._reserve(instance, estimate.total_bytes, deadline_s)
+            self._progress(model.id, "memory_reserved", 0.2)
+            async with self._load_lock:  # one load at a time: measurements stay attributable
+                before_bytes = self._probe.used_bytes()
+                worker = EngineWorker(f"modeld:{model.id}")
+                instance.worker = worker
+                engine_settings = EngineSettings(
+                    n_ctx=self.settings.n_ctx,
+                    n_batch=self.settings.n_batch,
+                    n_threads=self.settings.n_threads,
+                    n_gpu_layers=self.settings.n_gpu_layers,
+                    use_mmap=not self.settings.no_mmap,
+                )
+                engine = await worker.run(
+                    lambda: self._engine_factory(
+                        model, engine_settings, self._loop, header.context_length
+                    )
+                )
+                instance.engine = engine
+                self._progress(model.id, "weights_loaded", 0.9)
+                await worker.run(engine.warm_up)
+                measured_bytes = self._probe.used_bytes() - before_bytes
+            self.budget.charge(model.id, self._charge_after_load(measured_bytes, estimate, engine))
+            instance.charge_bytes = self.budget.charge_of(model.id)
+            instance.measured = True
+        except ModeldError as exc:
+            await self._fail_load(instance, exc)
+        except Exception as exc:  # a bug or an unexpected engine failure: still contained
+            await self._fail_load(instance, ModelLoadFailed(f"{model.id}: {exc!r}"))
+        else:
+            instance.transition(InstanceState.READY)
+            instance.ready_at_s = time.monotonic()
+            counters.loads_total += 1
+            counters.consecutive_failures = 0
+            counters.retry_at_s = 0.0
+            self.events.publish(
+                "model_ready", model=model.id, load_ms=round((time.monotonic() - started_s) * 1000)
+            )
+        finally:
+            instance.settled.set()
+            self.notify_changed()
+
+    def _progress(self, model_id: str, stage: str, fraction: float) -> None:
+        """Load stages as events. llama-cpp-python 0.3.36's ``Llama`` exposes no hook for
+        llama.cpp's progress callback, so progress is reported per stage, not per tensor."""
+        self.events.publish(
+            "model_loading_progress", model=model_id, stage=stage, progress=fraction
+        )
+
+    def _charge_after_load(
+        self, measured_bytes: int, estimate: FootprintEstimate, engine: LlamaEngine
+    ) -> int:
+        """What a loaded instance costs the budget from now on.
+
+        On a GPU, NVML's per-process growth across the load replaces the estimate (floored
+        by llama.cpp's own weight + KV sizes). On CPU, RSS right after warm-up misses the
+        compute buffer and KV pages that are allocated but not yet touched, so the estimate
+        stays the floor there and a larger measurement replaces it.
+        """
+        reported_bytes = engine.model_size_bytes + estimate.kv_cache_bytes
+        if self._probe.kind == "nvml":
+            return max(measured_bytes, reported_bytes)
+        return max(measured_bytes, reported_bytes, estimate.total_bytes)
+
+    async def _fail_load(self, instance: Instance, error: ModeldError) -> None:
+        counters = instance.counters
+        counters.load_failures_total += 1
+        counters.last_error = error.message
+        if not isinstance(error, (MemoryBusy, QueueTimeout)):
+            counters.consecutive_failures += 1
+            backoff_s = min(
+                _BACKOFF_MAX_S, _BACKOFF_BASE_S * 2 ** (counters.consecutive_failures - 1)
+            )
+            counters.retry_at_s = time.monotonic() + backoff_s
+        instance.error = error
+        instance.transition(InstanceState.ERROR)
+        self.events.publish("model_error", model=instance.model_id, error=error.message)
+        await self._dispose(instance)
+
+    async def _reserve(self, instance: Instance, need_bytes: int, deadline_s: float) -> None:
+        """Charge ``need_bytes`` to the budget, evicting LRU idle instances to make room.
+
+        Raises :class:`ModelTooLarge` at once if it cannot fit an empty budget, and
+        :class:`MemoryBusy` if only busy instances stand in the way past the deadline.
+        """
+        model_id = instance.model_id
+        if not self.budget.could_ever_fit(need_bytes):
+            raise ModelTooLarge(
+                f"{model_id} needs about {need_bytes / MIB:.0f} MiB; the budget minus margin "
+                f"is {self.budget.limit_bytes / MIB:.0f} MiB"
+            )
+        while True:
+            others = [i for i in self._instances.values() if i is not instance]
+            victims = choose_victims(
+                (
+                    Candidate(
+                        i.model_id, self.budget.charge_of(i.model_id), i.last_used_s, i.evictable
+                    )
+                    for i in others
+                ),
+                need_bytes,
+                self.budget.used_bytes,
+                self.budget.limit_bytes,
+            )
+            if victims == []:
+                self.budget.charge(model_id, need_bytes)
+                instance.charge_bytes = need_bytes
+                return
+            if victims:
+                for victim in victims:
+                    await self.unload(self._instances[victim], DoneReason.EVICTED, eviction=True)
+                continue
+            if not await self.wait_changed(deadline_s):
+                raise MemoryBusy(
+                    f"{model_id} needs {need_bytes / MIB:.0f} MiB held by busy models",
+                    self._retry_after_s(1),
+                )
+
+    async def wait_changed(self, deadline_s: float | None) -> bool:
+        event = self._memory_changed
+        timeout_s = math.inf if deadline_s is None else max(0.0, deadline_s - time.monotonic())
+        with anyio.move_on_after(timeout_s):
+            await event.wait()
+            return True
+        return False
+
+    def notify_changed(self) -> None:
+        self._memory_changed.set()
+        self._memory_changed = anyio.Event()
+
+    async def unload(
+        self, instance: Instance, reason: DoneReason, *, eviction: bool = False
+    ) -> None:
+        if instance.state is InstanceState.UNLOADING or instance.gone.is_set():
+            await instance.gone.wait()
+            return
+        if instance.state is InstanceState.LOADING:
+            await instance.settled.wait()
+        if not instance.is_ready():  # the load failed: it disposed of itself
+            return
+        instance.transition(InstanceState.UNLOADING)
+        if instance.active is not None:
+            instance.active.cancel(reason)
+        if eviction:
+            instance.counters.evictions_total += 1
+        self.events.publish("model_evicted", model=instance.model_id, reason=str(reason))
+        await self._dispose(instance)
+
+    async def _dispose(self, instance: Instance) -> None:
+        """Close the engine on its own thread (after any running loop), free its charge."""
+        with anyio.CancelScope(shield=True):
+            engine, worker = instance.engine, instance.worker
+            if worker is not None:
+                if engine is not None:
+                    await worker.run(engine.close)
+                await worker.shutdown()
+            instance.engine = None
+            instance.worker = None
+            self.budget.release(instance.model_id)
+            instance.charge_bytes = 0
+            if self._instances.get(instance.model_id) is instance:
+                del self._instances[instance.model_id]
+            instance.gone.set()
+            self.notify_changed()
