@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = ["COALESCE_S", "Generation", "RequestTiming"]
 
-COALESCE_S = 0.005  # at most ~200 lines a second per stream
+COALESCE_S = 0.02  # at most ~50 lines a second per stream
 
 _STOP_REASONS = {
     StopCode.STOP: DoneReason.STOP,
