@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,12 @@ import pytest
 from anyio.lowlevel import checkpoint
 
 from modeld import errors
+from modeld.engine.base import TokenLoop
+from modeld.engine.llama_engine import EngineSettings, LlamaEngine
+from modeld.registry import ModelFile
 from modeld.scheduling.manager import ModelManager
 from modeld.types import Chunk, DoneReason, GenerationResult, InferRequest, InstanceState
+from tests.scheduling.conftest import ConstantProbe, make_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -277,3 +282,32 @@ async def test_pin_keeps_instance_and_status_shows_it(
         assert stats.state is InstanceState.READY
         assert stats.loads_total == 1
         await checkpoint()
+
+
+async def test_watchdog_reports_a_load_hung_past_the_load_timeout(
+    token_loop: TokenLoop, models_dir: Path
+) -> None:
+    """A load that never returns (a fault real llama.cpp cannot be made to produce on
+    demand) is injected through the engine factory; readiness must notice it."""
+    release = threading.Event()
+
+    def hanging_factory(
+        model: ModelFile, settings: EngineSettings, loop: TokenLoop, n_ctx_train: int
+    ) -> LlamaEngine:
+        release.wait(timeout=30)
+        return LlamaEngine(model.path, settings, loop, n_ctx_train)
+
+    settings = make_settings(models_dir, load_timeout=0.05, max_wait_ms=50)
+    manager = ModelManager(
+        settings, token_loop=token_loop, probe=ConstantProbe(), engine_factory=hanging_factory
+    )
+    async with manager:
+        with pytest.raises(errors.QueueTimeout):
+            await manager.complete(ask())  # gives up waiting; the load goes on
+        await anyio.sleep(0.1)  # past --load-timeout: the threshold is wall-clock time
+        assert manager.stalled_loads() == ["tiny-a.gguf"]
+        assert not manager.is_ready("tiny-a.gguf")
+        release.set()
+        await manager.load("tiny-a.gguf")  # waits for the same load to finish
+        assert manager.is_ready("tiny-a.gguf")
+        assert manager.stalled_loads() == []
