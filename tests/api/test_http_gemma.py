@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -66,19 +65,6 @@ def test_stop_string_is_never_emitted(gemma_server: RunningServer) -> None:
     assert free["text"].startswith(cut["text"])
 
 
-def send_raw_request(server: RunningServer, body: dict[str, object]) -> socket.socket:
-    """A POST whose response we never read: a client that waits, then may leave."""
-    host, port = server.base_url.removeprefix("http://").split(":")
-    payload = json.dumps(body).encode()
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(
-        b"POST /infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
-        + payload
-    )
-    return sock
-
-
 def wait_for_queue_len(client: httpx.Client, expected: int, attempts: int = 400) -> None:
     for _ in range(attempts):
         instances = client.get("/status").json()["instances"]
@@ -94,9 +80,9 @@ def test_queue_full_gets_429_with_retry_after_and_disconnects_free_the_model(
     long_body = {"prompt": "Tell a long story.", "max_tokens": 900, "temperature": 0.7}
     with gemma_server.client() as client:
         client.post("/infer", json={"prompt": "hi", "max_tokens": 1})  # loaded and warm
-        running = send_raw_request(gemma_server, long_body)
+        running = gemma_server.open_infer(long_body)
         assert running.recv(64).startswith(b"HTTP/1.1 200")  # the generation runs
-        queued = send_raw_request(gemma_server, long_body)
+        queued = gemma_server.open_infer(long_body)
         wait_for_queue_len(client, 1)
         refused = client.post("/infer", json=long_body)  # depth 1: refused at once
         assert refused.status_code == 429

@@ -4,17 +4,14 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import httpx
 import pytest
 
-from modeld.testing.server import RunningServer
 from tests.hardening.conftest import (
     GEMMA,
     ServerFactory,
-    address,
     instance_of,
     ndjson,
     poll,
@@ -165,17 +162,6 @@ def test_waiting_past_the_infer_timeout_is_504(
         assert waited.json()["error"]["code"] == "infer_timeout"
 
 
-def send_and_leave_open(server: RunningServer, body: dict[str, object]) -> socket.socket:
-    payload = json.dumps(body).encode()
-    sock = socket.create_connection(address(server), timeout=60)
-    sock.sendall(
-        b"POST /infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
-        + payload
-    )
-    return sock
-
-
 def test_max_inflight_refuses_the_second_request(
     start_server: ServerFactory, medium_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -191,7 +177,7 @@ def test_max_inflight_refuses_the_second_request(
     )  # fmt: skip
     with server.client() as client:
         assert client.post("/models/med-a.gguf/load", json={"pin": True}).status_code == 200
-        waiting = send_and_leave_open(server, {"prompt": "hi", "model": "med-b.gguf"})
+        waiting = server.open_infer({"prompt": "hi", "model": "med-b.gguf"})
         with waiting:
             poll(lambda: client.get("/status").json()["admitted"], lambda n: n == 1)
             refused = client.post("/infer", json={"prompt": "hi", "model": "med-a.gguf"})

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import httpx
 import pytest
 
 from modeld.testing.server import RunningServer
-from tests.hardening.conftest import GEMMA, ServerFactory, address, poll
+from tests.hardening.conftest import GEMMA, ServerFactory, poll
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\})? (\S+)$')
 
@@ -110,8 +109,8 @@ def test_gauges_and_rejections_while_gemma_is_busy(
     story = {"prompt": "Tell a long story.", "max_tokens": 900, "temperature": 0.7}
     g = {"model": GEMMA}
     with server.client() as client:
-        running = send_and_leave_open(server, story)
-        queued = send_and_leave_open(server, story)
+        running = server.open_infer(story)
+        queued = server.open_infer(story)
         with running, queued:
             assert running.recv(64).startswith(b"HTTP/1.1 200")
             poll(lambda: scrape(client), lambda s: metric(s, "modeld_queue_len", **g) == 1)
@@ -126,17 +125,6 @@ def test_gauges_and_rejections_while_gemma_is_busy(
         idle = poll(lambda: scrape(client), lambda s: metric(s, "modeld_admitted_requests") == 0)
         assert metric(idle, "modeld_inflight", **g) == 0
         assert metric(idle, "modeld_generations_total", done_reason="cancelled", **g) >= 1
-
-
-def send_and_leave_open(server: RunningServer, body: dict[str, object]) -> socket.socket:
-    payload = json.dumps(body).encode()
-    sock = socket.create_connection(address(server), timeout=60)
-    sock.sendall(
-        b"POST /infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
-        + payload
-    )
-    return sock
 
 
 # --- logs ---------------------------------------------------------------------------

@@ -6,8 +6,10 @@ then a bounded wait), never by name.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,6 +36,23 @@ class RunningServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.base_url.removeprefix("http://").rsplit(":", 1)
+        return host, int(port)
+
+    def open_infer(self, body: dict[str, object]) -> socket.socket:
+        """Send ``POST /infer`` on a raw socket and return it unread: a client that waits
+        (queued or streaming) and may later leave by closing it."""
+        payload = json.dumps(body).encode()
+        sock = socket.create_connection(self.address, timeout=60)
+        sock.sendall(
+            b"POST /infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        return sock
 
     def stop(self, timeout_s: float = 30) -> int:
         """SIGTERM, then wait for the exit status (killed only if it does not exit)."""
