@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -137,3 +138,26 @@ def test_sigterm_mid_stream_ends_with_terminal_line(gemma_server: RunningServer)
     assert rest[-1]["done"] is True
     assert rest[-1]["done_reason"] in {"shutdown", "length", "stop"}
     assert gemma_server.process.wait(timeout=60) == 0
+
+
+def test_log_lines_written_during_a_load_are_not_lost(gemma_server: RunningServer) -> None:
+    """llama-cpp-python points fd 2 at /dev/null while it loads a model; modeld's log sink
+    writes to its own copy of stderr, so requests served meanwhile are still logged."""
+    loader = threading.Thread(
+        target=lambda: httpx.post(f"{gemma_server.base_url}/models/{GEMMA}/load", timeout=120)
+    )
+    sent = 0
+    with gemma_server.client() as client:
+        loader.start()
+        while loader.is_alive() or sent == 0:
+            assert client.get("/models").status_code == 200
+            sent += 1
+        loader.join()
+        client.get("/healthz")
+    logged = 0
+    for _ in range(100):  # the last lines may still be on their way to the file
+        logged = sum(1 for line in gemma_server.log().splitlines() if '"route":"/models"' in line)
+        if logged >= sent:
+            break
+        time.sleep(0.05)
+    assert logged == sent

@@ -7,18 +7,35 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
+from loguru import logger
 
 from modeld.engine.base import LoopOutcome, TokenLoop, TokenRing
 from modeld.errors import InvalidRequest, ModelLoadFailed
 from modeld.types import SamplingParams
 
 __all__ = ["EngineSettings", "LlamaEngine"]
+
+# ggml_log_level in the llama.cpp this release vendors (ggml.h): 1 debug, 2 info, 3 warn,
+# 4 error, 5 continuation. llama.cpp's chatter (info) stays at debug; warnings and errors
+# surface. (llama-cpp-python's own mapping still follows an older enum.)
+_LLAMA_LOG_LEVELS = {3: "WARNING", 4: "ERROR"}
+
+
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+def _route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    """llama.cpp's own log lines, as modeld log records instead of raw stderr text."""
+    message = text.decode("utf-8", "replace").strip()
+    if message:
+        # "{}": llama.cpp text may hold braces, which loguru would take as a format
+        logger.log(_LLAMA_LOG_LEVELS.get(level, "DEBUG"), "{}", message, source="llama.cpp")
+
+
+llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,19 +57,17 @@ class LlamaEngine:
         # n_ctx is never 0 ("auto"): metadata must not size an allocation.
         self.n_ctx = max(16, min(settings.n_ctx, n_ctx_train))
         try:
-            # llama.cpp prints to stderr regardless of verbose during some failures.
-            with contextlib.redirect_stderr(io.StringIO()):
-                self._llama = llama_cpp.Llama(
-                    model_path=str(path),
-                    n_ctx=self.n_ctx,
-                    n_batch=min(settings.n_batch, self.n_ctx),
-                    n_ubatch=min(settings.n_batch, self.n_ctx),
-                    n_threads=settings.n_threads,
-                    n_threads_batch=settings.n_threads,
-                    n_gpu_layers=settings.n_gpu_layers,
-                    use_mmap=settings.use_mmap,
-                    verbose=False,
-                )
+            self._llama = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=self.n_ctx,
+                n_batch=min(settings.n_batch, self.n_ctx),
+                n_ubatch=min(settings.n_batch, self.n_ctx),
+                n_threads=settings.n_threads,
+                n_threads_batch=settings.n_threads,
+                n_gpu_layers=settings.n_gpu_layers,
+                use_mmap=settings.use_mmap,
+                verbose=False,
+            )
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadFailed(f"llama.cpp could not load {path.name}: {exc}") from exc
         self._vocab = self._llama._model.vocab

@@ -7,6 +7,7 @@ effective level (the global one, or the request's) is debug or lower.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,22 +60,34 @@ def request_logging(request_id: str, level_no: int | None) -> Iterator[None]:
         _request_level_no.reset(token)
 
 
-def _json_line(message: Any) -> None:
-    """One flat JSON object per line: time, level, message, then the bound fields."""
-    record = message.record
-    line = {
-        "time": record["time"].isoformat(),
-        "level": record["level"].name.lower(),
-        "message": record["message"],
-        **record["extra"],
-    }
-    if record["exception"] is not None:
-        line["exception"] = repr(record["exception"].value)
-    sys.stderr.write(orjson.dumps(line, default=str).decode() + "\n")
+class _JsonLineSink:
+    """One flat JSON object per line: time, level, message, then the bound fields.
+
+    It writes to its own duplicate of stderr's descriptor: llama-cpp-python points fd 2
+    at /dev/null while a model loads (process-wide), which would otherwise swallow every
+    log line written by other threads during a load.
+    """
+
+    def __init__(self) -> None:
+        self._fd = os.dup(sys.stderr.fileno())
+
+    def __call__(self, message: Any) -> None:
+        record = message.record
+        line = {
+            "time": record["time"].isoformat(),
+            "level": record["level"].name.lower(),
+            "message": record["message"],
+            **record["extra"],
+        }
+        if record["exception"] is not None:
+            line["exception"] = repr(record["exception"].value)
+        payload = orjson.dumps(line, default=str) + b"\n"
+        while payload:
+            payload = payload[os.write(self._fd, payload) :]
 
 
 def configure_logging(level: str = _DEFAULT) -> None:
-    """Replace loguru's default sink with a JSON-lines one on stderr."""
+    """Replace loguru's default sink with a JSON-lines one on (a copy of) stderr."""
     _global_level_no[0] = level_number(level) or _LEVELS[_DEFAULT]
     logger.remove()
-    logger.add(_json_line, level=0, filter=_filter, backtrace=False, diagnose=False)
+    logger.add(_JsonLineSink(), level=0, filter=_filter, backtrace=False, diagnose=False)
