@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import threading
 from collections.abc import Callable, Iterator
 
@@ -140,6 +141,36 @@ def test_cancel_unblocks_a_waiting_producer(make_ring: RingFactory) -> None:
     assert data == b"z" * 16
 
 
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_blocked_push_runs_signal_handlers(make_ring: RingFactory) -> None:
+    """A producer on the main thread stuck on a full ring still sees KeyboardInterrupt & co."""
+    ring = make_ring(16)
+    main = threading.get_ident()
+
+    def handler(_signum: int, _frame: object) -> None:
+        raise _Interrupted
+
+    def interrupt_when_blocked() -> None:
+        wait_until(lambda: _is_full(ring))
+        signal.pthread_kill(main, signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    interrupter = threading.Thread(target=interrupt_when_blocked)
+    try:
+        interrupter.start()
+        with pytest.raises(_Interrupted):
+            ring.push(b"s" * 64, 1)
+    finally:
+        interrupter.join()
+        signal.signal(signal.SIGUSR1, previous)
+    assert ring.drain()[0] == b"s" * 16  # what fitted before the interrupt stays pushed
+    assert ring.push(b"after", 1)  # and the producer side is free again
+    assert ring.drain() == (b"after", 1, False)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     capacity=st.integers(16, 64),
@@ -153,7 +184,8 @@ def test_wraparound_keeps_bytes_in_order(capacity: int, steps: list[bytes | None
     received = bytearray()
     try:
         for step in steps:
-            if step is None or buffered + len(step) > capacity:
+            # a push into a full ring waits, even an empty one (it still carries a token)
+            if step is None or buffered + max(len(step), 1) > capacity:
                 data, _, _ = ring.drain()
                 received += data
                 buffered = 0

@@ -115,11 +115,14 @@ now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-static void
-futex_wait(_Atomic uint32_t *word, uint32_t expected)
+/* Sleep while *word == expected, at most `timeout` (NULL: no limit). True if a signal or
+ * the timeout ended the sleep; EAGAIN and spurious wake-ups return false and just send the
+ * caller round its loop. */
+static bool
+futex_wait(_Atomic uint32_t *word, uint32_t expected, const struct timespec *timeout)
 {
-    /* EINTR, EAGAIN and spurious wake-ups all just send the caller round its loop. */
-    syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT_PRIVATE, expected, NULL, NULL, 0);
+    long rc = syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT_PRIVATE, expected, timeout, NULL, 0);
+    return rc == -1 && (errno == EINTR || errno == ETIMEDOUT);
 }
 
 static void
@@ -171,13 +174,19 @@ ring_notify_consumer(ring_t *r)
     }
 }
 
+/* How long a Python-level push sleeps before it looks at pending signals: a signal that
+ * lands just before the futex sleep does not interrupt it, so it must not wait forever. */
+static const struct timespec SIGNAL_CHECK_INTERVAL = {0, 50 * 1000 * 1000};
+
 /*
  * Sleep until the ring has room after `head`, without spinning. Returns the free bytes,
- * or 0 once cancelled. The seq_cst order of (load seq, store waiting, re-check) against
- * the waker's (store tail/cancelled, bump seq, load waiting) means no wake-up is lost.
+ * or 0 once cancelled, or 0 with *interrupted set when `interrupted` is given and a signal
+ * (or SIGNAL_CHECK_INTERVAL) ended a sleep, so that the caller can run signal handlers.
+ * The seq_cst order of (load seq, store waiting, re-check) against the waker's (store
+ * tail/cancelled, bump seq, load waiting) means no wake-up is lost.
  */
 static uint64_t
-ring_wait_for_space(ring_t *r, uint64_t head)
+ring_wait_for_space(ring_t *r, uint64_t head, bool *interrupted)
 {
     for (;;) {
         if (ring_is_cancelled(r)) {
@@ -189,43 +198,68 @@ ring_wait_for_space(ring_t *r, uint64_t head)
         }
         uint32_t seq = atomic_load(&r->space_seq);
         atomic_store(&r->producer_waiting, 1);
+        bool signalled = false;
         if (!atomic_load(&r->cancelled) && head - atomic_load(&r->tail) >= r->capacity) {
-            futex_wait(&r->space_seq, seq);
+            signalled = futex_wait(&r->space_seq, seq,
+                                   interrupted != NULL ? &SIGNAL_CHECK_INTERVAL : NULL);
         }
         atomic_store(&r->producer_waiting, 0);
+        if (signalled && interrupted != NULL) {
+            *interrupted = true;
+            return 0;
+        }
     }
 }
 
-/* Producer side. Blocks while full; false (nothing more pushed) once cancelled. */
+typedef enum { PUSH_DONE, PUSH_CANCELLED, PUSH_INTERRUPTED } push_status;
+
+/* A push in progress: the bytes still to copy, and whether its tokens are counted yet. */
+typedef struct {
+    const char *src; /* may be NULL when len is 0 */
+    size_t len;
+    uint64_t tokens;
+    bool counted;
+} push_job;
+
+/* Producer side. Blocks while full; stops, having pushed part of the job, once cancelled
+ * or (when interruptible) when a signal arrives, so that Python can run its handlers. */
+static push_status
+ring_push_job(ring_t *r, push_job *job, bool interruptible)
+{
+    uint64_t head = atomic_load_explicit(&r->head, memory_order_relaxed);
+    do {
+        bool interrupted = false;
+        uint64_t room = ring_wait_for_space(r, head, interruptible ? &interrupted : NULL);
+        if (room == 0) {
+            return interrupted ? PUSH_INTERRUPTED : PUSH_CANCELLED;
+        }
+        size_t n = job->len < room ? job->len : (size_t)room;
+        size_t at = (size_t)(head % r->capacity);
+        size_t before_wrap = n < r->capacity - at ? n : (size_t)(r->capacity - at);
+        if (n > 0) {
+            memcpy(r->data + at, job->src, before_wrap);
+            memcpy(r->data, job->src + before_wrap, n - before_wrap);
+        }
+        head += n;
+        job->src += n;
+        job->len -= n;
+        atomic_store(&r->head, head);
+        if (!job->counted) {
+            /* after the bytes, so that a drain never counts tokens whose bytes it lacks */
+            atomic_fetch_add(&r->tokens, job->tokens);
+            job->counted = true;
+        }
+        ring_notify_consumer(r);
+    } while (job->len > 0);
+    return PUSH_DONE;
+}
+
+/* The loop's push: blocks while full; false (nothing more pushed) once cancelled. */
 static bool
 ring_push(ring_t *r, const char *src, size_t len, uint64_t tokens)
 {
-    uint64_t head = atomic_load_explicit(&r->head, memory_order_relaxed);
-    bool first = true;
-    do {
-        uint64_t room = ring_wait_for_space(r, head);
-        if (room == 0) {
-            return false;
-        }
-        size_t n = len < room ? len : (size_t)room;
-        size_t at = (size_t)(head % r->capacity);
-        size_t before_wrap = n < r->capacity - at ? n : (size_t)(r->capacity - at);
-        if (n > 0) { /* src may be NULL when there is nothing to copy */
-            memcpy(r->data + at, src, before_wrap);
-            memcpy(r->data, src + before_wrap, n - before_wrap);
-        }
-        head += n;
-        src += n;
-        len -= n;
-        atomic_store(&r->head, head);
-        if (first) {
-            /* after the bytes, so that a drain never counts tokens whose bytes it lacks */
-            atomic_fetch_add(&r->tokens, tokens);
-            first = false;
-        }
-        ring_notify_consumer(r);
-    } while (len > 0);
-    return true;
+    push_job job = {src, len, tokens, false};
+    return ring_push_job(r, &job, false) == PUSH_DONE;
 }
 
 static void
@@ -237,7 +271,7 @@ ring_wait_cancelled(ring_t *r)
         if (atomic_load(&r->cancelled)) {
             break;
         }
-        futex_wait(&r->space_seq, seq);
+        futex_wait(&r->space_seq, seq, NULL);
     }
     atomic_store(&r->producer_waiting, 0);
 }
@@ -843,7 +877,8 @@ ring_drain(TokenRingObject *self, PyObject *Py_UNUSED(ignored))
 
 PyDoc_STRVAR(ring_push_doc,
              "push(data, tokens) -> bool\n\nAppend data (made by `tokens` tokens); blocks, "
-             "with the GIL released, while the ring is full. False once cancelled.");
+             "with the GIL released, while the ring is full. False once cancelled. Signal "
+             "handlers run while it waits; if one raises, the rest of data is dropped.");
 
 static PyObject *
 ring_push_py(TokenRingObject *self, PyObject *args)
@@ -863,19 +898,30 @@ ring_push_py(TokenRingObject *self, PyObject *args)
         return NULL;
     }
     ring_t *r = &self->ring;
-    bool pushed;
+    push_job job = {data.buf, (size_t)data.len, (uint64_t)tokens, false};
+    push_status status;
     uint64_t used = atomic_load_explicit(&r->head, memory_order_relaxed) - atomic_load(&r->tail);
     if ((uint64_t)data.len < r->capacity - used || ring_is_cancelled(r)) {
-        pushed = ring_push(r, data.buf, (size_t)data.len, (uint64_t)tokens); /* no wait */
+        status = ring_push_job(r, &job, false); /* cannot wait: keep the GIL */
     }
     else {
-        Py_BEGIN_ALLOW_THREADS
-        pushed = ring_push(r, data.buf, (size_t)data.len, (uint64_t)tokens);
-        Py_END_ALLOW_THREADS
+        for (;;) {
+            Py_BEGIN_ALLOW_THREADS
+            status = ring_push_job(r, &job, true);
+            Py_END_ALLOW_THREADS
+            if (status != PUSH_INTERRUPTED) {
+                break;
+            }
+            if (PyErr_CheckSignals() < 0) { /* e.g. KeyboardInterrupt: the rest is dropped */
+                ring_release_producer(self);
+                PyBuffer_Release(&data);
+                return NULL;
+            }
+        }
     }
     ring_release_producer(self);
     PyBuffer_Release(&data);
-    return PyBool_FromLong(pushed);
+    return PyBool_FromLong(status == PUSH_DONE);
 }
 
 PyDoc_STRVAR(ring_finish_doc, "finish() -> None\n\nMark the end of the stream and wake the consumer.");
