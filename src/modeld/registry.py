@@ -26,6 +26,12 @@ class ModelFile:
     path: Path
     size_bytes: int
     mtime_ns: int
+    inode: int = 0
+
+    @property
+    def identity(self) -> tuple[int, int, int]:
+        """Changes when the file is rewritten in place or replaced."""
+        return (self.size_bytes, self.mtime_ns, self.inode)
 
     @property
     def name(self) -> str:
@@ -102,6 +108,6 @@ class Registry:
             raise ModelNotFound(f"model {model_id!r} is not a regular file")
         if not os.access(real, os.R_OK):
             raise ModelNotFound(f"model {model_id!r} is not readable")
-        model = ModelFile(model_id, real, info.st_size, info.st_mtime_ns)
+        model = ModelFile(model_id, real, info.st_size, info.st_mtime_ns, info.st_ino)
         self._models[model_id] = model
         return model

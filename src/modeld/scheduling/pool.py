@@ -198,10 +198,7 @@ class InstancePool:
             current = self.registry.resolve(instance.model_id)
         except ModeldError:
             return True
-        return (current.size_bytes, current.mtime_ns) != (
-            instance.model.size_bytes,
-            instance.model.mtime_ns,
-        )
+        return current.identity != instance.model.identity
 
     def _begin_load(self, model: ModelFile, deadline_s: float) -> Instance:
         counters = self.counters.setdefault(model.id, ModelCounters())
