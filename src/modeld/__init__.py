@@ -4,6 +4,8 @@ The library surface; ``modeld.api`` and ``modeld.server`` (Starlette, Hypercorn)
 imported by whoever serves HTTP.
 """
 
+from loguru import logger
+
 from modeld import errors
 from modeld.config import Settings, load_settings
 from modeld.errors import ModeldError
@@ -21,6 +23,10 @@ from modeld.types import (
 )
 
 __version__ = "0.1.0"
+
+# A library stays quiet unless its user asks: `logger.enable("modeld")`, or the server's
+# `configure_logging()`, turns modeld's log records on.
+logger.disable("modeld")
 
 __all__ = [
     "Chunk",

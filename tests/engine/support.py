@@ -130,8 +130,9 @@ def stream(
 class PausingPyRing(PyTokenRing):
     """A Python ring whose first ``cancelled`` read waits for cancel().
 
-    The Python loop reads ``cancelled`` first from llama.cpp's abort callback, inside the
-    first prompt decode; so this holds prompt evaluation exactly where a test wants to cancel.
+    The Python loop reads ``cancelled`` first between prompt chunks (it stops at chunk
+    boundaries; the C loop also inside one), so this holds prompt evaluation exactly where
+    a test wants to cancel.
     """
 
     def __init__(self, capacity_bytes: int, paused: threading.Event) -> None:

@@ -21,18 +21,19 @@ from modeld.types import SamplingParams
 __all__ = ["EngineSettings", "LlamaEngine"]
 
 # ggml_log_level in the llama.cpp this release vendors (ggml.h): 1 debug, 2 info, 3 warn,
-# 4 error, 5 continuation. llama.cpp's chatter (info) stays at debug; warnings and errors
-# surface. (llama-cpp-python's own mapping still follows an older enum.)
+# 4 error, 5 continuation. (llama-cpp-python's own mapping still follows an older enum.)
 _LLAMA_LOG_LEVELS = {3: "WARNING", 4: "ERROR"}
 
 
 @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
 def _route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-    """llama.cpp's own log lines, as modeld log records instead of raw stderr text."""
-    message = text.decode("utf-8", "replace").strip()
-    if message:
+    """llama.cpp's warnings and errors as modeld log records instead of raw stderr text;
+    its info and debug chatter (hundreds of lines per load) is dropped at the source."""
+    name = _LLAMA_LOG_LEVELS.get(level)
+    message = text.decode("utf-8", "replace").strip() if name else ""
+    if name and message:
         # "{}": llama.cpp text may hold braces, which loguru would take as a format
-        logger.log(_LLAMA_LOG_LEVELS.get(level, "DEBUG"), "{}", message, source="llama.cpp")
+        logger.log(name, "{}", message, source="llama.cpp")
 
 
 llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))

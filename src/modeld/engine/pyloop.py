@@ -24,8 +24,6 @@ if TYPE_CHECKING:
 
 __all__ = ["PythonTokenLoop"]
 
-_PIECE_BUFFER_BYTES = 256
-
 
 class PythonTokenLoop:
     kind = LoopKind.PYTHON
@@ -41,38 +39,50 @@ class PythonTokenLoop:
         params: SamplingParams,
     ) -> LoopOutcome:
         vocab = llama._model.vocab
-        piece_buffer = (ctypes.c_char * _PIECE_BUFFER_BYTES)()
+        piece = _PieceReader(vocab)
         text = TextAssembler(params.stop)
         seed = params.seed if params.seed is not None else secrets.randbits(32)
         llama.set_seed(seed)
         llama.reset()  # type: ignore[no-untyped-call]
 
-        # Prompt evaluation runs inside one llama_decode per batch; the abort callback is
-        # the only way to stop it early. It costs a Python call per graph node, so it is
-        # installed for the prompt only.
-        abort = llama_cpp.ggml_abort_callback(lambda _data: ring.cancelled)
-        llama_cpp.llama_set_abort_callback(llama.ctx, abort, None)
         started_ns = time.perf_counter_ns()
         first_token_ns = 0
         completion_tokens = 0
         stop_code = StopCode.LENGTH
         error: str | None = None
+        # The prompt is evaluated here in the same n_batch chunks Llama.generate() would use
+        # (so the results are bit-identical), with a cancel check between chunks. The C loop
+        # can also stop inside a chunk through llama.cpp's abort callback; from Python that
+        # callback would cost a GIL round trip per graph node, which made long prompts
+        # several times slower, so the twin stops at chunk boundaries.
+        chunks = [
+            prompt_tokens[i : i + llama.n_batch]
+            for i in range(0, len(prompt_tokens), llama.n_batch)
+        ]
+        try:
+            for chunk in chunks[:-1]:
+                if ring.cancelled:
+                    raise _Cancelled
+                llama.eval(chunk)
+            if ring.cancelled:
+                raise _Cancelled
+        except _Cancelled:
+            return self._outcome(StopCode.CANCELLED, len(prompt_tokens), 0, started_ns, 0)
+        except RuntimeError as exc:
+            return self._outcome(StopCode.ERROR, len(prompt_tokens), 0, started_ns, 0, str(exc))
         generator = llama.generate(
-            prompt_tokens,
+            chunks[-1] if chunks else [],
             top_k=params.top_k,
             top_p=params.top_p,
             min_p=params.min_p,
             temp=params.temperature,
             repeat_penalty=params.repeat_penalty,
-            reset=True,
+            reset=False,  # continue after the chunks evaluated above
         )
         try:
             for token in generator:
                 if first_token_ns == 0:
                     first_token_ns = time.perf_counter_ns()
-                    llama_cpp.llama_set_abort_callback(
-                        llama.ctx, llama_cpp.ggml_abort_callback(), None
-                    )
                 if ring.cancelled:
                     stop_code = StopCode.CANCELLED
                     break
@@ -80,10 +90,7 @@ class PythonTokenLoop:
                     stop_code = StopCode.STOP
                     break
                 completion_tokens += 1
-                n = llama_cpp.llama_token_to_piece(
-                    vocab, token, piece_buffer, _PIECE_BUFFER_BYTES, 0, False
-                )
-                out = text.feed(piece_buffer.raw[: max(n, 0)])
+                out = text.feed(piece(token))
                 if not ring.push(out, 1):
                     stop_code = StopCode.CANCELLED
                     break
@@ -101,18 +108,55 @@ class PythonTokenLoop:
                 stop_code, error = StopCode.ERROR, str(exc)
         finally:
             generator.close()
-            llama_cpp.llama_set_abort_callback(llama.ctx, llama_cpp.ggml_abort_callback(), None)
         if stop_code in (StopCode.LENGTH, StopCode.STOP):
             tail = text.flush()  # empty after a stop string
             if tail:
                 ring.push(tail, 0)
+        return self._outcome(
+            stop_code, len(prompt_tokens), completion_tokens, started_ns, first_token_ns, error
+        )
+
+    @staticmethod
+    def _outcome(
+        stop_code: StopCode,
+        prompt_tokens: int,
+        completion_tokens: int,
+        started_ns: int,
+        first_token_ns: int,
+        error: str | None = None,
+    ) -> LoopOutcome:
         ended_ns = time.perf_counter_ns()
         prompt_end_ns = first_token_ns or ended_ns
         return LoopOutcome(
             stop_code=stop_code,
-            prompt_tokens=len(prompt_tokens),
+            prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             prompt_eval_ms=(prompt_end_ns - started_ns) / 1e6,
             eval_ms=(ended_ns - prompt_end_ns) / 1e6,
             error=error,
         )
+
+
+class _Cancelled(Exception):
+    """The ring was cancelled between prompt chunks."""
+
+
+class _PieceReader:
+    """``llama_token_to_piece`` into a buffer that grows when a piece does not fit."""
+
+    def __init__(self, vocab: object, size_bytes: int = 256) -> None:
+        self._vocab = vocab
+        self._buffer = (ctypes.c_char * size_bytes)()
+        self._size_bytes = size_bytes
+
+    def __call__(self, token: int) -> bytes:
+        n = llama_cpp.llama_token_to_piece(
+            self._vocab, token, self._buffer, self._size_bytes, 0, False
+        )
+        if n < 0:  # -n is the size needed
+            self._size_bytes = -n
+            self._buffer = (ctypes.c_char * self._size_bytes)()
+            n = llama_cpp.llama_token_to_piece(
+                self._vocab, token, self._buffer, self._size_bytes, 0, False
+            )
+        return self._buffer.raw[: max(n, 0)]

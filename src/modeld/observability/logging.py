@@ -89,5 +89,6 @@ class _JsonLineSink:
 def configure_logging(level: str = _DEFAULT) -> None:
     """Replace loguru's default sink with a JSON-lines one on (a copy of) stderr."""
     _global_level_no[0] = level_number(level) or _LEVELS[_DEFAULT]
+    logger.enable("modeld")
     logger.remove()
     logger.add(_JsonLineSink(), level=0, filter=_filter, backtrace=False, diagnose=False)
