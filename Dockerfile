@@ -1,7 +1,14 @@
 # syntax=docker/dockerfile:1
-# Multi-stage build. CPU by default; for NVIDIA GPUs:
-#   docker build --build-arg CUDA=1 -t modeld:cuda .
+# Multi-stage build. CPU by default:
+#   docker build -t modeld .
+# For NVIDIA GPUs, build on CUDA images that carry Python 3.11+ (the toolkit to compile
+# llama.cpp's CUDA backend, the runtime to run it), e.g.:
+#   docker build --build-arg CUDA=1 \
+#     --build-arg BASE_BUILD=nvidia/cuda:12.6.3-devel-ubuntu24.04 \
+#     --build-arg BASE_RUN=nvidia/cuda:12.6.3-runtime-ubuntu24.04 -t modeld:cuda .
 #   docker run --gpus all -p 8080:8080 -v /models:/models:ro modeld:cuda
+# (On Ubuntu bases, add python3-venv to the apt-get lines.) Not built in CI: no Docker
+# engine runs there.
 ARG CUDA=0
 ARG BASE_BUILD=python:3.11-slim-bookworm
 ARG BASE_RUN=python:3.11-slim-bookworm
