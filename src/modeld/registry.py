@@ -57,15 +57,10 @@ class Registry:
 
     def __init__(self, models_dir: Path) -> None:
         self._root = models_dir.expanduser()
-        self._models: dict[str, ModelFile] = {}
-
-    @property
-    def root(self) -> Path:
-        return self._root
 
     def scan(self) -> list[ModelFile]:
         """Re-read the directory. A missing directory is an empty registry, not an error."""
-        found: dict[str, ModelFile] = {}
+        found: list[ModelFile] = []
         try:
             entries = sorted(os.scandir(self._root), key=lambda e: e.name)
         except (FileNotFoundError, NotADirectoryError, PermissionError):
@@ -74,17 +69,14 @@ class Registry:
             if not entry.name.endswith(".gguf"):
                 continue
             try:
-                found[entry.name] = self._inspect(check_model_id(entry.name))
+                found.append(self._inspect(check_model_id(entry.name)))
             except (InvalidModelId, ModelNotFound):
                 continue
-        self._models = found
-        return list(found.values())
-
-    def models(self) -> list[ModelFile]:
-        return list(self._models.values())
+        return found
 
     def resolve(self, model_id: str) -> ModelFile:
-        """The file for ``model_id``, rescanning once if it is unknown.
+        """The file for ``model_id``, looked up on disk each time (a file added later is
+        found without a restart, a changed one is seen as changed).
 
         Raises :class:`InvalidModelId` for unsafe ids and :class:`ModelNotFound` otherwise.
         """
@@ -108,6 +100,4 @@ class Registry:
             raise ModelNotFound(f"model {model_id!r} is not a regular file")
         if not os.access(real, os.R_OK):
             raise ModelNotFound(f"model {model_id!r} is not readable")
-        model = ModelFile(model_id, real, info.st_size, info.st_mtime_ns, info.st_ino)
-        self._models[model_id] = model
-        return model
+        return ModelFile(model_id, real, info.st_size, info.st_mtime_ns, info.st_ino)

@@ -74,14 +74,6 @@ class ThreadCall(Generic[T]):
             raise self._error
         return self._value  # type: ignore[return-value]
 
-    def wait_blocking(self) -> T:
-        """For callers outside any event loop (shutdown paths, tests)."""
-        self._done.wait()
-        self._close_fd()
-        if self._error is not None:
-            raise self._error
-        return self._value  # type: ignore[return-value]
-
     def _close_fd(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -96,10 +88,6 @@ class EngineWorker:
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
-
-    @property
-    def thread(self) -> threading.Thread:
-        return self._thread
 
     def submit(self, fn: Callable[[], T]) -> ThreadCall[T]:
         call = ThreadCall(fn)

@@ -28,12 +28,9 @@ class Subscription:
     def __init__(self, capacity: int) -> None:
         self._events: deque[Event] = deque(maxlen=capacity)
         self._arrived = anyio.Event()
-        self.dropped = 0
 
     def _offer(self, event: Event) -> None:
-        if len(self._events) == self._events.maxlen:
-            self.dropped += 1
-        self._events.append(event)
+        self._events.append(event)  # a full deque drops its oldest event
         self._arrived.set()
 
     async def next(self) -> Event:

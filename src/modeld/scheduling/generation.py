@@ -113,9 +113,9 @@ class Generation:
         """Let a fast model's tokens gather for a few ms after the previous chunk.
 
         One line per token costs the event loop and the client more than the tokens
-        themselves on small models; the first chunk is never delayed, and the wait ends
-        early if the ring fills or the stream finishes (both wake the descriptor again
-        only after a drain, so this is a plain short sleep).
+        themselves on small models. The first chunk is never delayed, and a cancelled
+        stream is not waited for; otherwise this is a plain short sleep (a producer that
+        fills the ring meanwhile simply blocks until the drain that follows).
         """
         if self._last_chunk_s and not self._ring.cancelled:
             wait_s = self._last_chunk_s + COALESCE_S - time.monotonic()

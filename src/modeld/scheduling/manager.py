@@ -149,10 +149,6 @@ class ModelManager:
     def accepting(self) -> bool:
         return self._pool.accepting
 
-    @property
-    def token_loop_kind(self) -> str:
-        return str(self._loop.kind)
-
     # ----------------------------------------------------------------- queries
 
     def models(self) -> list[ModelFile]:
@@ -300,9 +296,8 @@ class ModelManager:
     ) -> Generation:
         # The model's queue is joined first and held across the load, so the order of
         # arrival is the order of service, whatever happens to the instance meanwhile.
+        # (The depth was checked by _admit, with no await since: the state is the same.)
         slot = self._pool.slot_for(model.id)
-        if slot.busy and slot.queue_len >= self.settings.max_queue_depth:
-            raise QueueFull(f"{model.id}: queue is full", self._retry_after_s(slot.queue_len))
         try:
             await slot.acquire(max(0.0, deadline_s - time.monotonic()))
         except TimeoutError:
