@@ -20,7 +20,7 @@ from modeld.memory.estimate import (
     repacked_weight_bytes,
 )
 from modeld.memory.gguf_header import GgufHeader, read_gguf_header
-from modeld.testing.tiny_gguf import TinyModelSpec, write_tiny_gguf
+from tests.support.tiny_gguf import TinyModelSpec, write_tiny_gguf
 
 MIB = 1 << 20
 # A tiny model large enough that RSS differences are well above noise.

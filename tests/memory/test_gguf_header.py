@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from modeld.errors import ModelInvalid
 from modeld.memory._ggml_types import GGML_TYPES
 from modeld.memory.gguf_header import GgufHeader, read_gguf_header
-from modeld.testing.tiny_gguf import TinyModelSpec, write_tiny_gguf
+from tests.support.tiny_gguf import TinyModelSpec, write_tiny_gguf
 
 # --- a byte-level GGUF writer: lets a test put any value anywhere ------------------------
 
