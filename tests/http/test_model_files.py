@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.http.support import ServerFactory, instance_of, poll
-from tests.memory.test_gguf_header import U32, base_spec, build_gguf, enc_value, rewrite_gguf
+from tests.support.gguf_bytes import U32, base_spec, build_gguf, enc_value, rewrite_gguf
 from tests.support.server import RunningServer
 
 GREEDY = {"prompt": "hello", "max_tokens": 8, "temperature": 0, "stream": False}
