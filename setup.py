@@ -2,7 +2,8 @@
 
 The extension needs only a C compiler and the Python headers: it does not link against
 llama.cpp, it resolves llama.cpp's functions at run time from the library that
-llama-cpp-python has already loaded (see docs/c-extension.md).
+llama-cpp-python has already loaded (see docs/c-extension.md). It is one translation
+unit: ``_tokenloop.c`` (the Python side) includes the pure-C headers in ``csrc/``.
 
 Environment switches:
 
@@ -17,8 +18,14 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from setuptools import Extension, setup
+
+
+ENGINE_DIR = Path("src/modeld/engine")
+# The GIL-free C, included by _tokenloop.c: a change to one rebuilds the extension.
+PURE_C_HEADERS = sorted(str(path) for path in (ENGINE_DIR / "csrc").glob("*.h"))
 
 
 def _flag(name: str) -> str:
@@ -48,7 +55,8 @@ def _extensions() -> list[Extension]:
     return [
         Extension(
             "modeld.engine._tokenloop",
-            sources=["src/modeld/engine/_tokenloop.c"],
+            sources=[str(ENGINE_DIR / "_tokenloop.c")],
+            depends=PURE_C_HEADERS,
             extra_compile_args=compile_args,
             extra_link_args=link_args,
             undef_macros=undef_macros,

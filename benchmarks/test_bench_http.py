@@ -19,8 +19,7 @@ import orjson
 import pytest
 from llama_cpp import Llama
 from pytest_benchmark.fixture import BenchmarkFixture
-
-from modeld.testing.server import RunningServer, start_modeld
+from tests.support.server import RunningServer, start_modeld
 
 THREADS = 2
 N_CTX = 512

@@ -18,10 +18,10 @@ import anyio
 import orjson
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
+from tests.support.server import RunningServer, start_modeld
+from tests.support.tiny_gguf import TinyModelSpec, write_tiny_gguf
 
 from modeld import InferRequest, ModelManager, Settings
-from modeld.testing.server import RunningServer, start_modeld
-from modeld.testing.tiny_gguf import TinyModelSpec, write_tiny_gguf
 
 MODELS = ["bench-a.gguf", "bench-b.gguf"]
 STREAMS = 8

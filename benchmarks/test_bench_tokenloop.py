@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 from llama_cpp import Llama
+from tests.support.tiny_gguf import TinyModelSpec, write_tiny_gguf
 
 from modeld.engine.base import TokenLoop
 from modeld.engine.select import token_loop
-from modeld.testing.tiny_gguf import TinyModelSpec, write_tiny_gguf
 from modeld.types import LoopKind, SamplingParams
 
 N_CTX = 2048

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from modeld.engine.base import TokenLoop
-from modeld.testing.tiny_gguf import TinyModelSpec, write_tiny_gguf
 from modeld.types import LoopKind
+from tests.support.tiny_gguf import TinyModelSpec, write_tiny_gguf
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import msgspec
 
 from modeld.errors import InvalidRequest
+from modeld.sizes import MAX_CONTEXT_TOKENS, MIB
 from modeld.types import LoopKind
 
 __all__ = ["ConfigError", "Settings", "add_settings_arguments", "load_settings"]
@@ -46,14 +47,14 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     log_level: str = "info"
-    n_ctx: Annotated[int, msgspec.Meta(ge=16, le=1 << 20)] = 4096
+    n_ctx: Annotated[int, msgspec.Meta(ge=16, le=MAX_CONTEXT_TOKENS)] = 4096
     n_batch: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 512
     n_gpu_layers: Annotated[int, msgspec.Meta(ge=-1, le=1024)] = -1
     threads: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None
     prewarm_default: bool = False
     cors_origins: list[str] = []
     allowed_hosts: list[str] = []
-    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1 << 20
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = MIB
     body_timeout: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 10.0
     token_loop: LoopKind = LoopKind.C

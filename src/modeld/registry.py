@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modeld.errors import InvalidModelId, ModelNotFound
+from modeld.gguf import FileIdentity
 
 __all__ = ["ModelFile", "Registry", "check_model_id"]
 
@@ -24,14 +25,11 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]{0,250}\.gguf$")
 class ModelFile:
     id: str
     path: Path
-    size_bytes: int
-    mtime_ns: int
-    inode: int = 0
+    identity: FileIdentity  # changes when the file is rewritten in place or replaced
 
     @property
-    def identity(self) -> tuple[int, int, int]:
-        """Changes when the file is rewritten in place or replaced."""
-        return (self.size_bytes, self.mtime_ns, self.inode)
+    def size_bytes(self) -> int:
+        return self.identity.size_bytes
 
     @property
     def name(self) -> str:
@@ -100,4 +98,4 @@ class Registry:
             raise ModelNotFound(f"model {model_id!r} is not a regular file")
         if not os.access(real, os.R_OK):
             raise ModelNotFound(f"model {model_id!r} is not readable")
-        return ModelFile(model_id, real, info.st_size, info.st_mtime_ns, info.st_ino)
+        return ModelFile(model_id, real, FileIdentity.of(info))

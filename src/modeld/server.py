@@ -8,7 +8,6 @@ only then tells Hypercorn to stop: Hypercorn's own shutdown would cut streams sh
 from __future__ import annotations
 
 import signal
-import socket
 
 import anyio
 from hypercorn.asyncio import serve as hypercorn_serve
@@ -65,10 +64,3 @@ async def _serve(settings: Settings) -> None:
 def run_server(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT; returns after a clean shutdown."""
     anyio.run(_serve, settings, backend="asyncio")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (for tests and benchmarks)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])

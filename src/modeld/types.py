@@ -8,6 +8,8 @@ from typing import Annotated
 
 import msgspec
 
+from modeld.sizes import MAX_CONTEXT_TOKENS
+
 __all__ = [
     "MAX_STOP_STRINGS",
     "MAX_STOP_STRING_CHARS",
@@ -24,7 +26,7 @@ __all__ = [
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_PROMPT_CHARS = 1_000_000
-MAX_TOKENS_CAP = 1_048_576
+MAX_TOKENS_CAP = MAX_CONTEXT_TOKENS
 SEED_MAX = 2**32 - 1
 
 

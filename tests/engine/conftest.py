@@ -10,8 +10,8 @@ from llama_cpp import Llama
 
 from modeld.engine.base import TokenLoop
 from modeld.engine.select import token_loop
-from modeld.testing.tiny_gguf import TinyModelSpec, write_tiny_gguf
 from modeld.types import LoopKind
+from tests.support.tiny_gguf import TinyModelSpec, write_tiny_gguf
 
 TINY_N_CTX = 512
 GEMMA_N_CTX = 1024

@@ -13,16 +13,16 @@ from typing import Any
 
 import pytest
 
+from modeld.gguf import GgufHeader, read_gguf_header
 from modeld.memory.estimate import (
     FootprintEstimate,
     estimate_footprint,
     graph_buffer_bytes,
     repacked_weight_bytes,
 )
-from modeld.memory.gguf_header import GgufHeader, read_gguf_header
-from modeld.testing.tiny_gguf import TinyModelSpec, write_tiny_gguf
+from modeld.sizes import MIB
+from tests.support.tiny_gguf import TinyModelSpec, write_tiny_gguf
 
-MIB = 1 << 20
 # A tiny model large enough that RSS differences are well above noise.
 MID_SPEC = TinyModelSpec(
     n_embd=512, n_layer=8, n_head=8, n_head_kv=2, n_ff=2048, context_length=4096

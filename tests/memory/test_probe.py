@@ -16,10 +16,10 @@ from modeld.memory.probe import (
     MemoryProbeError,
     NvmlProbe,
     RssProbe,
+    default_budget_mb,
     detect_probe,
 )
-
-MIB = 1 << 20
+from modeld.sizes import MIB
 
 
 def test_rss_probe_follows_allocations() -> None:
@@ -68,8 +68,11 @@ class NVMLError_Uninitialized(NVMLError):  # pynvml names its errors this way
     pass
 
 
-def fake_nvml(devices: list[list[SimpleNamespace]], *, fail_init: bool = False) -> ModuleType:
-    """A stand-in for pynvml with ``devices[i]`` = the processes on GPU i."""
+def fake_nvml(
+    devices: list[list[SimpleNamespace]], *, fail_init: bool = False, total_bytes: int = 0
+) -> ModuleType:
+    """A stand-in for pynvml with ``devices[i]`` = the processes on GPU i, each GPU
+    ``total_bytes`` large."""
     module = ModuleType("pynvml")
     calls: list[str] = []
     state = {"initialised": False}
@@ -96,6 +99,12 @@ def fake_nvml(devices: list[list[SimpleNamespace]], *, fail_init: bool = False) 
         require_init()
         return devices[index]
 
+    def memory_info(index: int) -> SimpleNamespace:
+        require_init()
+        if index >= len(devices):
+            raise NVMLError("Invalid Argument")
+        return SimpleNamespace(total=total_bytes)
+
     def shutdown() -> None:
         calls.append("shutdown")
         state["initialised"] = False
@@ -107,6 +116,7 @@ def fake_nvml(devices: list[list[SimpleNamespace]], *, fail_init: bool = False) 
         nvmlDeviceGetCount=device_count,
         nvmlDeviceGetHandleByIndex=handle,
         nvmlDeviceGetComputeRunningProcesses=processes,
+        nvmlDeviceGetMemoryInfo=memory_info,
         calls=calls,
     )
     return module
@@ -193,3 +203,30 @@ def test_detect_probe_on_this_machine() -> None:
     assert probe.used_bytes() >= 0
     if isinstance(probe, NvmlProbe):
         probe.close()
+
+
+# --- the default budget ------------------------------------------------------------------
+
+
+def half_of_ram_mb() -> int:
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // MIB * 0.5)
+
+
+def test_default_budget_on_cpu_is_half_of_ram() -> None:
+    assert default_budget_mb(gpu=False) == half_of_ram_mb() > 0
+
+
+def test_default_budget_on_gpu_is_all_of_gpu_0(monkeypatch: pytest.MonkeyPatch) -> None:
+    nvml = fake_nvml([[], []], total_bytes=8192 * MIB)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    assert default_budget_mb(gpu=True) == 8192
+    assert nvml.calls == ["init", "shutdown"]
+
+
+@pytest.mark.parametrize("nvml", [None, fake_nvml([]), fake_nvml([], fail_init=True)],
+                         ids=["no pynvml", "no GPU", "no driver"])  # fmt: skip
+def test_default_budget_without_a_gpu_falls_back_to_ram(
+    monkeypatch: pytest.MonkeyPatch, nvml: ModuleType | None
+) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    assert default_budget_mb(gpu=True) == half_of_ram_mb()

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from modeld.sizes import MIB
+
 _SCRIPT = r"""
 import json, sys
 import anyio
@@ -40,7 +42,6 @@ async def main():
 anyio.run(main)
 """
 
-MIB = 1024 * 1024
 CYCLES = 40
 
 

@@ -22,14 +22,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from modeld.errors import ModeldError
+from modeld.gguf import read_gguf_header
 from modeld.memory.estimate import estimate_footprint
-from modeld.memory.gguf_header import read_gguf_header
 from modeld.scheduling.manager import ModelManager
+from modeld.sizes import MIB
 from modeld.types import DoneReason, InferRequest
 from tests.scheduling.conftest import ConstantProbe, make_settings
 
 MODELS = ["med-a.gguf", "med-b.gguf", "med-c.gguf"]
-MIB = 1024 * 1024
 
 
 def _budget_for_two(models_dir: Path) -> int:

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
 import llama_cpp
+import msgspec
 
 from modeld.engine.base import RING_CAPACITY_BYTES, LoopOutcome, StopCode, TokenRing
 from modeld.errors import TokenLoopUnavailable
@@ -128,26 +129,20 @@ class CTokenLoop:
     ) -> tuple[LoopOutcome, list[int] | None]:
         if not isinstance(ring, self._ext.TokenRing):
             raise TypeError("the C token loop needs a ring made by CTokenLoop.new_ring()")
-        seed = params.seed if params.seed is not None else secrets.randbits(32)
+        if params.seed is None:  # C reads every field by name, so the seed is settled here
+            params = msgspec.structs.replace(params, seed=secrets.randbits(32))
         try:
             stop_code, completion, prompt_ns, eval_ns, error, token_ids = self._ext.run(
-                ring,
-                _address(llama.ctx),
-                _address(llama._model.vocab),
-                prompt_tokens,
-                llama.n_batch,
-                llama.n_vocab(),
-                llama.last_n_tokens_size,
-                params.max_tokens,
-                params.temperature,
-                params.top_k,
-                params.top_p,
-                params.min_p,
-                params.repeat_penalty,
-                seed,
-                tuple(params.stop),
-                trace,
-                pause_fd,
+                ring=ring,
+                ctx=_address(llama.ctx),
+                vocab=_address(llama._model.vocab),
+                prompt=prompt_tokens,
+                n_batch=llama.n_batch,
+                n_vocab=llama.n_vocab(),
+                penalty_last_n=llama.last_n_tokens_size,
+                params=params,
+                trace=trace,
+                pause_fd=pause_fd,
             )
         finally:
             # The KV cache no longer holds what llama-cpp-python thinks it does: make its

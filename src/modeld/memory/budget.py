@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["Candidate", "MemoryBudget", "choose_victims"]
+from modeld.sizes import MIB
 
-MIB = 1024 * 1024
+__all__ = ["Candidate", "MemoryBudget", "choose_victims"]
 
 
 @dataclass(frozen=True, slots=True)

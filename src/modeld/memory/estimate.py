@@ -53,7 +53,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modeld.memory.gguf_header import GgufHeader
+from modeld.gguf import GgufHeader
+from modeld.sizes import MIB
 
 __all__ = [
     "FootprintEstimate",
@@ -63,7 +64,6 @@ __all__ = [
     "repacked_weight_bytes",
 ]
 
-MIB = 1 << 20
 KV_CELL_PADDING = 256
 MAX_UBATCH_TOKENS = 512  # llama-cpp-python's default n_ubatch
 _F16_BYTES = 2

@@ -1,4 +1,5 @@
-"""Measure the memory this process uses: what the budget charges a loaded instance.
+"""Measure memory: what this process uses (what the budget charges a loaded instance),
+and how much there is to budget when ``--vram-budget-mb`` is not given.
 
 The manager samples :meth:`MemoryProbe.used_bytes` before and after a load (one load at a
 time) and charges the instance the difference.
@@ -23,6 +24,9 @@ process). NVML is initialised lazily, on the first sample; NVML errors become
 reports host PIDs: when it lists processes that do not exist here and not this one, the
 probe raises rather than report 0. A process that has not created a CUDA context yet
 (no GPU instance loaded) correctly measures 0.
+
+:func:`default_budget_mb`: the whole of GPU 0 when offloading (from NVML), otherwise
+half of the machine's RAM.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from types import ModuleType
 from typing import Any, Protocol, runtime_checkable
 
 from modeld.errors import MemoryProbeError
+from modeld.sizes import MIB
 
 __all__ = [
     "MemoryProbe",
@@ -45,8 +50,11 @@ __all__ = [
     "NvmlProbe",
     "RssProbe",
     "RssSample",
+    "default_budget_mb",
     "detect_probe",
 ]
+
+_CPU_SHARE = 0.5  # on CPU the budget stands for RAM; leave half to the OS and page cache
 
 
 @runtime_checkable
@@ -173,6 +181,13 @@ class NvmlProbe:
         with self._lock, _translated("count GPUs"):
             return int(self._ensure_initialised().nvmlDeviceGetCount())
 
+    def device_total_bytes(self, index: int = 0) -> int:
+        """The memory GPU ``index`` has in all (used or not)."""
+        with self._lock, _translated(f"read the memory size of GPU {index}"):
+            nvml = self._ensure_initialised()
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            return int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
+
     def used_bytes(self) -> int:
         with self._lock, _translated("read GPU memory"):
             nvml = self._ensure_initialised()
@@ -244,3 +259,21 @@ def detect_probe(prefer_gpu: bool) -> MemoryProbe:
             pass
         probe.close()
     return RssProbe()
+
+
+def default_budget_mb(gpu: bool) -> int:
+    """The whole of GPU 0 when offloading, otherwise half of the machine's RAM.
+
+    Without NVML (not installed, no driver, no device) a GPU budget falls back to RAM too.
+    """
+    if gpu:
+        probe = NvmlProbe()
+        try:
+            return probe.device_total_bytes(0) // MIB
+        except MemoryProbeError:
+            pass
+        finally:
+            with contextlib.suppress(MemoryProbeError):
+                probe.close()
+    ram_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // MIB
+    return max(1, int(ram_mb * _CPU_SHARE))

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from modeld.scheduling.events import Event
 from modeld.scheduling.instance import ModelCounters
 from modeld.scheduling.manager import ManagerStatistics
+from modeld.sizes import MIB
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -56,7 +57,7 @@ class _SnapshotCollector(Collector):
         for instance in stats.instances:
             queue_len.add_metric([instance.model_id], instance.queue_len)
             inflight.add_metric([instance.model_id], instance.inflight)
-            loaded.add_metric([instance.model_id], instance.est_vram_mb * 1024 * 1024)
+            loaded.add_metric([instance.model_id], instance.est_vram_mb * MIB)
         yield from (queue_len, inflight, loaded)
         loads = CounterMetricFamily("modeld_loads", "successful loads", labels=["model"])
         failures = CounterMetricFamily("modeld_load_failures", "failed loads", labels=["model"])

@@ -10,6 +10,7 @@ import anyio
 from modeld.errors import ModeldError
 from modeld.registry import ModelFile
 from modeld.scheduling.fifo import FifoSlot
+from modeld.sizes import MIB
 from modeld.types import InstanceState
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ class Instance:
             model_id=self.model_id,
             state=self.state,
             last_used_unix=now_unix - (now_s - self.last_used_s),
-            est_vram_mb=round(self.charge_bytes / (1024 * 1024), 3),
+            est_vram_mb=round(self.charge_bytes / MIB, 3),
             measured=self.measured,
             queue_len=self.slot.queue_len,
             inflight=1 if self.slot.busy else 0,

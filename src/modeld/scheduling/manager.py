@@ -20,6 +20,7 @@ from anyio.abc import TaskGroup
 
 from modeld.config import Settings
 from modeld.engine.base import LoopOutcome, StopCode, TokenLoop, TokenRing
+from modeld.engine.gpu import gpu_offload_available
 from modeld.engine.llama_engine import LlamaEngine
 from modeld.engine.worker import WorkerStopped
 from modeld.errors import (
@@ -33,18 +34,17 @@ from modeld.errors import (
     TooManyInflight,
 )
 from modeld.memory.budget import MemoryBudget
-from modeld.memory.capacity import default_budget_mb, gpu_offload_available
-from modeld.memory.probe import MemoryProbe, detect_probe
+from modeld.memory.probe import MemoryProbe, default_budget_mb, detect_probe
 from modeld.registry import ModelFile, Registry
 from modeld.scheduling.events import EventHub
 from modeld.scheduling.generation import Generation, RequestTiming
 from modeld.scheduling.instance import Instance, InstanceStatistics, ModelCounters
 from modeld.scheduling.pool import EngineFactory, InstancePool
+from modeld.sizes import MIB
 from modeld.types import Chunk, DoneReason, GenerationResult, InferRequest
 
 __all__ = ["ManagerStatistics", "ModelManager"]
 
-MIB = 1024 * 1024
 _BACKOFF_BASE_S = 1.0
 _BACKOFF_MAX_S = 60.0
 

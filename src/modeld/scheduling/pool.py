@@ -27,19 +27,19 @@ from modeld.errors import (
     QueueTimeout,
     ShuttingDown,
 )
+from modeld.gguf import read_gguf_header
 from modeld.memory.budget import Candidate, MemoryBudget, choose_victims
 from modeld.memory.estimate import FootprintEstimate, estimate_footprint
-from modeld.memory.gguf_header import read_gguf_header
 from modeld.memory.probe import MemoryProbe
 from modeld.registry import ModelFile, Registry, check_model_id
 from modeld.scheduling.events import EventHub
 from modeld.scheduling.fifo import FifoSlot
 from modeld.scheduling.instance import Instance, InstanceStatistics, ModelCounters
+from modeld.sizes import MIB
 from modeld.types import DoneReason, InstanceState
 
 __all__ = ["EngineFactory", "InstancePool"]
 
-MIB = 1024 * 1024
 _BACKOFF_BASE_S = 1.0
 _BACKOFF_MAX_S = 60.0
 
@@ -226,9 +226,7 @@ class InstancePool:
         started_s = time.monotonic()
         self.events.publish("model_load_started", model=model.id)
         try:
-            header = await anyio.to_thread.run_sync(
-                lambda: read_gguf_header(model.path, max_context_length=1 << 20)
-            )
+            header = await anyio.to_thread.run_sync(lambda: read_gguf_header(model.path))
             n_ctx = min(self.settings.n_ctx, header.context_length)
             estimate = estimate_footprint(
                 header,

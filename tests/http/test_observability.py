@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from modeld.testing.server import RunningServer
-from tests.hardening.conftest import GEMMA, ServerFactory, poll
+from tests.http.support import GEMMA, GEMMA_FLAGS, LONG_STORY, ServerFactory, poll
+from tests.support.server import RunningServer
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\})? (\S+)$')
 
@@ -103,18 +104,17 @@ def test_gauges_and_rejections_while_gemma_is_busy(
     start_server: ServerFactory, gemma_dir: Path
 ) -> None:
     server = start_server(
-        gemma_dir, "--default-model", GEMMA, "--threads", "2", "--n-ctx", "1024",
+        gemma_dir, *GEMMA_FLAGS,
         "--max-inflight", "2", "--prewarm-default",
     )  # fmt: skip
-    story = {"prompt": "Tell a long story.", "max_tokens": 900, "temperature": 0.7}
     g = {"model": GEMMA}
     with server.client() as client:
-        running = server.open_infer(story)
-        queued = server.open_infer(story)
+        running = server.open_infer(LONG_STORY)
+        queued = server.open_infer(LONG_STORY)
         with running, queued:
             assert running.recv(64).startswith(b"HTTP/1.1 200")
             poll(lambda: scrape(client), lambda s: metric(s, "modeld_queue_len", **g) == 1)
-            refused = client.post("/infer", json=story)
+            refused = client.post("/infer", json=LONG_STORY)
             assert refused.status_code == 429
             samples = scrape(client)
             assert metric(samples, "modeld_inflight", **g) == 1
@@ -189,6 +189,34 @@ def test_log_level_header_cannot_hide_errors_or_be_abused(
     assert "HIDDEN" not in server.log()
     access = [r for r in log_records(server) if r.get("request_id") == "lvl"]
     assert sum(1 for r in access if r.get("message") == "request") == 4
+
+
+@pytest.mark.slow
+def test_log_lines_written_during_a_load_are_not_lost(
+    start_server: ServerFactory, gemma_dir: Path
+) -> None:
+    """llama-cpp-python points fd 2 at /dev/null while it loads a model; modeld's log sink
+    writes to its own copy of stderr, so requests served meanwhile are still logged."""
+    server = start_server(gemma_dir, *GEMMA_FLAGS)
+    loader = threading.Thread(
+        target=lambda: httpx.post(f"{server.base_url}/models/{GEMMA}/load", timeout=120)
+    )
+    sent = 0
+    with server.client() as client:
+        loader.start()
+        while loader.is_alive() or sent == 0:
+            assert client.get("/models").status_code == 200
+            sent += 1
+        loader.join()
+        client.get("/healthz")
+    # The last lines may still be on their way to the file.
+    logged = poll(
+        lambda: sum(1 for line in server.log().splitlines() if '"route":"/models"' in line),
+        lambda count: count >= sent,
+        attempts=100,
+        every_s=0.05,
+    )
+    assert logged == sent
 
 
 # --- events -------------------------------------------------------------------------

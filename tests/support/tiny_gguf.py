@@ -1,7 +1,7 @@
 """Write small random-weight llama-architecture GGUF files that real llama.cpp loads.
 
-Used by modeld's own tests and benchmarks, and by anyone who wants a model in a few
-milliseconds. Needs the ``gguf`` package (the ``test`` extra).
+Used by modeld's tests and benchmarks (a model in a few milliseconds). Needs ``gguf``
+and ``numpy`` (the ``test`` extra).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 __all__ = ["TinyModelSpec", "write_tiny_gguf"]
@@ -43,8 +44,6 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
 
 def write_tiny_gguf(path: Path | str, spec: TinyModelSpec | None = None) -> Path:
     """Write a loadable model to ``path`` and return it. Deterministic for a given spec."""
-    import gguf  # the test extra; imported here so that modeld itself never needs it
-
     spec = spec or TinyModelSpec()
     path = Path(path)
     rng = np.random.default_rng(spec.seed)

@@ -8,14 +8,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from modeld.errors import ModelInvalid
-from modeld.memory._gguf_raw import (
+from modeld.gguf._raw import (
     INTEGER_TYPES,
+    MAX_STRING_BYTES,
     SCALAR_LAYOUTS,
     KvEntry,
     RawGguf,
     ValueType,
 )
-from modeld.memory._gguf_source import ByteSource
+from modeld.gguf._source import ByteSource
 
 __all__ = ["MAX_BLOCK_COUNT", "Hyperparameters", "read_hyperparameters"]
 
@@ -129,7 +130,7 @@ def read_hyperparameters(
 ) -> Hyperparameters:
     reader = _Reader(raw, source, label)
     architecture = _architecture(reader)
-    name = (reader.string("general.name", 1 << 20) or "")[:MAX_NAME_CHARS]
+    name = (reader.string("general.name", MAX_STRING_BYTES) or "")[:MAX_NAME_CHARS]
 
     def key(suffix: str) -> str:
         return f"{architecture}.{suffix}"

@@ -9,8 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.hardening.conftest import (
+from tests.http.support import (
     GEMMA,
+    GEMMA_FLAGS,
+    LONG_STORY,
     ServerFactory,
     instance_of,
     ndjson,
@@ -18,7 +20,6 @@ from tests.hardening.conftest import (
 )
 
 ORIGIN = "http://a.example"
-LONG_STORY = {"prompt": "Tell a long story.", "max_tokens": 900, "temperature": 0.7}
 
 
 def preflight(client: httpx.Client, origin: str) -> httpx.Response:
@@ -128,7 +129,7 @@ def test_infer_timeout_ends_a_stream_with_timeout(
     start_server: ServerFactory, gemma_dir: Path
 ) -> None:
     server = start_server(
-        gemma_dir, "--default-model", GEMMA, "--threads", "2", "--n-ctx", "1024",
+        gemma_dir, *GEMMA_FLAGS,
         "--infer-timeout", "0.5",
     )  # fmt: skip
     with server.client() as client:

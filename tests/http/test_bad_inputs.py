@@ -4,14 +4,13 @@ the server keeps serving (the table in ``docs/bad-inputs.md`` names these tests)
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from modeld.testing.server import RunningServer
-from tests.hardening.conftest import http_request, raw_exchange
+from tests.http.support import ServerFactory, http_request, raw_exchange
+from tests.support.server import RunningServer
 
 # (id, body, status, error code or None for a 200, field named or None)
 InferCase = tuple[str, bytes, int, str | None, str | None]
@@ -115,22 +114,14 @@ def populate_hostile_entries(directory: Path, outside: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_model_dir: Path,
-    module_server_factory: Callable[..., RunningServer],
-) -> RunningServer:
-    directory = tmp_path_factory.mktemp("bad-inputs-models")
-    outside = tmp_path_factory.mktemp("outside")
-    (directory / "tiny-a.gguf").write_bytes((tiny_model_dir / "tiny-a.gguf").read_bytes())
-    populate_hostile_entries(directory, outside)
-    return module_server_factory(directory, "--default-model", "tiny-a.gguf")
+def hostile_models_dir(tmp_path_factory: pytest.TempPathFactory, module_models_dir: Path) -> Path:
+    populate_hostile_entries(module_models_dir, tmp_path_factory.mktemp("outside"))
+    return module_models_dir
 
 
 @pytest.fixture(scope="module")
-def client(server: RunningServer) -> Iterator[httpx.Client]:
-    with server.client() as client:
-        yield client
+def server(hostile_models_dir: Path, module_server_factory: ServerFactory) -> RunningServer:
+    return module_server_factory(hostile_models_dir, "--default-model", "tiny-a.gguf")
 
 
 def assert_error(response: httpx.Response, status: int, code: str, field: str | None) -> None:
@@ -214,6 +205,11 @@ def assert_path_refused(
 def test_symlink_out_of_the_dir_is_refused_by_load(server: RunningServer) -> None:
     response = raw_exchange(server, http_request("POST", "/models/escape.gguf/load"))
     assert (response.status, response.error_code()) == (400, "invalid_model_id")
+
+
+def test_body_over_the_default_limit_is_refused(client: httpx.Client) -> None:
+    response = client.post("/infer", content=b'{"prompt": "' + b"x" * (2 << 20) + b'"}')
+    assert_error(response, 413, "payload_too_large", None)
 
 
 def test_duplicate_keys_last_one_wins(client: httpx.Client) -> None:

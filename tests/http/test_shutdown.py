@@ -1,5 +1,6 @@
-"""SIGTERM through the real server and the real Gemma: streams end with their terminal
-line, new work is refused during the grace, and the process exits 0."""
+"""SIGTERM through the real server (the real Gemma, where a stream must still be running):
+streams end with their terminal line, new work is refused during the grace, and the
+process exits 0."""
 
 from __future__ import annotations
 
@@ -10,21 +11,25 @@ from pathlib import Path
 import httpx
 import pytest
 
-from modeld.testing.server import RunningServer
-from tests.hardening.conftest import GEMMA, ServerFactory, poll
-
-pytestmark = pytest.mark.slow
-
-LONG_STORY = {"prompt": "Tell a long story.", "max_tokens": 900, "temperature": 0.7}
+from tests.http.support import GEMMA, GEMMA_FLAGS, LONG_STORY, ServerFactory, poll
+from tests.support.server import RunningServer
 
 
 def gemma_server(start_server: ServerFactory, gemma_dir: Path, grace_s: str) -> RunningServer:
     return start_server(
-        gemma_dir, "--default-model", GEMMA, "--threads", "2", "--n-ctx", "1024",
+        gemma_dir, *GEMMA_FLAGS,
         "--shutdown-grace", grace_s, "--prewarm-default",
     )  # fmt: skip
 
 
+def test_sigterm_after_a_request_exits_zero(start_server: ServerFactory, models_dir: Path) -> None:
+    server = start_server(models_dir, "--default-model", "tiny-a.gguf")
+    with server.client() as client:
+        client.post("/infer", json={"prompt": "hi", "max_tokens": 2})
+    assert server.stop() == 0
+
+
+@pytest.mark.slow
 def test_sigterm_mid_stream_ends_it_with_shutdown(
     start_server: ServerFactory, gemma_dir: Path
 ) -> None:
@@ -43,6 +48,7 @@ def test_sigterm_mid_stream_ends_it_with_shutdown(
     assert server.process.wait(timeout=60) == 0
 
 
+@pytest.mark.slow
 def test_new_work_is_refused_during_the_grace(start_server: ServerFactory, gemma_dir: Path) -> None:
     """A long grace keeps the window open; the test ends it by leaving the stream."""
     server = gemma_server(start_server, gemma_dir, "60")
@@ -66,6 +72,7 @@ def test_new_work_is_refused_during_the_grace(start_server: ServerFactory, gemma
     assert "modeld stopped" in log
 
 
+@pytest.mark.slow
 def test_sigterm_when_idle_exits_zero_and_closes_the_port(
     start_server: ServerFactory, gemma_dir: Path
 ) -> None:

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import httpx
 
-from modeld.server import free_port
+import modeld
 
-__all__ = ["RunningServer", "start_modeld"]
+__all__ = ["RunningServer", "free_port", "start_modeld"]
 
-_SRC = Path(__file__).resolve().parents[2]
+# The server runs the same modeld this process imported (a checkout or an install).
+_MODELD_ROOT = Path(modeld.__file__).resolve().parents[1]
 
 
 @dataclass
@@ -66,12 +67,19 @@ class RunningServer:
             raise
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
 def start_modeld(models_dir: Path, log_dir: Path, *flags: str) -> RunningServer:
     """Start the server and return once ``/healthz`` answers."""
     port = free_port()
     log_path = log_dir / f"modeld-{port}.log"
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_SRC), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_MODELD_ROOT), env.get("PYTHONPATH")]))
     command = [
         sys.executable, "-m", "modeld.cli", "serve",
         "--models-dir", str(models_dir), "--host", "127.0.0.1", "--port", str(port),

@@ -1,7 +1,7 @@
-"""Fixtures and helpers for the hardening suite: real servers, raw sockets, bounded polls.
+"""Helpers for the end-to-end HTTP suite: raw sockets, NDJSON, bounded polls, Gemma.
 
-Every server here is a real ``modeld serve`` subprocess (``tests/api/conftest.py``);
-raw sockets are used where httpx would normalise away the input under test.
+Raw sockets are used where httpx would normalise away the input under test (``%2e%2e``
+in a path, a missing Host header, malformed framing).
 """
 
 from __future__ import annotations
@@ -11,31 +11,37 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import httpx
-import pytest
 
-from modeld.testing.server import RunningServer, start_modeld
-from tests.api.conftest import ServerFactory, start_server
+from tests.support.server import RunningServer
 
 __all__ = [
     "GEMMA",
+    "GEMMA_FLAGS",
+    "LONG_STORY",
     "RawResponse",
     "ServerFactory",
+    "connect",
+    "http_request",
+    "instance_of",
     "link_or_copy",
     "ndjson",
     "poll",
     "raw_exchange",
-    "start_server",
+    "read_response",
 ]
 
 GEMMA = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_FLAGS = ("--default-model", GEMMA, "--threads", "2", "--n-ctx", "1024")
+# Long enough on Gemma to still be running when a test acts on it.
+LONG_STORY = {"prompt": "Tell a long story.", "max_tokens": 900, "temperature": 0.7}
 T = TypeVar("T")
-SERVER_DEFAULTS = ("--threads", "1", "--n-ctx", "256", "--token-loop", "python")
+ServerFactory = Callable[..., RunningServer]  # start(models_dir, *flags), the fixtures' type
 
 
 @dataclass(frozen=True)
@@ -55,17 +61,12 @@ class RawResponse:
         return str(error["code"])
 
 
-def address(server: RunningServer) -> tuple[str, int]:
-    host, port = server.base_url.removeprefix("http://").split(":")
-    return host, int(port)
-
-
 def connect(server: RunningServer, timeout_s: float = 30) -> socket.socket:
-    return socket.create_connection(address(server), timeout=timeout_s)
+    return socket.create_connection(server.address, timeout=timeout_s)
 
 
 def read_response(sock: socket.socket) -> RawResponse:
-    """One HTTP/1.1 response (Content-Length or close-delimited; no chunked bodies)."""
+    """One HTTP/1.1 response (Content-Length, chunked or close-delimited)."""
     data = b""
     while b"\r\n\r\n" not in data:
         part = sock.recv(65536)
@@ -79,7 +80,7 @@ def read_response(sock: socket.socket) -> RawResponse:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     if headers.get("transfer-encoding", "").lower() == "chunked":
-        body = read_chunked(sock, body)
+        body = _read_chunked(sock, body)
     elif "content-length" in headers:
         length = int(headers["content-length"])
         while len(body) < length:
@@ -93,7 +94,7 @@ def read_response(sock: socket.socket) -> RawResponse:
     return RawResponse(int(status_line.split(" ")[1]), headers, body)
 
 
-def read_chunked(sock: socket.socket, data: bytes) -> bytes:
+def _read_chunked(sock: socket.socket, data: bytes) -> bytes:
     """Decode a chunked body whose first bytes are ``data``."""
     body = b""
     while True:
@@ -164,29 +165,3 @@ def link_or_copy(source: Path, target: Path) -> Path:
     except OSError:
         shutil.copyfile(source, target)
     return target
-
-
-@pytest.fixture
-def gemma_dir(tmp_path: Path, gemma_path: Path) -> Path:
-    directory = tmp_path / "gemma-models"
-    directory.mkdir()
-    link_or_copy(gemma_path, directory / GEMMA)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def module_server_factory(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Callable[..., RunningServer]]:
-    """Servers that live for a whole module (for tables of cheap probes)."""
-    started: list[RunningServer] = []
-    log_dir = tmp_path_factory.mktemp("module-server-logs")
-
-    def start(models_dir: Path, *flags: str) -> RunningServer:
-        server = start_modeld(models_dir, log_dir, *SERVER_DEFAULTS, *flags)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()

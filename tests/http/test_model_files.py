@@ -1,4 +1,4 @@
-"""Bad and changing model files through the real server: a corrupt header is 422
+"""Bad, changing and missing model files through the real server: a corrupt header is 422
 ``model_invalid`` and never a crash; a file llama.cpp refuses is 500 then a cooldown; a
 file rewritten under a loaded instance is reloaded before the next generation."""
 
@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from modeld.testing.server import RunningServer
-from tests.hardening.conftest import ServerFactory, instance_of, poll
-from tests.memory.test_gguf_header import U32, base_spec, build_gguf, enc_value, rewrite_gguf
+from tests.http.support import ServerFactory, instance_of, poll
+from tests.support.gguf_bytes import U32, base_spec, build_gguf, enc_value, rewrite_gguf
+from tests.support.server import RunningServer
 
 GREEDY = {"prompt": "hello", "max_tokens": 8, "temperature": 0, "stream": False}
 
@@ -58,24 +57,19 @@ def corrupt_names(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="module")
-def server(
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_model_dir: Path,
-    module_server_factory: Callable[..., RunningServer],
-) -> RunningServer:
-    directory = tmp_path_factory.mktemp("corrupt-models")
+def corrupt_models_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, module_models_dir: Path
+) -> Path:
     scratch = tmp_path_factory.mktemp("scratch")
-    (directory / "tiny-a.gguf").write_bytes((tiny_model_dir / "tiny-a.gguf").read_bytes())
     for name, data in corrupt_files(tiny_model_dir / "tiny-a.gguf", scratch).items():
-        (directory / f"{name}.gguf").write_bytes(data)  # for POST /infer
-        (directory / f"load-{name}.gguf").write_bytes(data)  # for POST /models/{id}/load
-    return module_server_factory(directory)
+        (module_models_dir / f"{name}.gguf").write_bytes(data)  # for POST /infer
+        (module_models_dir / f"load-{name}.gguf").write_bytes(data)  # for POST /models/{id}/load
+    return module_models_dir
 
 
 @pytest.fixture(scope="module")
-def client(server: RunningServer) -> Iterator[httpx.Client]:
-    with server.client() as client:
-        yield client
+def server(corrupt_models_dir: Path, module_server_factory: ServerFactory) -> RunningServer:
+    return module_server_factory(corrupt_models_dir)
 
 
 CORRUPT = sorted([
@@ -253,3 +247,17 @@ def test_file_deleted_under_a_loaded_instance(
             "tiny-c.gguf",
         ]
         assert server.process.poll() is None
+
+
+def test_empty_models_dir(start_server: ServerFactory, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    server = start_server(empty)
+    with server.client() as client:
+        assert client.get("/models").json() == {"models": []}
+        missing = client.post("/infer", json={"prompt": "x", "model": "a.gguf"})
+        assert missing.status_code == 404
+        no_default = client.post("/infer", json={"prompt": "x"})
+        assert no_default.status_code == 400
+        assert no_default.json()["error"]["code"] == "no_default_model"
+        assert client.get("/readyz").status_code == 503

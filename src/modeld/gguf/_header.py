@@ -21,31 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modeld.errors import ModelInvalid
-from modeld.memory._ggml_types import GGML_TYPES
-from modeld.memory._gguf_hparams import MAX_BLOCK_COUNT, read_hyperparameters
-from modeld.memory._gguf_raw import (
-    MAX_KV,
-    MAX_STRING_BYTES,
-    MAX_TENSORS,
-    RawGguf,
-    RawTensor,
-    parse_raw,
-)
-from modeld.memory._gguf_source import ByteSource
+from modeld.gguf._ggml_types import GGML_TYPES
+from modeld.gguf._hparams import read_hyperparameters
+from modeld.gguf._raw import RawGguf, RawTensor, parse_raw
+from modeld.gguf._source import ByteSource
+from modeld.sizes import MAX_CONTEXT_TOKENS
 
-__all__ = [
-    "DEFAULT_MAX_CONTEXT_LENGTH",
-    "MAX_BLOCK_COUNT",
-    "MAX_KV",
-    "MAX_STRING_BYTES",
-    "MAX_TENSORS",
-    "FileIdentity",
-    "GgufHeader",
-    "TensorInfo",
-    "read_gguf_header",
-]
+__all__ = ["FileIdentity", "GgufHeader", "TensorInfo", "read_gguf_header"]
 
-DEFAULT_MAX_CONTEXT_LENGTH = 1 << 20
 _LAYER_TENSOR = re.compile(r"blk\.(\d{1,6})\.")
 _OUTPUT_TENSOR_PREFIXES = ("output.", "output_norm.")
 
@@ -68,6 +51,10 @@ class FileIdentity:
     inode: int
     size_bytes: int
     mtime_ns: int
+
+    @classmethod
+    def of(cls, info: os.stat_result) -> FileIdentity:
+        return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,9 +106,7 @@ class GgufHeader:
         return self.identity.size_bytes
 
 
-def read_gguf_header(
-    path: Path, *, max_context_length: int = DEFAULT_MAX_CONTEXT_LENGTH
-) -> GgufHeader:
+def read_gguf_header(path: Path, *, max_context_length: int = MAX_CONTEXT_TOKENS) -> GgufHeader:
     """Parse and validate the header of the GGUF file at ``path``.
 
     Raises :class:`ModelInvalid` when the path is not a readable regular file, or the
@@ -142,7 +127,7 @@ def read_gguf_header(
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ModelInvalid(f"{label}: not a regular file")
-        identity = FileIdentity(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        identity = FileIdentity.of(info)
         source = ByteSource(fd, info.st_size, label)
         raw = parse_raw(source, label)
         return _assemble(path, identity, raw, source, label, max_context_length)

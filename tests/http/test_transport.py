@@ -5,33 +5,34 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from modeld.testing.server import RunningServer
-from tests.hardening.conftest import connect, http_request, raw_exchange, read_response
+from tests.http.support import (
+    ServerFactory,
+    connect,
+    http_request,
+    raw_exchange,
+    read_response,
+)
+from tests.support.server import RunningServer
 
 MAX_BODY_BYTES = 4096
 
 
 @pytest.fixture(scope="module")
-def server(
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_model_dir: Path,
-    module_server_factory: Callable[..., RunningServer],
-) -> RunningServer:
-    directory = tmp_path_factory.mktemp("transport-models")
-    (directory / "tiny-a.gguf").write_bytes((tiny_model_dir / "tiny-a.gguf").read_bytes())
+def server(module_models_dir: Path, module_server_factory: ServerFactory) -> RunningServer:
     return module_server_factory(
-        directory, "--default-model", "tiny-a.gguf", "--max-body-bytes", str(MAX_BODY_BYTES)
+        module_models_dir, "--default-model", "tiny-a.gguf", "--max-body-bytes", str(MAX_BODY_BYTES)
     )
 
 
 @pytest.fixture
 def client(server: RunningServer) -> Iterator[httpx.Client]:
+    """Per test, and the server must still serve after it."""
     with server.client() as client:
         yield client
     assert_still_serving(server)
@@ -111,6 +112,22 @@ def test_slowloris_head_is_closed_by_the_server(server: RunningServer) -> None:
 def test_idle_connection_is_closed(server: RunningServer) -> None:
     with connect(server, timeout_s=20) as sock:
         assert sock.recv(1) == b""  # closed by the server, not by our 20 s bound
+
+
+def test_slow_body_gets_408(start_server: ServerFactory, models_dir: Path) -> None:
+    server = start_server(models_dir, "--body-timeout", "0.5")
+    with connect(server) as sock:
+        sock.sendall(
+            b"POST /infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )  # then nothing more: a client that trickles or stalls its body
+        reply = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408")
+    assert b'"request_timeout"' in reply
+    with server.client() as client:
+        assert client.get("/healthz").status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -200,6 +217,13 @@ def test_insane_request_id_is_replaced(server: RunningServer, given: str) -> Non
     assert len(made) == 32
     assert made.isalnum()
     assert response.json()["error"]["request_id"] == made  # type: ignore[index]
+
+
+def test_missing_request_id_is_made(client: httpx.Client) -> None:
+    made = client.get("/healthz").headers["x-request-id"]
+    assert len(made) == 32
+    assert made.isalnum()
+    assert client.get("/healthz").headers["x-request-id"] != made
 
 
 @pytest.mark.parametrize("given", ["a", "req-42", "A.b_c:d-e", "x" * 128])

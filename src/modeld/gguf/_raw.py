@@ -3,7 +3,7 @@
 Modelled on llama.cpp ``ggml/src/gguf.cpp`` (every count bounded by the bytes left) plus
 modeld's own checks on tensor offsets. Values are not materialised: a key/value entry
 keeps scalars, and for strings and arrays only their type, length and file offset, so
-memory stays bounded whatever the file declares. :mod:`gguf_header` reads the few
+memory stays bounded whatever the file declares. :mod:`modeld.gguf._header` reads the few
 values it needs afterwards by offset.
 """
 
@@ -14,8 +14,8 @@ import struct
 from dataclasses import dataclass
 
 from modeld.errors import ModelInvalid
-from modeld.memory._ggml_types import GGML_TYPES
-from modeld.memory._gguf_source import ByteSource
+from modeld.gguf._ggml_types import GGML_TYPES
+from modeld.gguf._source import ByteSource
 
 __all__ = [
     "DEFAULT_ALIGNMENT_BYTES",

@@ -1,0 +1,304 @@
+/*
+ * The token loop itself, run without the GIL: the C twin of
+ * modeld.engine.pyloop.PythonTokenLoop.
+ *
+ *   prompt --llama_decode--> sample --> EOG? --> token_to_piece --> text assembler --> ring
+ *                 ^                                                                     |
+ *                 +------------------------ llama_decode(token) <-----------------------+
+ *
+ * The caller fills a loop_state with the GIL held, calls run_loop() without it, and reads
+ * the outcome (status codes, counts, times) after taking the GIL back.
+ */
+#ifndef MODELD_LOOP_H
+#define MODELD_LOOP_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/eventfd.h>
+#include <time.h>
+
+#include "alloc.h"
+#include "llama_api.h"
+#include "ring.h"
+#include "text_assembler.h"
+
+enum stop_code { STOP_STOP = 0, STOP_LENGTH = 1, STOP_CANCELLED = 2, STOP_ERROR = 3 };
+enum loop_error { LOOP_OK = 0, LOOP_ERR_DECODE, LOOP_ERR_NO_MEMORY, LOOP_ERR_SAMPLER };
+
+/* modeld.types.SamplingParams but its stop strings (those are loop_state.stops). Filled
+ * field by field, by name, in _tokenloop.c (SAMPLING_FIELDS). */
+typedef struct {
+    int64_t max_tokens;
+    double temperature;
+    double top_p;
+    int32_t top_k;
+    double min_p;
+    double repeat_penalty;
+    uint32_t seed;
+} sampling_params;
+
+typedef struct {
+    ring_t *ring;
+    int pause_fd; /* test hook: signal it, then hold the first prompt decode until cancel */
+    bool paused;
+} abort_state;
+
+typedef struct {
+    /* inputs, prepared with the GIL */
+    ring_t *ring;
+    struct llama_context *ctx;
+    const struct llama_vocab *vocab;
+    llama_token *prompt; /* owned */
+    int32_t n_prompt;
+    int32_t n_batch;
+    int32_t n_vocab;
+    int32_t penalty_last_n;
+    sampling_params sampling;
+    stop_set stops; /* owned */
+    text_asm text;
+    llama_token *trace; /* owned; NULL unless the caller asked for the sampled token ids */
+    size_t trace_cap;
+    abort_state abort;
+    /* outputs, read after the GIL is back */
+    size_t trace_len;
+    enum stop_code stop_code;
+    enum loop_error error;
+    int32_t decode_status;
+    int64_t completion_tokens;
+    int64_t started_ns;
+    int64_t first_token_ns;
+    int64_t ended_ns;
+} loop_state;
+
+static int64_t
+now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Room to record every sampled token id (at most max_tokens, or a context, plus an EOG).
+ * False when out of memory. */
+static bool
+loop_enable_trace(loop_state *s)
+{
+    uint64_t n_ctx = lib.llama_n_ctx(s->ctx);
+    uint64_t max_tokens = (uint64_t)s->sampling.max_tokens;
+    s->trace_cap = (size_t)(max_tokens < n_ctx ? max_tokens : n_ctx) + 2;
+    s->trace = MODELD_MALLOC(s->trace_cap * sizeof(llama_token));
+    return s->trace != NULL;
+}
+
+/* Free what the state owns; safe on a zeroed or partly filled state. */
+static void
+loop_state_release(loop_state *s)
+{
+    MODELD_FREE(s->prompt);
+    s->prompt = NULL;
+    MODELD_FREE(s->trace);
+    s->trace = NULL;
+    text_asm_free(&s->text);
+    stop_set_free(&s->stops);
+}
+
+static bool
+abort_if_cancelled(void *data)
+{
+    abort_state *abort = data;
+    if (abort->pause_fd >= 0 && !abort->paused) {
+        abort->paused = true;
+        eventfd_write(abort->pause_fd, 1);
+        ring_wait_cancelled(abort->ring);
+    }
+    return ring_is_cancelled(abort->ring);
+}
+
+/* The chain of llama-cpp-python 0.3.36 Llama._init_sampler, with its defaults. */
+static struct llama_sampler *
+build_sampler(const loop_state *s)
+{
+    const sampling_params *p = &s->sampling;
+    struct llama_sampler *chain =
+        lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params());
+    if (chain == NULL) {
+        return NULL;
+    }
+    lib.llama_sampler_chain_add(
+        chain, lib.llama_sampler_init_penalties(
+                   s->n_vocab, s->penalty_last_n, (float)p->repeat_penalty, 0.0f, 0.0f));
+    if (p->temperature < 0.0) {
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(p->seed));
+        return chain;
+    }
+    if (p->temperature == 0.0) {
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy());
+        return chain;
+    }
+    lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(p->top_k));
+    lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_typical(1.0f, 1));
+    lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p((float)p->top_p, 1));
+    lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p((float)p->min_p, 1));
+    lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp((float)p->temperature));
+    lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(p->seed));
+    return chain;
+}
+
+/* Record why a decode failed: an abort or a failure after cancel counts as cancelled. */
+static void
+decode_failed(loop_state *s, int32_t status)
+{
+    if (ring_is_cancelled(s->ring)) {
+        s->stop_code = STOP_CANCELLED;
+        return;
+    }
+    s->stop_code = STOP_ERROR;
+    s->error = LOOP_ERR_DECODE;
+    s->decode_status = status;
+}
+
+static bool
+eval_prompt(loop_state *s)
+{
+    for (int32_t at = 0; at < s->n_prompt; at += s->n_batch) {
+        if (ring_is_cancelled(s->ring)) {
+            s->stop_code = STOP_CANCELLED;
+            return false;
+        }
+        int32_t n = s->n_prompt - at < s->n_batch ? s->n_prompt - at : s->n_batch;
+        int32_t status = lib.llama_decode(s->ctx, lib.llama_batch_get_one(s->prompt + at, n));
+        if (status != 0) {
+            decode_failed(s, status);
+            return false;
+        }
+    }
+    return true;
+}
+
+/* token_to_piece into *buf, growing it when a piece is longer than it. -1: no memory. */
+static int32_t
+token_piece(loop_state *s, llama_token token, char **buf, int32_t *cap, char *stack_buf)
+{
+    int32_t n = lib.llama_token_to_piece(s->vocab, token, *buf, *cap, 0, false);
+    if (n >= 0) {
+        return n;
+    }
+    char *grown = MODELD_MALLOC((size_t)-n);
+    if (grown == NULL) {
+        return -1;
+    }
+    if (*buf != stack_buf) {
+        MODELD_FREE(*buf);
+    }
+    *buf = grown;
+    *cap = -n;
+    n = lib.llama_token_to_piece(s->vocab, token, *buf, *cap, 0, false);
+    return n < 0 ? 0 : n;
+}
+
+/* Emit what the assembler releases for one piece; false ends the loop (stop_code set). */
+static bool
+emit_piece(loop_state *s, const char *piece, size_t n)
+{
+    size_t release;
+    if (!text_feed(&s->text, piece, n, &release)) {
+        s->stop_code = STOP_ERROR;
+        s->error = LOOP_ERR_NO_MEMORY;
+        return false;
+    }
+    bool pushed = ring_push(s->ring, s->text.pending, release, 1);
+    text_consume(&s->text, release);
+    if (!pushed) {
+        s->stop_code = STOP_CANCELLED;
+        return false;
+    }
+    if (s->text.stopped) {
+        s->stop_code = STOP_STOP;
+        return false;
+    }
+    return true;
+}
+
+static void
+generate(loop_state *s, struct llama_sampler *sampler)
+{
+    char stack_buf[256];
+    char *piece = stack_buf;
+    int32_t piece_cap = (int32_t)sizeof(stack_buf);
+    int64_t n_past = s->n_prompt;
+    int64_t n_ctx = (int64_t)lib.llama_n_ctx(s->ctx);
+    for (;;) {
+        llama_token token = lib.llama_sampler_sample(sampler, s->ctx, -1);
+        if (s->first_token_ns == 0) {
+            s->first_token_ns = now_ns();
+        }
+        if (s->trace != NULL && s->trace_len < s->trace_cap) {
+            s->trace[s->trace_len++] = token;
+        }
+        if (ring_is_cancelled(s->ring)) {
+            s->stop_code = STOP_CANCELLED;
+            break;
+        }
+        if (lib.llama_vocab_is_eog(s->vocab, token)) {
+            s->stop_code = STOP_STOP;
+            break;
+        }
+        s->completion_tokens++;
+        int32_t n = token_piece(s, token, &piece, &piece_cap, stack_buf);
+        if (n < 0) {
+            s->stop_code = STOP_ERROR;
+            s->error = LOOP_ERR_NO_MEMORY;
+            break;
+        }
+        if (!emit_piece(s, piece, (size_t)n)) {
+            break;
+        }
+        if (s->completion_tokens >= s->sampling.max_tokens || n_past >= n_ctx) {
+            s->stop_code = STOP_LENGTH; /* a full context ends as llama-server reports it */
+            break;
+        }
+        int32_t status = lib.llama_decode(s->ctx, lib.llama_batch_get_one(&token, 1));
+        if (status != 0) {
+            decode_failed(s, status);
+            break;
+        }
+        n_past++;
+    }
+    if (piece != stack_buf) {
+        MODELD_FREE(piece);
+    }
+}
+
+/* One generation: the ring's producer side must be claimed by the caller. */
+static void
+run_loop(loop_state *s)
+{
+    s->started_ns = now_ns();
+    s->stop_code = STOP_LENGTH;
+    s->text.stops = &s->stops;
+    lib.llama_memory_clear(lib.llama_get_memory(s->ctx), true);
+    s->abort.ring = s->ring;
+    lib.llama_set_abort_callback(s->ctx, abort_if_cancelled, &s->abort);
+    struct llama_sampler *sampler = build_sampler(s);
+    if (sampler == NULL) {
+        s->stop_code = STOP_ERROR;
+        s->error = LOOP_ERR_SAMPLER;
+    }
+    else {
+        if (eval_prompt(s)) {
+            generate(s, sampler);
+        }
+        lib.llama_sampler_free(sampler);
+    }
+    lib.llama_set_abort_callback(s->ctx, NULL, NULL);
+    if (s->stop_code == STOP_LENGTH || s->stop_code == STOP_STOP) {
+        size_t tail;
+        text_flush(&s->text, &tail);
+        if (tail > 0) {
+            ring_push(s->ring, s->text.pending, tail, 0);
+        }
+    }
+    s->ended_ns = now_ns();
+}
+
+#endif /* MODELD_LOOP_H */
