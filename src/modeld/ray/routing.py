@@ -1,0 +1,199 @@
+"""Which replica should serve a model: modeld's own view of each replica, ranked.
+
+Pure functions and values, no Ray. A replica publishes :func:`routing_stats` (what its
+``ModelManager`` holds, how busy each model is, how much budget is free); the router
+turns each into a :class:`ReplicaView`, adds what it routed itself since that report
+(:func:`with_local_routes`), and asks :func:`rank_replicas` for an order of preference.
+
+The order: replicas that hold the model (least waiting first), unless every holder has
+``spill_queue_len`` or more requests waiting for it and another replica has room for it
+without waiting for busy work; then the others: those where it fits in free memory
+before those where idle models would be evicted for it, before those where it would
+wait; within each, fewest busy models, fewest models, most free memory. Replicas that stopped accepting come last, so that a request during a
+shutdown still gets a clear answer instead of waiting.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from modeld.scheduling.manager import ManagerStatistics
+
+__all__ = [
+    "LocalRoutes",
+    "ModelLoad",
+    "ReplicaView",
+    "model_size_mb",
+    "rank_replicas",
+    "routing_stats",
+    "view_from_stats",
+    "with_local_routes",
+]
+
+_HOLDING_STATES = frozenset({"loading", "ready", "routed"})
+ROUTED = "routed"
+"""State of a model the router sent to a replica after that replica's last report."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLoad:
+    state: str
+    waiting: int  # queued + running
+    est_mb: float = 0.0
+    pinned: bool = False
+
+    @property
+    def holding(self) -> bool:
+        return self.state in _HOLDING_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaView:
+    replica: str
+    at_unix: float = 0.0
+    accepting: bool = True
+    free_mb: float = 0.0  # budget - margin - used
+    models: Mapping[str, ModelLoad] = field(default_factory=dict)
+
+    def idle_mb(self, except_model: str) -> float:
+        """What idle, unpinned instances would give back if evicted."""
+        return sum(
+            load.est_mb
+            for model, load in self.models.items()
+            if model != except_model and load.state == "ready" and not load.pinned
+            and load.waiting == 0
+        )  # fmt: skip
+
+    def fit(self, model_id: str, size_mb: float) -> int:
+        """0: fits in free memory; 1: fits once idle models are evicted; 2: must wait."""
+        if self.free_mb >= size_mb:
+            return 0
+        return 1 if self.free_mb + self.idle_mb(model_id) >= size_mb else 2
+
+    @property
+    def busy_models(self) -> int:
+        return sum(1 for load in self.models.values() if load.waiting > 0)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalRoutes:
+    """What this router sent to one model on one replica and has not seen finish."""
+
+    inflight: int = 0
+    last_routed_unix: float = 0.0
+    est_mb: float = 0.0  # the model's size as last reported by any replica
+
+
+def routing_stats(replica: str, stats: ManagerStatistics, now_unix: float) -> dict[str, object]:
+    """The replica's report, small and JSON-able (Ray ships it through its controller)."""
+    return {
+        "replica": replica,
+        "at_unix": now_unix,
+        "accepting": stats.accepting,
+        "free_mb": round(stats.budget_mb - stats.margin_mb - stats.used_est_mb, 3),
+        "models": {
+            instance.model_id: {
+                "state": str(instance.state),
+                "waiting": instance.queue_len + instance.inflight,
+                "est_mb": instance.est_vram_mb,
+                "pinned": instance.pinned,
+            }
+            for instance in stats.instances
+        },
+    }
+
+
+def view_from_stats(replica: str, stats: Mapping[str, object]) -> ReplicaView:
+    """A report back into a view; an empty or foreign report is a replica with no models."""
+    models = stats.get("models")
+    loads: dict[str, ModelLoad] = {}
+    if isinstance(models, Mapping):
+        for model, raw in models.items():
+            if isinstance(raw, Mapping):
+                loads[str(model)] = ModelLoad(
+                    state=str(raw.get("state", "")),
+                    waiting=_int(raw.get("waiting")),
+                    est_mb=_float(raw.get("est_mb")),
+                    pinned=bool(raw.get("pinned", False)),
+                )
+    return ReplicaView(
+        replica=replica,
+        at_unix=_float(stats.get("at_unix")),
+        accepting=bool(stats.get("accepting", True)),
+        free_mb=_float(stats.get("free_mb")),
+        models=loads,
+    )
+
+
+def with_local_routes(view: ReplicaView, routes: Mapping[str, LocalRoutes]) -> ReplicaView:
+    """The report corrected by this router's own recent decisions: a model it sent there
+    since the report counts as held, and waiting is at least what it has in flight."""
+    if not routes:
+        return view
+    models = dict(view.models)
+    free_mb = view.free_mb
+    for model, local in routes.items():
+        reported = models.get(model)
+        if reported is not None and reported.holding:
+            models[model] = replace(reported, waiting=max(reported.waiting, local.inflight))
+        elif local.inflight > 0 or local.last_routed_unix >= view.at_unix:
+            models[model] = ModelLoad(state=ROUTED, waiting=local.inflight, est_mb=local.est_mb)
+            free_mb -= local.est_mb
+    return replace(view, models=models, free_mb=free_mb)
+
+
+def rank_replicas(
+    model_id: str,
+    views: Sequence[ReplicaView],
+    *,
+    spill_queue_len: int,
+    rng: random.Random | None = None,
+) -> list[list[str]]:
+    """Replica ids in order of preference, one per rank (see the module docstring).
+
+    Equal candidates are shuffled first, so that concurrent first requests for different
+    models spread over the replicas instead of piling onto the first one.
+    """
+    shuffled = list(views)
+    (rng or random).shuffle(shuffled)
+    accepting = [v for v in shuffled if v.accepting]
+    closing = [v for v in shuffled if not v.accepting]
+    if not model_id:
+        ordered = sorted(accepting, key=lambda v: (sum(m.waiting for m in v.models.values())))
+        return [[v.replica] for v in ordered + closing]
+
+    size_mb = model_size_mb(model_id, views)
+    holders = sorted(
+        (v for v in accepting if _holds(v, model_id)), key=lambda v: v.models[model_id].waiting
+    )
+    others = sorted(
+        (v for v in accepting if not _holds(v, model_id)),
+        key=lambda v: (v.fit(model_id, size_mb), v.busy_models, len(v.models), -v.free_mb),
+    )
+    with_room = [v for v in others if v.fit(model_id, size_mb) < 2]
+    saturated = bool(holders) and holders[0].models[model_id].waiting >= spill_queue_len
+    if saturated and with_room:
+        ordered = with_room + holders + [v for v in others if v not in with_room]
+    else:
+        ordered = holders + others
+    return [[v.replica] for v in ordered + closing]
+
+
+def model_size_mb(model_id: str, views: Sequence[ReplicaView]) -> float:
+    """The model's footprint as any replica last reported it (0 when none has loaded it)."""
+    return max((v.models[model_id].est_mb for v in views if model_id in v.models), default=0.0)
+
+
+def _holds(view: ReplicaView, model_id: str) -> bool:
+    load = view.models.get(model_id)
+    return load is not None and load.holding
+
+
+def _int(value: object) -> int:
+    return int(value) if isinstance(value, int | float) else 0
+
+
+def _float(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
