@@ -8,7 +8,7 @@ is the same for Python callers that already hold a :class:`~modeld.config.Settin
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from ray import serve
@@ -67,28 +67,31 @@ def build_app(settings: Settings, options: RayOptions | None = None) -> Applicat
     """An ingress in front of ``options.num_replicas`` replicas, each one ModelManager."""
     options = options or RayOptions()
     graceful_s = settings.shutdown_grace + _CLOSE_ALLOWANCE_S
-    replica = serve.deployment(ModelReplica, name=REPLICA_DEPLOYMENT).options(
+    router: dict[str, Any] = {
+        "request_router_class": ResidentModelRouter,
+        "request_router_kwargs": {"spill_queue_len": options.spill_queue_len},
+        "request_routing_stats_period_s": options.routing_stats_period_s,
+    }
+    replica = serve.deployment(
+        name=REPLICA_DEPLOYMENT,
         num_replicas=options.num_replicas,
         max_ongoing_requests=options.max_ongoing_requests,
         ray_actor_options={
             "num_cpus": options.num_cpus_per_replica,
             "num_gpus": options.num_gpus_per_replica,
         },
-        request_router_config=RequestRouterConfig(
-            request_router_class=ResidentModelRouter,
-            request_router_kwargs={"spill_queue_len": options.spill_queue_len},
-            request_routing_stats_period_s=options.routing_stats_period_s,
-        ),
+        request_router_config=RequestRouterConfig(**router),
         graceful_shutdown_timeout_s=graceful_s,
         graceful_shutdown_wait_loop_s=0.5,
-    )
-    ingress = serve.deployment(serve.ingress()(ModelIngress), name=INGRESS_DEPLOYMENT).options(
+    )(ModelReplica)
+    ingress = serve.deployment(
+        name=INGRESS_DEPLOYMENT,
         num_replicas=1,
         max_ongoing_requests=options.max_ongoing_requests * options.num_replicas,
         ray_actor_options={"num_cpus": 0},
         graceful_shutdown_timeout_s=graceful_s,
         graceful_shutdown_wait_loop_s=0.5,
-    )
+    )(serve.ingress()(ModelIngress))
     return ingress.bind(replica.bind(settings), settings)
 
 

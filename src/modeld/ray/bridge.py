@@ -16,13 +16,21 @@ from typing import Any
 
 from loguru import logger
 
-__all__ = ["ASGIApp", "ForwardedRequest", "Lifespan", "ResponseStart", "exchange"]
+__all__ = [
+    "ASGIApp",
+    "ForwardedRequest",
+    "Lifespan",
+    "Message",
+    "Receive",
+    "ResponseStart",
+    "Send",
+    "exchange",
+]
 
 Message = MutableMapping[str, Any]
-ASGIApp = Callable[
-    [MutableMapping[str, Any], Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
-    Awaitable[None],
-]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 # How many ASGI messages may wait for the caller before the app's ``send`` blocks: the
 # app then slows down (modeld's ring fills, its token loop waits) instead of buffering.
 _PENDING_MESSAGES = 64
@@ -203,7 +211,8 @@ class Lifespan:
             self._stopped.result()
 
     async def _run(self) -> None:
-        assert self._started is not None and self._stopped is not None
+        assert self._started is not None
+        assert self._stopped is not None
         started, stopped = self._started, self._stopped
         phase = iter(["lifespan.startup"])
 

@@ -53,8 +53,9 @@ def cluster_status(
         totals["budget_mb"] += _number(status.get("budget_mb"))
         totals["used_est_mb"] += _number(status.get("used_est_mb"))
         for instance in _instances(status):
-            queue_len, inflight = int(_number(instance.get("queue_len"))), int(
-                _number(instance.get("inflight"))
+            queue_len, inflight = (
+                int(_number(instance.get("queue_len"))),
+                int(_number(instance.get("inflight"))),
             )
             totals["queue_len"] += queue_len
             totals["inflight"] += inflight
@@ -80,7 +81,10 @@ def cluster_status(
                 "reported_unix": view.at_unix,
                 "accepting": view.accepting,
                 "free_mb": view.free_mb,
-                "models": {m: {"state": l.state, "waiting": l.waiting} for m, l in view.models.items()},
+                "models": {
+                    model: {"state": load.state, "waiting": load.waiting}
+                    for model, load in view.models.items()
+                },
             }
             for view in views
         ],

@@ -17,32 +17,26 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any
-from urllib.parse import unquote
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
 
-import msgspec
 import orjson
 from loguru import logger
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from modeld.api.errors import error_body
 from modeld.api.middleware import host_is_allowed
 from modeld.config import Settings
-from modeld.ray.bridge import ForwardedRequest, ResponseStart
+from modeld.ray.bridge import ForwardedRequest, Message, Receive, ResponseStart, Send
 from modeld.ray.cluster import ReplicaAnswer, cluster_metrics, cluster_status
+from modeld.ray.registry import router_for
 from modeld.ray.replica import REPLICA_HEADER
-from modeld.ray.registry import TARGET_PREFIX, router_for, target_key
-from modeld.ray.routing import ReplicaView
+from modeld.ray.routing import ReplicaView, routing_key, target_key
 
-__all__ = ["ModelIngress", "routing_key"]
+__all__ = ["ModelIngress"]
 
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
-_MODEL_IN_PATH = re.compile(r"^/(?:v1/)?models/(?P<model>[^/]+)(?:/|$)")
 _FAN_OUT = (
     re.compile(r"^/requests/[^/]+$"),  # a cancel: only the replica running it knows it
     re.compile(r"^/models/[^/]+/instance$"),  # an unload: every replica holding it
@@ -52,32 +46,10 @@ _FAN_OUT_TIMEOUT_S = 10.0
 _METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
-class _ModelField(msgspec.Struct):
-    model: str | None = None
-
-
-def routing_key(path: str, body: bytes, default_model: str | None) -> str:
-    """The model a request is for ("" when it names none and there is no default).
-
-    A body that is not JSON, or whose ``model`` is not a string, still routes (to any
-    replica): the replica answers it with the same 400 as ``modeld serve``.
-    """
-    model: str | None = None
-    if match := _MODEL_IN_PATH.match(path):
-        model = unquote(match["model"])
-    elif body[:1] == b"{" or body.lstrip()[:1] == b"{":
-        try:
-            model = msgspec.json.decode(body, type=_ModelField).model
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            model = None
-    model = model or default_model or ""
-    return "" if model.startswith(TARGET_PREFIX) else model
-
-
 class ModelIngress:
     """Ray builds the ASGI app after the constructor (``@serve.ingress()``, late bound)."""
 
-    def __init__(self, replicas: DeploymentHandle, settings: Settings) -> None:
+    def __init__(self, replicas: DeploymentHandle[Any], settings: Settings) -> None:
         self._replicas = replicas
         self._settings = settings
         self._app_name = str(serve.get_replica_context().app_name)
@@ -122,10 +94,11 @@ class ModelIngress:
 
     # ------------------------------------------------------------ forwarding
 
-    async def _forward(self, request: ForwardedRequest, key: str, receive: Receive, reply: _Reply) -> None:
+    async def _forward(
+        self, request: ForwardedRequest, key: str, receive: Receive, reply: _Reply
+    ) -> None:
         """Stream one replica's answer through; cancel the replica's call if the client goes."""
-        call = self._replicas.options(multiplexed_model_id=key, stream=True).handle_http
-        parts = call.remote(request)
+        parts = self._call(key, request)
         client_gone = asyncio.ensure_future(_wait_for_disconnect(receive))
         start: ResponseStart | None = None
         finished = False
@@ -152,12 +125,16 @@ class ModelIngress:
         finally:
             client_gone.cancel()
             if not finished:
-                parts.cancel()  # the replica sees its client leave: modeld cancels there
+                _cancel(parts)  # the replica sees its client leave: modeld cancels there
+
+    def _call(self, key: str, request: ForwardedRequest) -> DeploymentResponseGenerator[Any]:
+        """A streaming call of the replica chosen for ``key``."""
+        handle = self._replicas.options(multiplexed_model_id=key, stream=True)
+        return cast(DeploymentResponseGenerator[Any], handle.handle_http.remote(request))
 
     async def _ask(self, replica: str, request: ForwardedRequest) -> ReplicaAnswer:
         """One replica's whole answer (for fan-out), bounded in time."""
-        call = self._replicas.options(multiplexed_model_id=target_key(replica), stream=True)
-        parts = call.handle_http.remote(request)
+        parts = self._call(target_key(replica), request)
         status, chunks = 0, []
         try:
             async with asyncio.timeout(_FAN_OUT_TIMEOUT_S):
@@ -167,7 +144,7 @@ class ModelIngress:
                     else:
                         chunks.append(part)
         except Exception as exc:
-            parts.cancel()
+            _cancel(parts)
             return ReplicaAnswer(replica, error=_describe(exc))
         return ReplicaAnswer(replica, status, b"".join(chunks))
 
@@ -186,10 +163,10 @@ class ModelIngress:
         router = router_for(self._app_name, self._replicas.deployment_name)
         if router is None or not router.views():
             probe = _internal("/healthz")
-            async for _ in self._replicas.options(stream=True).handle_http.remote(probe):
+            async for _ in self._call("", probe):
                 pass
             router = router_for(self._app_name, self._replicas.deployment_name)
-        return router.views() if router is not None else []
+        return list(router.views()) if router is not None else []
 
     async def _fan_out_first_success(self, request: ForwardedRequest, reply: _Reply) -> None:
         """Every replica gets it; the first success is the answer, else the first reply."""
@@ -308,7 +285,8 @@ async def _read_body(receive: Receive, reply: _Reply, settings: Settings) -> byt
 
 
 def _forwarded(scope: Message, request_id: str, body: bytes) -> ForwardedRequest:
-    headers = [(bytes(k), bytes(v)) for k, v in scope.get("headers", []) if k.lower() != b"x-request-id"]
+    headers = [(bytes(k), bytes(v)) for k, v in scope.get("headers", [])]
+    headers = [(k, v) for k, v in headers if k.lower() != b"x-request-id"]
     headers.append((b"x-request-id", request_id.encode()))
     client = scope.get("client")
     return ForwardedRequest(
@@ -338,14 +316,29 @@ async def _until(parts: Any, stop: asyncio.Future[None]) -> AsyncIterator[Any]:
     iterator = parts.__aiter__()
     while not stop.done():
         following = asyncio.ensure_future(iterator.__anext__())
-        await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if not following.done():
-            following.cancel()
+        try:
+            await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            abandoned = not following.done()
+            if abandoned:
+                following.cancel()
+                following.add_done_callback(_retrieve)  # ends in RequestCancelledError
+        if abandoned:
             return
         try:
-            yield following.result()
+            item = following.result()
         except StopAsyncIteration:
             return
+        yield item
+
+
+def _cancel(parts: DeploymentResponseGenerator[Any]) -> None:
+    parts.cancel()  # type: ignore[no-untyped-call]
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _stream_error(start: ResponseStart, model: str, request_id: str, exc: Exception) -> bytes:

@@ -1,5 +1,4 @@
-"""Process-wide facts shared by the router and the ingress: the replica-naming routing key
-and which router this process made for a deployment.
+"""Which request router this process made for a deployment, for the ingress to read.
 
 It lives apart from :mod:`modeld.ray.router` because Ray pickles a request router's own
 module by value: state kept there would be a copy in each process, not shared.
@@ -13,11 +12,7 @@ from typing import Protocol
 
 from modeld.ray.routing import ReplicaView
 
-__all__ = ["TARGET_PREFIX", "RouterView", "register_router", "router_for", "target_key"]
-
-TARGET_PREFIX = "#replica:"
-"""A routing key that names a replica, not a model (the ingress never routes a client's
-model id that starts with it)."""
+__all__ = ["RouterView", "register_router", "router_for"]
 
 
 class RouterView(Protocol):
@@ -26,10 +21,6 @@ class RouterView(Protocol):
 
 _routers: dict[tuple[str, str], RouterView] = {}
 _lock = threading.Lock()
-
-
-def target_key(replica: str) -> str:
-    return TARGET_PREFIX + replica
 
 
 def register_router(app_name: str, deployment: str, router: RouterView) -> None:

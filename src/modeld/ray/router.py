@@ -3,13 +3,14 @@
 Ray calls :meth:`ResidentModelRouter.choose_replicas` with the request's
 ``multiplexed_model_id`` (the model the ingress read from the body). The ranking itself
 is :func:`modeld.ray.routing.rank_replicas` over what each replica last reported through
-``record_routing_stats`` plus what this router sent since. An id made by
-:func:`modeld.ray.registry.target_key` instead names one replica: the ingress uses it to ask every replica
-for its ``/status`` and ``/metrics`` and to deliver a cancel to all of them.
+``record_routing_stats`` plus what this router sent since. A key made by
+:func:`modeld.ray.routing.target_key` names one replica instead: the ingress uses it to
+ask every replica for its ``/status`` and ``/metrics`` and to deliver a cancel to all.
 
-Ray pickles this module by value: it keeps no state of its own (see
-:mod:`modeld.ray.registry`). Ray's multiplex cache (``@serve.multiplexed``) is not used at all, so nothing in Ray
-ever unloads a model: the replica's ``ModelManager`` alone decides (docs/scale-out.md).
+Ray pickles this module by value, so it keeps no state of its own (the ingress finds the
+router through :mod:`modeld.ray.registry`). Ray's multiplex cache (``@serve.multiplexed``)
+is not used at all, so nothing in Ray ever unloads a model: the replica's
+``ModelManager`` alone decides (docs/scale-out.md).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 from modeld.ray import registry
 from modeld.ray.routing import (
+    TARGET_PREFIX,
     LocalRoutes,
     ReplicaView,
     model_size_mb,
@@ -33,7 +35,7 @@ from modeld.ray.routing import (
 __all__ = ["ResidentModelRouter"]
 
 
-class ResidentModelRouter(RequestRouter):  # type: ignore[misc]
+class ResidentModelRouter(RequestRouter):
     """Routes to the replica whose ModelManager holds the model; see the module docstring.
 
     Keyword arguments (``request_router_kwargs``): ``spill_queue_len`` (default 4).
@@ -57,8 +59,8 @@ class ResidentModelRouter(RequestRouter):  # type: ignore[misc]
         key = pending_request.metadata.multiplexed_model_id if pending_request else ""
         if pending_request is not None:
             pending_request.routing_context.should_backoff = True
-        if key.startswith(registry.TARGET_PREFIX):
-            target = by_tag.get(key.removeprefix(registry.TARGET_PREFIX))
+        if key.startswith(TARGET_PREFIX):
+            target = by_tag.get(key.removeprefix(TARGET_PREFIX))
             return [[target]] if target is not None else []
         views = [self._view(r) for r in candidate_replicas]
         ranks = rank_replicas(key, views, spill_queue_len=self._spill_queue_len)
@@ -85,7 +87,9 @@ class ResidentModelRouter(RequestRouter):  # type: ignore[misc]
         local = {model: routes for (r, model), routes in list(self._routes.items()) if r == tag}
         return with_local_routes(view, local)
 
-    def _reserve(self, request_id: str, replica: RunningReplica, model: str, size_mb: float) -> None:
+    def _reserve(
+        self, request_id: str, replica: RunningReplica, model: str, size_mb: float
+    ) -> None:
         """Count the request against the replica it will most likely go to (the first
         rank, unless Ray finds it full), so that the next decision, before the replica's
         next report, already sees it."""

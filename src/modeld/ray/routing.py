@@ -1,37 +1,49 @@
-"""Which replica should serve a model: modeld's own view of each replica, ranked.
+"""Which model a request is for, and which replica should serve it.
 
-Pure functions and values, no Ray. A replica publishes :func:`routing_stats` (what its
+Pure functions and values, no Ray. The ingress takes the key from the request
+(:func:`routing_key`). A replica publishes :func:`routing_stats` (what its
 ``ModelManager`` holds, how busy each model is, how much budget is free); the router
 turns each into a :class:`ReplicaView`, adds what it routed itself since that report
 (:func:`with_local_routes`), and asks :func:`rank_replicas` for an order of preference.
 
 The order: replicas that hold the model (least waiting first), unless every holder has
 ``spill_queue_len`` or more requests waiting for it and another replica has room for it
-without waiting for busy work; then the others: those where it fits in free memory
-before those where idle models would be evicted for it, before those where it would
-wait; within each, fewest busy models, fewest models, most free memory. Replicas that stopped accepting come last, so that a request during a
-shutdown still gets a clear answer instead of waiting.
+without waiting for busy work. Then the others: where it fits in free memory, before
+where idle models would be evicted for it, before where it would wait; within each,
+fewest busy models, fewest models, most free memory. Replicas that stopped accepting
+come last, so that a request during a shutdown still gets a clear answer.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from urllib.parse import unquote
+
+import msgspec
 
 from modeld.scheduling.manager import ManagerStatistics
 
 __all__ = [
+    "TARGET_PREFIX",
     "LocalRoutes",
     "ModelLoad",
     "ReplicaView",
     "model_size_mb",
     "rank_replicas",
+    "routing_key",
     "routing_stats",
+    "target_key",
     "view_from_stats",
     "with_local_routes",
 ]
 
+TARGET_PREFIX = "#replica:"
+"""A routing key that names a replica, not a model (a client's model id never becomes
+one: :func:`routing_key` drops ids with this prefix)."""
+_MODEL_IN_PATH = re.compile(r"^/(?:v1/)?models/(?P<model>[^/]+)(?:/|$)")
 _HOLDING_STATES = frozenset({"loading", "ready", "routed"})
 ROUTED = "routed"
 """State of a model the router sent to a replica after that replica's last report."""
@@ -84,6 +96,34 @@ class LocalRoutes:
     inflight: int = 0
     last_routed_unix: float = 0.0
     est_mb: float = 0.0  # the model's size as last reported by any replica
+
+
+class _ModelField(msgspec.Struct):
+    model: str | None = None
+
+
+def routing_key(path: str, body: bytes, default_model: str | None) -> str:
+    """The model a request is for: the path's (``/models/{id}/…``, ``/v1/models/{id}``),
+    else the JSON body's ``model``, else the default; "" when there is none.
+
+    A body that is not JSON, or whose ``model`` is not a string, still routes (to any
+    replica): the replica answers it with the same 400 as ``modeld serve``.
+    """
+    model: str | None = None
+    if match := _MODEL_IN_PATH.match(path):
+        model = unquote(match["model"])
+    elif body.lstrip()[:1] == b"{":
+        try:
+            model = msgspec.json.decode(body, type=_ModelField).model
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            model = None
+    model = model or default_model or ""
+    return "" if model.startswith(TARGET_PREFIX) else model
+
+
+def target_key(replica: str) -> str:
+    """The routing key that sends a request to this replica and no other."""
+    return TARGET_PREFIX + replica
 
 
 def routing_stats(replica: str, stats: ManagerStatistics, now_unix: float) -> dict[str, object]:
@@ -161,7 +201,7 @@ def rank_replicas(
     accepting = [v for v in shuffled if v.accepting]
     closing = [v for v in shuffled if not v.accepting]
     if not model_id:
-        ordered = sorted(accepting, key=lambda v: (sum(m.waiting for m in v.models.values())))
+        ordered = sorted(accepting, key=lambda v: sum(m.waiting for m in v.models.values()))
         return [[v.replica] for v in ordered + closing]
 
     size_mb = model_size_mb(model_id, views)
