@@ -75,7 +75,7 @@ class ModelIngress:
         if not host_is_allowed(headers.get(b"host", b"").decode("latin-1"), self._allowed_hosts):
             await reply.error(403, "forbidden_host", "Host header is not allowed")
             return
-        method, path = str(scope["method"]), str(scope["path"])
+        method, path = str(scope["method"]), _app_path(scope)
         target = headers.get(REPLICA_HEADER, b"").decode("latin-1")
         if not target and method == "GET" and path in _OWN_ROUTES:
             await _OWN_ROUTES[path](self, reply)
@@ -83,7 +83,7 @@ class ModelIngress:
         body = await _read_body(receive, reply, self._settings)
         if body is None:
             return
-        request = _forwarded(scope, request_id, body)
+        request = _forwarded(scope, path, request_id, body)
         if target:
             await self._forward(request, target_key(target), receive, reply)
         elif any(pattern.match(path) for pattern in _FAN_OUT):
@@ -284,14 +284,23 @@ async def _read_body(receive: Receive, reply: _Reply, settings: Settings) -> byt
         return None
 
 
-def _forwarded(scope: Message, request_id: str, body: bytes) -> ForwardedRequest:
+def _app_path(scope: Message) -> str:
+    """The path below the application's route prefix (Ray keeps the prefix in ``path``
+    and names it in ``root_path``): the replica's app serves its routes from ``/``."""
+    path, prefix = str(scope["path"]), str(scope.get("root_path", ""))
+    if prefix and path.startswith(prefix):
+        path = path[len(prefix) :]
+    return path if path.startswith("/") else "/" + path
+
+
+def _forwarded(scope: Message, path: str, request_id: str, body: bytes) -> ForwardedRequest:
     headers = [(bytes(k), bytes(v)) for k, v in scope.get("headers", [])]
     headers = [(k, v) for k, v in headers if k.lower() != b"x-request-id"]
     headers.append((b"x-request-id", request_id.encode()))
     client = scope.get("client")
     return ForwardedRequest(
         method=str(scope["method"]),
-        path=str(scope["path"]),
+        path=path,
         query_string=bytes(scope.get("query_string", b"")),
         headers=tuple(headers),
         body=body,
