@@ -328,6 +328,9 @@ def test_bad_requests_get_the_same_answers_as_a_single_node(cluster: Cluster) ->
         too_big = client.post("/infer", content=b"{" + b" " * (1 << 20) + b"}")
         assert too_big.status_code == 413
         assert too_big.json()["error"]["code"] == "payload_too_large"
+        gone = client.get("/status", headers={REPLICA: "no-such-replica"})
+        assert gone.status_code == 404
+        assert gone.json()["error"]["code"] == "replica_not_found"
         foreign = client.get("/status", headers={"Host": "evil.example"})
         assert foreign.status_code == 403
         assert foreign.json()["error"]["code"] == "forbidden_host"

@@ -15,9 +15,10 @@ from collections.abc import AsyncIterator
 from ray import serve
 
 from modeld.api.app import create_app
+from modeld.api.errors import error_body
 from modeld.config import Settings
 from modeld.ray.bridge import ForwardedRequest, Lifespan, ResponseStart, exchange
-from modeld.ray.routing import routing_stats
+from modeld.ray.routing import TARGET_PREFIX, routing_stats, target_key
 from modeld.scheduling.manager import ModelManager
 
 __all__ = ["REPLICA_HEADER", "ModelReplica"]
@@ -43,6 +44,13 @@ class ModelReplica:
         Ray cancels this generator when the ingress's client leaves; that reaches the app
         as ``http.disconnect`` and modeld cancels the generation.
         """
+        key = str(serve.get_multiplexed_model_id())
+        if key.startswith(TARGET_PREFIX) and key != target_key(self.replica):
+            yield ResponseStart(404, ((b"content-type", b"application/json"), *self._tag))
+            message = f"replica {key.removeprefix(TARGET_PREFIX)!r} is not serving"
+            request_id = dict(request.headers).get(b"x-request-id", b"").decode("latin-1")
+            yield error_body("replica_not_found", message, request_id)
+            return
         async for part in exchange(self._app, request, self._tag):
             yield part
 

@@ -34,6 +34,8 @@ from modeld.ray.routing import (
 
 __all__ = ["ResidentModelRouter"]
 
+_FORGET_AFTER_S = 600.0
+
 
 class ResidentModelRouter(RequestRouter):
     """Routes to the replica whose ModelManager holds the model; see the module docstring.
@@ -60,8 +62,10 @@ class ResidentModelRouter(RequestRouter):
         if pending_request is not None:
             pending_request.routing_context.should_backoff = True
         if key.startswith(TARGET_PREFIX):
+            # A replica that is gone gets the request to any replica, which refuses it
+            # (404 replica_not_found): routing nowhere would leave it waiting forever.
             target = by_tag.get(key.removeprefix(TARGET_PREFIX))
-            return [[target]] if target is not None else []
+            return [[target]] if target is not None else [list(candidate_replicas)]
         views = [self._view(r) for r in candidate_replicas]
         ranks = rank_replicas(key, views, spill_queue_len=self._spill_queue_len)
         ranked = [[by_tag[tag] for tag in rank if tag in by_tag] for rank in ranks]
@@ -94,10 +98,17 @@ class ResidentModelRouter(RequestRouter):
         rank, unless Ray finds it full), so that the next decision, before the replica's
         next report, already sees it."""
         self._release(request_id)
+        self._forget_older_than(time.time() - _FORGET_AFTER_S)
         tag = replica.replica_id.unique_id
         self._reserved[request_id] = (tag, model)
         before = self._routes.get((tag, model), LocalRoutes())
         self._routes[(tag, model)] = LocalRoutes(before.inflight + 1, time.time(), size_mb)
+
+    def _forget_older_than(self, cutoff_unix: float) -> None:
+        """Routes long finished (and those of replicas long gone) no longer matter."""
+        for key, routes in list(self._routes.items()):
+            if routes.inflight == 0 and routes.last_routed_unix < cutoff_unix:
+                del self._routes[key]
 
     def _release(self, request_id: str) -> None:
         reserved = self._reserved.pop(request_id, None)
