@@ -317,6 +317,7 @@ def test_bad_requests_get_the_same_answers_as_a_single_node(cluster: Cluster) ->
         assert unknown_field.status_code == 400
         assert unknown_field.json()["error"]["field"] == "colour"
         assert REPLICA in unknown_field.headers  # answered by a replica, as modeld would
+        assert len(unknown_field.headers.get_list("x-request-id")) == 1
         unknown = client.post("/infer", json={"model": "nope.gguf", "prompt": "hi"})
         assert unknown.status_code == 404
         assert unknown.json()["error"]["code"] == "model_not_found"

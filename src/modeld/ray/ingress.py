@@ -28,6 +28,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from modeld.api.errors import error_body
 from modeld.api.middleware import host_is_allowed
 from modeld.config import Settings
+from modeld.observability.logging import configure_logging
 from modeld.ray.bridge import ForwardedRequest, Message, Receive, ResponseStart, Send
 from modeld.ray.cluster import ReplicaAnswer, cluster_metrics, cluster_status
 from modeld.ray.registry import router_for
@@ -50,6 +51,7 @@ class ModelIngress:
     """Ray builds the ASGI app after the constructor (``@serve.ingress()``, late bound)."""
 
     def __init__(self, replicas: DeploymentHandle[Any], settings: Settings) -> None:
+        configure_logging(settings.log_level)
         self._replicas = replicas
         self._settings = settings
         self._app_name = str(serve.get_replica_context().app_name)

@@ -17,6 +17,7 @@ from ray import serve
 from modeld.api.app import create_app
 from modeld.api.errors import error_body
 from modeld.config import Settings
+from modeld.observability.logging import configure_logging
 from modeld.ray.bridge import ForwardedRequest, Lifespan, ResponseStart, exchange
 from modeld.ray.routing import TARGET_PREFIX, routing_stats, target_key
 from modeld.scheduling.manager import ModelManager
@@ -31,6 +32,7 @@ class ModelReplica:
 
     async def __init__(self, settings: Settings) -> None:  # type: ignore[misc]
         self.replica = str(serve.get_replica_context().replica_tag)
+        configure_logging(settings.log_level)  # JSON lines on stderr: Ray keeps them per replica
         self._settings = settings
         self._manager = ModelManager(settings)
         self._app = create_app(settings, self._manager)
