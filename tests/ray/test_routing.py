@@ -130,7 +130,7 @@ def test_concurrent_first_requests_spread_over_the_replicas() -> None:
         for model in ["a", "b", "c", "d"]:
             views = [with_local_routes(_view(r, free_mb=1000), routes[r]) for r in routes]
             first = rank_replicas(model, views, spill_queue_len=4, rng=rng)[0][0]
-            routes[first][model] = LocalRoutes(inflight=1, last_routed_unix=200.0)
+            routes[first][model] = LocalRoutes(sent_unix=(200.0,), last_routed_unix=200.0)
         assert sorted(len(models) for models in routes.values()) == [2, 2]
 
 
@@ -138,15 +138,18 @@ def test_concurrent_first_requests_spread_over_the_replicas() -> None:
 
 
 def test_routed_since_the_report_counts_as_held_and_older_routes_do_not() -> None:
-    view = _view("r1", **{"a.gguf": _ready(waiting=1)})
+    view = _view("r1", **{"a.gguf": _ready(waiting=1)})  # reported at 100.0
     local = {
-        "a.gguf": LocalRoutes(inflight=3, last_routed_unix=50.0),
-        "new.gguf": LocalRoutes(inflight=0, last_routed_unix=150.0, est_mb=40.0),
-        "old.gguf": LocalRoutes(inflight=0, last_routed_unix=50.0),
+        # two sent after the report (waiting there too), one before (the report has it)
+        "a.gguf": LocalRoutes(sent_unix=(50.0, 120.0, 130.0), last_routed_unix=130.0),
+        "new.gguf": LocalRoutes(sent_unix=(), last_routed_unix=150.0, est_mb=40.0),
+        "old.gguf": LocalRoutes(sent_unix=(), last_routed_unix=50.0),
+        "lost.gguf": LocalRoutes(sent_unix=(10.0,), last_routed_unix=10.0),
     }
     merged = with_local_routes(view, local)
     assert merged.models["a.gguf"].waiting == 3
     assert merged.models["new.gguf"].state == ROUTED
+    assert "lost.gguf" not in merged.models  # its end was never seen; the report says gone
     assert "old.gguf" not in merged.models
     assert merged.free_mb == view.free_mb - 40.0
 
@@ -164,11 +167,11 @@ def test_a_real_managers_report_round_trips(models_dir: Path) -> None:
     async def report() -> dict[str, object]:
         async with ModelManager(settings) as manager:
             await manager.load("tiny-a.gguf")
-            return routing_stats("r1", manager.statistics(), now_unix=123.0)
+            return routing_stats("r1", manager.statistics(), now_unix=123.0, pid=4321)
 
     stats = anyio.run(report)
     view = view_from_stats("r1", stats)
-    assert view.at_unix == 123.0
+    assert (view.at_unix, view.pid) == (123.0, 4321)
     assert view.accepting
     assert list(view.models) == ["tiny-a.gguf"]
     load = view.models["tiny-a.gguf"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -396,3 +397,49 @@ def test_deleting_the_application_drains_running_streams(
     assert ended["last"]["metrics"]["completion_tokens"] == max_tokens
     assert ended["at"] <= deleted_at
     assert httpx.post(base + "/infer", json={"prompt": "hi"}, timeout=10).status_code == 404
+
+
+def test_a_replica_dying_mid_stream_ends_the_stream_with_an_error_line(
+    serve_port: int, long_model_dir: Path, tmp_path: Path
+) -> None:
+    """The abrupt end a native abort in llama.cpp would cause: the replica's process is
+    killed while it streams. The client still gets a terminal line saying so."""
+    directory = tmp_path / "one"
+    directory.mkdir()
+    (directory / FOUR_MODELS[2]).write_bytes((long_model_dir / FOUR_MODELS[2]).read_bytes())
+    settings, _ = modeld_ray.parse_args(
+        {"models_dir": str(directory), "n_ctx": str(LONG_CONTEXT), "threads": "1"}
+    )
+    options = modeld_ray.RayOptions(num_replicas=1, num_cpus_per_replica=0.5)
+    serve.run(modeld_ray.build_app(settings, options), name="crash", route_prefix="/crash")
+    try:
+        crash = Cluster(f"http://127.0.0.1:{serve_port}/crash", 0)
+        with crash.client() as client:  # the router has heard from the replica
+            _wait_until(lambda: client.get("/status").json()["router"][0]["pid"] > 0, "a report")
+            pid = client.get("/status").json()["router"][0]["pid"]
+        body = {"model": FOUR_MODELS[2], "prompt": "hello", "max_tokens": LONG_CONTEXT - 64}
+        host, port = crash.base_url.removeprefix("http://").split("/")[0].split(":")
+        payload = json.dumps(body).encode()
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            sock.sendall(
+                f"POST /crash/infer HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
+                f"\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+                + payload
+            )
+            received = sock.recv(65536)
+            assert received.startswith(b"HTTP/1.1 200"), received
+            os.kill(pid, signal.SIGKILL)  # this test's own replica, found by its report
+            while b'"done":true' not in received:
+                chunk = sock.recv(65536)
+                assert chunk, "the stream ended without a terminal line"
+                received += chunk
+        terminal = next(
+            json.loads(line)
+            for line in received.split(b"\n")
+            if line.startswith(b"{") and b'"done":true' in line
+        )
+        assert terminal["done_reason"] == "error"
+        assert terminal["error"]["code"] == "replica_lost"
+        assert terminal["model"] == FOUR_MODELS[2]
+    finally:
+        serve.delete("crash")

@@ -78,6 +78,7 @@ def cluster_status(
         "router": [
             {
                 "replica": view.replica,
+                "pid": view.pid,
                 "reported_unix": view.at_unix,
                 "accepting": view.accepting,
                 "free_mb": view.free_mb,

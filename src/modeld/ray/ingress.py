@@ -38,7 +38,7 @@ from modeld.ray.routing import ReplicaView, routing_key, target_key
 __all__ = ["ModelIngress"]
 
 
-_FAN_OUT = (
+_FAN_OUT = (  # DELETEs that concern every replica
     re.compile(r"^/requests/[^/]+$"),  # a cancel: only the replica running it knows it
     re.compile(r"^/models/[^/]+/instance$"),  # an unload: every replica holding it
 )
@@ -88,7 +88,7 @@ class ModelIngress:
         request = _forwarded(scope, path, request_id, body)
         if target:
             await self._forward(request, target_key(target), receive, reply)
-        elif any(pattern.match(path) for pattern in _FAN_OUT):
+        elif method == "DELETE" and any(pattern.match(path) for pattern in _FAN_OUT):
             await self._fan_out_first_success(request, reply)
         else:
             key = routing_key(path, body, self._settings.default_model)
@@ -236,12 +236,10 @@ class _Reply:
     def __init__(self, send: Send, request_id: str) -> None:
         self._send = send
         self.request_id = request_id
-        self.started = False
 
     async def start(self, status: int, headers: tuple[tuple[bytes, bytes], ...]) -> None:
         # Ray's proxy adds X-Request-ID itself (the client's, or one it made): not twice.
         kept = [(k, v) for k, v in headers if k.lower() != b"x-request-id"]
-        self.started = True
         await self._send({"type": "http.response.start", "status": status, "headers": kept})
 
     async def body(self, data: bytes, *, more: bool) -> None:

@@ -9,6 +9,7 @@ which Ray calls once it has drained the replica's requests.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -57,7 +58,7 @@ class ModelReplica:
             yield part
 
     def record_routing_stats(self) -> dict[str, object]:
-        return routing_stats(self.replica, self._manager.statistics(), time.time())
+        return routing_stats(self.replica, self._manager.statistics(), time.time(), os.getpid())
 
     def check_health(self) -> None:
         """Unhealthy (Ray replaces the replica) when the manager's lifespan has ended or a

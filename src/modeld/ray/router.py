@@ -45,7 +45,8 @@ class ResidentModelRouter(RequestRouter):
 
     def initialize_state(self, spill_queue_len: int = 4, **_: Any) -> None:
         self._spill_queue_len = max(1, int(spill_queue_len))
-        self._reserved: dict[str, tuple[str, str]] = {}  # internal request id -> (replica, model)
+        # internal request id -> (replica, model, when it was sent)
+        self._reserved: dict[str, tuple[str, str, float]] = {}
         self._routes: dict[tuple[str, str], LocalRoutes] = {}
         deployment = self._deployment_id
         registry.register_router(deployment.app_name, deployment.name, self)
@@ -98,21 +99,30 @@ class ResidentModelRouter(RequestRouter):
         rank, unless Ray finds it full), so that the next decision, before the replica's
         next report, already sees it."""
         self._release(request_id)
-        self._forget_older_than(time.time() - _FORGET_AFTER_S)
-        tag = replica.replica_id.unique_id
-        self._reserved[request_id] = (tag, model)
-        before = self._routes.get((tag, model), LocalRoutes())
-        self._routes[(tag, model)] = LocalRoutes(before.inflight + 1, time.time(), size_mb)
-
-    def _forget_older_than(self, cutoff_unix: float) -> None:
-        """Routes long finished (and those of replicas long gone) no longer matter."""
-        for key, routes in list(self._routes.items()):
-            if routes.inflight == 0 and routes.last_routed_unix < cutoff_unix:
-                del self._routes[key]
+        now_unix = time.time()
+        self._forget_older_than(now_unix - _FORGET_AFTER_S)
+        key = (replica.replica_id.unique_id, model)
+        self._reserved[request_id] = (*key, now_unix)
+        before = self._routes.get(key, LocalRoutes())
+        self._routes[key] = LocalRoutes((*before.sent_unix, now_unix), now_unix, size_mb)
 
     def _release(self, request_id: str) -> None:
         reserved = self._reserved.pop(request_id, None)
         if reserved is None:
             return
-        before = self._routes.get(reserved, LocalRoutes())
-        self._routes[reserved] = replace(before, inflight=max(0, before.inflight - 1))
+        replica, model, sent_unix = reserved
+        before = self._routes.get((replica, model), LocalRoutes())
+        sent = list(before.sent_unix)
+        if sent_unix in sent:
+            sent.remove(sent_unix)
+        self._routes[(replica, model)] = replace(before, sent_unix=tuple(sent))
+
+    def _forget_older_than(self, cutoff_unix: float) -> None:
+        """Requests whose end was never seen (cancelled before Ray sent them) and routes of
+        replicas long gone: replicas' reports have covered them long since."""
+        for request_id, (_, _, sent_unix) in list(self._reserved.items()):
+            if sent_unix < cutoff_unix:
+                self._release(request_id)
+        for key, routes in list(self._routes.items()):
+            if not routes.sent_unix and routes.last_routed_unix < cutoff_unix:
+                del self._routes[key]

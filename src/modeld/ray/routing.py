@@ -65,6 +65,7 @@ class ModelLoad:
 class ReplicaView:
     replica: str
     at_unix: float = 0.0
+    pid: int = 0  # the replica's process, for operators
     accepting: bool = True
     free_mb: float = 0.0  # budget - margin - used
     models: Mapping[str, ModelLoad] = field(default_factory=dict)
@@ -91,11 +92,16 @@ class ReplicaView:
 
 @dataclass(frozen=True, slots=True)
 class LocalRoutes:
-    """What this router sent to one model on one replica and has not seen finish."""
+    """What this router sent to one model on one replica: when it sent each request it
+    has not seen finish, and when it last sent one."""
 
-    inflight: int = 0
+    sent_unix: tuple[float, ...] = ()
     last_routed_unix: float = 0.0
     est_mb: float = 0.0  # the model's size as last reported by any replica
+
+    def sent_since(self, at_unix: float) -> int:
+        """In flight and sent after ``at_unix``: a report made then does not count them."""
+        return sum(1 for sent in self.sent_unix if sent >= at_unix)
 
 
 class _ModelField(msgspec.Struct):
@@ -126,11 +132,14 @@ def target_key(replica: str) -> str:
     return TARGET_PREFIX + replica
 
 
-def routing_stats(replica: str, stats: ManagerStatistics, now_unix: float) -> dict[str, object]:
+def routing_stats(
+    replica: str, stats: ManagerStatistics, now_unix: float, pid: int = 0
+) -> dict[str, object]:
     """The replica's report, small and JSON-able (Ray ships it through its controller)."""
     return {
         "replica": replica,
         "at_unix": now_unix,
+        "pid": pid,
         "accepting": stats.accepting,
         "free_mb": round(stats.budget_mb - stats.margin_mb - stats.used_est_mb, 3),
         "models": {
@@ -161,6 +170,7 @@ def view_from_stats(replica: str, stats: Mapping[str, object]) -> ReplicaView:
     return ReplicaView(
         replica=replica,
         at_unix=_float(stats.get("at_unix")),
+        pid=_int(stats.get("pid")),
         accepting=bool(stats.get("accepting", True)),
         free_mb=_float(stats.get("free_mb")),
         models=loads,
@@ -168,18 +178,21 @@ def view_from_stats(replica: str, stats: Mapping[str, object]) -> ReplicaView:
 
 
 def with_local_routes(view: ReplicaView, routes: Mapping[str, LocalRoutes]) -> ReplicaView:
-    """The report corrected by this router's own recent decisions: a model it sent there
-    since the report counts as held, and waiting is at least what it has in flight."""
+    """The report plus what this router sent since it was made: such a request waits there
+    too, and a model sent there counts as held. What the report already covers is not
+    counted twice, so a route whose end was never seen stops mattering at the next report.
+    """
     if not routes:
         return view
     models = dict(view.models)
     free_mb = view.free_mb
     for model, local in routes.items():
+        unseen = local.sent_since(view.at_unix)
         reported = models.get(model)
         if reported is not None and reported.holding:
-            models[model] = replace(reported, waiting=max(reported.waiting, local.inflight))
-        elif local.inflight > 0 or local.last_routed_unix >= view.at_unix:
-            models[model] = ModelLoad(state=ROUTED, waiting=local.inflight, est_mb=local.est_mb)
+            models[model] = replace(reported, waiting=reported.waiting + unseen)
+        elif unseen > 0 or local.last_routed_unix >= view.at_unix:
+            models[model] = ModelLoad(state=ROUTED, waiting=unseen, est_mb=local.est_mb)
             free_mb -= local.est_mb
     return replace(view, models=models, free_mb=free_mb)
 
