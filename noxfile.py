@@ -1,4 +1,4 @@
-"""Task runner: `nox -s tests`, `nox -s lint`, `nox -s bench`, `nox -s sanitize`."""
+"""Task runner: `nox -s tests`, `nox -s lint`, `nox -s bench`, `nox -s sanitize`, `nox -s ray`."""
 
 from __future__ import annotations
 
@@ -42,3 +42,10 @@ def sanitize(session: nox.Session) -> None:
     session.env["ASAN_OPTIONS"] = "detect_leaks=0"
     session.env["PYTHONMALLOC"] = "malloc"
     session.run("python", "-m", "pytest", "tests/engine", *session.posargs)
+
+
+@nox.session
+def ray(session: nox.Session) -> None:
+    """The scale-out tests on a local Ray cluster (the `ray` extra, about 490 MB)."""
+    session.install("-e", ".[test,ray]")
+    session.run("python", "-m", "pytest", "tests/ray", *session.posargs)
