@@ -22,10 +22,6 @@ ARG BASE_BUILD=python:3.11-slim-bookworm
 ARG BASE_RUN=python:3.11-slim-bookworm
 
 FROM ${BASE_BUILD} AS build
-ARG CUDA
-ARG LLAMA_CMAKE_ARGS=""
-# The demo extra bundles Gemma 3 270M (about 250 MB) for `--demo`; EXTRAS=gpu leaves it out.
-ARG EXTRAS=gpu,demo
 ARG DEBIAN_FRONTEND=noninteractive
 # The python:*-slim images have Python's headers and venv; Debian/Ubuntu bases (the CUDA
 # ones) need the distribution's python3-dev and python3-venv.
@@ -42,6 +38,9 @@ WORKDIR /src
 # A CPU wheel in pip's cache (a build-time volume on /root/.cache/pip) is reused; a CUDA or
 # LLAMA_CMAKE_ARGS build bypasses the cache, which does not key wheels by CMake flags.
 COPY pyproject.toml ./
+# Declared here, not above: the apt layer stays cached across CPU and CUDA builds.
+ARG CUDA
+ARG LLAMA_CMAKE_ARGS=""
 # hadolint ignore=DL3042
 RUN python3 -m venv /opt/modeld \
     && llama_requirement="$(python3 -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print(next(d for d in deps if d.startswith("llama-cpp-python")))')" \
@@ -51,6 +50,8 @@ RUN python3 -m venv /opt/modeld \
     && CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" /opt/modeld/bin/pip install "${llama_requirement}"
 COPY setup.py README.md ./
 COPY src ./src
+# The demo extra bundles Gemma 3 270M (about 250 MB) for `--demo`; EXTRAS=gpu leaves it out.
+ARG EXTRAS=gpu,demo
 RUN /opt/modeld/bin/pip install --no-cache-dir ".[${EXTRAS}]"
 
 FROM ${BASE_RUN}

@@ -1,4 +1,5 @@
-"""Task runner: `nox -s tests`, `nox -s lint`, `nox -s bench`, `nox -s sanitize`."""
+"""Task runner: `nox -s tests`, `nox -s lint`, `nox -s bench`, `nox -s sanitize`,
+`nox -s image`, `nox -s systemd` (docs/deploy.md)."""
 
 from __future__ import annotations
 
@@ -42,3 +43,30 @@ def sanitize(session: nox.Session) -> None:
     session.env["ASAN_OPTIONS"] = "detect_leaks=0"
     session.env["PYTHONMALLOC"] = "malloc"
     session.run("python", "-m", "pytest", "tests/engine", *session.posargs)
+
+
+def _container_tests(session: nox.Session, *paths: str) -> None:
+    """Run tests/deploy/container: as root, with apt (podman, debootstrap) and the network
+    to the Debian and PyPI registries; everything made is removed at the end."""
+    session.install("-e", ".[test]")
+    session.env["MODELD_CONTAINER_TESTS"] = "1"
+    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", *paths, *session.posargs)
+
+
+@nox.session
+def image(session: nox.Session) -> None:
+    """Build the Dockerfile on a debootstrapped Debian base, run it, check it; the CUDA
+    argument as far as CMake; hadolint and the Kubernetes manifests."""
+    _container_tests(
+        session,
+        "tests/deploy/container/test_image.py",
+        "tests/deploy/container/test_cuda_build.py",
+        "tests/deploy/test_static.py",
+        "tests/deploy/test_k8s.py",
+    )
+
+
+@nox.session
+def systemd(session: nox.Session) -> None:
+    """deploy/modeld.service under systemd in a container (builds the image first)."""
+    _container_tests(session, "tests/deploy/container/test_systemd.py")
