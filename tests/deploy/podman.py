@@ -105,13 +105,19 @@ class Podman:
             command += ["--target", target]
         command.append(str(context))
         self.images.append(tag)
+        existing = self.image_ids()
         started = time.monotonic()
         with log_path.open("w") as log:
             result = subprocess.run(
                 command, env=self.env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s
             )
         built = BuildResult(time.monotonic() - started, result.returncode, log_path.read_text())
-        self.layers += new_layers(built.log)
+        # A stage that is only a FROM prints its base's ID too: only IDs new to the store.
+        self.layers += [
+            layer
+            for layer in new_layers(built.log)
+            if not any(full.startswith(layer) for full in existing)
+        ]
         if check and built.returncode != 0:
             raise AssertionError(
                 f"podman build of {tag} exited {built.returncode}:\n{built.log[-6000:]}"
@@ -134,6 +140,10 @@ class Podman:
             assert tar.stdout is not None
             tar.stdout.close()
             assert tar.wait(timeout=60) == 0
+
+    def image_ids(self) -> set[str]:
+        listed = self("images", "--all", "--quiet", "--no-trunc").stdout.split()
+        return {image_id.removeprefix("sha256:") for image_id in listed}
 
     def image_size_bytes(self, tag: str) -> int:
         return int(self("image", "inspect", "--format", "{{.Size}}", tag).stdout.strip())
