@@ -18,7 +18,7 @@ from modeld.config import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
-VARIANTS = ["base", "gpu"]
+VARIANTS = ["cpu", "gpu"]  # overlays of deploy/k8s/base
 # The oldest and the newest API the manifests are checked against.
 KUBERNETES_VERSIONS = ["1.30.0", "1.37.0"]
 # Hypercorn's own graceful timeout is shutdown_grace + 2 s; closing the models follows.
@@ -191,9 +191,10 @@ def test_gpu_variant_asks_for_one_gpu_and_the_cuda_image(tmp_path: Path) -> None
     assert container["image"].endswith("-cuda")
     settings = settings_of(objects["ConfigMap"], tmp_path)
     assert settings.vram_budget_mb is None  # the whole card, read through NVML
-    base = tmp_path / "base.yaml"
-    base.write_text(render("base"))
-    assert "nvidia.com/gpu" not in base.read_text()
+    cpu = tmp_path / "cpu.yaml"
+    cpu.write_text(render("cpu"))
+    assert "nvidia.com/gpu" not in cpu.read_text()
+    assert not container_of(manifests(cpu)["Deployment"])["image"].endswith("-cuda")
 
 
 def _mebibytes(quantity: str) -> int:
