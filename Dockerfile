@@ -69,7 +69,18 @@ RUN apt-get update \
     && mkdir -p /models
 COPY --from=build /opt/modeld /opt/modeld
 # Fails the build, not the first start, when a shared library or the Python is missing.
-RUN /opt/modeld/bin/python -c "import llama_cpp, modeld.engine._tokenloop, modeld.cli"
+# A CUDA build's llama.cpp links the driver's libcuda.so.1, which `--gpus` brings only at
+# run time: there ldd must find every other library instead of an import.
+ARG CUDA
+RUN if [ "${CUDA}" = "1" ]; then \
+        ldd /opt/modeld/lib/python3*/site-packages/llama_cpp/lib/*.so > /tmp/ldd.txt \
+        && missing="$(awk '/not found/ && !/libcuda[.]so[.]1 /' /tmp/ldd.txt)" \
+        && rm /tmp/ldd.txt \
+        && if [ -n "${missing}" ]; then echo "${missing}"; exit 1; fi \
+        && /opt/modeld/bin/python -c "import modeld.engine._tokenloop, modeld.config"; \
+    else \
+        /opt/modeld/bin/python -c "import llama_cpp, modeld.engine._tokenloop, modeld.cli"; \
+    fi
 ENV PATH=/opt/modeld/bin:$PATH \
     MODELD_HOST=0.0.0.0 \
     MODELD_PORT=8080 \
