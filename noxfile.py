@@ -1,4 +1,5 @@
-"""Task runner: `nox -s tests`, `nox -s lint`, `nox -s bench`, `nox -s sanitize`, `nox -s ray`."""
+"""Task runner: `nox -s tests`, `nox -s lint`, `nox -s bench`, `nox -s sanitize`, `nox -s ray`,
+`nox -s image`, `nox -s systemd` (docs/deploy.md)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,30 @@ def ray(session: nox.Session) -> None:
     """The scale-out tests on a local Ray cluster (the `ray` extra, about 490 MB)."""
     session.install("-e", ".[test,ray]")
     session.run("python", "-m", "pytest", "tests/ray", *session.posargs)
+
+
+def _container_tests(session: nox.Session, *paths: str) -> None:
+    """Run tests/deploy/container: as root, with apt (podman, debootstrap) and the network
+    to the Debian and PyPI registries; everything made is removed at the end."""
+    session.install("-e", ".[test]")
+    session.env["MODELD_CONTAINER_TESTS"] = "1"
+    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", *paths, *session.posargs)
+
+
+@nox.session
+def image(session: nox.Session) -> None:
+    """Build the Dockerfile on a debootstrapped Debian base, run it, check it; the CUDA
+    argument as far as CMake; hadolint and the Kubernetes manifests."""
+    _container_tests(
+        session,
+        "tests/deploy/container/test_image.py",
+        "tests/deploy/container/test_cuda_build.py",
+        "tests/deploy/test_static.py",
+        "tests/deploy/test_k8s.py",
+    )
+
+
+@nox.session
+def systemd(session: nox.Session) -> None:
+    """deploy/modeld.service under systemd in a container (builds the image first)."""
+    _container_tests(session, "tests/deploy/container/test_systemd.py")
