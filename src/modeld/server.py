@@ -26,8 +26,13 @@ def hypercorn_config(settings: Settings) -> Config:
     config = Config()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
-    config.keep_alive_timeout = 5.0  # idle connections and slow request heads
-    config.read_timeout = 30  # a connection that goes silent mid-body
+    # Idle connections and unfinished request heads. Hypercorn runs this timer only while
+    # no request is in progress, so it never cuts a response.
+    config.keep_alive_timeout = settings.idle_timeout
+    # No read timeout: Hypercorn applies it to any stretch in which the client sends
+    # nothing, including while it waits for its answer, which cut every response longer
+    # than the timeout. A slow body is bounded by --body-timeout where the body is read.
+    config.read_timeout = None
     config.graceful_timeout = settings.shutdown_grace + 2.0
     config.backlog = 1024
     config.accesslog = None

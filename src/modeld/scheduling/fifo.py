@@ -29,10 +29,17 @@ class FifoSlot:
         return len(self._waiters)
 
     async def acquire(self, timeout_s: float | None = None) -> None:
-        """Wait for the slot. Raises ``TimeoutError`` after ``timeout_s``."""
+        """Wait for the slot. Raises ``TimeoutError`` after ``timeout_s``.
+
+        On return the caller owns the slot and must release it; on any exception
+        (cancellation included) it owns nothing.
+        """
         if not self._busy and not self._waiters:
+            # Cancellation is delivered before the slot is taken, never after: taking it
+            # and then awaiting would leave a slot that nobody releases.
+            await anyio.lowlevel.checkpoint_if_cancelled()
             self._busy = True
-            await anyio.lowlevel.checkpoint()
+            await anyio.lowlevel.cancel_shielded_checkpoint()
             return
         handed_over = anyio.Event()
         self._waiters.append(handed_over)
