@@ -16,18 +16,12 @@ from typing import Annotated, Any
 
 import msgspec
 
-from modeld.errors import InvalidRequest
+from modeld.errors import ConfigError
 from modeld.types import LoopKind
 
-__all__ = ["ConfigError", "Settings", "add_settings_arguments", "bool_flags", "load_settings"]
+__all__ = ["Settings", "add_settings_arguments", "bool_flags", "load_settings"]
 
 ENV_PREFIX = "MODELD_"
-
-
-class ConfigError(InvalidRequest):
-    """A setting has a bad value; the message names the setting and its source."""
-
-    code = "bad_config"
 
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -175,4 +169,3 @@ def _read_toml(path: Path) -> dict[str, object]:
     if unknown:
         raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}", field=unknown[0])
     return dict(section)
-

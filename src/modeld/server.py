@@ -7,6 +7,7 @@ only then tells Hypercorn to stop: Hypercorn's own shutdown would cut streams sh
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 
@@ -17,6 +18,7 @@ from loguru import logger
 
 from modeld.api.app import create_app
 from modeld.config import Settings
+from modeld.observability.logging import LoopErrorLog
 from modeld.scheduling.manager import ModelManager
 
 __all__ = ["hypercorn_config", "run_server"]
@@ -41,6 +43,7 @@ def hypercorn_config(settings: Settings) -> Config:
 
 
 async def _serve(settings: Settings) -> None:
+    asyncio.get_running_loop().set_exception_handler(LoopErrorLog())
     manager = ModelManager(settings)
     app = create_app(settings, manager)
     stop = anyio.Event()
@@ -49,7 +52,9 @@ async def _serve(settings: Settings) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 logger.info("shutdown requested", signal=signal.Signals(signum).name)
-                await manager.shutdown(settings.shutdown_grace)
+                abandoned = await manager.shutdown(settings.shutdown_grace)
+                if abandoned:
+                    logger.error("instances abandoned at shutdown", models=abandoned)
                 stop.set()
                 return
 

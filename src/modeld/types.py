@@ -4,6 +4,7 @@ msgspec structs that are the single source of truth for request bounds."""
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Annotated
 
 import msgspec
@@ -11,7 +12,9 @@ import msgspec
 __all__ = [
     "MAX_STOP_STRINGS",
     "MAX_STOP_STRING_CHARS",
+    "MIN_CONTEXT_TOKENS",
     "Chunk",
+    "ContextSizes",
     "DoneReason",
     "GenerationMetrics",
     "GenerationResult",
@@ -19,6 +22,7 @@ __all__ = [
     "InstanceState",
     "LoopKind",
     "SamplingParams",
+    "context_sizes",
 ]
 
 MAX_STOP_STRINGS = 16
@@ -26,6 +30,7 @@ MAX_STOP_STRING_CHARS = 256
 MAX_PROMPT_CHARS = 1_000_000
 MAX_TOKENS_CAP = 1_048_576
 SEED_MAX = 2**32 - 1
+MIN_CONTEXT_TOKENS = 16
 
 
 class DoneReason(enum.StrEnum):
@@ -52,6 +57,30 @@ class LoopKind(enum.StrEnum):
 
     C = "c"
     PYTHON = "python"
+
+
+@dataclass(frozen=True, slots=True)
+class ContextSizes:
+    """The sizes a llama context is created with, in tokens."""
+
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int
+
+
+def context_sizes(n_ctx: int, n_batch: int, n_ctx_train: int | None = None) -> ContextSizes:
+    """The one rule for a context's sizes, used by the engine that creates the context and
+    by the memory estimate that budgets it (if they differed, the budget would be wrong).
+
+    ``n_ctx`` is bounded by the model's trained length and never 0 ("auto"): metadata must
+    not size an allocation. A batch never exceeds the context, and the micro-batch is the
+    whole batch.
+    """
+    if n_ctx_train is not None:
+        n_ctx = min(n_ctx, n_ctx_train)
+    n_ctx = max(MIN_CONTEXT_TOKENS, n_ctx)
+    n_batch = min(n_batch, n_ctx)
+    return ContextSizes(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch)
 
 
 ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]

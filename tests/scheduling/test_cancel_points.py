@@ -70,6 +70,14 @@ async def consume(manager: ModelManager, request: InferRequest) -> None:
             pass
 
 
+async def worker_idle(manager: ModelManager) -> None:
+    """Wait until the model's worker has run everything queued before now: a request
+    cancelled while its prompt was being tokenized keeps the model busy until then."""
+    instance = manager._pool.get(MODEL)
+    if instance is not None and instance.worker is not None:
+        await instance.worker.run(lambda: None)
+
+
 def assert_nothing_leaked(manager: ModelManager) -> None:
     stats = manager.statistics()
     assert stats.admitted == 0
@@ -149,6 +157,7 @@ def run_scenario(
         async with manager:
             with anyio.fail_after(60):
                 suspensions = await scenario(manager, n, delay)
+                await worker_idle(manager)
             assert_nothing_leaked(manager)
             await still_serves(manager)
             assert_nothing_leaked(manager)

@@ -82,12 +82,11 @@ class NdjsonGenerationResponse(Response):
         self,
         owner: AbstractAsyncContextManager[Generation],
         generation: Generation,
-        request_id: str,
     ) -> None:
         # Like StreamingResponse: no body attribute, so no Content-Length header.
         self.status_code = 200
         self.background = None
-        self.init_headers({"X-Request-ID": request_id, "Cache-Control": "no-store"})
+        self.init_headers({"Cache-Control": "no-store"})
         self._owner = owner
         self._generation = generation
 

@@ -6,18 +6,22 @@ budget's check-and-charge needs no lock.
 
 from __future__ import annotations
 
+import errno
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import anyio
 from anyio.abc import TaskGroup
+from loguru import logger
 
 from modeld.config import Settings
 from modeld.engine.base import TokenLoop
 from modeld.engine.llama_engine import EngineSettings, LlamaEngine
 from modeld.engine.worker import EngineWorker
 from modeld.errors import (
+    InvalidModelId,
     MemoryBusy,
     ModelCoolingDown,
     ModeldError,
@@ -25,6 +29,7 @@ from modeld.errors import (
     ModelNotFound,
     ModelTooLarge,
     QueueTimeout,
+    ResourcesExhausted,
     ShuttingDown,
 )
 from modeld.memory.budget import Candidate, MemoryBudget, choose_victims
@@ -32,16 +37,24 @@ from modeld.memory.estimate import FootprintEstimate, estimate_footprint
 from modeld.memory.gguf_header import read_gguf_header
 from modeld.memory.probe import MemoryProbe
 from modeld.registry import ModelFile, Registry, check_model_id
-from modeld.scheduling.events import EventHub
+from modeld.scheduling.events import (
+    EventHub,
+    ModelEvicted,
+    ModelFailed,
+    ModelLoadingProgress,
+    ModelLoadStarted,
+    ModelReady,
+)
 from modeld.scheduling.fifo import FifoSlot
 from modeld.scheduling.instance import Instance, InstanceStatistics, ModelCounters
-from modeld.types import DoneReason, InstanceState
+from modeld.types import DoneReason, InstanceState, context_sizes
 
 __all__ = ["EngineFactory", "InstancePool"]
 
 MIB = 1024 * 1024
 _BACKOFF_BASE_S = 1.0
 _BACKOFF_MAX_S = 60.0
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 
 EngineFactory = Callable[[ModelFile, EngineSettings, TokenLoop, int], LlamaEngine]
 
@@ -81,7 +94,8 @@ class InstancePool:
         self._slots: dict[str, FifoSlot] = {}
         self.counters: dict[str, ModelCounters] = {}
         self._memory_changed = anyio.Event()
-        self._load_lock = anyio.Lock()
+        self._measuring: Instance | None = None  # the load whose memory growth is measured
+        self._measuring_ended = anyio.Event()
         self._task_group: TaskGroup | None = None
         self.accepting = True
 
@@ -102,6 +116,14 @@ class InstancePool:
             slot = self._slots[model_id] = FifoSlot()
         return slot
 
+    def forget_slot_if_unused(self, model_id: str) -> None:
+        """Drop an idle line for a model that has never been loaded (an id that turned
+        out unknown): ids a client makes up must not grow the table."""
+        slot = self._slots.get(model_id)
+        unknown = model_id not in self._instances and model_id not in self.counters
+        if slot is not None and slot.idle and unknown:
+            del self._slots[model_id]
+
     def statistics(self, now_s: float, now_unix: float) -> list[InstanceStatistics]:
         loaded = [i.statistics(now_s, now_unix) for i in self._instances.values()]
         return sorted(loaded + self._cooling_down(now_s), key=lambda stats: stats.model_id)
@@ -117,7 +139,7 @@ class InstancePool:
 
     async def load(self, model_id: str, *, pin: bool | None = None) -> Instance:
         """Load (and warm) a model now; optionally pin it against eviction."""
-        model = self.registry.resolve(model_id)
+        model = await self.registry.lookup(model_id)
         deadline_s = time.monotonic() + self.settings.load_timeout
         instance = await self.ready_instance(model, deadline_s)
         if pin is not None:
@@ -135,9 +157,38 @@ class InstancePool:
             raise ModelNotFound(f"model {model_id!r} is not loaded")
         await self.unload(instance, DoneReason.EVICTED)
 
-    async def unload_all(self, reason: DoneReason) -> None:
-        for instance in list(self._instances.values()):
-            await self.unload(instance, reason)
+    async def unload_all(self, reason: DoneReason, within_s: float) -> list[str]:
+        """Unload every instance, giving them ``within_s`` together; returns the ids of
+        those abandoned because their worker did not stop (hung in llama.cpp).
+
+        An abandoned instance leaves the table and the budget at once; its thread is
+        left to end on its own (it is a daemon: it cannot keep the process alive).
+        """
+        instances = list(self._instances.values())
+        async with anyio.create_task_group() as unloads:
+            for instance in instances:
+                unloads.start_soon(self.unload, instance, reason)
+            with anyio.move_on_after(within_s):
+                for instance in instances:
+                    await instance.gone.wait()
+            abandoned = [i for i in instances if not i.gone.is_set()]
+            for instance in abandoned:
+                self._abandon(instance, reason)
+            unloads.cancel_scope.cancel()
+        return [i.model_id for i in abandoned]
+
+    def _abandon(self, instance: Instance, reason: DoneReason) -> None:
+        logger.warning(
+            "instance abandoned: its worker did not stop",
+            model=instance.model_id,
+            state=str(instance.state),
+        )
+        if instance.active is not None:
+            instance.active.abandon(reason)
+        if instance.disposal is not None:
+            instance.disposal.cancel()  # its bookkeeping runs in its own finally
+        else:
+            self._forget(instance)
 
     def _cooling_down(self, now_s: float) -> list[InstanceStatistics]:
         """Models with no instance whose last load failed: shown as ``error`` with the
@@ -180,8 +231,10 @@ class InstancePool:
                 await instance.gone.wait()
                 continue
             if instance.state is InstanceState.READY:
-                if self._file_changed(instance):
+                if await self._file_changed(instance):
                     await self.unload(instance, DoneReason.EVICTED)
+                    continue
+                if not instance.is_ready():  # unloaded while the file was looked at
                     continue
                 return instance
             with anyio.move_on_after(max(0.0, deadline_s - time.monotonic())) as scope:
@@ -192,11 +245,14 @@ class InstancePool:
                 assert instance.error is not None
                 raise instance.error
 
-    def _file_changed(self, instance: Instance) -> bool:
-        """A file rewritten in place under a loaded (mmapped) model must not be used."""
+    async def _file_changed(self, instance: Instance) -> bool:
+        """A file rewritten in place under a loaded (mmapped) model must not be used.
+
+        Raises :class:`ModelsDirUnavailable` when the models dir does not answer.
+        """
         try:
-            current = self.registry.resolve(instance.model_id)
-        except ModeldError:
+            current = await self.registry.lookup(instance.model_id)
+        except (ModelNotFound, InvalidModelId):
             return True
         return current.identity != instance.model.identity
 
@@ -224,24 +280,24 @@ class InstancePool:
     async def _load(self, instance: Instance, deadline_s: float) -> None:
         model, counters = instance.model, instance.counters
         started_s = time.monotonic()
-        self.events.publish("model_load_started", model=model.id)
+        self.events.publish(ModelLoadStarted(model=model.id))
         try:
             header = await anyio.to_thread.run_sync(
                 lambda: read_gguf_header(model.path, max_context_length=1 << 20)
             )
-            n_ctx = min(self.settings.n_ctx, header.context_length)
+            sizes = context_sizes(self.settings.n_ctx, self.settings.n_batch, header.context_length)
             estimate = estimate_footprint(
                 header,
-                n_ctx=n_ctx,
+                n_ctx=sizes.n_ctx,
                 n_gpu_layers=self.settings.n_gpu_layers,
-                n_batch=self.settings.n_batch,
+                n_batch=sizes.n_batch,
                 gpu=self._gpu,
             )
             self._progress(model.id, "validated", 0.1)
             await self._reserve(instance, estimate.total_bytes, deadline_s)
             self._progress(model.id, "memory_reserved", 0.2)
-            async with self._load_lock:  # one load at a time: measurements stay attributable
-                before_bytes = self._probe.used_bytes()
+            async with self._measurement(instance) as measured:
+                before_bytes = self._probe.used_bytes() if measured else 0
                 worker = EngineWorker(f"modeld:{model.id}")
                 instance.worker = worker
                 engine_settings = EngineSettings(
@@ -259,33 +315,60 @@ class InstancePool:
                 instance.engine = engine
                 self._progress(model.id, "weights_loaded", 0.9)
                 await worker.run(engine.warm_up)
-                measured_bytes = self._probe.used_bytes() - before_bytes
+                measured_bytes = self._probe.used_bytes() - before_bytes if measured else 0
             self.budget.charge(model.id, self._charge_after_load(measured_bytes, estimate, engine))
             instance.charge_bytes = self.budget.charge_of(model.id)
-            instance.measured = True
+            instance.measured = measured
         except ModeldError as exc:
-            await self._fail_load(instance, exc)
+            await self._fail_load(instance, _out_of_descriptors(exc) or exc)
+        except OSError as exc:
+            await self._fail_load(instance, _out_of_descriptors(exc) or _load_failed(model, exc))
         except Exception as exc:  # a bug or an unexpected engine failure: still contained
-            await self._fail_load(instance, ModelLoadFailed(f"{model.id}: {exc!r}"))
+            await self._fail_load(instance, _load_failed(model, exc))
         else:
             instance.transition(InstanceState.READY)
             instance.ready_at_s = time.monotonic()
             counters.loads_total += 1
             counters.consecutive_failures = 0
             counters.retry_at_s = 0.0
-            self.events.publish(
-                "model_ready", model=model.id, load_ms=round((time.monotonic() - started_s) * 1000)
-            )
+            load_ms = round((time.monotonic() - started_s) * 1000)
+            self.events.publish(ModelReady(model=model.id, load_ms=load_ms))
         finally:
             instance.settled.set()
             self.notify_changed()
 
+    @asynccontextmanager
+    async def _measurement(self, instance: Instance) -> AsyncIterator[bool]:
+        """Loads take turns so that the probe's growth across one belongs to it alone;
+        yields whether this load is measured.
+
+        A load that has run past ``--load-timeout`` (hung inside llama.cpp) no longer
+        holds the others back: they go ahead unmeasured, charged their estimate.
+        """
+        while self._measuring is not None:
+            stalled_at_s = self._measuring.loading_since_s + self.settings.load_timeout
+            if time.monotonic() >= stalled_at_s:
+                logger.warning(
+                    "load goes ahead unmeasured: another load is stalled",
+                    model=instance.model_id,
+                    stalled=self._measuring.model_id,
+                )
+                yield False
+                return
+            with anyio.move_on_after(stalled_at_s - time.monotonic()):
+                await self._measuring_ended.wait()
+        self._measuring = instance
+        try:
+            yield True
+        finally:
+            self._measuring = None
+            self._measuring_ended.set()
+            self._measuring_ended = anyio.Event()
+
     def _progress(self, model_id: str, stage: str, fraction: float) -> None:
         """Load stages as events. llama-cpp-python 0.3.36's ``Llama`` exposes no hook for
         llama.cpp's progress callback, so progress is reported per stage, not per tensor."""
-        self.events.publish(
-            "model_loading_progress", model=model_id, stage=stage, progress=fraction
-        )
+        self.events.publish(ModelLoadingProgress(model=model_id, stage=stage, progress=fraction))
 
     def _charge_after_load(
         self, measured_bytes: int, estimate: FootprintEstimate, engine: LlamaEngine
@@ -306,7 +389,7 @@ class InstancePool:
         counters = instance.counters
         counters.load_failures_total += 1
         counters.last_error = error.message
-        if not isinstance(error, (MemoryBusy, QueueTimeout)):
+        if not isinstance(error, MemoryBusy | QueueTimeout | ResourcesExhausted):
             counters.consecutive_failures += 1
             backoff_s = min(
                 _BACKOFF_MAX_S, _BACKOFF_BASE_S * 2 ** (counters.consecutive_failures - 1)
@@ -314,7 +397,7 @@ class InstancePool:
             counters.retry_at_s = time.monotonic() + backoff_s
         instance.error = error
         instance.transition(InstanceState.ERROR)
-        self.events.publish("model_error", model=instance.model_id, error=error.message)
+        self.events.publish(ModelFailed(model=instance.model_id, error=error.message))
         await self._dispose(instance)
 
     async def _reserve(self, instance: Instance, need_bytes: int, deadline_s: float) -> None:
@@ -383,22 +466,58 @@ class InstancePool:
             instance.active.cancel(reason)
         if eviction:
             instance.counters.evictions_total += 1
-        self.events.publish("model_evicted", model=instance.model_id, reason=str(reason))
+        self.events.publish(ModelEvicted(model=instance.model_id, reason=reason))
         await self._dispose(instance)
 
     async def _dispose(self, instance: Instance) -> None:
-        """Close the engine on its own thread (after any running loop), free its charge."""
-        with anyio.CancelScope(shield=True):
-            engine, worker = instance.engine, instance.worker
-            if worker is not None:
-                if engine is not None:
-                    await worker.run(engine.close)
-                await worker.shutdown()
-            instance.engine = None
-            instance.worker = None
-            self.budget.release(instance.model_id)
-            instance.charge_bytes = 0
-            if self._instances.get(instance.model_id) is instance:
-                del self._instances[instance.model_id]
-            instance.gone.set()
-            self.notify_changed()
+        """Close the engine on its own thread (after any running loop), free its charge.
+
+        However the close ends (done, failed, or abandoned by :meth:`unload_all` through
+        ``instance.disposal``), the instance leaves the table and the budget.
+        """
+        with anyio.CancelScope(shield=True) as disposal:
+            instance.disposal = disposal
+            try:
+                await _close_engine(instance)
+            except Exception as exc:
+                logger.error("closing an instance failed", model=instance.model_id, error=repr(exc))
+            finally:
+                instance.disposal = None
+                self._forget(instance)
+
+    def _forget(self, instance: Instance) -> None:
+        instance.engine = None
+        instance.worker = None
+        self.budget.release(instance.model_id)
+        instance.charge_bytes = 0
+        if self._instances.get(instance.model_id) is instance:
+            del self._instances[instance.model_id]
+        instance.gone.set()
+        self.notify_changed()
+
+
+async def _close_engine(instance: Instance) -> None:
+    """``engine.close`` queued behind whatever the worker runs, then the thread's end."""
+    engine, worker = instance.engine, instance.worker
+    if worker is None:
+        return
+    try:
+        if engine is not None:
+            await worker.run(engine.close)
+    finally:
+        await worker.shutdown()
+
+
+def _out_of_descriptors(error: BaseException) -> ResourcesExhausted | None:
+    """EMFILE/ENFILE, raised directly or behind a modeld error: a passing shortage, not
+    a bad model file (no cooldown)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in _OUT_OF_DESCRIPTORS:
+            return ResourcesExhausted(f"out of file descriptors: {cause.strerror}")
+        cause = cause.__cause__
+    return None
+
+
+def _load_failed(model: ModelFile, error: Exception) -> ModelLoadFailed:
+    return ModelLoadFailed(f"{model.id}: {error!r}")
