@@ -94,10 +94,11 @@ class ModelManager:
         probe: MemoryProbe | None = None,
         events: EventHub | None = None,
         engine_factory: EngineFactory | None = None,
+        registry: Registry | None = None,
         close_timeout_s: float = CLOSE_TIMEOUT_S,
     ) -> None:
         self.settings = settings
-        self.registry = Registry(settings.models_path)
+        self.registry = registry or Registry(settings.models_path)
         self.events = events or EventHub()
         self._gpu = settings.n_gpu_layers != 0 and gpu_offload_available()
         if token_loop is None:
