@@ -98,9 +98,7 @@ async def test_shutdown_abandons_a_worker_hung_in_a_generation(
     models_dir: Path, token_loop: TokenLoop
 ) -> None:
     gate = threading.Event()
-    manager = manager_with(
-        models_dir, token_loop, faulty(generate_gate=gate), close_timeout_s=0.5
-    )
+    manager = manager_with(models_dir, token_loop, faulty(generate_gate=gate), close_timeout_s=0.5)
     try:
         async with manager:
             async with manager.stream(ask(max_tokens=50)) as generation:
@@ -234,8 +232,7 @@ async def test_the_model_stays_busy_while_a_left_request_is_still_tokenized(
             await manager.load(MODEL)
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(manager.complete, ask())
-                while not entered.is_set():
-                    await anyio.sleep(0.005)  # the worker has taken the prompt
+                await anyio.to_thread.run_sync(entered.wait, HANG_LIMIT_S)  # worker has it
                 tasks.cancel_scope.cancel()  # the client leaves while its prompt is tokenized
             instance = manager.statistics().instances[0]
             assert instance.inflight == 1  # busy, and visibly so, until the worker is done
