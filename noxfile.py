@@ -1,4 +1,4 @@
-"""Task runner: `nox -s tests`, `nox -s lint`, `nox -s bench`, `nox -s sanitize`."""
+"""Task runner: `nox -s tests`, `nox -s lint`, `nox -s bench`, `nox -s sanitize`, `nox -s soak`."""
 
 from __future__ import annotations
 
@@ -42,3 +42,10 @@ def sanitize(session: nox.Session) -> None:
     session.env["ASAN_OPTIONS"] = "detect_leaks=0"
     session.env["PYTHONMALLOC"] = "malloc"
     session.run("python", "-m", "pytest", "tests/engine", *session.posargs)
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """About ten minutes of concurrent clients abusing a real server; not in CI's run."""
+    session.install("-e", ".[test]")
+    session.run("python", "benchmarks/soak.py", *session.posargs)
