@@ -125,10 +125,6 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
     def submit(self, fn: Callable[[], T]) -> ThreadCall[T]:
         call = ThreadCall(fn, self._on_loop)
         if self._stopping:

@@ -386,8 +386,7 @@ class ModelManager:
         if not instance.is_ready():
             return None
         ring = engine.new_ring()
-        params = request.sampling()
-        call = worker.submit(lambda: engine.generate(ring, prompt_tokens, params))
+        call = worker.submit(lambda: engine.generate(ring, prompt_tokens, request))
         timing.started_s = time.monotonic()
         instance.last_used_s = timing.started_s
         timeout = self.settings.infer_timeout
