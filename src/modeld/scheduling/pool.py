@@ -6,11 +6,9 @@ budget's check-and-charge needs no lock.
 
 from __future__ import annotations
 
-import errno
 import math
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 import anyio
 from anyio.abc import TaskGroup
@@ -18,14 +16,11 @@ from loguru import logger
 
 from modeld.config import Settings
 from modeld.engine.base import TokenLoop
-from modeld.engine.llama_engine import EngineSettings, LlamaEngine
-from modeld.engine.worker import EngineWorker
 from modeld.errors import (
     InvalidModelId,
     MemoryBusy,
     ModelCoolingDown,
     ModeldError,
-    ModelLoadFailed,
     ModelNotFound,
     ModelTooLarge,
     QueueTimeout,
@@ -33,36 +28,25 @@ from modeld.errors import (
     ShuttingDown,
 )
 from modeld.memory.budget import Candidate, MemoryBudget, choose_victims
-from modeld.memory.estimate import FootprintEstimate, estimate_footprint
-from modeld.memory.gguf_header import read_gguf_header
 from modeld.memory.probe import MemoryProbe
 from modeld.registry import ModelFile, Registry, check_model_id
 from modeld.scheduling.events import (
     EventHub,
     ModelEvicted,
     ModelFailed,
-    ModelLoadingProgress,
     ModelLoadStarted,
     ModelReady,
 )
 from modeld.scheduling.fifo import FifoSlot
 from modeld.scheduling.instance import Instance, InstanceStatistics, ModelCounters
-from modeld.types import DoneReason, InstanceState, context_sizes
+from modeld.scheduling.loading import EngineFactory, Loader
+from modeld.types import DoneReason, InstanceState
 
 __all__ = ["EngineFactory", "InstancePool"]
 
 MIB = 1024 * 1024
 _BACKOFF_BASE_S = 1.0
 _BACKOFF_MAX_S = 60.0
-_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
-
-EngineFactory = Callable[[ModelFile, EngineSettings, TokenLoop, int], LlamaEngine]
-
-
-def _default_engine_factory(
-    model: ModelFile, settings: EngineSettings, loop: TokenLoop, n_ctx_train: int
-) -> LlamaEngine:
-    return LlamaEngine(model.path, settings, loop, n_ctx_train)
 
 
 class InstancePool:
@@ -85,17 +69,20 @@ class InstancePool:
         self.registry = registry
         self.events = events
         self.budget = budget
-        self._loop = token_loop
-        self._probe = probe
-        self._gpu = gpu
         self._retry_after_s = retry_after_s
-        self._engine_factory = engine_factory or _default_engine_factory
+        self._loader = Loader(
+            settings,
+            events=events,
+            token_loop=token_loop,
+            probe=probe,
+            budget=budget,
+            gpu=gpu,
+            engine_factory=engine_factory,
+        )
         self._instances: dict[str, Instance] = {}
         self._slots: dict[str, FifoSlot] = {}
         self.counters: dict[str, ModelCounters] = {}
         self._memory_changed = anyio.Event()
-        self._measuring: Instance | None = None  # the load whose memory growth is measured
-        self._measuring_ended = anyio.Event()
         self._task_group: TaskGroup | None = None
         self.accepting = True
 
@@ -278,112 +265,26 @@ class InstancePool:
         return instance
 
     async def _load(self, instance: Instance, deadline_s: float) -> None:
-        model, counters = instance.model, instance.counters
         started_s = time.monotonic()
-        self.events.publish(ModelLoadStarted(model=model.id))
+        self.events.publish(ModelLoadStarted(model=instance.model_id))
         try:
-            header = await anyio.to_thread.run_sync(
-                lambda: read_gguf_header(model.path, max_context_length=1 << 20)
+            await self._loader.load(
+                instance, lambda i, need_bytes: self._reserve(i, need_bytes, deadline_s)
             )
-            sizes = context_sizes(self.settings.n_ctx, self.settings.n_batch, header.context_length)
-            estimate = estimate_footprint(
-                header,
-                n_ctx=sizes.n_ctx,
-                n_gpu_layers=self.settings.n_gpu_layers,
-                n_batch=sizes.n_batch,
-                gpu=self._gpu,
-            )
-            self._progress(model.id, "validated", 0.1)
-            await self._reserve(instance, estimate.total_bytes, deadline_s)
-            self._progress(model.id, "memory_reserved", 0.2)
-            async with self._measurement(instance) as measured:
-                before_bytes = self._probe.used_bytes() if measured else 0
-                worker = EngineWorker(f"modeld:{model.id}")
-                instance.worker = worker
-                engine_settings = EngineSettings(
-                    n_ctx=self.settings.n_ctx,
-                    n_batch=self.settings.n_batch,
-                    n_threads=self.settings.n_threads,
-                    n_gpu_layers=self.settings.n_gpu_layers,
-                    use_mmap=not self.settings.no_mmap,
-                )
-                engine = await worker.run(
-                    lambda: self._engine_factory(
-                        model, engine_settings, self._loop, header.context_length
-                    )
-                )
-                instance.engine = engine
-                self._progress(model.id, "weights_loaded", 0.9)
-                await worker.run(engine.warm_up)
-                measured_bytes = self._probe.used_bytes() - before_bytes if measured else 0
-            self.budget.charge(model.id, self._charge_after_load(measured_bytes, estimate, engine))
-            instance.charge_bytes = self.budget.charge_of(model.id)
-            instance.measured = measured
         except ModeldError as exc:
-            await self._fail_load(instance, _out_of_descriptors(exc) or exc)
-        except OSError as exc:
-            await self._fail_load(instance, _out_of_descriptors(exc) or _load_failed(model, exc))
-        except Exception as exc:  # a bug or an unexpected engine failure: still contained
-            await self._fail_load(instance, _load_failed(model, exc))
+            await self._fail_load(instance, exc)
         else:
             instance.transition(InstanceState.READY)
             instance.ready_at_s = time.monotonic()
+            counters = instance.counters
             counters.loads_total += 1
             counters.consecutive_failures = 0
             counters.retry_at_s = 0.0
             load_ms = round((time.monotonic() - started_s) * 1000)
-            self.events.publish(ModelReady(model=model.id, load_ms=load_ms))
+            self.events.publish(ModelReady(model=instance.model_id, load_ms=load_ms))
         finally:
             instance.settled.set()
             self.notify_changed()
-
-    @asynccontextmanager
-    async def _measurement(self, instance: Instance) -> AsyncIterator[bool]:
-        """Loads take turns so that the probe's growth across one belongs to it alone;
-        yields whether this load is measured.
-
-        A load that has run past ``--load-timeout`` (hung inside llama.cpp) no longer
-        holds the others back: they go ahead unmeasured, charged their estimate.
-        """
-        while self._measuring is not None:
-            stalled_at_s = self._measuring.loading_since_s + self.settings.load_timeout
-            if time.monotonic() >= stalled_at_s:
-                logger.warning(
-                    "load goes ahead unmeasured: another load is stalled",
-                    model=instance.model_id,
-                    stalled=self._measuring.model_id,
-                )
-                yield False
-                return
-            with anyio.move_on_after(stalled_at_s - time.monotonic()):
-                await self._measuring_ended.wait()
-        self._measuring = instance
-        try:
-            yield True
-        finally:
-            self._measuring = None
-            self._measuring_ended.set()
-            self._measuring_ended = anyio.Event()
-
-    def _progress(self, model_id: str, stage: str, fraction: float) -> None:
-        """Load stages as events. llama-cpp-python 0.3.36's ``Llama`` exposes no hook for
-        llama.cpp's progress callback, so progress is reported per stage, not per tensor."""
-        self.events.publish(ModelLoadingProgress(model=model_id, stage=stage, progress=fraction))
-
-    def _charge_after_load(
-        self, measured_bytes: int, estimate: FootprintEstimate, engine: LlamaEngine
-    ) -> int:
-        """What a loaded instance costs the budget from now on.
-
-        On a GPU, NVML's per-process growth across the load replaces the estimate (floored
-        by llama.cpp's own weight + KV sizes). On CPU, RSS right after warm-up misses the
-        compute buffer and KV pages that are allocated but not yet touched, so the estimate
-        stays the floor there and a larger measurement replaces it.
-        """
-        reported_bytes = engine.model_size_bytes + estimate.kv_cache_bytes
-        if self._probe.kind == "nvml":
-            return max(measured_bytes, reported_bytes)
-        return max(measured_bytes, reported_bytes, estimate.total_bytes)
 
     async def _fail_load(self, instance: Instance, error: ModeldError) -> None:
         counters = instance.counters
@@ -506,18 +407,3 @@ async def _close_engine(instance: Instance) -> None:
             await worker.run(engine.close)
     finally:
         await worker.shutdown()
-
-
-def _out_of_descriptors(error: BaseException) -> ResourcesExhausted | None:
-    """EMFILE/ENFILE, raised directly or behind a modeld error: a passing shortage, not
-    a bad model file (no cooldown)."""
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, OSError) and cause.errno in _OUT_OF_DESCRIPTORS:
-            return ResourcesExhausted(f"out of file descriptors: {cause.strerror}")
-        cause = cause.__cause__
-    return None
-
-
-def _load_failed(model: ModelFile, error: Exception) -> ModelLoadFailed:
-    return ModelLoadFailed(f"{model.id}: {error!r}")
