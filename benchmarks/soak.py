@@ -151,7 +151,11 @@ class Soak:
                 return None
             lines: list[dict[str, object]] = []
             async for line in response.aiter_lines():
-                lines.append(json.loads(line))
+                try:
+                    lines.append(json.loads(line))
+                except json.JSONDecodeError:
+                    self.account.bad_streams.append(f"{request_id}: a broken line {line!r}")
+                    lines.append({"broken": True})
                 if 0 <= keep <= len(lines):
                     break
             return lines

@@ -244,6 +244,7 @@ class ModelManager:
             finally:
                 await generation.aclose()
         finally:
+            ticket.release()  # a no-op unless nothing took it over (idempotent)
             self._admitted -= 1
             self._pool.forget_slot_if_unused(model_id)
 
