@@ -73,6 +73,20 @@ def faulty(**faults: Any) -> Callable[..., LlamaEngine]:
     return factory
 
 
+def hanging_load(release: threading.Event, model_id: str = MODEL) -> Callable[..., LlamaEngine]:
+    """A factory whose load of ``model_id`` hangs (inside llama.cpp, as far as modeld can
+    tell) until ``release`` is set."""
+
+    def factory(
+        model: ModelFile, settings: EngineSettings, loop: TokenLoop, n_ctx_train: int
+    ) -> LlamaEngine:
+        if model.id == model_id:
+            release.wait(HANG_LIMIT_S)
+        return LlamaEngine(model.path, settings, loop, n_ctx_train)
+
+    return factory
+
+
 def manager_with(
     models_dir: Path, token_loop: TokenLoop, factory: Callable[..., LlamaEngine], **kw: Any
 ) -> ModelManager:
@@ -123,15 +137,12 @@ async def test_shutdown_abandons_a_load_hung_inside_llama_cpp(
     models_dir: Path, token_loop: TokenLoop
 ) -> None:
     release = threading.Event()
-
-    def hanging_factory(
-        model: ModelFile, settings: EngineSettings, loop: TokenLoop, n_ctx_train: int
-    ) -> LlamaEngine:
-        release.wait(HANG_LIMIT_S)
-        return LlamaEngine(model.path, settings, loop, n_ctx_train)
-
     manager = manager_with(
-        models_dir, token_loop, hanging_factory, close_timeout_s=0.5, settings={"max_wait_ms": 50}
+        models_dir,
+        token_loop,
+        hanging_load(release),
+        close_timeout_s=0.5,
+        settings={"max_wait_ms": 50},
     )
     try:
         async with manager:
@@ -148,15 +159,9 @@ async def test_a_stalled_load_does_not_hold_back_other_models(
     models_dir: Path, token_loop: TokenLoop
 ) -> None:
     release = threading.Event()
-
-    def factory(
-        model: ModelFile, settings: EngineSettings, loop: TokenLoop, n_ctx_train: int
-    ) -> LlamaEngine:
-        if model.id == MODEL:
-            release.wait(HANG_LIMIT_S)
-        return LlamaEngine(model.path, settings, loop, n_ctx_train)
-
-    manager = manager_with(models_dir, token_loop, factory, settings={"load_timeout": 0.3})
+    manager = manager_with(
+        models_dir, token_loop, hanging_load(release), settings={"load_timeout": 0.3}
+    )
     try:
         async with manager:
             with anyio.move_on_after(0.05):
