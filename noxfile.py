@@ -1,5 +1,5 @@
-"""Task runner: `nox -s tests`, `nox -s lint`, `nox -s bench`, `nox -s sanitize`, `nox -s ray`,
-`nox -s image`, `nox -s systemd` (docs/deploy.md)."""
+"""Task runner: `nox -s tests`, `nox -s lint`, `nox -s bench`, `nox -s sanitize`, `nox -s soak`,
+`nox -s ray`, `nox -s image`, `nox -s systemd` (docs/deploy.md)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,13 @@ def sanitize(session: nox.Session) -> None:
     session.env["ASAN_OPTIONS"] = "detect_leaks=0"
     session.env["PYTHONMALLOC"] = "malloc"
     session.run("python", "-m", "pytest", "tests/engine", *session.posargs)
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """About ten minutes of concurrent clients abusing a real server; not in CI's run."""
+    session.install("-e", ".[test]")
+    session.run("python", "benchmarks/soak.py", *session.posargs)
 
 
 @nox.session

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from modeld.config import ConfigError, Settings, load_settings
+from modeld.config import Settings, add_settings_arguments, bool_flags, load_settings
+from modeld.errors import ConfigError
 from modeld.types import LoopKind
 
 
@@ -68,3 +71,42 @@ def test_bad_files_are_config_errors(tmp_path: Path) -> None:
     for path in [broken, unknown, tmp_path / "missing.toml"]:
         with pytest.raises(ConfigError):
             load_settings({"config": str(path)}, env={})
+
+
+BOOL_SETTINGS = sorted(
+    f.name for f in msgspec.structs.fields(Settings) if f.type is bool or f.type == "bool"
+)
+
+
+def parse_flags(*argv: str) -> Settings:
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    return load_settings(vars(parser.parse_args(argv)), env={})
+
+
+def test_every_boolean_setting_is_known() -> None:
+    assert BOOL_SETTINGS == ["demo", "no_mmap", "prewarm_default"]
+
+
+@pytest.mark.parametrize("name", BOOL_SETTINGS)
+def test_boolean_flag_pair_and_env(name: str) -> None:
+    set_flag, clear_flag = bool_flags(name)
+    default = getattr(Settings(), name)
+    assert getattr(parse_flags(), name) is default
+    assert getattr(parse_flags(set_flag), name) is True
+    assert getattr(parse_flags(clear_flag), name) is False
+    assert getattr(parse_flags(clear_flag, set_flag), name) is True  # the last flag wins
+    env_name = "MODELD_" + name.upper()
+    for raw, value in [("1", True), ("true", True), ("0", False), ("off", False)]:
+        assert getattr(load_settings({}, env={env_name: raw}), name) is value
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    flags = vars(parser.parse_args([clear_flag]))
+    assert getattr(load_settings(flags, env={env_name: "1"}), name) is False  # flag > env
+
+
+def test_no_mmap_flags_read_as_documented() -> None:
+    assert bool_flags("no_mmap") == ("--no-mmap", "--mmap")
+    assert parse_flags("--no-mmap").no_mmap is True
+    assert parse_flags("--mmap").no_mmap is False
+    assert bool_flags("prewarm_default") == ("--prewarm-default", "--no-prewarm-default")

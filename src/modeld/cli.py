@@ -9,7 +9,8 @@ from pathlib import Path
 
 import msgspec
 
-from modeld.config import ConfigError, Settings, add_settings_arguments, load_settings
+from modeld.config import Settings, add_settings_arguments, load_settings
+from modeld.errors import ConfigError
 from modeld.observability.logging import configure_logging
 
 __all__ = ["main"]

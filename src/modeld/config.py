@@ -10,25 +10,19 @@ import argparse
 import os
 import tomllib
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
 
-from modeld.errors import InvalidRequest
+from modeld.errors import ConfigError
 from modeld.sizes import MAX_CONTEXT_TOKENS, MIB
 from modeld.types import LoopKind
 
-__all__ = ["ConfigError", "Settings", "add_settings_arguments", "load_settings"]
+__all__ = ["Settings", "add_settings_arguments", "bool_flags", "load_settings"]
 
 ENV_PREFIX = "MODELD_"
-
-
-class ConfigError(InvalidRequest):
-    """A setting has a bad value; the message names the setting and its source."""
-
-    code = "bad_config"
 
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -56,6 +50,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     allowed_hosts: list[str] = []
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = MIB
     body_timeout: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    idle_timeout: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 10.0
     token_loop: LoopKind = LoopKind.C
     no_mmap: bool = False
@@ -85,15 +80,28 @@ def _is_list(name: str) -> bool:
     return typing.get_origin(_FIELDS[name].type) is list
 
 
+def bool_flags(name: str) -> tuple[str, str]:
+    """The flag that sets a boolean setting and the one that clears it.
+
+    A setting named ``no_x`` is set by ``--no-x`` and cleared by ``--x``: argparse's
+    BooleanOptionalAction would read ``--no-x`` as the negative of ``--x`` and leave it false.
+    """
+    if name.startswith("no_"):
+        return _flag(name), _flag(name.removeprefix("no_"))
+    return _flag(name), "--no-" + _flag(name).removeprefix("--")
+
+
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting; defaults are suppressed so that absent flags fall through."""
+    """One flag per setting (two per boolean); absent flags fall through to env and file."""
     parser.add_argument("--config", type=Path, help="TOML file with settings", default=None)
     for name in _FIELDS:
         flag = _flag(name)
         if _is_bool(name):
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS
-            )
+            set_flag, clear_flag = bool_flags(name)
+            for option, value in ((set_flag, True), (clear_flag, False)):
+                parser.add_argument(
+                    option, dest=name, action="store_const", const=value, default=argparse.SUPPRESS
+                )
         else:
             help_text = "comma-separated list" if _is_list(name) else None
             parser.add_argument(flag, default=argparse.SUPPRESS, help=help_text)
@@ -162,9 +170,3 @@ def _read_toml(path: Path) -> dict[str, object]:
     if unknown:
         raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}", field=unknown[0])
     return dict(section)
-
-
-def settings_from_argv(argv: Sequence[str] | None = None) -> Settings:
-    parser = argparse.ArgumentParser(prog="modeld")
-    add_settings_arguments(parser)
-    return load_settings(vars(parser.parse_args(argv)))

@@ -7,7 +7,9 @@ string in JSON error bodies). HTTP statuses live in one table in ``modeld.api.er
     ├── InvalidRequest            bad_request           the request itself is wrong
     │   ├── InvalidModelId        invalid_model_id      unsafe or malformed model id
     │   ├── PayloadTooLarge       payload_too_large     body over --max-body-bytes
-    │   └── RequestBodyTimeout    request_timeout       body not received in time
+    │   ├── RequestBodyTimeout    request_timeout       body not received in time
+    │   └── ConfigError           bad_config            a setting has a bad value
+    ├── ClientDisconnected        client_disconnected   the client left before its answer
     ├── ModelNotFound             model_not_found       no such file in the models dir
     ├── NoDefaultModel            no_default_model      ``model`` omitted, none configured
     ├── ModelInvalid              model_invalid         the GGUF file fails validation
@@ -20,6 +22,8 @@ string in JSON error bodies). HTTP statuses live in one table in ``modeld.api.er
     │   ├── TooManyInflight       too_many_inflight     global in-flight cap reached
     │   └── MemoryBusy            memory_busy           only busy instances block the load
     ├── ShuttingDown              shutting_down         the manager no longer admits work
+    ├── ResourcesExhausted        resources_exhausted   out of file descriptors (EMFILE)
+    ├── ModelsDirUnavailable      models_dir_unavailable  the models dir did not answer
     ├── RequestNotFound           request_not_found     unknown request id (cancel)
     ├── ForbiddenHost             forbidden_host        Host header not allowed
     ├── InferTimeout              infer_timeout         never started within infer_timeout
@@ -31,6 +35,8 @@ string in JSON error bodies). HTTP statuses live in one table in ``modeld.api.er
 from __future__ import annotations
 
 __all__ = [
+    "ClientDisconnected",
+    "ConfigError",
     "EngineError",
     "ForbiddenHost",
     "InferTimeout",
@@ -44,6 +50,7 @@ __all__ = [
     "ModelNotFound",
     "ModelTooLarge",
     "ModeldError",
+    "ModelsDirUnavailable",
     "NoDefaultModel",
     "Overloaded",
     "PayloadTooLarge",
@@ -51,6 +58,7 @@ __all__ = [
     "QueueTimeout",
     "RequestBodyTimeout",
     "RequestNotFound",
+    "ResourcesExhausted",
     "ShuttingDown",
     "TokenLoopUnavailable",
     "TooManyInflight",
@@ -80,6 +88,19 @@ class InvalidModelId(InvalidRequest):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, field="model")
+
+
+class ConfigError(InvalidRequest):
+    """A setting has a bad value; the message names the setting and its source."""
+
+    code = "bad_config"
+
+
+class ClientDisconnected(ModeldError):
+    """The client closed the connection before its request was read or answered: its
+    doing, not a server error (logged as 499, as nginx does)."""
+
+    code = "client_disconnected"
 
 
 class ModelNotFound(ModeldError):
@@ -138,6 +159,26 @@ class MemoryBusy(Overloaded):
 
 class ShuttingDown(ModeldError):
     code = "shutting_down"
+
+
+class ResourcesExhausted(ModeldError):
+    """The process is out of file descriptors (or another OS resource): try again soon."""
+
+    code = "resources_exhausted"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ModelsDirUnavailable(ModeldError):
+    """The models directory did not answer in time (a stalled network filesystem)."""
+
+    code = "models_dir_unavailable"
+
+    def __init__(self, message: str, retry_after_s: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class RequestNotFound(ModeldError):

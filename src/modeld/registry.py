@@ -2,6 +2,11 @@
 
 This is the one validator for model ids; every endpoint and the library go through
 :meth:`Registry.resolve`, so nothing outside the directory can ever be opened.
+
+The event loop never touches the filesystem itself: :meth:`Registry.lookup` and
+:meth:`Registry.rescan` run the blocking calls on a few threads of their own, with a
+deadline, so a models dir on a mount that stops answering fails requests with
+:class:`ModelsDirUnavailable` instead of freezing every model.
 """
 
 from __future__ import annotations
@@ -10,13 +15,21 @@ import os
 import re
 import stat
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from modeld.errors import InvalidModelId, ModelNotFound
+import anyio
+
+from modeld.errors import InvalidModelId, ModelNotFound, ModelsDirUnavailable
 from modeld.gguf import FileIdentity
 
-__all__ = ["ModelFile", "Registry", "check_model_id"]
+__all__ = ["FS_TIMEOUT_S", "ModelFile", "Registry", "check_model_id"]
+
+FS_TIMEOUT_S = 10.0
+_FS_THREADS = 4  # a stalled mount holds at most these; later calls time out waiting
+T = TypeVar("T")
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]{0,250}\.gguf$")
 
@@ -53,8 +66,34 @@ def check_model_id(model_id: str) -> str:
 class Registry:
     """Scans ``models_dir`` for ``*.gguf`` files; rescans on demand (no restart needed)."""
 
-    def __init__(self, models_dir: Path) -> None:
+    def __init__(self, models_dir: Path, *, timeout_s: float = FS_TIMEOUT_S) -> None:
         self._root = models_dir.expanduser()
+        self._timeout_s = timeout_s
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    async def lookup(self, model_id: str) -> ModelFile:
+        """:meth:`resolve` off the event loop. Also raises :class:`ModelsDirUnavailable`
+        when the filesystem does not answer within the deadline."""
+        check_model_id(model_id)
+        return await self._off_loop(lambda: self._inspect(model_id))
+
+    async def rescan(self) -> list[ModelFile]:
+        """:meth:`scan` off the event loop, with the same deadline as :meth:`lookup`."""
+        return await self._off_loop(self.scan)
+
+    async def _off_loop(self, call: Callable[[], T]) -> T:
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(_FS_THREADS)
+        try:
+            with anyio.fail_after(self._timeout_s):
+                # a thread stuck in stat() cannot be stopped: it is left to finish alone
+                return await anyio.to_thread.run_sync(
+                    call, abandon_on_cancel=True, limiter=self._limiter
+                )
+        except TimeoutError:
+            raise ModelsDirUnavailable(
+                f"the models dir {self._root} did not answer within {self._timeout_s:g} s"
+            ) from None
 
     def scan(self) -> list[ModelFile]:
         """Re-read the directory. A missing directory is an empty registry, not an error."""

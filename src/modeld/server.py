@@ -7,6 +7,7 @@ only then tells Hypercorn to stop: Hypercorn's own shutdown would cut streams sh
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 import anyio
@@ -16,6 +17,7 @@ from loguru import logger
 
 from modeld.api.app import create_app
 from modeld.config import Settings
+from modeld.observability.logging import LoopErrorLog
 from modeld.scheduling.manager import ModelManager
 
 __all__ = ["hypercorn_config", "run_server"]
@@ -25,8 +27,13 @@ def hypercorn_config(settings: Settings) -> Config:
     config = Config()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
-    config.keep_alive_timeout = 5.0  # idle connections and slow request heads
-    config.read_timeout = 30  # a connection that goes silent mid-body
+    # Idle connections and unfinished request heads. Hypercorn runs this timer only while
+    # no request is in progress, so it never cuts a response.
+    config.keep_alive_timeout = settings.idle_timeout
+    # No read timeout: Hypercorn applies it to any stretch in which the client sends
+    # nothing, including while it waits for its answer, which cut every response longer
+    # than the timeout. A slow body is bounded by --body-timeout where the body is read.
+    config.read_timeout = None
     config.graceful_timeout = settings.shutdown_grace + 2.0
     config.backlog = 1024
     config.accesslog = None
@@ -35,6 +42,7 @@ def hypercorn_config(settings: Settings) -> Config:
 
 
 async def _serve(settings: Settings) -> None:
+    asyncio.get_running_loop().set_exception_handler(LoopErrorLog())
     manager = ModelManager(settings)
     app = create_app(settings, manager)
     stop = anyio.Event()
@@ -43,7 +51,9 @@ async def _serve(settings: Settings) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 logger.info("shutdown requested", signal=signal.Signals(signum).name)
-                await manager.shutdown(settings.shutdown_grace)
+                abandoned = await manager.shutdown(settings.shutdown_grace)
+                if abandoned:
+                    logger.error("instances abandoned at shutdown", models=abandoned)
                 stop.set()
                 return
 

@@ -4,6 +4,7 @@ msgspec structs that are the single source of truth for request bounds."""
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Annotated
 
 import msgspec
@@ -13,7 +14,9 @@ from modeld.sizes import MAX_CONTEXT_TOKENS
 __all__ = [
     "MAX_STOP_STRINGS",
     "MAX_STOP_STRING_CHARS",
+    "MIN_CONTEXT_TOKENS",
     "Chunk",
+    "ContextSizes",
     "DoneReason",
     "GenerationMetrics",
     "GenerationResult",
@@ -21,6 +24,7 @@ __all__ = [
     "InstanceState",
     "LoopKind",
     "SamplingParams",
+    "context_sizes",
 ]
 
 MAX_STOP_STRINGS = 16
@@ -28,6 +32,7 @@ MAX_STOP_STRING_CHARS = 256
 MAX_PROMPT_CHARS = 1_000_000
 MAX_TOKENS_CAP = MAX_CONTEXT_TOKENS
 SEED_MAX = 2**32 - 1
+MIN_CONTEXT_TOKENS = 16
 
 
 class DoneReason(enum.StrEnum):
@@ -56,51 +61,66 @@ class LoopKind(enum.StrEnum):
     PYTHON = "python"
 
 
+@dataclass(frozen=True, slots=True)
+class ContextSizes:
+    """The sizes a llama context is created with, in tokens."""
+
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int
+
+
+def context_sizes(n_ctx: int, n_batch: int, n_ctx_train: int | None = None) -> ContextSizes:
+    """The one rule for a context's sizes, used by the engine that creates the context and
+    by the memory estimate that budgets it (if they differed, the budget would be wrong).
+
+    ``n_ctx`` is bounded by the model's trained length and never 0 ("auto"): metadata must
+    not size an allocation. A batch never exceeds the context, and the micro-batch is the
+    whole batch.
+    """
+    if n_ctx_train is not None:
+        n_ctx = min(n_ctx, n_ctx_train)
+    n_ctx = max(MIN_CONTEXT_TOKENS, n_ctx)
+    n_batch = min(n_batch, n_ctx)
+    return ContextSizes(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch)
+
+
 ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 StopString = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 
 
-class InferRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """The body of ``POST /infer`` and the arguments of ``ModelManager.generate``."""
+class SamplingParams(msgspec.Struct, frozen=True):
+    """How to sample: the one list of sampling parameters, with their bounds and defaults.
 
-    prompt: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
-    model: ModelId | None = None
-    stream: bool = True
+    Every layer reads these by name: the HTTP body (:class:`InferRequest` extends it),
+    both token loops, the C loop's reader. A new parameter is one field here plus its
+    reader in C. Bounds are checked when a body is decoded; constructing one directly
+    trusts the caller.
+    """
+
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_CAP)] = 128
     temperature: Temperature = 0.8
     top_p: Probability = 0.95
     top_k: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 40
     min_p: Probability = 0.05
     repeat_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] = 1.0
-    stop: Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP_STRINGS)] = []
+    stop: Annotated[tuple[StopString, ...], msgspec.Meta(max_length=MAX_STOP_STRINGS)] = ()
     seed: Annotated[int, msgspec.Meta(ge=0, le=SEED_MAX)] | None = None
 
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            repeat_penalty=self.repeat_penalty,
-            stop=tuple(self.stop),
-            seed=self.seed,
-        )
+    def __post_init__(self) -> None:
+        if not isinstance(self.stop, tuple):  # a list from a library caller
+            msgspec.structs.force_setattr(self, "stop", tuple(self.stop))
 
 
-class SamplingParams(msgspec.Struct, frozen=True):
-    """What the token loop needs, already validated."""
+class InferRequest(SamplingParams, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """The body of ``POST /infer`` and the arguments of ``ModelManager.generate``: what to
+    generate from, and how (it *is* the request's :class:`SamplingParams`)."""
 
-    max_tokens: int = 128
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
+    prompt: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
+    model: ModelId | None = None
+    stream: bool = True
 
 
 class Chunk(msgspec.Struct, frozen=True):

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from modeld.config import ConfigError
+from modeld.errors import ConfigError
 from modeld.gguf import read_gguf_header
 from modeld.memory.estimate import estimate_footprint
 from tests.support.server import free_port

@@ -7,17 +7,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
-from starlette.responses import Response
 
-from modeld.api.errors import error_body
+from modeld.api.errors import EXCEPTION_HANDLERS
 from modeld.api.middleware import RequestContextMiddleware
-from modeld.api.routes import build_routes, modeld_error_handler
+from modeld.api.routes import build_routes
 from modeld.config import Settings
-from modeld.errors import ModeldError
 from modeld.observability.access import AccessObserver, log_event
 from modeld.observability.metrics import Metrics
 from modeld.scheduling.manager import ModelManager
@@ -34,22 +30,6 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _request_id(request: Request) -> str:
-    return str(request.scope.get("state", {}).get("request_id", ""))
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    body = error_body(code, str(exc.detail), _request_id(request))
-    return Response(body, exc.status_code, exc.headers, media_type="application/json")
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> Response:
-    body = error_body("internal_error", "internal server error", _request_id(request))
-    return Response(body, 500, media_type="application/json")
-
-
 def create_app(settings: Settings, manager: ModelManager | None = None) -> Starlette:
     """An ASGI app serving ``manager`` (made from ``settings`` when not given).
 
@@ -57,7 +37,7 @@ def create_app(settings: Settings, manager: ModelManager | None = None) -> Starl
     model before the first request, so ``/readyz`` is 200 when serving starts.
     """
     owned_manager = manager or ModelManager(settings)
-    metrics = Metrics(owned_manager.statistics, lambda: dict(owned_manager.counters))
+    metrics = Metrics(owned_manager.statistics)
     owned_manager.events.add_listener(metrics.on_event)
     owned_manager.events.add_listener(log_event)
     routes = build_routes()
@@ -93,11 +73,7 @@ def create_app(settings: Settings, manager: ModelManager | None = None) -> Starl
     app = Starlette(
         routes=routes,
         middleware=middleware,
-        exception_handlers={
-            ModeldError: modeld_error_handler,
-            HTTPException: _http_error,
-            Exception: _unexpected_error,
-        },
+        exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,
     )
     app.state.manager = owned_manager

@@ -7,9 +7,9 @@ from typing import TypeVar
 
 import anyio
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from modeld.errors import InvalidRequest, PayloadTooLarge, RequestBodyTimeout
+from modeld.errors import ClientDisconnected, InvalidRequest, PayloadTooLarge, RequestBodyTimeout
 
 __all__ = ["decode_body", "read_body"]
 
@@ -21,7 +21,8 @@ _UNKNOWN_FIELD = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
 async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
     """The whole body, refusing early (from Content-Length) when it is too large.
 
-    Raises :class:`PayloadTooLarge` (413) or :class:`RequestBodyTimeout` (408).
+    Raises :class:`PayloadTooLarge` (413), :class:`RequestBodyTimeout` (408), or
+    :class:`ClientDisconnected` (499) when the client leaves mid-body.
     """
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
@@ -37,6 +38,8 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
                 parts.append(part)
     except TimeoutError:
         raise RequestBodyTimeout(f"request body not received within {timeout_s:g} s") from None
+    except ClientDisconnect:
+        raise ClientDisconnected(f"the client left after {total} bytes of its body") from None
     return b"".join(parts)
 
 

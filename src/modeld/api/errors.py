@@ -1,23 +1,34 @@
-"""The one table from error code to HTTP status, and the JSON error body."""
+"""Every way an error becomes an HTTP answer: the one table from error to status, the JSON
+error body, and the handlers the app and the middleware use."""
 
 from __future__ import annotations
 
 import math
 
 import orjson
+from loguru import logger
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.responses import Response
 
 from modeld import errors
-from modeld.config import ConfigError
 
-__all__ = ["STATUS_BY_ERROR", "error_response", "status_for"]
+__all__ = [
+    "EXCEPTION_HANDLERS",
+    "STATUS_BY_ERROR",
+    "error_body",
+    "error_response",
+    "internal_error_response",
+    "status_for",
+]
 
 STATUS_BY_ERROR: dict[type[errors.ModeldError], int] = {
     errors.InvalidRequest: 400,
     errors.InvalidModelId: 400,
     errors.PayloadTooLarge: 413,
     errors.RequestBodyTimeout: 408,
-    ConfigError: 400,
+    errors.ConfigError: 400,
+    errors.ClientDisconnected: 499,
     errors.ModelNotFound: 404,
     errors.NoDefaultModel: 400,
     errors.ModelInvalid: 422,
@@ -30,6 +41,8 @@ STATUS_BY_ERROR: dict[type[errors.ModeldError], int] = {
     errors.TooManyInflight: 429,
     errors.MemoryBusy: 503,
     errors.ShuttingDown: 503,
+    errors.ResourcesExhausted: 503,
+    errors.ModelsDirUnavailable: 503,
     errors.RequestNotFound: 404,
     errors.ForbiddenHost: 403,
     errors.InferTimeout: 504,
@@ -38,6 +51,9 @@ STATUS_BY_ERROR: dict[type[errors.ModeldError], int] = {
     errors.MemoryProbeError: 503,
     errors.ModeldError: 500,
 }
+# Refusals that say "not now" rather than "never": counted by reason in /metrics.
+_REJECTION_STATUSES = frozenset({429, 503, 504})
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
 def status_for(error: errors.ModeldError) -> int:
@@ -55,7 +71,7 @@ def error_body(code: str, message: str, request_id: str, field: str | None = Non
 
 
 def error_response(error: errors.ModeldError, request_id: str) -> Response:
-    headers = {"X-Request-ID": request_id}
+    headers: dict[str, str] = {}
     if isinstance(error, errors.PayloadTooLarge | errors.RequestBodyTimeout):
         # The body was not read: the connection cannot be reused, so say so.
         headers["Connection"] = "close"
@@ -64,3 +80,35 @@ def error_response(error: errors.ModeldError, request_id: str) -> Response:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
     body = error_body(error.code, error.message, request_id, getattr(error, "field", None))
     return Response(body, status_for(error), headers, media_type="application/json")
+
+
+def internal_error_response(request_id: str) -> Response:
+    body = error_body("internal_error", "internal server error", request_id)
+    return Response(body, 500, media_type="application/json")
+
+
+def _request_id(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", ""))
+
+
+async def _modeld_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, errors.ModeldError)
+    status = status_for(exc)
+    if status in _REJECTION_STATUSES:
+        request.app.state.metrics.rejections.labels(exc.code, str(status)).inc()
+    return error_response(exc, _request_id(request))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    body = error_body(code, str(exc.detail), _request_id(request))
+    return Response(body, exc.status_code, exc.headers, media_type="application/json")
+
+
+def log_unexpected(exc: BaseException, path: str) -> None:
+    """A bug reached the top of a request: one JSON log line with its traceback."""
+    logger.opt(exception=exc).error("unhandled error", path=path, error=repr(exc))
+
+
+EXCEPTION_HANDLERS = {errors.ModeldError: _modeld_error, HTTPException: _http_error}

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from modeld.observability.metrics import CONTENT_TYPE
-from modeld.scheduling.events import Event, Subscription
+from modeld.scheduling.events import ModelEvent
 from modeld.scheduling.manager import ModelManager
 
 __all__ = ["events", "metrics"]
@@ -18,32 +18,30 @@ __all__ = ["events", "metrics"]
 _KEEPALIVE_S = 15.0
 
 
-async def _next_or_none(subscription: Subscription, timeout_s: float) -> Event | None:
-    with anyio.move_on_after(timeout_s):
-        return await subscription.next()
-    return None
-
-
-def _sse(event: Event) -> bytes:
-    data = orjson.dumps({"time_unix": event.time_unix, **event.data}, default=str)
+def _sse(event: ModelEvent) -> bytes:
+    data = orjson.dumps({"time_unix": event.time_unix, **event.fields()}, default=str)
     return b"event: " + event.kind.encode() + b"\ndata: " + data + b"\n\n"
 
 
 async def events(request: Request) -> Response:
     """model_load_started, model_loading_progress, model_ready, model_evicted, model_error.
 
-    Comment lines keep idle connections alive; the stream ends when modeld shuts down.
+    Comment lines keep idle connections alive; the stream ends, complete, once modeld's
+    shutdown has closed every instance (their ``model_evicted`` events included).
     """
     manager: ModelManager = request.app.state.manager
 
     async def stream() -> AsyncIterator[bytes]:
         async with manager.events.subscribe() as subscription:
             yield b": connected\n\n"
-            while manager.accepting:
-                event = await _next_or_none(subscription, _KEEPALIVE_S)
-                if event is None:
+            while True:
+                with anyio.move_on_after(_KEEPALIVE_S) as idle:
+                    event = await subscription.next()
+                if idle.cancelled_caught:
                     yield b": keep-alive\n\n"
-                elif event.kind.startswith("model_"):
+                elif event is None:
+                    return
+                elif isinstance(event, ModelEvent):
                     yield _sse(event)
 
     return StreamingResponse(

@@ -13,7 +13,8 @@ from starlette.datastructures import Headers, MutableHeaders, QueryParams
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from modeld.api.errors import error_body
+from modeld.api.errors import error_response, internal_error_response, log_unexpected
+from modeld.errors import ForbiddenHost
 from modeld.observability.logging import level_number, request_logging
 
 __all__ = ["RequestContextMiddleware", "RequestObserver", "host_is_allowed"]
@@ -61,8 +62,9 @@ def requested_log_level(scope: Scope, headers: Headers) -> int | None:
 
 
 class RequestContextMiddleware:
-    """Request id (echoed in ``X-Request-ID``), Host check, per-request log level, and the
-    observer's view of every response (access log, metrics)."""
+    """Request id (echoed in ``X-Request-ID`` on every response: the only place that sets
+    it), Host check, per-request log level, the last word on a bug (a JSON 500 and a log
+    line, never a bare traceback), and the observer's view of every response."""
 
     def __init__(
         self,
@@ -90,8 +92,11 @@ class RequestContextMiddleware:
         started_s = time.monotonic()
         status_holder = [500]
 
+        started = [False]
+
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
+                started[0] = True
                 status_holder[0] = message["status"]
                 MutableHeaders(scope=message)["X-Request-ID"] = request_id
             await send(message)
@@ -100,22 +105,17 @@ class RequestContextMiddleware:
             self.observer.started(path)
         try:
             with request_logging(request_id, requested_log_level(scope, headers)):
-                if host_is_allowed(headers.get("host", ""), self.allowed_hosts):
-                    await self.app(scope, receive, send_with_id)
-                else:
-                    await self._forbidden(send_with_id, send, request_id)
+                try:
+                    if host_is_allowed(headers.get("host", ""), self.allowed_hosts):
+                        await self.app(scope, receive, send_with_id)
+                    else:
+                        forbidden = ForbiddenHost("Host header is not allowed")
+                        await error_response(forbidden, request_id)(scope, receive, send_with_id)
+                except Exception as exc:
+                    log_unexpected(exc, str(scope.get("path")))
+                    if not started[0]:
+                        await internal_error_response(request_id)(scope, receive, send_with_id)
         finally:
             if self.observer is not None:
                 duration_s = time.monotonic() - started_s
                 self.observer.finished(scope, path, status_holder[0], duration_s)
-
-    @staticmethod
-    async def _forbidden(send_with_id: Send, send: Send, request_id: str) -> None:
-        body = error_body("forbidden_host", "Host header is not allowed", request_id)
-        start: Message = {
-            "type": "http.response.start",
-            "status": 403,
-            "headers": [(b"content-type", b"application/json")],
-        }
-        await send_with_id(start)
-        await send({"type": "http.response.body", "body": body})

@@ -14,10 +14,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from modeld.api.bodies import decode_body, read_body
-from modeld.api.errors import error_response, status_for
 from modeld.api.events import events, metrics
 from modeld.api.streaming import NdjsonGenerationResponse, terminal_record, unless_disconnected
-from modeld.errors import ModeldError
+from modeld.errors import ClientDisconnected
 from modeld.observability.logging import prompt_logging_enabled
 from modeld.scheduling.manager import ModelManager
 from modeld.types import InferRequest
@@ -33,9 +32,8 @@ def _noop() -> None:
     pass
 
 
-def _json(data: Any, status: int = 200, request_id: str = "") -> Response:
-    headers = {"X-Request-ID": request_id} if request_id else None
-    return Response(orjson.dumps(data), status, headers, media_type="application/json")
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status, media_type="application/json")
 
 
 def _request_id(request: Request) -> str:
@@ -73,7 +71,7 @@ async def list_models(request: Request) -> Response:
             "size_bytes": m.size_bytes,
             "state": manager.state_of(m.id),
         }
-        for m in manager.models()
+        for m in await manager.models()
     ]
     return _json({"models": models})
 
@@ -99,9 +97,9 @@ async def infer(request: Request) -> Response:
     # queued or loading request whose client is gone leaves the queue at once.
     started, generation = await unless_disconnected(request.receive, owner.__aenter__, _noop)
     if not started or generation is None:
-        return Response(status_code=499)  # the client left; nobody reads this
+        raise ClientDisconnected("the client left while its request waited")
     if infer_request.stream:
-        return NdjsonGenerationResponse(owner, generation, request_id)
+        return NdjsonGenerationResponse(owner, generation)
 
     async def collect() -> str:
         return "".join([chunk.text async for chunk in generation])
@@ -117,7 +115,7 @@ async def infer(request: Request) -> Response:
         logger.debug("completion", text=text)
     record = terminal_record(generation.result)
     record["text"] = text or ""
-    return _json(record, request_id=request_id)
+    return _json(record)
 
 
 async def cancel_request(request: Request) -> Response:
@@ -155,14 +153,3 @@ def build_routes() -> list[Route]:
         Route("/events", events, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-
-
-async def modeld_error_handler(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ModeldError)
-    status_code = status_for(exc)
-    if status_code in _REJECTION_STATUSES:
-        request.app.state.metrics.rejections.labels(exc.code, str(status_code)).inc()
-    return error_response(exc, _request_id(request))
-
-
-_REJECTION_STATUSES = {429, 503, 504}

@@ -21,6 +21,7 @@ from modeld.types import DoneReason, GenerationResult
 
 __all__ = [
     "NdjsonGenerationResponse",
+    "ndjson_line",
     "terminal_record",
     "unless_disconnected",
     "wait_for_disconnect",
@@ -28,6 +29,21 @@ __all__ = [
 
 T = TypeVar("T")
 NDJSON = "application/x-ndjson"
+# Characters JSON allows raw inside strings but that str.splitlines() (and so httpx's
+# iter_lines) takes for line ends: escaped, so a generated U+2028 cannot split a line.
+_LINE_BREAKERS = (
+    (b"\xe2\x80\xa8", b"\\u2028"),
+    (b"\xe2\x80\xa9", b"\\u2029"),
+    (b"\xc2\x85", b"\\u0085"),
+)
+
+
+def ndjson_line(record: object) -> bytes:
+    """One JSON object and its newline; no character inside it reads as a line end."""
+    line = orjson.dumps(record)
+    for raw, escaped in _LINE_BREAKERS:
+        line = line.replace(raw, escaped)
+    return line + b"\n"
 
 
 def terminal_record(result: GenerationResult) -> dict[str, object]:
@@ -82,12 +98,11 @@ class NdjsonGenerationResponse(Response):
         self,
         owner: AbstractAsyncContextManager[Generation],
         generation: Generation,
-        request_id: str,
     ) -> None:
         # Like StreamingResponse: no body attribute, so no Content-Length header.
         self.status_code = 200
         self.background = None
-        self.init_headers({"X-Request-ID": request_id, "Cache-Control": "no-store"})
+        self.init_headers({"Cache-Control": "no-store"})
         self._owner = owner
         self._generation = generation
 
@@ -106,11 +121,11 @@ class NdjsonGenerationResponse(Response):
                     {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
                 )
                 async for chunk in generation:
-                    line = orjson.dumps({"text": chunk.text, "tokens": chunk.tokens}) + b"\n"
+                    line = ndjson_line({"text": chunk.text, "tokens": chunk.tokens})
                     await send({"type": "http.response.body", "body": line, "more_body": True})
                 assert generation.result is not None
                 scope.setdefault("state", {})["queue_ms"] = generation.result.metrics.queue_ms
-                last = orjson.dumps(terminal_record(generation.result)) + b"\n"
+                last = ndjson_line(terminal_record(generation.result))
                 await send({"type": "http.response.body", "body": last, "more_body": False})
                 tasks.cancel_scope.cancel()
         finally:

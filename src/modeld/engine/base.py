@@ -31,9 +31,21 @@ from modeld.types import LoopKind, SamplingParams
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
-__all__ = ["RING_CAPACITY_BYTES", "LoopOutcome", "StopCode", "TokenLoop", "TokenRing"]
+__all__ = [
+    "RING_CAPACITY_BYTES",
+    "EngineClosed",
+    "LoopOutcome",
+    "StopCode",
+    "TokenLoop",
+    "TokenRing",
+]
 
 RING_CAPACITY_BYTES = 64 * 1024
+
+
+class EngineClosed(RuntimeError):
+    """The engine was closed: nothing can run on it any more (the scheduler loads the
+    model again rather than touch freed llama.cpp memory)."""
 
 
 class StopCode(enum.IntEnum):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,16 @@ from pathlib import Path
 import llama_cpp
 from loguru import logger
 
-from modeld.engine.base import LoopOutcome, TokenLoop, TokenRing
-from modeld.errors import InvalidRequest, ModelLoadFailed
-from modeld.types import SamplingParams
+from modeld.engine.base import (
+    RING_CAPACITY_BYTES,
+    EngineClosed,
+    LoopOutcome,
+    StopCode,
+    TokenLoop,
+    TokenRing,
+)
+from modeld.errors import InvalidRequest, ModelLoadFailed, ResourcesExhausted
+from modeld.types import SamplingParams, context_sizes
 
 __all__ = ["EngineSettings", "LlamaEngine"]
 
@@ -49,20 +57,24 @@ class EngineSettings:
 
 
 class LlamaEngine:
-    """Owns one ``llama_cpp.Llama``. Every method must run on the owning worker thread."""
+    """Owns one ``llama_cpp.Llama`` and runs its generations. Every method but
+    :meth:`new_ring` must run on the owning worker thread.
+
+    A generation is :meth:`prepare` (tokenize and check against the context), then
+    :meth:`generate` with a ring from :meth:`new_ring`.
+    """
 
     def __init__(
         self, path: Path, settings: EngineSettings, loop: TokenLoop, n_ctx_train: int
     ) -> None:
         self._loop = loop
-        # n_ctx is never 0 ("auto"): metadata must not size an allocation.
-        self.n_ctx = max(16, min(settings.n_ctx, n_ctx_train))
+        self.sizes = context_sizes(settings.n_ctx, settings.n_batch, n_ctx_train)
         try:
             self._llama = llama_cpp.Llama(
                 model_path=str(path),
-                n_ctx=self.n_ctx,
-                n_batch=min(settings.n_batch, self.n_ctx),
-                n_ubatch=min(settings.n_batch, self.n_ctx),
+                n_ctx=self.sizes.n_ctx,
+                n_batch=self.sizes.n_batch,
+                n_ubatch=self.sizes.n_ubatch,
                 n_threads=settings.n_threads,
                 n_threads_batch=settings.n_threads,
                 n_gpu_layers=settings.n_gpu_layers,
@@ -72,11 +84,37 @@ class LlamaEngine:
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadFailed(f"llama.cpp could not load {path.name}: {exc}") from exc
         self._vocab = self._llama._model.vocab
+        # No token covers more bytes than the longest piece, so a prompt longer than
+        # n_ctx pieces cannot fit the context: refused before the tokenizer (whose cost
+        # grows faster than linearly on some inputs) ever sees it.
+        self.max_prompt_bytes = self.n_ctx * _longest_piece_bytes(self._vocab)
         self._closed = False
+
+    @property
+    def n_ctx(self) -> int:
+        return self.sizes.n_ctx
 
     @property
     def model_size_bytes(self) -> int:
         return int(llama_cpp.llama_model_size(self._llama.model))
+
+    def prepare(self, prompt: str, max_tokens: int) -> list[int]:
+        """The prompt's tokens, checked against the context.
+
+        Raises :class:`InvalidRequest` (field ``prompt``) when the prompt is not valid
+        Unicode or cannot fit the context, and (field ``max_tokens``) when the prompt
+        plus ``max_tokens`` does not; :class:`EngineClosed` after :meth:`close`.
+        """
+        if self._closed:
+            raise EngineClosed("the engine is closed")
+        tokens = self.tokenize(prompt)
+        if len(tokens) + max_tokens > self.n_ctx:
+            raise InvalidRequest(
+                f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) "
+                f"exceeds the context of {self.n_ctx} tokens",
+                field="max_tokens",
+            )
+        return tokens
 
     def tokenize(self, prompt: str) -> list[int]:
         """Tokens of ``prompt`` through a buffer bounded by n_ctx (never by model metadata).
@@ -87,6 +125,12 @@ class LlamaEngine:
             text = prompt.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise InvalidRequest("prompt is not valid Unicode", field="prompt") from exc
+        if len(text) > self.max_prompt_bytes:
+            raise InvalidRequest(
+                f"prompt is {len(text)} bytes; no {self.n_ctx}-token context holds more than "
+                f"{self.max_prompt_bytes} bytes of this model's tokens",
+                field="prompt",
+            )
         capacity = self.n_ctx
         buffer = (llama_cpp.llama_token * capacity)()
         add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
@@ -99,19 +143,42 @@ class LlamaEngine:
             )
         return list(buffer[:count])
 
+    def new_ring(self, capacity_bytes: int = RING_CAPACITY_BYTES) -> TokenRing:
+        """A ring this engine's loop writes into; any thread (the event loop's, usually).
+
+        Raises :class:`ResourcesExhausted` when no descriptor is left for its wake-up fd.
+        """
+        try:
+            return self._loop.new_ring(capacity_bytes)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise ResourcesExhausted(f"out of file descriptors: {exc.strerror}") from exc
+            raise
+
     def generate(
         self, ring: TokenRing, prompt_tokens: Sequence[int], params: SamplingParams
     ) -> LoopOutcome:
-        return self._loop.run(self._llama, ring, prompt_tokens, params)
+        """Run the token loop into ``ring``, then finish the ring, whatever happens.
+
+        Raises nothing: a failure comes back as ``StopCode.ERROR`` with its message, so
+        the consumer always sees the stream end with an outcome.
+        """
+        try:
+            if self._closed:
+                raise EngineClosed("the engine is closed")
+            return self._loop.run(self._llama, ring, prompt_tokens, params)
+        except Exception as exc:
+            return LoopOutcome(StopCode.ERROR, len(prompt_tokens), 0, 0.0, 0.0, error=repr(exc))
+        finally:
+            ring.finish()
 
     def warm_up(self) -> None:
         """One token through the whole graph, so the first request pays no first-use cost."""
-        ring = self._loop.new_ring(4096)
+        ring = self.new_ring(4096)
         try:
             tokens = self.tokenize("warm up") or [0]
             outcome = self.generate(ring, tokens, SamplingParams(max_tokens=1, temperature=0.0))
         finally:
-            ring.finish()
             ring.close()
         if outcome.error:
             raise ModelLoadFailed(f"warm-up generation failed: {outcome.error}")
@@ -124,6 +191,19 @@ class LlamaEngine:
         self._llama.close()
         del self._llama
         _malloc_trim()
+
+
+def _longest_piece_bytes(vocab: object) -> int:
+    """The most bytes any one token stands for (special tokens rendered as text)."""
+    size_bytes = 256
+    buffer = (ctypes.c_char * size_bytes)()
+    longest = 1
+    for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        count = llama_cpp.llama_token_to_piece(vocab, token, buffer, size_bytes, 0, True)
+        if count < 0:  # longer than the buffer: -count is its size
+            count = -count
+        longest = max(longest, count)
+    return longest
 
 
 def _malloc_trim() -> None:

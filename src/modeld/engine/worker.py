@@ -1,37 +1,71 @@
 """A dedicated thread per instance: the only thread that ever touches its llama context.
 
-The event loop hands it callables and awaits their results through an eventfd, so waiting
-costs no thread-pool thread and works the same under asyncio and trio.
+The event loop hands it callables and awaits their results. The thread reports a finished
+call by scheduling a callback on the event loop (asyncio's ``call_soon_threadsafe``,
+trio's ``TrioToken.run_sync_soon``): waiting costs no thread-pool thread and no file
+descriptor, so an unload or a shutdown still completes when the process has run out of
+descriptors.
 """
 
 from __future__ import annotations
 
-import os
+import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 import anyio
+from anyio.lowlevel import current_token
 
 __all__ = ["EngineWorker", "ThreadCall", "WorkerStopped"]
 
 T = TypeVar("T")
+LoopCallback = Callable[[Callable[[], None]], None]
 
 
 class WorkerStopped(RuntimeError):
     """The worker thread has exited; nothing more can run on it."""
 
 
-class ThreadCall(Generic[T]):
-    """The pending result of one callable run on a worker thread."""
+def loop_callback() -> LoopCallback:
+    """A thread-safe way to run a callback on the current event loop's thread.
 
-    def __init__(self, fn: Callable[[], T]) -> None:
+    The callback is dropped when the loop has ended: nobody is left to wait for it.
+    """
+    native = current_token().native_token
+    if isinstance(native, asyncio.AbstractEventLoop):
+        loop = native
+
+        def on_asyncio(callback: Callable[[], None]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(callback)
+
+        return on_asyncio
+    import trio  # the only other backend anyio runs on
+
+    token = cast(trio.lowlevel.TrioToken, native)
+
+    def on_trio(callback: Callable[[], None]) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(callback)
+
+    return on_trio
+
+
+class ThreadCall(Generic[T]):
+    """The pending result of one callable run on a worker thread.
+
+    Made on the event loop's thread; its completion is signalled there.
+    """
+
+    def __init__(self, fn: Callable[[], T], on_loop: LoopCallback) -> None:
         self._fn = fn
-        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._on_loop = on_loop
+        self._finished = anyio.Event()
         self._done = threading.Event()
-        self._lock = threading.Lock()
-        self._abandoned = False
+        self._callbacks: list[Callable[[], None]] = []
         self._value: T | None = None
         self._error: BaseException | None = None
 
@@ -40,59 +74,61 @@ class ThreadCall(Generic[T]):
             self._value = self._fn()
         except BaseException as exc:  # handed to the awaiting task, re-raised there
             self._error = exc
-        self._fail_or_finish()
+        self._complete()
 
-    def _fail_or_finish(self, error: BaseException | None = None) -> None:
+    def _complete(self, error: BaseException | None = None) -> None:
+        """Any thread: record the end and let the event loop know."""
         if error is not None:
             self._error = error
-        with self._lock:
-            self._done.set()
-            if self._abandoned:
-                self._close_fd()
-            else:
-                os.eventfd_write(self._fd, 1)
+        self._done.set()
+        self._on_loop(self._settle)
+
+    def _settle(self) -> None:
+        self._finished.set()
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
 
     @property
     def done(self) -> bool:
+        """True once the callable has returned or raised (any thread may ask)."""
         return self._done.is_set()
+
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the event loop once the call has ended (now, if it has)."""
+        if self._finished.is_set():
+            callback()
+        else:
+            self._callbacks.append(callback)
 
     async def wait(self) -> T:
         """The callable's result, or its exception re-raised.
 
         Cancelling the wait does not stop the callable: it runs to its end on the worker.
         """
-        try:
-            while not self._done.is_set():
-                await anyio.wait_readable(self._fd)
-        finally:
-            with self._lock:
-                if self._done.is_set():
-                    self._close_fd()
-                else:  # cancelled: the worker closes the fd when the callable ends
-                    self._abandoned = True
+        await self._finished.wait()
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]
 
-    def _close_fd(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
 
 class EngineWorker:
-    """Runs submitted callables one at a time, in order, on its own thread."""
+    """Runs submitted callables one at a time, in order, on its own thread.
+
+    Construct it on the event loop that will await its calls.
+    """
 
     def __init__(self, name: str) -> None:
+        self._on_loop = loop_callback()
         self._jobs: queue.SimpleQueue[ThreadCall[object] | None] = queue.SimpleQueue()
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, fn: Callable[[], T]) -> ThreadCall[T]:
-        call = ThreadCall(fn)
+        call = ThreadCall(fn, self._on_loop)
         if self._stopping:
-            call._fail_or_finish(WorkerStopped("the instance's worker has stopped"))
+            call._complete(WorkerStopped("the instance's worker has stopped"))
             return call
         self._jobs.put(call)  # type: ignore[arg-type]
         return call
@@ -107,12 +143,10 @@ class EngineWorker:
         """
         if self._stopping:
             return
+        last = self.submit(lambda: None)
         self._stopping = True
-        last = ThreadCall(lambda: None)
-        self._jobs.put(last)  # type: ignore[arg-type]
         self._jobs.put(None)
         await last.wait()
-        self._thread.join()  # only the sentinel is left: returns at once
 
     def _main(self) -> None:
         while True:
@@ -120,11 +154,11 @@ class EngineWorker:
             if call is None:
                 break
             call._run()
-        # Calls that raced with stop() must not hang their waiters.
+        # Calls that raced with shutdown() must not hang their waiters.
         while True:
             try:
                 leftover = self._jobs.get_nowait()
             except queue.Empty:
                 break
             if leftover is not None:
-                leftover._fail_or_finish(WorkerStopped("the instance's worker has stopped"))
+                leftover._complete(WorkerStopped("the instance's worker has stopped"))

@@ -21,7 +21,8 @@ buffers, on the device being budgeted: RAM when ``gpu=False``, VRAM when ``gpu=T
 
 ``compute_bytes``
     ggml reuses memory between ops, so the graph buffer is the largest of three phases
-    for a ubatch of ``n_ubatch = min(n_batch, n_ctx, 512)`` tokens (f32 activations,
+    for a ubatch of ``n_ubatch`` tokens, as :func:`modeld.types.context_sizes` sets it for
+    the engine (f32 activations,
     ``q_width = max(n_embd, n_head * key_length)``)::
 
         attention = n_ubatch * cells * (n_head + 1) * 4      # KQ scores + mask
@@ -55,6 +56,7 @@ from dataclasses import dataclass
 
 from modeld.gguf import GgufHeader
 from modeld.sizes import MIB
+from modeld.types import context_sizes
 
 __all__ = [
     "FootprintEstimate",
@@ -65,7 +67,6 @@ __all__ = [
 ]
 
 KV_CELL_PADDING = 256
-MAX_UBATCH_TOKENS = 512  # llama-cpp-python's default n_ubatch
 _F16_BYTES = 2
 _F32_BYTES = 4
 _GRAPH_OVERHEAD_BYTES = 2 * MIB
@@ -113,8 +114,9 @@ def estimate_footprint(
     if n_ctx < 1 or n_batch < 1:
         raise ValueError("n_ctx and n_batch must be positive")
     n_layer = header.block_count
-    kv_cells = -(-n_ctx // KV_CELL_PADDING) * KV_CELL_PADDING
-    n_ubatch = min(n_batch, n_ctx, MAX_UBATCH_TOKENS)
+    sizes = context_sizes(n_ctx, n_batch)  # the engine's own rule
+    kv_cells = -(-sizes.n_ctx // KV_CELL_PADDING) * KV_CELL_PADDING
+    n_ubatch = sizes.n_ubatch
     kv_row_bytes = (header.key_length + header.value_length) * _F16_BYTES
     kv_per_layer = [kv_cells * n_kv * kv_row_bytes for n_kv in header.head_count_kv_per_layer]
     if gpu:

@@ -6,7 +6,7 @@ from loguru import logger
 from starlette.types import Scope
 
 from modeld.observability.metrics import Metrics
-from modeld.scheduling.events import Event
+from modeld.scheduling.events import Event, GenerationFinished, ModelEvent, ModelFailed
 
 __all__ = ["AccessObserver", "log_event"]
 
@@ -43,8 +43,18 @@ class AccessObserver:
 
 def log_event(event: Event) -> None:
     """An EventHub listener: lifecycle events as log lines (never prompt text)."""
-    if event.kind.startswith("model_"):
-        level = "WARNING" if event.kind == "model_error" else "INFO"
-        logger.log(level, event.kind, **event.data)
-    elif event.kind == "generation_finished":
-        logger.info("generation finished", **event.data)
+    if isinstance(event, ModelEvent):
+        level = "WARNING" if isinstance(event, ModelFailed) else "INFO"
+        logger.log(level, event.kind, **event.fields())
+    elif isinstance(event, GenerationFinished):
+        result, metrics = event.result, event.result.metrics
+        logger.info(
+            "generation finished",
+            model=result.model,
+            request_id=result.request_id,
+            done_reason=str(result.done_reason),
+            completion_tokens=metrics.completion_tokens,
+            ttft_ms=metrics.ttft_ms,
+            queue_ms=metrics.queue_ms,
+            tokens_per_second=metrics.tokens_per_second,
+        )

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+import time
+import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -18,6 +20,7 @@ import orjson
 from loguru import logger
 
 __all__ = [
+    "LoopErrorLog",
     "configure_logging",
     "level_number",
     "prompt_logging_enabled",
@@ -80,7 +83,9 @@ class _JsonLineSink:
             **record["extra"],
         }
         if record["exception"] is not None:
-            line["exception"] = repr(record["exception"].value)
+            error = record["exception"].value
+            line["exception"] = repr(error)
+            line["traceback"] = "".join(traceback.format_exception(error)).rstrip()
         payload = orjson.dumps(line, default=str) + b"\n"
         while payload:
             payload = payload[os.write(self._fd, payload) :]
@@ -92,3 +97,36 @@ def configure_logging(level: str = _DEFAULT) -> None:
     logger.enable("modeld")
     logger.remove()
     logger.add(_JsonLineSink(), level=0, filter=_filter, backtrace=False, diagnose=False)
+
+
+class LoopErrorLog:
+    """asyncio's exception handler: JSON log lines, each message at most once per
+    ``every_s`` (with the count it stood for), instead of one raw traceback each time.
+
+    Out of descriptors, asyncio's accept loop reports every failed accept; unthrottled
+    that was about a thousand tracebacks a second.
+    """
+
+    def __init__(self, every_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._every_s = every_s
+        self._clock = clock
+        self._last_s: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def __call__(self, loop: object, context: dict[str, Any]) -> None:
+        detail = str(context.get("message") or "event loop error")[:200]
+        now_s = self._clock()
+        last_s = self._last_s.get(detail)
+        if last_s is not None and now_s - last_s < self._every_s:
+            self._suppressed[detail] = self._suppressed.get(detail, 0) + 1
+            return
+        if len(self._last_s) >= 256:  # the messages are a small fixed set; stay bounded
+            self._last_s.clear()
+        self._last_s[detail] = now_s
+        error = context.get("exception")
+        logger.error(
+            "event loop error",
+            detail=detail,
+            error=repr(error) if error is not None else None,
+            suppressed=self._suppressed.pop(detail, 0),
+        )

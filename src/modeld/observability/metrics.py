@@ -13,8 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from modeld.scheduling.events import Event
-from modeld.scheduling.instance import ModelCounters
+from modeld.scheduling.events import Event, GenerationFinished, ModelReady
 from modeld.scheduling.manager import ManagerStatistics
 from modeld.sizes import MIB
 
@@ -32,13 +31,8 @@ _TOKENS_PER_S_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 1000
 class _SnapshotCollector(Collector):
     """Gauges and totals taken from the manager's frozen snapshots at scrape time."""
 
-    def __init__(
-        self,
-        statistics: Callable[[], ManagerStatistics],
-        counters: Callable[[], dict[str, ModelCounters]],
-    ) -> None:
+    def __init__(self, statistics: Callable[[], ManagerStatistics]) -> None:
         self._statistics = statistics
-        self._counters = counters
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._statistics()
@@ -62,19 +56,15 @@ class _SnapshotCollector(Collector):
         loads = CounterMetricFamily("modeld_loads", "successful loads", labels=["model"])
         failures = CounterMetricFamily("modeld_load_failures", "failed loads", labels=["model"])
         evictions = CounterMetricFamily("modeld_evictions", "LRU evictions", labels=["model"])
-        for model_id, counts in sorted(self._counters().items()):
-            loads.add_metric([model_id], counts.loads_total)
-            failures.add_metric([model_id], counts.load_failures_total)
-            evictions.add_metric([model_id], counts.evictions_total)
+        for counts in stats.counters:
+            loads.add_metric([counts.model_id], counts.loads_total)
+            failures.add_metric([counts.model_id], counts.load_failures_total)
+            evictions.add_metric([counts.model_id], counts.evictions_total)
         yield from (loads, failures, evictions)
 
 
 class Metrics:
-    def __init__(
-        self,
-        statistics: Callable[[], ManagerStatistics],
-        counters: Callable[[], dict[str, ModelCounters]],
-    ) -> None:
+    def __init__(self, statistics: Callable[[], ManagerStatistics]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.http_requests = Counter(
             "modeld_http_requests",
@@ -117,21 +107,20 @@ class Metrics:
             "modeld_generations", "finished generations", ["model", "done_reason"],
             registry=self.registry,
         )  # fmt: skip
-        self.registry.register(_SnapshotCollector(statistics, counters))
+        self.registry.register(_SnapshotCollector(statistics))
 
     def on_event(self, event: Event) -> None:
         """An EventHub listener."""
-        data = event.data
-        model = str(data.get("model", ""))
-        if event.kind == "model_ready":
-            self.load_duration.labels(model).observe(float(data["load_ms"]) / 1000)  # type: ignore[arg-type]
-        elif event.kind == "generation_finished":
-            self.generations.labels(model, str(data["done_reason"])).inc()
-            self.tokens_generated.labels(model).inc(int(data["completion_tokens"]))  # type: ignore[call-overload]
-            if float(data["ttft_ms"]) > 0:  # type: ignore[arg-type]
-                self.ttft.labels(model).observe(float(data["ttft_ms"]) / 1000)  # type: ignore[arg-type]
-            if float(data["tokens_per_second"]) > 0:  # type: ignore[arg-type]
-                self.decode_rate.labels(model).observe(float(data["tokens_per_second"]))  # type: ignore[arg-type]
+        if isinstance(event, ModelReady):
+            self.load_duration.labels(event.model).observe(event.load_ms / 1000)
+        elif isinstance(event, GenerationFinished):
+            result, metrics = event.result, event.result.metrics
+            self.generations.labels(result.model, str(result.done_reason)).inc()
+            self.tokens_generated.labels(result.model).inc(metrics.completion_tokens)
+            if metrics.ttft_ms > 0:
+                self.ttft.labels(result.model).observe(metrics.ttft_ms / 1000)
+            if metrics.tokens_per_second > 0:
+                self.decode_rate.labels(result.model).observe(metrics.tokens_per_second)
 
     def observe_http(self, path: str, method: str, status: int, duration_s: float) -> None:
         labels = (path, method, str(status))

@@ -15,7 +15,8 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from modeld.config import ConfigError, Settings, load_settings
+from modeld.config import Settings, load_settings
+from modeld.errors import ConfigError
 from modeld.ray.ingress import ModelIngress
 from modeld.ray.replica import ModelReplica
 from modeld.ray.router import ResidentModelRouter

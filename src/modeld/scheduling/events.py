@@ -1,40 +1,113 @@
-"""Lifecycle events (load started, ready, evicted, error) fanned out to subscribers.
+"""Lifecycle events (load started, progress, ready, evicted, error, generation finished)
+fanned out to listeners and subscribers.
 
-Each subscriber gets a bounded buffer; a subscriber that does not keep up loses the
-oldest events rather than holding memory or slowing the scheduler.
+Each event is a small frozen type; its ``kind`` is the wire name (the SSE ``event:`` and
+the log message). Each subscriber gets a bounded buffer; a subscriber that does not keep
+up loses the oldest events rather than holding memory or slowing the scheduler.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import anyio
 
-__all__ = ["Event", "EventHub", "Subscription"]
+from modeld.types import DoneReason, GenerationResult
+
+__all__ = [
+    "Event",
+    "EventHub",
+    "GenerationFinished",
+    "ModelEvent",
+    "ModelEvicted",
+    "ModelFailed",
+    "ModelLoadStarted",
+    "ModelLoadingProgress",
+    "ModelReady",
+    "Subscription",
+]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Event:
-    kind: str
-    data: dict[str, object]
+    kind: ClassVar[str]
     time_unix: float = field(default_factory=time.time)
+
+    def fields(self) -> dict[str, object]:
+        """The event's own fields (not ``time_unix``), for a log line or an SSE body."""
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "time_unix"
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelEvent(Event):
+    """An instance's lifecycle: what ``GET /events`` streams."""
+
+    model: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelLoadStarted(ModelEvent):
+    kind: ClassVar[str] = "model_load_started"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelLoadingProgress(ModelEvent):
+    kind: ClassVar[str] = "model_loading_progress"
+    stage: str
+    progress: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelReady(ModelEvent):
+    kind: ClassVar[str] = "model_ready"
+    load_ms: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelEvicted(ModelEvent):
+    kind: ClassVar[str] = "model_evicted"
+    reason: DoneReason
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelFailed(ModelEvent):
+    kind: ClassVar[str] = "model_error"
+    error: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerationFinished(Event):
+    kind: ClassVar[str] = "generation_finished"
+    result: GenerationResult
 
 
 class Subscription:
     def __init__(self, capacity: int) -> None:
         self._events: deque[Event] = deque(maxlen=capacity)
         self._arrived = anyio.Event()
+        self._closed = False
 
     def _offer(self, event: Event) -> None:
         self._events.append(event)  # a full deque drops its oldest event
         self._arrived.set()
 
-    async def next(self) -> Event:
+    def _close(self) -> None:
+        self._closed = True
+        self._arrived.set()
+
+    async def next(self) -> Event | None:
+        """The next event; None once the hub is closed and nothing is left."""
         while not self._events:
+            if self._closed:
+                return None
             self._arrived = anyio.Event()
             await self._arrived.wait()
         return self._events.popleft()
@@ -54,20 +127,28 @@ class EventHub:
         self._capacity = capacity_per_subscriber
         self._subscribers: set[Subscription] = set()
         self._listeners: list[Listener] = []
+        self._closed = False
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
-    def publish(self, kind: str, **data: object) -> None:
-        event = Event(kind, dict(data))
+    def publish(self, event: Event) -> None:
         for listener in self._listeners:
             listener(event)
         for subscriber in self._subscribers:
             subscriber._offer(event)
 
+    def close(self) -> None:
+        """End every subscription (at shutdown): each reads what is left, then None."""
+        self._closed = True
+        for subscriber in self._subscribers:
+            subscriber._close()
+
     @asynccontextmanager
     async def subscribe(self) -> AsyncIterator[Subscription]:
         subscription = Subscription(self._capacity)
+        if self._closed:
+            subscription._close()
         self._subscribers.add(subscription)
         try:
             yield subscription

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from modeld.engine.base import LoopOutcome, StopCode, TokenRing
+from modeld.errors import EngineError
 from modeld.types import Chunk, DoneReason, GenerationMetrics, GenerationResult
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ class Generation:
         self._cancel_reason: DoneReason | None = None
         self._held_tokens = 0
         self._last_chunk_s = 0.0
+        self._waiting: anyio.CancelScope | None = None
 
     def cancel(self, reason: DoneReason = DoneReason.CANCELLED) -> None:
         """Stop the token loop within one token; the result will say ``reason``."""
@@ -104,9 +106,12 @@ class Generation:
                 if timeout_s <= 0:
                     self.cancel(DoneReason.TIMEOUT)
                     timeout_s = None
-            with anyio.move_on_after(timeout_s if timeout_s is not None else math.inf):
+            with anyio.move_on_after(
+                timeout_s if timeout_s is not None else math.inf
+            ) as self._waiting:
                 await anyio.wait_readable(self._ring.fileno())
                 await self._coalesce()
+            self._waiting = None
         return None
 
     async def _coalesce(self) -> None:
@@ -131,20 +136,40 @@ class Generation:
             while self.result is None:
                 await self._next_chunk()
 
+    def abandon(self, reason: DoneReason) -> None:
+        """End this generation now although its loop has not returned (a hung worker at
+        shutdown): the result says ``reason`` with an error, and whoever waits is woken.
+
+        The ring is left open: the loop may still write into it.
+        """
+        if self.result is not None:
+            return
+        outcome = LoopOutcome(StopCode.ERROR, 0, 0, 0.0, 0.0, error="the worker did not stop")
+        self._settle(reason, outcome)
+        if self._waiting is not None:
+            self._waiting.cancel()
+
     async def _finish(self) -> None:
-        try:
-            outcome = await self._call.wait()
-        finally:
-            self._ring.close()
+        # The ring is finished, so the loop has returned and its outcome is moments away:
+        # wait for it shielded, or a cancellation here would leave a closed ring and no
+        # result.
+        with anyio.CancelScope(shield=True):
+            try:
+                outcome = await self._call.wait()
+            finally:
+                self._ring.close()
         reason = _STOP_REASONS[outcome.stop_code]
         if outcome.stop_code is StopCode.CANCELLED:
             reason = self._cancel_reason or DoneReason.CANCELLED
+        self._settle(reason, outcome)
+
+    def _settle(self, reason: DoneReason, outcome: LoopOutcome) -> None:
         self.result = GenerationResult(
             done_reason=reason,
             model=self.model_id,
             request_id=self.request_id,
             metrics=self._metrics(outcome),
-            error={"code": "engine_error", "message": outcome.error} if outcome.error else None,
+            error={"code": EngineError.code, "message": outcome.error} if outcome.error else None,
         )
         self._on_finished(self)
 

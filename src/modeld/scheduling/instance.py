@@ -79,6 +79,7 @@ class Instance:
     settled: anyio.Event = field(default_factory=anyio.Event)  # load finished, either way
     gone: anyio.Event = field(default_factory=anyio.Event)  # closed and out of the budget
     error: ModeldError | None = None
+    disposal: anyio.CancelScope | None = None  # set while the engine closes; cancel abandons
 
     @property
     def model_id(self) -> str:

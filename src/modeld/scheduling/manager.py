@@ -19,9 +19,8 @@ import anyio
 from anyio.abc import TaskGroup
 
 from modeld.config import Settings
-from modeld.engine.base import LoopOutcome, StopCode, TokenLoop, TokenRing
+from modeld.engine.base import EngineClosed, TokenLoop
 from modeld.engine.gpu import gpu_offload_available
-from modeld.engine.llama_engine import LlamaEngine
 from modeld.engine.worker import WorkerStopped
 from modeld.errors import (
     InferTimeout,
@@ -35,18 +34,28 @@ from modeld.errors import (
 )
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.probe import MemoryProbe, default_budget_mb, detect_probe
-from modeld.registry import ModelFile, Registry
-from modeld.scheduling.events import EventHub
+from modeld.registry import ModelFile, Registry, check_model_id
+from modeld.scheduling.events import EventHub, GenerationFinished
+from modeld.scheduling.fifo import SlotTicket
 from modeld.scheduling.generation import Generation, RequestTiming
 from modeld.scheduling.instance import Instance, InstanceStatistics, ModelCounters
 from modeld.scheduling.pool import EngineFactory, InstancePool
 from modeld.sizes import MIB
 from modeld.types import Chunk, DoneReason, GenerationResult, InferRequest
 
-__all__ = ["ManagerStatistics", "ModelManager"]
+__all__ = ["CLOSE_TIMEOUT_S", "CounterStatistics", "ManagerStatistics", "ModelManager"]
 
-_BACKOFF_BASE_S = 1.0
-_BACKOFF_MAX_S = 60.0
+CLOSE_TIMEOUT_S = 5.0  # at shutdown, after the grace: how long instances get to close
+
+
+@dataclass(frozen=True, slots=True)
+class CounterStatistics:
+    """A model's totals, kept after its instance is gone."""
+
+    model_id: str
+    loads_total: int
+    load_failures_total: int
+    evictions_total: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +68,10 @@ class ManagerStatistics:
     token_loop: str
     memory_probe: str
     admitted: int
+    running: int
     accepting: bool
     instances: tuple[InstanceStatistics, ...]
+    counters: tuple[CounterStatistics, ...]
 
 
 class ModelManager:
@@ -83,9 +94,11 @@ class ModelManager:
         probe: MemoryProbe | None = None,
         events: EventHub | None = None,
         engine_factory: EngineFactory | None = None,
+        registry: Registry | None = None,
+        close_timeout_s: float = CLOSE_TIMEOUT_S,
     ) -> None:
         self.settings = settings
-        self.registry = Registry(settings.models_path)
+        self.registry = registry or Registry(settings.models_path)
         self.events = events or EventHub()
         self._gpu = settings.n_gpu_layers != 0 and gpu_offload_available()
         if token_loop is None:
@@ -111,6 +124,7 @@ class ModelManager:
         self._admitted = 0
         self._started_s = time.monotonic()
         self._generation_s_ewma = 1.0
+        self._close_timeout_s = close_timeout_s
         self._task_group: TaskGroup | None = None
 
     # ----------------------------------------------------------------- lifecycle
@@ -119,7 +133,6 @@ class ModelManager:
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._pool.start(self._task_group)
-        self.registry.scan()
         return self
 
     async def __aexit__(
@@ -134,16 +147,23 @@ class ModelManager:
         self._task_group.cancel_scope.cancel()
         return await self._task_group.__aexit__(exc_type, exc, tb)
 
-    async def shutdown(self, grace_s: float) -> None:
+    async def shutdown(self, grace_s: float) -> list[str]:
         """Stop admitting, let running streams finish for ``grace_s``, then cancel them
-        (done_reason ``shutdown``) and close every instance. Idempotent."""
+        (done_reason ``shutdown``), close every instance and end event subscriptions.
+
+        Returns within ``grace_s`` plus ``close_timeout_s``: an instance whose worker does
+        not stop by then (hung inside llama.cpp) is abandoned, logged and returned by id.
+        Idempotent.
+        """
         self._pool.accepting = False
         with anyio.move_on_after(grace_s):
             while self._generations:
                 await self._pool.wait_changed(None)
         for generation in list(self._generations.values()):
             generation.cancel(DoneReason.SHUTDOWN)
-        await self._pool.unload_all(DoneReason.SHUTDOWN)
+        abandoned = await self._pool.unload_all(DoneReason.SHUTDOWN, self._close_timeout_s)
+        self.events.close()
+        return abandoned
 
     @property
     def accepting(self) -> bool:
@@ -151,9 +171,12 @@ class ModelManager:
 
     # ----------------------------------------------------------------- queries
 
-    def models(self) -> list[ModelFile]:
-        """Rescan the models dir (files added later are found without a restart)."""
-        return self.registry.scan()
+    async def models(self) -> list[ModelFile]:
+        """Rescan the models dir (files added later are found without a restart).
+
+        Raises :class:`ModelsDirUnavailable` when the directory does not answer in time.
+        """
+        return await self.registry.rescan()
 
     def state_of(self, model_id: str) -> str:
         instance = self._pool.get(model_id)
@@ -180,8 +203,18 @@ class ModelManager:
             token_loop=str(self._loop.kind),
             memory_probe=self._probe.kind,
             admitted=self._admitted,
+            running=len(self._generations),
             accepting=self._pool.accepting,
             instances=tuple(self._pool.statistics(now_s, now_unix)),
+            counters=tuple(
+                CounterStatistics(
+                    model_id=model_id,
+                    loads_total=counts.loads_total,
+                    load_failures_total=counts.load_failures_total,
+                    evictions_total=counts.evictions_total,
+                )
+                for model_id, counts in sorted(self._pool.counters.items())
+            ),
         )
 
     # ----------------------------------------------------------------- generation
@@ -195,21 +228,25 @@ class ModelManager:
         Raises before yielding: :class:`InvalidRequest`, :class:`ModelNotFound`,
         :class:`NoDefaultModel`, :class:`ModelInvalid`, :class:`ModelTooLarge`,
         :class:`ModelLoadFailed`, the :class:`Overloaded` family (429/503),
-        :class:`ShuttingDown`. Leaving the block early cancels the generation.
+        :class:`ShuttingDown`, :class:`ResourcesExhausted`, :class:`ModelsDirUnavailable`.
+        Leaving the block early cancels the generation. Cancelled at any await, it leaves
+        nothing behind: no admission, no place in the queue, no held slot.
         """
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._generations:
             raise InvalidRequest(f"request id {request_id!r} is already running")
-        model = self._resolve(request.model)
-        self._admit(model.id)
+        model_id = self._model_id(request.model)
+        ticket = self._admit(model_id)  # a place in the model's line, owned from here
         try:
-            generation = await self._start(model, request, request_id)
+            generation = await self._start(model_id, request, request_id, ticket)
             try:
                 yield generation
             finally:
                 await generation.aclose()
         finally:
+            ticket.release()  # a no-op unless nothing took it over (idempotent)
             self._admitted -= 1
+            self._pool.forget_slot_if_unused(model_id)
 
     async def generate(
         self, request: InferRequest, *, request_id: str | None = None
@@ -239,13 +276,14 @@ class ModelManager:
             raise RequestNotFound(f"no running request {request_id!r}")
         generation.cancel(DoneReason.CANCELLED)
 
-    def _resolve(self, model_id: str | None) -> ModelFile:
+    def _model_id(self, model_id: str | None) -> str:
         model_id = model_id or self.settings.default_model
         if not model_id:
             raise NoDefaultModel("no model given and no --default-model configured")
-        return self.registry.resolve(model_id)
+        return check_model_id(model_id)
 
-    def _admit(self, model_id: str) -> None:
+    def _admit(self, model_id: str) -> SlotTicket:
+        """Refuse at once past a cap; otherwise join the model's line (no await)."""
         if not self._pool.accepting:
             raise ShuttingDown("modeld is shutting down")
         cap = self.settings.max_inflight
@@ -261,12 +299,15 @@ class ModelManager:
                 self._retry_after_s(slot.queue_len),
             )
         self._admitted += 1
+        return slot.join()
 
     def _retry_after_s(self, ahead: int) -> float:
         """Requests ahead times the recent mean generation time, at least a second."""
         return float(max(1, math.ceil(ahead * self._generation_s_ewma)))
 
-    async def _start(self, model: ModelFile, request: InferRequest, request_id: str) -> Generation:
+    async def _start(
+        self, model_id: str, request: InferRequest, request_id: str, ticket: SlotTicket
+    ) -> Generation:
         timing = RequestTiming()
         deadline_s = timing.admitted_s + self.settings.max_wait_ms / 1000
         timeout = self.settings.infer_timeout
@@ -278,68 +319,75 @@ class ModelManager:
                     # a moment earlier, is the one that fires
                     inner_deadline_s = deadline_s + 1.0
                     return await self._start_within(
-                        model, request, request_id, timing, inner_deadline_s
+                        model_id, request, request_id, ticket, timing, inner_deadline_s
                     )
             except TimeoutError:
                 raise InferTimeout(
-                    f"{model.id}: not started within --infer-timeout ({timeout:g} s)"
+                    f"{model_id}: not started within --infer-timeout ({timeout:g} s)"
                 ) from None
-        return await self._start_within(model, request, request_id, timing, deadline_s)
+        return await self._start_within(model_id, request, request_id, ticket, timing, deadline_s)
 
     async def _start_within(
         self,
-        model: ModelFile,
+        model_id: str,
         request: InferRequest,
         request_id: str,
+        ticket: SlotTicket,
         timing: RequestTiming,
         deadline_s: float,
     ) -> Generation:
-        # The model's queue is joined first and held across the load, so the order of
-        # arrival is the order of service, whatever happens to the instance meanwhile.
-        # (The depth was checked by _admit, with no await since: the state is the same.)
-        slot = self._pool.slot_for(model.id)
+        # The ticket keeps the request's place in the model's line from admission on,
+        # across the file lookup and the load: the order of arrival is the order of
+        # service, whatever happens to the instance meanwhile.
         try:
-            await slot.acquire(max(0.0, deadline_s - time.monotonic()))
-        except TimeoutError:
-            raise QueueTimeout(
-                f"{model.id}: waited {self.settings.max_wait_ms} ms in the queue",
-                self._retry_after_s(slot.queue_len + 1),
-            ) from None
-        try:
+            model = await self.registry.lookup(model_id)  # an unknown model: 404 at once
+            try:
+                await ticket.wait(max(0.0, deadline_s - time.monotonic()))
+            except TimeoutError:
+                queue_len = self._pool.slot_for(model_id).queue_len
+                raise QueueTimeout(
+                    f"{model_id}: waited {self.settings.max_wait_ms} ms in the queue",
+                    self._retry_after_s(queue_len + 1),
+                ) from None
             while True:
                 load_started_s = time.monotonic()
                 instance = await self._pool.ready_instance(model, deadline_s)
                 timing.load_s += time.monotonic() - load_started_s
-                generation = await self._launch(instance, request, request_id, timing)
+                generation = await self._launch(instance, request, request_id, timing, ticket)
                 if generation is not None:
                     return generation
                 # unloaded between the load and the launch: load it again, still first
         except BaseException:
-            slot.release()
+            ticket.release()
             raise
 
     async def _launch(
-        self, instance: Instance, request: InferRequest, request_id: str, timing: RequestTiming
+        self,
+        instance: Instance,
+        request: InferRequest,
+        request_id: str,
+        timing: RequestTiming,
+        ticket: SlotTicket,
     ) -> Generation | None:
-        """Tokenize and start the loop; None when the instance went away meanwhile."""
+        """Prepare the prompt and start the loop on the instance's worker; None when the
+        instance went away meanwhile. The generation takes over ``ticket``."""
         engine, worker = instance.engine, instance.worker
         if engine is None or worker is None:
             return None
+        prepare = worker.submit(lambda: engine.prepare(request.prompt, request.max_tokens))
         try:
-            prompt_tokens = await worker.run(lambda: engine.tokenize(request.prompt))
-        except WorkerStopped:
+            prompt_tokens = await prepare.wait()
+        except (WorkerStopped, EngineClosed):
             return None
+        except BaseException:
+            # The worker may still be tokenizing: the model stays busy (and visibly so)
+            # until it is done, and the next request does not queue behind it unseen.
+            ticket.release_when(prepare.when_done)
+            raise
         if not instance.is_ready():
             return None
-        if len(prompt_tokens) + request.max_tokens > engine.n_ctx:
-            raise InvalidRequest(
-                f"prompt ({len(prompt_tokens)} tokens) + max_tokens ({request.max_tokens}) "
-                f"exceeds the context of {engine.n_ctx} tokens",
-                field="max_tokens",
-            )
-        ring = self._loop.new_ring()
-        params = request.sampling()
-        call = worker.submit(lambda: _run_loop(engine, ring, prompt_tokens, params))
+        ring = engine.new_ring()
+        call = worker.submit(lambda: engine.generate(ring, prompt_tokens, request))
         timing.started_s = time.monotonic()
         instance.last_used_s = timing.started_s
         timeout = self.settings.infer_timeout
@@ -350,34 +398,25 @@ class ModelManager:
             call=call,
             timing=timing,
             deadline_s=timing.admitted_s + timeout if timeout else None,
-            on_finished=lambda g: self._finished(instance, g, timing),
+            on_finished=lambda g: self._finished(instance, g, timing, ticket),
         )
         instance.active = generation
         self._generations[request_id] = generation
         return generation
 
-    def _finished(self, instance: Instance, generation: Generation, timing: RequestTiming) -> None:
+    def _finished(
+        self, instance: Instance, generation: Generation, timing: RequestTiming, ticket: SlotTicket
+    ) -> None:
         now_s = time.monotonic()
         self._generation_s_ewma = 0.8 * self._generation_s_ewma + 0.2 * (now_s - timing.started_s)
         instance.last_used_s = now_s
         if instance.active is generation:
             instance.active = None
         self._generations.pop(generation.request_id, None)
-        instance.slot.release()
+        ticket.release()
         self._pool.notify_changed()
-        result = generation.result
-        if result is not None:
-            metrics = result.metrics
-            self.events.publish(
-                "generation_finished",
-                model=result.model,
-                request_id=result.request_id,
-                done_reason=str(result.done_reason),
-                completion_tokens=metrics.completion_tokens,
-                ttft_ms=metrics.ttft_ms,
-                queue_ms=metrics.queue_ms,
-                tokens_per_second=metrics.tokens_per_second,
-            )
+        if generation.result is not None:
+            self.events.publish(GenerationFinished(result=generation.result))
 
     # ----------------------------------------------------------------- instances
 
@@ -397,15 +436,3 @@ class ModelManager:
     @property
     def counters(self) -> Mapping[str, ModelCounters]:
         return self._pool.counters
-
-
-def _run_loop(
-    engine: LlamaEngine, ring: TokenRing, prompt_tokens: list[int], params: object
-) -> LoopOutcome:
-    """Runs on the worker thread; whatever happens, the consumer sees the stream end."""
-    try:
-        return engine.generate(ring, prompt_tokens, params)  # type: ignore[arg-type]
-    except Exception as exc:
-        return LoopOutcome(StopCode.ERROR, len(prompt_tokens), 0, 0.0, 0.0, error=repr(exc))
-    finally:
-        ring.finish()

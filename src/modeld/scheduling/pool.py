@@ -12,29 +12,34 @@ from collections.abc import Callable
 
 import anyio
 from anyio.abc import TaskGroup
+from loguru import logger
 
 from modeld.config import Settings
 from modeld.engine.base import TokenLoop
-from modeld.engine.llama_engine import EngineSettings, LlamaEngine
-from modeld.engine.worker import EngineWorker
 from modeld.errors import (
+    InvalidModelId,
     MemoryBusy,
     ModelCoolingDown,
     ModeldError,
-    ModelLoadFailed,
     ModelNotFound,
     ModelTooLarge,
     QueueTimeout,
+    ResourcesExhausted,
     ShuttingDown,
 )
-from modeld.gguf import read_gguf_header
 from modeld.memory.budget import Candidate, MemoryBudget, choose_victims
-from modeld.memory.estimate import FootprintEstimate, estimate_footprint
 from modeld.memory.probe import MemoryProbe
 from modeld.registry import ModelFile, Registry, check_model_id
-from modeld.scheduling.events import EventHub
+from modeld.scheduling.events import (
+    EventHub,
+    ModelEvicted,
+    ModelFailed,
+    ModelLoadStarted,
+    ModelReady,
+)
 from modeld.scheduling.fifo import FifoSlot
 from modeld.scheduling.instance import Instance, InstanceStatistics, ModelCounters
+from modeld.scheduling.loading import EngineFactory, Loader
 from modeld.sizes import MIB
 from modeld.types import DoneReason, InstanceState
 
@@ -42,14 +47,6 @@ __all__ = ["EngineFactory", "InstancePool"]
 
 _BACKOFF_BASE_S = 1.0
 _BACKOFF_MAX_S = 60.0
-
-EngineFactory = Callable[[ModelFile, EngineSettings, TokenLoop, int], LlamaEngine]
-
-
-def _default_engine_factory(
-    model: ModelFile, settings: EngineSettings, loop: TokenLoop, n_ctx_train: int
-) -> LlamaEngine:
-    return LlamaEngine(model.path, settings, loop, n_ctx_train)
 
 
 class InstancePool:
@@ -72,16 +69,20 @@ class InstancePool:
         self.registry = registry
         self.events = events
         self.budget = budget
-        self._loop = token_loop
-        self._probe = probe
-        self._gpu = gpu
         self._retry_after_s = retry_after_s
-        self._engine_factory = engine_factory or _default_engine_factory
+        self._loader = Loader(
+            settings,
+            events=events,
+            token_loop=token_loop,
+            probe=probe,
+            budget=budget,
+            gpu=gpu,
+            engine_factory=engine_factory,
+        )
         self._instances: dict[str, Instance] = {}
         self._slots: dict[str, FifoSlot] = {}
         self.counters: dict[str, ModelCounters] = {}
         self._memory_changed = anyio.Event()
-        self._load_lock = anyio.Lock()
         self._task_group: TaskGroup | None = None
         self.accepting = True
 
@@ -102,6 +103,14 @@ class InstancePool:
             slot = self._slots[model_id] = FifoSlot()
         return slot
 
+    def forget_slot_if_unused(self, model_id: str) -> None:
+        """Drop an idle line for a model that has never been loaded (an id that turned
+        out unknown): ids a client makes up must not grow the table."""
+        slot = self._slots.get(model_id)
+        unknown = model_id not in self._instances and model_id not in self.counters
+        if slot is not None and slot.idle and unknown:
+            del self._slots[model_id]
+
     def statistics(self, now_s: float, now_unix: float) -> list[InstanceStatistics]:
         loaded = [i.statistics(now_s, now_unix) for i in self._instances.values()]
         return sorted(loaded + self._cooling_down(now_s), key=lambda stats: stats.model_id)
@@ -117,7 +126,7 @@ class InstancePool:
 
     async def load(self, model_id: str, *, pin: bool | None = None) -> Instance:
         """Load (and warm) a model now; optionally pin it against eviction."""
-        model = self.registry.resolve(model_id)
+        model = await self.registry.lookup(model_id)
         deadline_s = time.monotonic() + self.settings.load_timeout
         instance = await self.ready_instance(model, deadline_s)
         if pin is not None:
@@ -135,9 +144,38 @@ class InstancePool:
             raise ModelNotFound(f"model {model_id!r} is not loaded")
         await self.unload(instance, DoneReason.EVICTED)
 
-    async def unload_all(self, reason: DoneReason) -> None:
-        for instance in list(self._instances.values()):
-            await self.unload(instance, reason)
+    async def unload_all(self, reason: DoneReason, within_s: float) -> list[str]:
+        """Unload every instance, giving them ``within_s`` together; returns the ids of
+        those abandoned because their worker did not stop (hung in llama.cpp).
+
+        An abandoned instance leaves the table and the budget at once; its thread is
+        left to end on its own (it is a daemon: it cannot keep the process alive).
+        """
+        instances = list(self._instances.values())
+        async with anyio.create_task_group() as unloads:
+            for instance in instances:
+                unloads.start_soon(self.unload, instance, reason)
+            with anyio.move_on_after(within_s):
+                for instance in instances:
+                    await instance.gone.wait()
+            abandoned = [i for i in instances if not i.gone.is_set()]
+            for instance in abandoned:
+                self._abandon(instance, reason)
+            unloads.cancel_scope.cancel()
+        return [i.model_id for i in abandoned]
+
+    def _abandon(self, instance: Instance, reason: DoneReason) -> None:
+        logger.warning(
+            "instance abandoned: its worker did not stop",
+            model=instance.model_id,
+            state=str(instance.state),
+        )
+        if instance.active is not None:
+            instance.active.abandon(reason)
+        if instance.disposal is not None:
+            instance.disposal.cancel()  # its bookkeeping runs in its own finally
+        else:
+            self._forget(instance)
 
     def _cooling_down(self, now_s: float) -> list[InstanceStatistics]:
         """Models with no instance whose last load failed: shown as ``error`` with the
@@ -180,8 +218,10 @@ class InstancePool:
                 await instance.gone.wait()
                 continue
             if instance.state is InstanceState.READY:
-                if self._file_changed(instance):
+                if await self._file_changed(instance):
                     await self.unload(instance, DoneReason.EVICTED)
+                    continue
+                if not instance.is_ready():  # unloaded while the file was looked at
                     continue
                 return instance
             with anyio.move_on_after(max(0.0, deadline_s - time.monotonic())) as scope:
@@ -192,11 +232,14 @@ class InstancePool:
                 assert instance.error is not None
                 raise instance.error
 
-    def _file_changed(self, instance: Instance) -> bool:
-        """A file rewritten in place under a loaded (mmapped) model must not be used."""
+    async def _file_changed(self, instance: Instance) -> bool:
+        """A file rewritten in place under a loaded (mmapped) model must not be used.
+
+        Raises :class:`ModelsDirUnavailable` when the models dir does not answer.
+        """
         try:
-            current = self.registry.resolve(instance.model_id)
-        except ModeldError:
+            current = await self.registry.lookup(instance.model_id)
+        except (ModelNotFound, InvalidModelId):
             return True
         return current.identity != instance.model.identity
 
@@ -222,89 +265,32 @@ class InstancePool:
         return instance
 
     async def _load(self, instance: Instance, deadline_s: float) -> None:
-        model, counters = instance.model, instance.counters
         started_s = time.monotonic()
-        self.events.publish("model_load_started", model=model.id)
+        self.events.publish(ModelLoadStarted(model=instance.model_id))
         try:
-            header = await anyio.to_thread.run_sync(lambda: read_gguf_header(model.path))
-            n_ctx = min(self.settings.n_ctx, header.context_length)
-            estimate = estimate_footprint(
-                header,
-                n_ctx=n_ctx,
-                n_gpu_layers=self.settings.n_gpu_layers,
-                n_batch=self.settings.n_batch,
-                gpu=self._gpu,
+            await self._loader.load(
+                instance, lambda i, need_bytes: self._reserve(i, need_bytes, deadline_s)
             )
-            self._progress(model.id, "validated", 0.1)
-            await self._reserve(instance, estimate.total_bytes, deadline_s)
-            self._progress(model.id, "memory_reserved", 0.2)
-            async with self._load_lock:  # one load at a time: measurements stay attributable
-                before_bytes = self._probe.used_bytes()
-                worker = EngineWorker(f"modeld:{model.id}")
-                instance.worker = worker
-                engine_settings = EngineSettings(
-                    n_ctx=self.settings.n_ctx,
-                    n_batch=self.settings.n_batch,
-                    n_threads=self.settings.n_threads,
-                    n_gpu_layers=self.settings.n_gpu_layers,
-                    use_mmap=not self.settings.no_mmap,
-                )
-                engine = await worker.run(
-                    lambda: self._engine_factory(
-                        model, engine_settings, self._loop, header.context_length
-                    )
-                )
-                instance.engine = engine
-                self._progress(model.id, "weights_loaded", 0.9)
-                await worker.run(engine.warm_up)
-                measured_bytes = self._probe.used_bytes() - before_bytes
-            self.budget.charge(model.id, self._charge_after_load(measured_bytes, estimate, engine))
-            instance.charge_bytes = self.budget.charge_of(model.id)
-            instance.measured = True
         except ModeldError as exc:
             await self._fail_load(instance, exc)
-        except Exception as exc:  # a bug or an unexpected engine failure: still contained
-            await self._fail_load(instance, ModelLoadFailed(f"{model.id}: {exc!r}"))
         else:
             instance.transition(InstanceState.READY)
             instance.ready_at_s = time.monotonic()
+            counters = instance.counters
             counters.loads_total += 1
             counters.consecutive_failures = 0
             counters.retry_at_s = 0.0
-            self.events.publish(
-                "model_ready", model=model.id, load_ms=round((time.monotonic() - started_s) * 1000)
-            )
+            load_ms = round((time.monotonic() - started_s) * 1000)
+            self.events.publish(ModelReady(model=instance.model_id, load_ms=load_ms))
         finally:
             instance.settled.set()
             self.notify_changed()
-
-    def _progress(self, model_id: str, stage: str, fraction: float) -> None:
-        """Load stages as events. llama-cpp-python 0.3.36's ``Llama`` exposes no hook for
-        llama.cpp's progress callback, so progress is reported per stage, not per tensor."""
-        self.events.publish(
-            "model_loading_progress", model=model_id, stage=stage, progress=fraction
-        )
-
-    def _charge_after_load(
-        self, measured_bytes: int, estimate: FootprintEstimate, engine: LlamaEngine
-    ) -> int:
-        """What a loaded instance costs the budget from now on.
-
-        On a GPU, NVML's per-process growth across the load replaces the estimate (floored
-        by llama.cpp's own weight + KV sizes). On CPU, RSS right after warm-up misses the
-        compute buffer and KV pages that are allocated but not yet touched, so the estimate
-        stays the floor there and a larger measurement replaces it.
-        """
-        reported_bytes = engine.model_size_bytes + estimate.kv_cache_bytes
-        if self._probe.kind == "nvml":
-            return max(measured_bytes, reported_bytes)
-        return max(measured_bytes, reported_bytes, estimate.total_bytes)
 
     async def _fail_load(self, instance: Instance, error: ModeldError) -> None:
         counters = instance.counters
         counters.load_failures_total += 1
         counters.last_error = error.message
-        if not isinstance(error, (MemoryBusy, QueueTimeout)):
+        if not isinstance(error, MemoryBusy | QueueTimeout | ResourcesExhausted):
             counters.consecutive_failures += 1
             backoff_s = min(
                 _BACKOFF_MAX_S, _BACKOFF_BASE_S * 2 ** (counters.consecutive_failures - 1)
@@ -312,7 +298,7 @@ class InstancePool:
             counters.retry_at_s = time.monotonic() + backoff_s
         instance.error = error
         instance.transition(InstanceState.ERROR)
-        self.events.publish("model_error", model=instance.model_id, error=error.message)
+        self.events.publish(ModelFailed(model=instance.model_id, error=error.message))
         await self._dispose(instance)
 
     async def _reserve(self, instance: Instance, need_bytes: int, deadline_s: float) -> None:
@@ -381,22 +367,43 @@ class InstancePool:
             instance.active.cancel(reason)
         if eviction:
             instance.counters.evictions_total += 1
-        self.events.publish("model_evicted", model=instance.model_id, reason=str(reason))
+        self.events.publish(ModelEvicted(model=instance.model_id, reason=reason))
         await self._dispose(instance)
 
     async def _dispose(self, instance: Instance) -> None:
-        """Close the engine on its own thread (after any running loop), free its charge."""
-        with anyio.CancelScope(shield=True):
-            engine, worker = instance.engine, instance.worker
-            if worker is not None:
-                if engine is not None:
-                    await worker.run(engine.close)
-                await worker.shutdown()
-            instance.engine = None
-            instance.worker = None
-            self.budget.release(instance.model_id)
-            instance.charge_bytes = 0
-            if self._instances.get(instance.model_id) is instance:
-                del self._instances[instance.model_id]
-            instance.gone.set()
-            self.notify_changed()
+        """Close the engine on its own thread (after any running loop), free its charge.
+
+        However the close ends (done, failed, or abandoned by :meth:`unload_all` through
+        ``instance.disposal``), the instance leaves the table and the budget.
+        """
+        with anyio.CancelScope(shield=True) as disposal:
+            instance.disposal = disposal
+            try:
+                await _close_engine(instance)
+            except Exception as exc:
+                logger.error("closing an instance failed", model=instance.model_id, error=repr(exc))
+            finally:
+                instance.disposal = None
+                self._forget(instance)
+
+    def _forget(self, instance: Instance) -> None:
+        instance.engine = None
+        instance.worker = None
+        self.budget.release(instance.model_id)
+        instance.charge_bytes = 0
+        if self._instances.get(instance.model_id) is instance:
+            del self._instances[instance.model_id]
+        instance.gone.set()
+        self.notify_changed()
+
+
+async def _close_engine(instance: Instance) -> None:
+    """``engine.close`` queued behind whatever the worker runs, then the thread's end."""
+    engine, worker = instance.engine, instance.worker
+    if worker is None:
+        return
+    try:
+        if engine is not None:
+            await worker.run(engine.close)
+    finally:
+        await worker.shutdown()
