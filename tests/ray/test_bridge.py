@@ -15,7 +15,7 @@ import pytest
 from modeld import ModelManager, Settings
 from modeld.api.app import create_app
 from modeld.ray.bridge import ForwardedRequest, Lifespan, ResponseStart, exchange
-from modeld.scheduling.events import Event
+from modeld.scheduling.events import Event, GenerationFinished
 
 from .conftest import FOUR_MODELS, LONG_CONTEXT
 
@@ -77,11 +77,11 @@ async def test_a_stream_comes_out_as_a_start_and_pieces(long_models: Path) -> No
 async def test_the_caller_leaving_cancels_the_generation(long_models: Path) -> None:
     settings = _settings(long_models)
     manager = ModelManager(settings)
-    finished: list[Event] = []
+    finished: list[GenerationFinished] = []
     done = anyio.Event()
 
     def on_event(event: Event) -> None:
-        if event.kind == "generation_finished":
+        if isinstance(event, GenerationFinished):
             finished.append(event)
             done.set()
 
@@ -101,8 +101,8 @@ async def test_the_caller_leaving_cancels_the_generation(long_models: Path) -> N
         assert manager.statistics().admitted == 0
     finally:
         await lifespan.shutdown()
-    assert finished[0].data["done_reason"] == "cancelled"
-    assert int(finished[0].data["completion_tokens"]) < max_tokens  # type: ignore[call-overload]
+    assert finished[0].result.done_reason == "cancelled"
+    assert finished[0].result.metrics.completion_tokens < max_tokens
 
 
 async def test_errors_pass_through_as_the_app_answers_them(long_models: Path) -> None:
