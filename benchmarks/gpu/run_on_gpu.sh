@@ -15,13 +15,14 @@ set -uo pipefail
 PACK=${PACK:-$PWD/.gpu}
 OUT=${OUT:-/tmp/gpu-out}
 DEADLINE_S=${DEADLINE_S:-540}
-SITE=/tmp/site
-WHEELS=/tmp/llama-wheel
-BUILD_DIR=/tmp/llama-build
-SRC=/tmp/modeld-src
+WORK=${WORK:-/tmp}
+SITE=$WORK/site
+WHEELS=$WORK/llama-wheel
+BUILD_DIR=$WORK/llama-build
+SRC=$WORK/modeld-src
 CMAKE_FLAGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAVA_BUILD=OFF"
 T0=$(date +%s)
-export PYTHONUNBUFFERED=1 PYTHONPATH=$SITE PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$SITE PIP_NO_INDEX=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 mkdir -p "$OUT" "$SITE" "$WHEELS"
 exec > >(tee -a "$OUT/run.log") 2>&1
 
@@ -45,25 +46,27 @@ stage_setup() {
 }
 
 stage_build() {
+    local built=0
     if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
         if ls "$PACK"/llama-wheel/*.part-* >/dev/null 2>&1; then
             name=$(basename "$(ls "$PACK"/llama-wheel/*.part-* | head -1)" | sed 's/\.part-.*//')
             cat "$PACK"/llama-wheel/"$name".part-* >"$WHEELS/$name"
             log "reassembled the wheel an earlier run built: $name"
         else
-            rm -rf /tmp/llama-src && mkdir -p /tmp/llama-src
-            tar xzf "$PACK/llama_cpp_python-0.3.36-trim.tar.gz" -C /tmp/llama-src
+            rm -rf "$WORK/llama-src" && mkdir -p "$WORK/llama-src"
+            tar xzf "$PACK/llama_cpp_python-0.3.36-trim.tar.gz" -C "$WORK/llama-src"
             log "building llama-cpp-python 0.3.36: CMAKE_ARGS=\"$CMAKE_FLAGS\", $(nproc) jobs"
             CMAKE_ARGS="$CMAKE_FLAGS" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
                 timeout "$(left)" python3 -m pip wheel -v --no-build-isolation --no-deps --no-index \
-                -C build-dir="$BUILD_DIR" -w "$WHEELS" /tmp/llama-src/llama_cpp_python-0.3.36 \
-                2>&1 | stamp >/tmp/build.log
+                -C build-dir="$BUILD_DIR" -w "$WHEELS" "$WORK/llama-src/llama_cpp_python-0.3.36" \
+                2>&1 | stamp >"$WORK/build.log"
             rc=$?
-            grep -E "\[[0-9]+/[0-9]+\]" /tmp/build.log | sed -n '1p;$p'
-            grep -E 'error:|FAILED:|CMake Error|CUDA Toolkit|CUDA architectures|CMAKE_CUDA_ARCHITECTURES' /tmp/build.log | head -20
-            tail -5 /tmp/build.log
-            gzip -c /tmp/build.log >"$OUT/build.log.gz"
+            grep -E "\[[0-9]+/[0-9]+\]" "$WORK/build.log" | sed -n '1p;$p'
+            grep -E 'error:|FAILED:|CMake Error|CUDA Toolkit|CUDA architectures|CMAKE_CUDA_ARCHITECTURES' "$WORK/build.log" | head -20
+            tail -5 "$WORK/build.log"
+            gzip -c "$WORK/build.log" >"$OUT/build.log.gz"
             log "build finished, rc=$rc"
+            built=1
         fi
     fi
     wheel=$(ls "$WHEELS"/llama_cpp_python-*.whl 2>/dev/null | head -1)
@@ -74,10 +77,10 @@ stage_build() {
     ldd "$SITE/llama_cpp/lib/libggml-cuda.so" | grep -E 'cuda|cublas|not found'
     python3 -c 'import llama_cpp; print("llama_cpp", llama_cpp.__version__, "gpu offload:", llama_cpp.llama_supports_gpu_offload())'
     size=$(stat -c %s "$wheel")
-    if [ "$size" -le $((56 * 1024 * 1024)) ] && ! ls "$OUT"/*.part-* >/dev/null 2>&1; then
+    if [ "$built" = 1 ] && [ "$size" -le $((56 * 1024 * 1024)) ]; then
         split -b 15M -a 2 "$wheel" "$OUT/$(basename "$wheel").part-" && log "wheel ($size bytes) copied to \$OUT in parts"
     else
-        log "wheel not copied back ($size bytes)"
+        log "wheel not copied back (built in this run: $built; $size bytes)"
     fi
 }
 
@@ -102,8 +105,8 @@ stage_tests() {
 }
 
 stage_budget() {
-    timeout "$(left)" python3 "$SRC/benchmarks/gpu/budget_check.py" --work /tmp/budget \
-        --out "$OUT/budget" --deadline-s "$(($(left) - 90))"
+    timeout "$(left)" python3 "$SRC/benchmarks/gpu/budget_check.py" --work "$WORK/budget" \
+        --out "$OUT/budget" --scale "${BUDGET_SCALE:-gpu}" --deadline-s "$(($(left) - 90))"
     log "budget check rc=$?"
 }
 
