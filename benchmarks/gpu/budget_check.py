@@ -194,12 +194,14 @@ def write_models(directory: Path, scale: str, results: Results) -> dict[str, Pat
     return paths
 
 
-def estimate(path: Path, settings: Settings) -> FootprintEstimate:
+def estimate(
+    path: Path, settings: Settings, n_ctx: int | None = None, n_gpu_layers: int = -1
+) -> FootprintEstimate:
     header = read_gguf_header(path)
     return estimate_footprint(
         header,
-        n_ctx=min(settings.n_ctx, header.context_length),
-        n_gpu_layers=-1,
+        n_ctx=min(n_ctx or settings.n_ctx, header.context_length),
+        n_gpu_layers=n_gpu_layers,
         n_batch=settings.n_batch,
         gpu=settings.gpu,
     )
@@ -373,11 +375,11 @@ def _budget_checks(record: dict[str, Any], results: Results) -> None:
 # --------------------------------------------------------------------------- phase 3
 
 
-def calibrate(path: Path, settings: Settings, n_ctx: int) -> dict[str, Any]:
+def calibrate(path: Path, settings: Settings, n_ctx: int, n_gpu_layers: int) -> dict[str, Any]:
     command = [
         sys.executable, str(HERE / "calibrate.py"), str(path),
         "--n-ctx", str(n_ctx), "--n-batch", str(settings.n_batch),
-        "--threads", str(settings.threads),
+        "--n-gpu-layers", str(n_gpu_layers), "--threads", str(settings.threads),
     ] + (["--gpu"] if settings.gpu else [])  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     lines = [x for x in completed.stdout.splitlines() if x.startswith("CALIBRATION ")]
@@ -389,15 +391,35 @@ def calibrate(path: Path, settings: Settings, n_ctx: int) -> dict[str, Any]:
         key = f"{device} {kind}"
         buffers[key] = round(buffers.get(key, 0.0) + float(size), 2)
     report["llama_buffers_mib"] = buffers
-    report["buffer_lines"] = [x for x in completed.stderr.splitlines() if "buffer size" in x]
+    report["log_lines"] = [
+        x
+        for x in completed.stderr.splitlines()
+        if "buffer size" in x or "offload" in x or "CUDA" in x or "ggml_cuda" in x
+    ][:40]
     return report
 
 
+def calibration_cases(
+    paths: dict[str, Path], settings: Settings
+) -> list[tuple[str, Path, int, int]]:
+    """(label, model, n_ctx, n_gpu_layers): every model fully offloaded at the server's
+    n_ctx, plus a partial offload and a shorter context to test those terms."""
+    cases = [
+        (name, path, min(settings.n_ctx, read_gguf_header(path).context_length), -1)
+        for name, path in paths.items()
+    ]
+    if settings.gpu:
+        half = SHAPES[settings.scale]["big-a"].n_layer // 2
+        cases.append((f"big-a ngl={half}", paths["big-a"], settings.n_ctx, half))
+        cases.append(("big-b ctx=1024", paths["big-b"], 1024, -1))
+    return cases
+
+
 def calibration_phase(paths: dict[str, Path], settings: Settings, results: Results) -> None:
-    for name, path in paths.items():
-        n_ctx = min(settings.n_ctx, read_gguf_header(path).context_length)
-        report = calibrate(path, settings, n_ctx)
-        est = estimate(path, settings)
+    for label, path, n_ctx, n_gpu_layers in calibration_cases(paths, settings):
+        report = calibrate(path, settings, n_ctx, n_gpu_layers)
+        est = estimate(path, settings, n_ctx, n_gpu_layers)
+        report["n_ctx"], report["n_gpu_layers"] = n_ctx, n_gpu_layers
         report["estimate_mib"] = estimate_parts(est)
         samples = report.get("samples")
         if samples:
@@ -406,8 +428,11 @@ def calibration_phase(paths: dict[str, Path], settings: Settings, results: Resul
             report["warm_over_estimate"] = round(warm / est.total_bytes, 3)
             report["filled_over_estimate"] = round(filled / est.total_bytes, 3)
             report["closed_residual_mib"] = mib(samples["closed"] - samples["start"])
-        results.calibration[name] = report
-        print(f"  {name:<8} {json.dumps({k: v for k, v in report.items() if 'lines' not in k})}")
+        results.calibration[label] = report
+        brief = {k: v for k, v in report.items() if k not in ("log_lines", "error")}
+        print(f"  {label:<16} {json.dumps(brief)}", flush=True)
+        if "error" in report:
+            print(f"  {label} failed: {report['error'][-1500:]}")
 
 
 # --------------------------------------------------------------------------- phase 4
@@ -588,19 +613,20 @@ def print_tables(results: Results) -> None:
     if results.calibration:
         print("\n== per instance, alone in a process (MiB; est = estimate total)")
         print(
-            f"{'model':<8}{'est':>8}{'w':>8}{'kv':>7}{'comp':>8}"
-            f"{'loaded':>9}{'warm':>9}{'filled':>9}{'closed':>8}  llama.cpp buffers"
+            f"{'model':<16}{'est':>8}{'w':>8}{'kv':>7}{'comp':>8}"
+            f"{'loaded':>9}{'warm':>9}{'filled':>9}{'again':>9}{'closed':>8}  llama.cpp buffers"
         )
         for name, c in results.calibration.items():
             if "samples" not in c:
-                print(f"{name:<8} error: {c.get('error', '')[-300:]}")
+                print(f"{name:<16} error: {c.get('error', '')[-300:]}")
                 continue
             s, e = c["samples"], c["estimate_mib"]
             base = s["start"]
             print(
-                f"{name:<8}{e['total']:>8}{e['weights']:>8}{e['kv']:>7}{e['compute']:>8}"
+                f"{name:<16}{e['total']:>8}{e['weights']:>8}{e['kv']:>7}{e['compute']:>8}"
                 f"{mib(s['loaded'] - base):>9}{mib(s['warm'] - base):>9}"
-                f"{mib(s['filled'] - base):>9}{mib(s['closed'] - base):>8}  "
+                f"{mib(s['filled'] - base):>9}{mib(s['filled_again'] - base):>9}"
+                f"{mib(s['closed'] - base):>8}  "
                 f"{c['llama_buffers_mib']}"
             )
     if results.decode:

@@ -9,6 +9,7 @@ Steps, each followed by a sample of this process's memory (NVML on a GPU, RSS on
 ``start`` (nothing loaded), ``loaded`` (``Llama()`` returned), ``warm`` (one token
 generated: what modeld charges), ``filled`` (a prompt of ``n_ctx - 64`` tokens evaluated
 in ``n_batch`` chunks, then 8 tokens: every buffer and pool at its working size),
+``filled_again`` (the same prompt once more: a pool that keeps growing shows here),
 ``closed`` (``close()``: what the process keeps).
 """
 
@@ -73,6 +74,9 @@ def main() -> None:
         if count >= 7:
             break
     samples["filled"] = probe.used_bytes()
+    llama.reset()
+    llama.eval(long_prompt)  # again: pools that keep growing would show here
+    samples["filled_again"] = probe.used_bytes()
     model_size_bytes = int(llama._model.size())
     llama.close()
     samples["closed"] = probe.used_bytes()

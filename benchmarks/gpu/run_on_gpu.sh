@@ -39,6 +39,51 @@ stage_env() {
     echo "cpus $(nproc), $(free -g | awk '/Mem/ {print $2}') GiB RAM, disk $(df -h /tmp | awk 'NR==2 {print $4}') free"
 }
 
+# CMake's FindCUDAToolkit looks for unversioned libraries (libcublas.so) and for
+# cublas_v2.h next to the toolkit. A toolkit assembled from NVIDIA's pip wheels
+# (nvidia/cu13/{lib,include}) ships only libcublas.so.13, and the driver's libcuda.so.1
+# has no stub: point CMake at the real files, and the loader at their folders.
+cuda_toolkit_fixups() {
+    if ! command -v nvcc >/dev/null; then
+        for dir in /usr/local/cuda/bin /usr/local/cuda-*/bin; do
+            [ -x "$dir/nvcc" ] && export PATH="$dir:$PATH" && break
+        done
+    fi
+    local nvcc root places lib var found header
+    nvcc=$(readlink -f "$(command -v nvcc)") || { log "no nvcc found"; return 1; }
+    root=$(dirname "$(dirname "$nvcc")")
+    export CUDACXX=$nvcc
+    places="$root /usr/local/cuda /usr/lib/x86_64-linux-gnu /usr/local/nvidia /usr/lib64 ${CUDA_EXTRA_SEARCH:-}"
+    places="$places $(python3 -c 'import site; print(*(p + "/nvidia" for p in site.getsitepackages()))')"
+    log "nvcc: $nvcc (toolkit root $root)"
+    for lib in cudart:CUDA_CUDART cublas:CUDA_cublas_LIBRARY cublasLt:CUDA_cublasLt_LIBRARY cuda:CUDA_cuda_driver_LIBRARY; do
+        var=${lib#*:} lib=${lib%%:*}
+        found=$(find -L $places -regextype posix-extended -regex ".*/lib$lib\.so" 2>/dev/null | grep -v /stubs/ | head -1)
+        if [ -n "$found" ]; then
+            echo "  lib$lib.so: $found"
+            continue
+        fi
+        found=$(find -L $places -regextype posix-extended -regex ".*/lib$lib\.so(\.[0-9]+)+" 2>/dev/null | grep -v /stubs/ | head -1)
+        if [ -n "$found" ]; then
+            echo "  lib$lib.so: none; using $found"
+            CMAKE_FLAGS="$CMAKE_FLAGS -D$var=$found"
+            export LD_LIBRARY_PATH="$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        else
+            echo "  lib$lib.so: NOT FOUND"
+        fi
+    done
+    if ! ls "$root"/include/cublas_v2.h "$root"/targets/*/include/cublas_v2.h >/dev/null 2>&1; then
+        header=$(find -L $places -name cublas_v2.h 2>/dev/null | head -1)
+        if [ -n "$header" ]; then
+            echo "  cublas_v2.h: $header"
+            export CPATH="$(dirname "$header")${CPATH:+:$CPATH}"
+        else
+            echo "  cublas_v2.h: NOT FOUND"
+        fi
+    fi
+    echo "  CMAKE_ARGS: $CMAKE_FLAGS"
+}
+
 stage_setup() {
     pip_target "$PACK"/whl/*.whl && log "carried wheels installed" || log "FAILED: carried wheels"
     rm -rf "$SRC" && mkdir -p "$SRC" && tar xzf "$PACK/modeld.tar.gz" -C "$SRC"
@@ -47,6 +92,7 @@ stage_setup() {
 
 stage_build() {
     local built=0
+    cuda_toolkit_fixups
     if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
         if ls "$PACK"/llama-wheel/*.part-* >/dev/null 2>&1; then
             name=$(basename "$(ls "$PACK"/llama-wheel/*.part-* | head -1)" | sed 's/\.part-.*//')
