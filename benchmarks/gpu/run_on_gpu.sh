@@ -6,7 +6,8 @@
 #
 # PACK (default ./.gpu) holds what was carried: whl/*.whl (what the machine lacks, for
 # Python 3.12), llama_cpp_python-0.3.36-trim.tar.gz (the sdist without vendored models,
-# docs, examples and tests), and optionally llama-wheel/ (a wheel an earlier run built).
+# docs, examples and tests), and optionally llama-wheel/ (a wheel an earlier run built,
+# in parts) and fallback/ (a wheel built elsewhere, used only if the build here fails).
 # Everything stays under /tmp, so a second run on the still-warm machine reuses the
 # build; a stage starts only if DEADLINE_S (seconds from start) leaves it room, so the
 # run ends, with its files in $OUT, before the device's limit kills it.
@@ -116,6 +117,13 @@ stage_build() {
         fi
     fi
     wheel=$(ls "$WHEELS"/llama_cpp_python-*.whl 2>/dev/null | head -1)
+    if [ -z "$wheel" ] && ls "$PACK"/fallback/llama_cpp_python-*.whl >/dev/null 2>&1; then
+        # built with the same flags on the CPU machine (nvcc 13.0, pip's cuBLAS, a libcuda
+        # stub): lets the tests and the budget check run if this machine's build failed
+        cp "$PACK"/fallback/llama_cpp_python-*.whl "$WHEELS"/
+        wheel=$(ls "$WHEELS"/llama_cpp_python-*.whl | head -1)
+        log "FALLBACK: no wheel built here; using the one built on the CPU machine"
+    fi
     [ -n "$wheel" ] || { log "FAILED: no wheel"; return 1; }
     ls -la "$wheel"
     pip_target "$wheel" && log "llama-cpp-python installed" || { log "FAILED: wheel install"; return 1; }
@@ -142,9 +150,28 @@ stage_modeld() {
 }
 
 stage_tests() {
+    # The Gemma package is too large to carry: deselect every test that needs it (the
+    # slow-marked ones and the estimate tests that read its header), and say which.
+    mkdir -p "$WORK/plugins"
+    cat >"$WORK/plugins/no_gemma.py" <<'PLUGIN'
+GEMMA_FIXTURES = {"gemma_path", "gemma_llama", "gemma_dir"}
+
+
+def pytest_collection_modifyitems(config, items):
+    kept, dropped = [], []
+    for item in items:
+        uses_gemma = GEMMA_FIXTURES & set(getattr(item, "fixturenames", ()))
+        (dropped if uses_gemma or item.get_closest_marker("slow") else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+        print(f"\nnot run here (need Gemma): {len(dropped)}")
+        for item in dropped:
+            print(f"  {item.nodeid}")
+PLUGIN
     cd "$SRC" || return 1
-    # Gemma-based tests (marked slow) need the Gemma package, too large to carry.
-    timeout "$(left)" python3 -m pytest tests/engine tests/scheduling -m "not slow" -p no:cacheprovider \
+    PYTHONPATH="$WORK/plugins:$PYTHONPATH" timeout "$(left)" python3 -m pytest \
+        tests/engine tests/scheduling tests/memory -p no_gemma -p no:cacheprovider \
         -q -ra --durations=8 -W default::DeprecationWarning -W default::PendingDeprecationWarning
     log "tests rc=$?"
     cd - >/dev/null || return 1
