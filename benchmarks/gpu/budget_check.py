@@ -24,6 +24,7 @@ it measured):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -81,6 +82,7 @@ class Settings:
     margin_mb: int = 512
     decode_tokens: int = 256
     decode_rounds: int = 5
+    c_loop: bool = True  # the C extension built and binds to this llama.cpp
 
 
 @dataclass
@@ -282,6 +284,7 @@ def budget_phase(paths: dict[str, Path], settings: Settings, work: Path, results
         "--vram-budget-mb", str(budget_mb), "--vram-margin-mb", str(settings.margin_mb),
         "--n-ctx", str(settings.n_ctx), "--n-batch", str(settings.n_batch),
         "--threads", str(settings.threads), "--max-wait-ms", "600000",
+        "--token-loop", "c" if settings.c_loop else "python",
     )  # fmt: skip
     client = Client(server)
     read = memory_of(server.process.pid, settings.gpu)
@@ -534,10 +537,11 @@ def decode_phase(paths: dict[str, Path], settings: Settings, work: Path, results
     models_dir = work / "served"
     model = f"{name}.gguf"
     tokens = settings.decode_tokens
-    with (
-        serving(models_dir, work, settings, "c") as c_server,
-        serving(models_dir, work, settings, "python") as py_server,
-    ):
+    loops = ["c", "python"] if settings.c_loop else ["python"]
+    with contextlib.ExitStack() as stack:
+        servers = {
+            loop: stack.enter_context(serving(models_dir, work, settings, loop)) for loop in loops
+        }
         llama = Llama(
             str(paths[name]),
             n_ctx=settings.n_ctx,
@@ -548,23 +552,22 @@ def decode_phase(paths: dict[str, Path], settings: Settings, work: Path, results
             n_threads_batch=settings.threads,
             verbose=False,
         )
-        c_loop, py_loop = token_loop(LoopKind.C), token_loop(LoopKind.PYTHON)
+        stack.callback(llama.close)
         variants: dict[str, Callable[[], float]] = {
-            "http_c": lambda: http_decode(c_server, model, tokens),
-            "http_python": lambda: http_decode(py_server, model, tokens),
             "generate_from_first": lambda: generate_decode(llama, tokens),
             "generate_whole": lambda: generate_whole(llama, tokens),
-            "c_loop_whole": lambda: loop_decode(c_loop, llama, tokens),
-            "python_loop_whole": lambda: loop_decode(py_loop, llama, tokens),
         }
+        for loop, server in servers.items():
+            in_process = token_loop(LoopKind(loop))
+            variants[f"http_{loop}"] = lambda s=server: http_decode(s, model, tokens)
+            variants[f"{loop}_loop_whole"] = lambda t=in_process: loop_decode(t, llama, tokens)
         for variant in variants.values():
             variant()  # warm-up (and the servers' loads)
-        names = list(variants)
+        names = sorted(variants)
         rounds: list[dict[str, float]] = []
         for index in range(settings.decode_rounds):
             shift = index % len(names)
             rounds.append({n: variants[n]() for n in names[shift:] + names[:shift]})
-        llama.close()
     medians = {n: round(statistics.median(r[n] for r in rounds), 1) for n in names}
     pairs = [
         ("http_c", "generate_from_first"),
@@ -575,7 +578,9 @@ def decode_phase(paths: dict[str, Path], settings: Settings, work: Path, results
         ("http_c", "http_python"),
     ]
     ratios = {
-        f"{a} / {b}": round(statistics.median(r[a] / r[b] for r in rounds), 3) for a, b in pairs
+        f"{a} / {b}": round(statistics.median(r[a] / r[b] for r in rounds), 3)
+        for a, b in pairs
+        if a in names and b in names
     }
     results.decode = {
         "model": model,
@@ -649,6 +654,16 @@ def main() -> int:
     args = parser.parse_args()
     deadline = time.monotonic() + args.deadline_s
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    from modeld.engine.select import token_loop
+    from modeld.errors import TokenLoopUnavailable
+    from modeld.types import LoopKind
+
+    try:
+        token_loop(LoopKind.C)
+        c_loop = True
+    except TokenLoopUnavailable as exc:
+        print(f"C token loop unavailable ({exc}): the Python loop serves")
+        c_loop = False
     settings = Settings(
         scale=args.scale,
         gpu=gpu,
@@ -657,6 +672,7 @@ def main() -> int:
         margin_mb=512 if args.scale == "gpu" else 16,
         decode_rounds=5 if args.scale == "gpu" else 3,
         decode_tokens=256 if args.scale == "gpu" else 64,
+        c_loop=c_loop,
     )
     results = Results(device=device_info(gpu), settings=asdict(settings))
     args.out.mkdir(parents=True, exist_ok=True)
