@@ -65,6 +65,7 @@ cuda_toolkit_fixups() {
             continue
         fi
         found=$(find -L $places -regextype posix-extended -regex ".*/lib$lib\.so(\.[0-9]+)+" 2>/dev/null | grep -v /stubs/ | head -1)
+        [ -n "$found" ] || found=$(ldconfig -p | awk -v name="lib$lib.so." 'index($1, name) == 1 {print $NF; exit}')
         if [ -n "$found" ]; then
             echo "  lib$lib.so: none; using $found"
             CMAKE_FLAGS="$CMAKE_FLAGS -D$var=$found"
