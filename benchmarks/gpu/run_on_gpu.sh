@@ -26,6 +26,7 @@ T0=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONPATH=$SITE PIP_NO_INDEX=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 mkdir -p "$OUT" "$SITE" "$WHEELS"
 exec > >(tee -a "$OUT/run.log") 2>&1
+TEE_PID=$!
 
 log() { echo "[$(date +%T) +$(($(date +%s) - T0))s] $*"; }
 left() { echo $((DEADLINE_S - ($(date +%s) - T0))); }
@@ -198,3 +199,5 @@ for stage in "${stages[@]}"; do
     "stage_$stage" || log "== $stage FAILED"
 done
 log "done"
+exec >&- 2>&-
+wait "$TEE_PID"  # run.log complete before $OUT is collected
