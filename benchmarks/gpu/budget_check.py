@@ -44,11 +44,13 @@ import httpx
 import llama_cpp
 from gguf_llama import LlamaShape, write_llama_gguf
 
+from modeld.gguf import read_gguf_header
 from modeld.memory.estimate import FootprintEstimate, estimate_footprint
-from modeld.memory.gguf_header import read_gguf_header
 from modeld.memory.probe import NvmlProbe, RssProbe
-from modeld.testing.server import RunningServer, start_modeld
-from modeld.testing.tiny_gguf import TinyModelSpec, write_tiny_gguf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: tests.support
+from tests.support.server import RunningServer, start_modeld
+from tests.support.tiny_gguf import TinyModelSpec, write_tiny_gguf
 
 MIB = 1 << 20
 HERE = Path(__file__).resolve().parent
