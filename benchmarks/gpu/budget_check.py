@@ -355,8 +355,8 @@ def _budget_checks(record: dict[str, Any], results: Results) -> None:
     steps = {s["step"]: s for s in record["steps"]}
     budget_mib, margin_mib = record["budget_mb"], record["margin_mb"]
     baseline = steps["start"]["measured_after_mib"]
-    for s in record["steps"]:
-        s["uncharged_mib"] = round(s["measured_after_mib"] - baseline - s["sum_charges_mib"], 1)
+    for s in record["steps"]:  # used_est_mb: every charge, the process's own one included
+        s["uncharged_mib"] = round(s["measured_after_mib"] - baseline - s["used_est_mb"], 1)
     record["max_uncharged_mib"] = max(s["uncharged_mib"] for s in record["steps"])
     results.checks["peak within budget (sampled every 10 ms)"] = record["sampler"][
         "peak_mib"
@@ -606,14 +606,14 @@ def print_tables(results: Results) -> None:
             f"probe {budget.get('memory_probe')}, peak {budget.get('sampler', {}).get('peak_mib')}"
         )
         print(
-            f"{'step':<24}{'measured':>9}{'delta':>8}{'peak':>8}{'charged':>9}{'uncharged':>10}"
-            "  charges"
+            f"{'step':<24}{'measured':>9}{'delta':>8}{'peak':>8}{'budget used':>12}"
+            f"{'uncharged':>10}  charges"
         )
         for s in budget["steps"]:
             charges = {k.removesuffix(".gguf"): round(v) for k, v in s["charges_mib"].items()}
             print(
                 f"{s['step']:<24}{s['measured_after_mib']:>9}{s['measured_delta_mib']:>8}"
-                f"{s['peak_during_mib']:>8}{s['sum_charges_mib']:>9}"
+                f"{s['peak_during_mib']:>8}{s['used_est_mb']:>12}"
                 f"{s.get('uncharged_mib', ''):>10}  {charges}"
             )
         print("residual after unloading everything (MiB):", budget.get("residual_after_unload_mib"))
