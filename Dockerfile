@@ -14,7 +14,7 @@
 #   docker run --gpus all -p 8080:8080 -v /srv/models:/models:ro modeld:cuda
 # CUDA_ARCHITECTURES: the GPUs' compute capabilities to compile for. A build has no GPU to
 # detect, and llama.cpp's default ("native") then falls back to nvcc's default architecture,
-# without the kernels for yours. 90 is H100/H200 (built in 265 s on 16 cores and tested on
+# without the kernels for yours. 90 is H100/H200 (built in 265 s on 16 cores, and ran, on
 # an H200: docs/benchmarks.md, "GPU"), 89 L4/L40/RTX 40, 86 RTX 30/A10, 80 A100; each one
 # adds minutes to the build.
 # BASE_BUILD and BASE_RUN must give the same Python at the same path (the venv links to it);
