@@ -195,13 +195,14 @@ PLUGIN
 
 stage_budget() {
     timeout "$(left)" python3 "$SRC/benchmarks/gpu/budget_check.py" --work "$WORK/budget" \
-        --out "$OUT/budget" --scale "${BUDGET_SCALE:-gpu}" --deadline-s "$(($(left) - 90))"
+        --out "$OUT/budget" --scale "${BUDGET_SCALE:-gpu}" --deadline-s "$(($(left) - 90))" \
+        --phases "${BUDGET_PHASES:-budget,calibration,decode}"
     log "budget check rc=$?"
 }
 
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(env build modeld tests budget)
-need() { case $1 in tests) echo 150 ;; budget) echo 150 ;; *) echo 0 ;; esac; }
+need() { case $1 in tests) echo "${NEED_TESTS:-150}" ;; budget) echo "${NEED_BUDGET:-150}" ;; *) echo 0 ;; esac; }
 log "stages: ${stages[*]}; deadline ${DEADLINE_S}s"
 stage_setup
 for stage in "${stages[@]}"; do
