@@ -49,4 +49,19 @@ if [ ! -f "$sdist" ]; then
     done
     tar czf "$sdist" -C "$work" llama_cpp_python-0.3.36
 fi
+# FALLBACK_WHEEL=path: a llama-cpp-python wheel built elsewhere, carried as an installed
+# package with each library once (a wheel holds three copies of each; a CUDA one is 266 MB)
+if [ -n "${FALLBACK_WHEEL:-}" ]; then
+    mkdir -p "$work/site" "$DEST/fallback"
+    python3 -m pip install -q --no-deps --no-compile --target "$work/site" "$FALLBACK_WHEEL"
+    find "$work/site" -mindepth 1 -maxdepth 1 ! -name llama_cpp ! -name '*.dist-info' \
+        -exec rm -rf {} +  # headers, CMake files, a second copy of the libraries
+    for lib in "$work"/site/llama_cpp/lib/lib*.so.*.*; do  # libX.so.0.25.3: keep libX.so.0
+        [ -e "$lib" ] || continue
+        soname=${lib%.*.*}
+        mv "$soname" "$soname.keep" && rm -f "$lib" "${soname%.*}" && mv "$soname.keep" "$soname"
+        ln -s "$(basename "$soname")" "$lib" && ln -s "$(basename "$soname")" "${soname%.*}"
+    done
+    tar czf "$DEST/fallback/llama_cpp_site.tar.gz" -C "$work/site" .
+fi
 du -sh "$DEST"/* | sed "s|$DEST/||"
