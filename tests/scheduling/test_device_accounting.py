@@ -147,3 +147,16 @@ async def test_a_model_that_fits_only_without_the_process_is_refused(
             await manager.load("tiny-a.gguf")
         assert manager._budget.used_bytes == CONTEXT_BYTES
     assert device.live == set()
+
+
+async def test_a_model_too_large_for_an_empty_device_is_not_loaded_to_measure(
+    models_dir: Path, token_loop: TokenLoop
+) -> None:
+    device = FakeDevice()
+    estimate = estimate_bytes(models_dir, "tiny-a.gguf")
+    budget_mb = max(1, estimate // MIB - 1)
+    async with manager_on(device, models_dir, token_loop, vram_budget_mb=budget_mb) as manager:
+        with pytest.raises(errors.ModelTooLarge):
+            await manager.load("tiny-a.gguf")
+        assert manager._budget.used_bytes == 0
+    assert device.engines_created == 0
