@@ -21,14 +21,12 @@ import pytest
 from modeld import errors
 from modeld.engine.base import TokenLoop
 from modeld.engine.llama_engine import EngineSettings, LlamaEngine
-from modeld.gguf import read_gguf_header
-from modeld.memory.estimate import estimate_footprint
 from modeld.registry import ModelFile
 from modeld.scheduling.loading import PROCESS_CHARGE_ID
 from modeld.scheduling.manager import ModelManager
 from modeld.sizes import MIB
 from modeld.types import InferRequest
-from tests.scheduling.conftest import make_settings
+from tests.scheduling.conftest import estimate_bytes, make_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -68,18 +66,6 @@ class FakeDevice:
         engine.close = close_and_free  # type: ignore[method-assign]
         self.used_bytes()  # the peak includes every engine at its creation
         return engine
-
-
-def estimate_bytes(models_dir: Path, model: str) -> int:
-    settings = make_settings(models_dir)
-    header = read_gguf_header(models_dir / model)
-    return estimate_footprint(
-        header,
-        n_ctx=min(settings.n_ctx, header.context_length),
-        n_gpu_layers=settings.n_gpu_layers,
-        n_batch=settings.n_batch,
-        gpu=False,  # this CPU build: the manager estimates as on CPU
-    ).total_bytes
 
 
 def manager_on(
