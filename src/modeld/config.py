@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import msgspec
 
 from modeld.errors import ConfigError
+from modeld.keep_alive import DEFAULT_KEEP_ALIVE, KeepAlive
 from modeld.sizes import MAX_CONTEXT_TOKENS, MIB
 from modeld.types import LoopKind
 
@@ -55,6 +56,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     token_loop: LoopKind = LoopKind.C
     no_mmap: bool = False
     demo: bool = False
+    keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE  # idle instances unload after it
 
     @property
     def models_path(self) -> Path:

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import msgspec
 
+from modeld.keep_alive import KeepAlive
 from modeld.sizes import MAX_CONTEXT_TOKENS
 
 __all__ = [
@@ -45,6 +46,7 @@ class DoneReason(enum.StrEnum):
     TIMEOUT = "timeout"
     ERROR = "error"
     SHUTDOWN = "shutdown"
+    IDLE = "idle"  # unloaded when its keep-alive ran out (never while a stream runs)
 
 
 class InstanceState(enum.StrEnum):
@@ -121,6 +123,7 @@ class InferRequest(SamplingParams, forbid_unknown_fields=True, frozen=True, kw_o
     prompt: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
     model: ModelId | None = None
     stream: bool = True
+    keep_alive: KeepAlive | None = None  # how long the model stays loaded after this
 
 
 class Chunk(msgspec.Struct, frozen=True):

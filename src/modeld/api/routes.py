@@ -81,6 +81,7 @@ async def status(request: Request) -> Response:
     body = msgspec.to_builtins(stats)
     for instance in body["instances"]:
         instance["last_used"] = instance.pop("last_used_unix")
+        instance["expires_at"] = instance.pop("expires_at_unix")
     return _json(body)
 
 
@@ -131,6 +132,7 @@ async def load_model(request: Request) -> Response:
     stats = await manager.load(request.path_params["model_id"], pin=load_request.pin)
     instance = msgspec.to_builtins(stats)
     instance["last_used"] = instance.pop("last_used_unix")
+    instance["expires_at"] = instance.pop("expires_at_unix")
     return _json(instance)
 
 

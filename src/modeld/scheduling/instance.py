@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -59,6 +60,8 @@ class InstanceStatistics:
     uptime_seconds: float
     pinned: bool
     retry_in_seconds: float
+    keep_alive_seconds: float | None = None  # None: kept loaded until unloaded or evicted
+    expires_at_unix: float | None = None  # None: not counting down (busy, queued, pinned)
 
 
 @dataclass(eq=False)
@@ -80,6 +83,8 @@ class Instance:
     gone: anyio.Event = field(default_factory=anyio.Event)  # closed and out of the budget
     error: ModeldError | None = None
     disposal: anyio.CancelScope | None = None  # set while the engine closes; cancel abandons
+    keep_alive_s: float = math.inf  # how long it may stay idle; set by each request
+    idle_since_s: float = 0.0  # on the pool's clock: when it last became idle
 
     @property
     def model_id(self) -> str:
@@ -93,6 +98,13 @@ class Instance:
     def evictable(self) -> bool:
         return self.state is InstanceState.READY and self.idle and not self.pinned
 
+    def expires_at_s(self) -> float | None:
+        """When its keep-alive runs out, on the pool's clock; None while it is not
+        counting down: busy, a request queued, pinned, not ready, or kept forever."""
+        if not self.evictable or math.isinf(self.keep_alive_s):
+            return None
+        return self.idle_since_s + self.keep_alive_s
+
     def is_ready(self) -> bool:
         """A method, not a comparison at the call site: the state changes across awaits."""
         return self.state is InstanceState.READY
@@ -102,7 +114,13 @@ class Instance:
             raise IllegalTransition(f"{self.model_id}: {self.state} -> {new} is not allowed")
         self.state = new
 
-    def statistics(self, now_s: float, now_unix: float) -> InstanceStatistics:
+    def statistics(
+        self, now_s: float, now_unix: float, clock_now_s: float | None = None
+    ) -> InstanceStatistics:
+        """A snapshot; ``clock_now_s`` is the pool's clock now (keep-alive times are on
+        it), ``now_s`` the monotonic time the other fields are on."""
+        expires_at_s = self.expires_at_s()
+        clock_now_s = now_s if clock_now_s is None else clock_now_s
         return InstanceStatistics(
             model_id=self.model_id,
             state=self.state,
@@ -117,4 +135,8 @@ class Instance:
             uptime_seconds=round(now_s - self.ready_at_s, 3) if self.ready_at_s else 0.0,
             pinned=self.pinned,
             retry_in_seconds=round(max(0.0, self.counters.retry_at_s - now_s), 3),
+            keep_alive_seconds=None if math.isinf(self.keep_alive_s) else self.keep_alive_s,
+            expires_at_unix=(
+                None if expires_at_s is None else round(now_unix + expires_at_s - clock_now_s, 3)
+            ),
         )

@@ -35,6 +35,7 @@ from modeld.errors import (
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.probe import MemoryProbe, default_budget_mb, detect_probe
 from modeld.registry import ModelFile, Registry, check_model_id
+from modeld.scheduling.clock import Clock
 from modeld.scheduling.events import EventHub, GenerationFinished
 from modeld.scheduling.fifo import SlotTicket
 from modeld.scheduling.generation import Generation, RequestTiming
@@ -96,6 +97,7 @@ class ModelManager:
         engine_factory: EngineFactory | None = None,
         registry: Registry | None = None,
         close_timeout_s: float = CLOSE_TIMEOUT_S,
+        clock: Clock | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry or Registry(settings.models_path)
@@ -119,6 +121,7 @@ class ModelManager:
             gpu=self._gpu,
             retry_after_s=self._retry_after_s,
             engine_factory=engine_factory,
+            clock=clock,
         )
         self._generations: dict[str, Generation] = {}
         self._admitted = 0
@@ -390,6 +393,7 @@ class ModelManager:
         call = worker.submit(lambda: engine.generate(ring, prompt_tokens, request))
         timing.started_s = time.monotonic()
         instance.last_used_s = timing.started_s
+        self._pool.use_keep_alive(instance, request.keep_alive)
         timeout = self.settings.infer_timeout
         generation = Generation(
             request_id=request_id,
@@ -420,10 +424,21 @@ class ModelManager:
 
     # ----------------------------------------------------------------- instances
 
-    async def load(self, model_id: str, *, pin: bool | None = None) -> InstanceStatistics:
-        """Load (and warm) a model now; optionally pin it against eviction."""
-        instance = await self._pool.load(model_id, pin=pin)
-        return instance.statistics(time.monotonic(), time.time())
+    async def load(
+        self, model_id: str, *, pin: bool | None = None, keep_alive: str | float | None = None
+    ) -> InstanceStatistics:
+        """Load (and warm) a model now, or refresh the keep-alive of a loaded one;
+        optionally pin it against eviction and idle unload, or set its keep-alive
+        (``"5m"``, seconds, ``-1`` for never; the default is ``--keep-alive``)."""
+        instance = await self._pool.load(model_id, pin=pin, keep_alive=keep_alive)
+        return self._pool.snapshot(instance)
+
+    async def expire(self, model_id: str) -> None:
+        """Unload a model as soon as it is idle (now, if it is): its keep-alive becomes
+        0. Unlike :meth:`unload` nothing running or queued is cancelled, and a pinned
+        model stays. Raises :class:`InvalidModelId` for unsafe ids; a model that is not
+        loaded is left as it is."""
+        await self._pool.expire(model_id)
 
     async def unload(self, model_id: str) -> None:
         """Unload a model, cancelling its running generation (done_reason ``evicted``).
