@@ -15,7 +15,13 @@ from typing import Annotated
 
 import msgspec
 
-__all__ = ["DEFAULT_KEEP_ALIVE", "FOREVER_S", "KeepAlive", "keep_alive_seconds"]
+__all__ = [
+    "DEFAULT_KEEP_ALIVE",
+    "FOREVER_S",
+    "KeepAlive",
+    "explain_validation_error",
+    "keep_alive_seconds",
+]
 
 DEFAULT_KEEP_ALIVE = "5m"  # Ollama's default
 # Beyond a century a keep-alive is "never": no clock arithmetic overflows a date.
@@ -28,6 +34,9 @@ _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _UNITS = "|".join(sorted(_UNIT_S, key=len, reverse=True))
 _SEGMENT = re.compile(rf"({_NUMBER})({_UNITS})")
 _PATTERN = rf"^[+-]?(?:(?:{_NUMBER}(?:{_UNITS}))+|{_NUMBER})$"
+
+_EXPECTED = "a duration such as '5m', '1h30m' or '300' (seconds), or -1 for never"
+_PATTERN_MISMATCH = f"Expected `str` matching regex {_PATTERN!r}"
 
 KeepAlive = (
     Annotated[str, msgspec.Meta(pattern=_PATTERN, max_length=64)]
@@ -55,3 +64,9 @@ def keep_alive_seconds(value: str | float) -> float:
     if value < 0 or value >= FOREVER_S or math.isnan(value):
         return math.inf
     return float(value)
+
+
+def explain_validation_error(message: str) -> str:
+    """msgspec's message for a keep-alive that is not a duration quotes the pattern;
+    say what is expected instead."""
+    return message.replace(_PATTERN_MISMATCH, f"Expected {_EXPECTED}")

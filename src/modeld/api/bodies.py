@@ -10,6 +10,7 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 
 from modeld.errors import ClientDisconnected, InvalidRequest, PayloadTooLarge, RequestBodyTimeout
+from modeld.keep_alive import explain_validation_error
 
 __all__ = ["decode_body", "read_body"]
 
@@ -50,7 +51,7 @@ def decode_body(body: bytes, schema: type[T]) -> T:
     try:
         return msgspec.json.decode(body, type=schema)
     except msgspec.ValidationError as exc:
-        message = str(exc)
+        message = explain_validation_error(str(exc))
         match = _UNKNOWN_FIELD.search(message) or _FIELD_AT.search(message)
         raise InvalidRequest(message, field=match.group(1) if match else None) from None
     except msgspec.DecodeError as exc:

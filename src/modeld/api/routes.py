@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import anyio
 import msgspec
 import orjson
 from loguru import logger
@@ -15,8 +14,9 @@ from starlette.routing import Route
 
 from modeld.api.bodies import decode_body, read_body
 from modeld.api.events import events, metrics
-from modeld.api.streaming import NdjsonGenerationResponse, terminal_record, unless_disconnected
-from modeld.errors import ClientDisconnected
+from modeld.api.ollama import ollama_routes
+from modeld.api.serving import collect_answer, start_generation
+from modeld.api.streaming import NdjsonGenerationResponse, terminal_record
 from modeld.observability.logging import prompt_logging_enabled
 from modeld.scheduling.manager import ModelManager
 from modeld.types import InferRequest
@@ -26,10 +26,6 @@ __all__ = ["build_routes"]
 
 class LoadRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     pin: bool | None = None
-
-
-def _noop() -> None:
-    pass
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -94,28 +90,14 @@ async def infer(request: Request) -> Response:
     if prompt_logging_enabled():
         logger.debug("prompt", prompt=infer_request.prompt, model=infer_request.model)
     owner = manager.stream(infer_request, request_id=request_id)
-    # Until the stream starts nothing reads from the client: watch for it leaving, so a
-    # queued or loading request whose client is gone leaves the queue at once.
-    started, generation = await unless_disconnected(request.receive, owner.__aenter__, _noop)
-    if not started or generation is None:
-        raise ClientDisconnected("the client left while its request waited")
+    generation = await start_generation(request, owner)
     if infer_request.stream:
         return NdjsonGenerationResponse(owner, generation)
-
-    async def collect() -> str:
-        return "".join([chunk.text async for chunk in generation])
-
-    try:
-        _, text = await unless_disconnected(request.receive, collect, generation.cancel)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await owner.__aexit__(None, None, None)
-    assert generation.result is not None
-    request.scope["state"]["queue_ms"] = generation.result.metrics.queue_ms
+    text, result = await collect_answer(request, owner, generation)
     if prompt_logging_enabled():
         logger.debug("completion", text=text)
-    record = terminal_record(generation.result)
-    record["text"] = text or ""
+    record = terminal_record(result)
+    record["text"] = text
     return _json(record)
 
 
@@ -154,4 +136,5 @@ def build_routes() -> list[Route]:
         Route("/models/{model_id}/instance", unload_model, methods=["DELETE"]),
         Route("/events", events, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *ollama_routes(),
     ]

@@ -2,13 +2,15 @@
 
 It is an ASGI response of its own so that it, not the framework, owns the generation:
 whatever happens (client gone, timeout, eviction, shutdown), the ``finally`` releases it.
+What each line says is a :class:`LineFormat`: modeld's own, or a compatible protocol's
+(Ollama's ``/api/generate`` and ``/api/chat``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import anyio
 import msgspec
@@ -17,9 +19,11 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from modeld.scheduling.generation import Generation
-from modeld.types import DoneReason, GenerationResult
+from modeld.types import Chunk, DoneReason, GenerationResult
 
 __all__ = [
+    "NATIVE_LINES",
+    "LineFormat",
     "NdjsonGenerationResponse",
     "ndjson_line",
     "terminal_record",
@@ -51,6 +55,25 @@ def terminal_record(result: GenerationResult) -> dict[str, object]:
     if record.get("error") is None:
         record.pop("error", None)
     return record
+
+
+class LineFormat(Protocol):
+    """What a stream's lines say: one per chunk, and the last one."""
+
+    def chunk(self, chunk: Chunk) -> object: ...
+
+    def end(self, result: GenerationResult) -> object: ...
+
+
+class _NativeLines:
+    def chunk(self, chunk: Chunk) -> object:
+        return {"text": chunk.text, "tokens": chunk.tokens}
+
+    def end(self, result: GenerationResult) -> object:
+        return terminal_record(result)
+
+
+NATIVE_LINES: LineFormat = _NativeLines()
 
 
 async def wait_for_disconnect(receive: Receive) -> None:
@@ -98,6 +121,7 @@ class NdjsonGenerationResponse(Response):
         self,
         owner: AbstractAsyncContextManager[Generation],
         generation: Generation,
+        lines: LineFormat = NATIVE_LINES,
     ) -> None:
         # Like StreamingResponse: no body attribute, so no Content-Length header.
         self.status_code = 200
@@ -105,6 +129,7 @@ class NdjsonGenerationResponse(Response):
         self.init_headers({"Cache-Control": "no-store"})
         self._owner = owner
         self._generation = generation
+        self._lines = lines
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         generation = self._generation
@@ -121,11 +146,11 @@ class NdjsonGenerationResponse(Response):
                     {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
                 )
                 async for chunk in generation:
-                    line = ndjson_line({"text": chunk.text, "tokens": chunk.tokens})
+                    line = ndjson_line(self._lines.chunk(chunk))
                     await send({"type": "http.response.body", "body": line, "more_body": True})
                 assert generation.result is not None
                 scope.setdefault("state", {})["queue_ms"] = generation.result.metrics.queue_ms
-                last = ndjson_line(terminal_record(generation.result))
+                last = ndjson_line(self._lines.end(generation.result))
                 await send({"type": "http.response.body", "body": last, "more_body": False})
                 tasks.cancel_scope.cancel()
         finally:
