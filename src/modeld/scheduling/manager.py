@@ -393,7 +393,7 @@ class ModelManager:
         call = worker.submit(lambda: engine.generate(ring, prompt_tokens, request))
         timing.started_s = time.monotonic()
         instance.last_used_s = timing.started_s
-        self._pool.use_keep_alive(instance, request.keep_alive)
+        self._pool.idle.used(instance, request.keep_alive)
         timeout = self.settings.infer_timeout
         generation = Generation(
             request_id=request_id,
@@ -438,7 +438,7 @@ class ModelManager:
         0. Unlike :meth:`unload` nothing running or queued is cancelled, and a pinned
         model stays. Raises :class:`InvalidModelId` for unsafe ids; a model that is not
         loaded is left as it is."""
-        await self._pool.expire(model_id)
+        await self._pool.idle.expire(model_id)
 
     async def unload(self, model_id: str) -> None:
         """Unload a model, cancelling its running generation (done_reason ``evicted``).

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 
 import anyio
 from anyio.abc import TaskGroup
@@ -27,7 +27,6 @@ from modeld.errors import (
     ResourcesExhausted,
     ShuttingDown,
 )
-from modeld.keep_alive import keep_alive_seconds
 from modeld.memory.budget import Candidate, MemoryBudget, choose_victims
 from modeld.memory.probe import MemoryProbe
 from modeld.registry import ModelFile, Registry, check_model_id
@@ -40,6 +39,7 @@ from modeld.scheduling.events import (
     ModelReady,
 )
 from modeld.scheduling.fifo import FifoSlot
+from modeld.scheduling.idle import IdleUnloader
 from modeld.scheduling.instance import Instance, InstanceStatistics, ModelCounters
 from modeld.scheduling.loading import EngineFactory, Loader
 from modeld.sizes import MIB
@@ -69,7 +69,7 @@ class InstancePool:
         clock: Clock | None = None,
     ) -> None:
         self.settings = settings
-        self._clock = clock or MonotonicClock()  # keep-alive expiry runs on it
+        self.idle = IdleUnloader(self, clock or MonotonicClock())
         self.registry = registry
         self.events = events
         self.budget = budget
@@ -94,7 +94,14 @@ class InstancePool:
         """Loads run in the owner's task group, so a waiter leaving never cancels one;
         so does the keep-alive watch, for the owner's life."""
         self._task_group = task_group
-        task_group.start_soon(self._unload_expired, name="keep-alive")
+        task_group.start_soon(self.idle.run, name="keep-alive")
+
+    def start_soon(
+        self, work: Callable[[Instance], Coroutine[object, object, None]], instance: Instance
+    ) -> None:
+        """Work on an instance in the owner's task group: it outlives whoever asked."""
+        assert self._task_group is not None, "use ModelManager as an async context manager"
+        self._task_group.start_soon(work, instance)
 
     def get(self, model_id: str) -> Instance | None:
         return self._instances.get(model_id)
@@ -106,7 +113,7 @@ class InstancePool:
         """One FIFO per model, outliving its instances."""
         slot = self._slots.get(model_id)
         if slot is None:
-            slot = self._slots[model_id] = FifoSlot(on_idle=lambda: self._became_idle(model_id))
+            slot = self._slots[model_id] = FifoSlot(on_idle=lambda: self.idle.became_idle(model_id))
         return slot
 
     def forget_slot_if_unused(self, model_id: str) -> None:
@@ -118,12 +125,12 @@ class InstancePool:
             del self._slots[model_id]
 
     def statistics(self, now_s: float, now_unix: float) -> list[InstanceStatistics]:
-        clock_now_s = self._clock.now_s()
+        clock_now_s = self.idle.clock.now_s()
         loaded = [i.statistics(now_s, now_unix, clock_now_s) for i in self._instances.values()]
         return sorted(loaded + self._cooling_down(now_s), key=lambda stats: stats.model_id)
 
     def snapshot(self, instance: Instance) -> InstanceStatistics:
-        return instance.statistics(time.monotonic(), time.time(), self._clock.now_s())
+        return instance.statistics(time.monotonic(), time.time(), self.idle.clock.now_s())
 
     def stalled_loads(self) -> list[str]:
         """Models whose load has run past ``--load-timeout``: the watchdog's signal."""
@@ -144,62 +151,9 @@ class InstancePool:
         instance = await self.ready_instance(model, deadline_s)
         if pin is not None:
             instance.pinned = pin
-        self.use_keep_alive(instance, keep_alive)
-        instance.idle_since_s = self._clock.now_s()  # a load counts as a use
-        self.notify_changed()
+        self.idle.used(instance, keep_alive)
+        self.idle.touched(instance)
         return instance
-
-    def use_keep_alive(self, instance: Instance, requested: str | float | None) -> None:
-        """A request's keep-alive, or the default, becomes the instance's: the last
-        request to use an instance decides how long it stays loaded after it."""
-        instance.keep_alive_s = self._keep_alive_s(instance.model_id, requested)
-
-    def _keep_alive_s(self, model_id: str, requested: str | float | None) -> float:
-        return keep_alive_seconds(self.settings.keep_alive if requested is None else requested)
-
-    async def expire(self, model_id: str) -> None:
-        """Keep-alive 0 for a loaded model: unloaded now if it is idle, otherwise as soon
-        as its running and queued requests are done (none is cancelled); a pinned one
-        stays. Raises :class:`InvalidModelId` for unsafe ids; a model that is not loaded
-        is left as it is."""
-        instance = self._instances.get(check_model_id(model_id))
-        if instance is not None:
-            instance.keep_alive_s = 0.0
-            await self._unload_if_expired(instance)
-
-    def _became_idle(self, model_id: str) -> None:
-        """The model's slot was released with nobody waiting: its keep-alive starts."""
-        instance = self._instances.get(model_id)
-        if instance is not None:
-            instance.idle_since_s = self._clock.now_s()
-        self.notify_changed()
-
-    async def _unload_expired(self) -> None:
-        """Unload each instance whose keep-alive has run out, for the pool's life.
-
-        Wakes at the next expiry (on the injected clock) or when anything changes
-        (a request finishes, a load ends, an instance goes); the check and the move to
-        ``unloading`` happen in one step, so a request that joins the line first keeps
-        the instance.
-        """
-        assert self._task_group is not None
-        while True:
-            changed = self._memory_changed
-            now_s = self._clock.now_s()
-            next_s = math.inf
-            for instance in list(self._instances.values()):
-                expires_s = instance.expires_at_s()
-                if expires_s is not None and expires_s <= now_s:
-                    self._task_group.start_soon(self._unload_if_expired, instance)
-                elif expires_s is not None:
-                    next_s = min(next_s, expires_s)
-            with self._clock.cancel_at(next_s):
-                await changed.wait()
-
-    async def _unload_if_expired(self, instance: Instance) -> None:
-        expires_s = instance.expires_at_s()
-        if expires_s is not None and expires_s <= self._clock.now_s():
-            await self.unload(instance, DoneReason.IDLE)
 
     async def unload_model(self, model_id: str) -> None:
         """Unload a model, cancelling its running generation (done_reason ``evicted``).
@@ -326,7 +280,7 @@ class InstancePool:
             slot=self.slot_for(model.id),
             last_used_s=now_s,
             loading_since_s=now_s,
-            keep_alive_s=self._keep_alive_s(model.id, None),
+            keep_alive_s=self.idle.keep_alive_s(model.id, None),
         )
         self._instances[model.id] = instance
         assert self._task_group is not None, "use ModelManager as an async context manager"
@@ -345,7 +299,7 @@ class InstancePool:
         else:
             instance.transition(InstanceState.READY)
             instance.ready_at_s = time.monotonic()
-            instance.idle_since_s = self._clock.now_s()
+            instance.idle_since_s = self.idle.clock.now_s()
             counters = instance.counters
             counters.loads_total += 1
             counters.consecutive_failures = 0
@@ -415,6 +369,11 @@ class InstancePool:
                     f"{model_id} needs {need_bytes / MIB:.0f} MiB held by busy models",
                     self._retry_after_s(1),
                 )
+
+    @property
+    def changed(self) -> anyio.Event:
+        """Set at the next change (an instance ready or gone, a slot released)."""
+        return self._memory_changed
 
     async def wait_changed(self, deadline_s: float | None) -> bool:
         event = self._memory_changed
