@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -309,3 +310,40 @@ def test_a_stream_ended_by_an_eviction_raises(
             pass
     assert isinstance(caught.value.error, str)
     assert "ended early (evicted)" in caught.value.error
+
+    # unstreamed, the same ending is an error status
+    evicted: list[int] = []
+
+    def evict_soon() -> None:
+        with server.client() as client:
+            poll(  # generating (not loading, not tokenizing): an eviction now ends it
+                lambda: client.get("/status").json()["running"],
+                lambda running: running == 1,
+                attempts=2400,  # the reload after the eviction above comes first
+            )
+            evicted.append(client.delete(f"/models/{GEMMA}/instance").status_code)
+
+    evictor = threading.Thread(target=evict_soon)
+    evictor.start()
+    with pytest.raises(ollama.ResponseError) as caught:
+        api.generate(model=GEMMA, prompt="Tell a long story.", options={"num_predict": 900})
+    evictor.join(timeout=60)
+    assert evicted == [200]
+    assert caught.value.status_code == 503
+    assert "ended early (evicted)" in caught.value.error
+
+
+@pytest.mark.slow
+def test_a_client_that_leaves_mid_stream_frees_the_model(
+    start_server: ServerFactory, gemma_dir: Path, connect: Connect
+) -> None:
+    server = start_server(gemma_dir, *GEMMA_FLAGS)
+    body = {"model": GEMMA, "prompt": "Tell a long story.", "options": {"num_predict": 900}}
+    with server.client() as client:
+        with client.stream("POST", "/api/generate", json=body) as response:
+            first = json.loads(next(response.iter_lines()))
+            assert first["done"] is False
+        # the connection is closed: the generation is cancelled, the model free again
+        poll(lambda: instance_of(client, GEMMA), lambda i: i is not None and i["inflight"] == 0)
+    quick = connect(server).generate(model=GEMMA, prompt="Hi", options={"num_predict": 2})
+    assert quick.done_reason == "length"
