@@ -43,13 +43,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_settings(args: dict[str, object]) -> Settings:
+    """Startup's reading of the settings; a config reload repeats it."""
+    settings = load_settings(args)
+    return _prepare_demo(settings) if settings.demo else settings
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     command = args.pop("command")
     try:
-        settings = load_settings(args)
-        if settings.demo:
-            settings = _prepare_demo(settings)
+        settings = _read_settings(args)
     except ConfigError as exc:
         print(f"modeld: {exc.message}", file=sys.stderr)
         return 2
@@ -64,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from modeld.server import run_server
 
     try:
-        run_server(settings)
+        run_server(settings, lambda: _read_settings(args))
     except TokenLoopUnavailable as exc:
         print(f"modeld: {exc.message}", file=sys.stderr)
         return 2

@@ -3,20 +3,26 @@
 On SIGTERM/SIGINT modeld stops admitting, lets running streams finish for
 ``--shutdown-grace`` (each still ends with its terminal line), closes every instance, and
 only then tells Hypercorn to stop: Hypercorn's own shutdown would cut streams short.
+SIGHUP re-reads the configuration (like ``POST /admin/reload``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import Callable
 
 import anyio
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 from loguru import logger
 
+from modeld.api.admin import reload_settings
 from modeld.api.app import create_app
 from modeld.config import Settings
+from modeld.errors import ConfigError
+from modeld.live_settings import LiveSettings
 from modeld.observability.logging import LoopErrorLog
 from modeld.scheduling.manager import ModelManager
 
@@ -41,9 +47,17 @@ def hypercorn_config(settings: Settings) -> Config:
     return config
 
 
-async def _serve(settings: Settings) -> None:
+async def _reload_on_sighup(live: LiveSettings) -> None:
+    with anyio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            with contextlib.suppress(ConfigError):  # refused and logged; the old ones stay
+                await reload_settings(live, None, who="SIGHUP")
+
+
+async def _serve(settings: Settings, source: Callable[[], Settings] | None) -> None:
     asyncio.get_running_loop().set_exception_handler(LoopErrorLog())
-    manager = ModelManager(settings)
+    live = LiveSettings(settings, source)
+    manager = ModelManager(live)
     app = create_app(settings, manager)
     stop = anyio.Event()
 
@@ -51,7 +65,7 @@ async def _serve(settings: Settings) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 logger.info("shutdown requested", signal=signal.Signals(signum).name)
-                abandoned = await manager.shutdown(settings.shutdown_grace)
+                abandoned = await manager.shutdown(live.current.shutdown_grace)
                 if abandoned:
                     logger.error("instances abandoned at shutdown", models=abandoned)
                 stop.set()
@@ -59,6 +73,7 @@ async def _serve(settings: Settings) -> None:
 
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(shutdown_on_signal)
+        tasks.start_soon(_reload_on_sighup, live)
         logger.info(
             "modeld serving",
             host=settings.host,
@@ -71,6 +86,10 @@ async def _serve(settings: Settings) -> None:
     logger.info("modeld stopped")
 
 
-def run_server(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT; returns after a clean shutdown."""
-    anyio.run(_serve, settings, backend="asyncio")
+def run_server(settings: Settings, source: Callable[[], Settings] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; returns after a clean shutdown.
+
+    ``source`` reads the settings again, the way ``settings`` were read, for a reload
+    (SIGHUP, ``POST /admin/reload``); without it a reload changes nothing.
+    """
+    anyio.run(_serve, settings, source, backend="asyncio")

@@ -20,6 +20,7 @@ from modeld.engine.llama_engine import EngineSettings, LlamaEngine
 from modeld.engine.worker import EngineWorker
 from modeld.errors import ModeldError, ModelLoadFailed, ResourcesExhausted
 from modeld.gguf import read_gguf_header
+from modeld.live_settings import LiveSettings
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.estimate import FootprintEstimate, estimate_footprint
 from modeld.memory.probe import MemoryProbe
@@ -47,7 +48,7 @@ class Loader:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: LiveSettings,
         *,
         events: EventHub,
         token_loop: TokenLoop,
@@ -56,7 +57,7 @@ class Loader:
         gpu: bool,
         engine_factory: EngineFactory | None = None,
     ) -> None:
-        self.settings = settings
+        self._live = settings
         self._events = events
         self._loop = token_loop
         self._probe = probe
@@ -65,6 +66,10 @@ class Loader:
         self._engine_factory = engine_factory or _default_engine_factory
         self._measuring: Instance | None = None  # the load whose memory growth is measured
         self._measuring_ended = anyio.Event()
+
+    @property
+    def settings(self) -> Settings:
+        return self._live.current
 
     async def load(self, instance: Instance, reserve: Reserve) -> None:
         """Give ``instance`` a warmed-up engine on its own worker and charge it.
@@ -97,9 +102,9 @@ class Loader:
             n_batch=sizes.n_batch,
             gpu=self._gpu,
         )
-        self._progress(model.id, "validated", 0.1)
+        self._progress(instance, "validated", 0.1)
         await reserve(instance, estimate.total_bytes)
-        self._progress(model.id, "memory_reserved", 0.2)
+        self._progress(instance, "memory_reserved", 0.2)
         async with self._measurement(instance) as measured:
             before_bytes = self._probe.used_bytes() if measured else 0
             worker = instance.worker = EngineWorker(f"modeld:{model.id}")
@@ -115,7 +120,7 @@ class Loader:
                     model, engine_settings, self._loop, header.context_length
                 )
             )
-            self._progress(model.id, "weights_loaded", 0.9)
+            self._progress(instance, "weights_loaded", 0.9)
             await worker.run(engine.warm_up)
             measured_bytes = self._probe.used_bytes() - before_bytes if measured else 0
         self._budget.charge(model.id, self._charge_after_load(measured_bytes, estimate, engine))
@@ -150,10 +155,13 @@ class Loader:
             self._measuring_ended.set()
             self._measuring_ended = anyio.Event()
 
-    def _progress(self, model_id: str, stage: str, fraction: float) -> None:
-        """Load stages as events. llama-cpp-python 0.3.36's ``Llama`` exposes no hook for
-        llama.cpp's progress callback, so progress is reported per stage, not per tensor."""
-        self._events.publish(ModelLoadingProgress(model=model_id, stage=stage, progress=fraction))
+    def _progress(self, instance: Instance, stage: str, fraction: float) -> None:
+        """Load stages as events and on the instance (``/status``). llama-cpp-python
+        0.3.36's ``Llama`` exposes no hook for llama.cpp's progress callback, so progress
+        is reported per stage, not per tensor."""
+        instance.load_stage, instance.load_progress = stage, fraction
+        event = ModelLoadingProgress(model=instance.model_id, stage=stage, progress=fraction)
+        self._events.publish(event)
 
     def _charge_after_load(
         self, measured_bytes: int, estimate: FootprintEstimate, engine: LlamaEngine
