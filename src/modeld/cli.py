@@ -1,4 +1,5 @@
-"""The ``modeld`` command: ``modeld serve`` and ``modeld models``."""
+"""The ``modeld`` command: ``modeld serve`` and ``modeld models``; ``status``, ``ps``,
+``load``, ``unload`` and ``run`` talk to a running server (modeld.client_commands)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import msgspec
 
+from modeld.client_commands import CLIENT_COMMANDS, add_client_commands, run_client_command
 from modeld.config import Settings, add_settings_arguments, load_settings
 from modeld.errors import ConfigError
 from modeld.observability.logging import configure_logging
@@ -40,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     add_settings_arguments(serve)
     models = commands.add_parser("models", help="list the models in the models dir")
     add_settings_arguments(models)
+    add_client_commands(commands)
     return parser
 
 
@@ -52,6 +55,8 @@ def _read_settings(args: dict[str, object]) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     command = args.pop("command")
+    if command in CLIENT_COMMANDS:
+        return run_client_command(command, args)
     try:
         settings = _read_settings(args)
     except ConfigError as exc:
@@ -69,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         run_server(settings, lambda: _read_settings(args))
-    except TokenLoopUnavailable as exc:
+    except (TokenLoopUnavailable, ConfigError) as exc:
         print(f"modeld: {exc.message}", file=sys.stderr)
         return 2
     return 0

@@ -56,21 +56,21 @@ class ReloadOutcome:
     needs_restart: tuple[SettingChange, ...]
 
     def to_builtins(self) -> dict[str, object]:
-        def listed(changes: tuple[SettingChange, ...]) -> list[dict[str, object]]:
-            return [
-                {
-                    "setting": c.name,
-                    "running": msgspec.to_builtins(c.running),
-                    "requested": msgspec.to_builtins(c.requested),
-                }
-                for c in changes
-            ]
-
         return {
             "reloaded": True,
-            "applied": listed(self.applied),
-            "needs_restart": listed(self.needs_restart),
+            "applied": [
+                {"setting": c.name, "old": _plain(c.running), "new": _plain(c.requested)}
+                for c in self.applied
+            ],
+            "needs_restart": [
+                {"setting": c.name, "running": _plain(c.running), "requested": _plain(c.requested)}
+                for c in self.needs_restart
+            ],
         }
+
+
+def _plain(value: object) -> object:
+    return msgspec.to_builtins(value)
 
 
 def _changes(old: Settings, new: Settings) -> list[SettingChange]:

@@ -24,6 +24,7 @@ from modeld.config import Settings
 from modeld.errors import ConfigError
 from modeld.live_settings import LiveSettings
 from modeld.observability.logging import LoopErrorLog
+from modeld.observability.tracing import Tracing, tracing_from_env
 from modeld.scheduling.manager import ModelManager
 
 __all__ = ["hypercorn_config", "run_server"]
@@ -54,11 +55,13 @@ async def _reload_on_sighup(live: LiveSettings) -> None:
                 await reload_settings(live, None, who="SIGHUP")
 
 
-async def _serve(settings: Settings, source: Callable[[], Settings] | None) -> None:
+async def _serve(
+    settings: Settings, source: Callable[[], Settings] | None, tracing: Tracing | None
+) -> None:
     asyncio.get_running_loop().set_exception_handler(LoopErrorLog())
     live = LiveSettings(settings, source)
     manager = ModelManager(live)
-    app = create_app(settings, manager)
+    app = create_app(settings, manager, tracing)
     stop = anyio.Event()
 
     async def shutdown_on_signal() -> None:
@@ -80,6 +83,7 @@ async def _serve(settings: Settings, source: Callable[[], Settings] | None) -> N
             port=settings.port,
             models_dir=str(settings.models_path),
             token_loop=str(settings.token_loop),
+            tracing=tracing is not None,
         )
         await hypercorn_serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
         tasks.cancel_scope.cancel()
@@ -90,6 +94,13 @@ def run_server(settings: Settings, source: Callable[[], Settings] | None = None)
     """Serve until SIGTERM/SIGINT; returns after a clean shutdown.
 
     ``source`` reads the settings again, the way ``settings`` were read, for a reload
-    (SIGHUP, ``POST /admin/reload``); without it a reload changes nothing.
+    (SIGHUP, ``POST /admin/reload``); without it a reload changes nothing. Traces are
+    exported when the ``OTEL_*`` variables ask for them; raises :class:`ConfigError` when
+    they ask for what cannot be done.
     """
-    anyio.run(_serve, settings, source, backend="asyncio")
+    tracing = tracing_from_env()
+    try:
+        anyio.run(_serve, settings, source, tracing, backend="asyncio")
+    finally:
+        if tracing is not None:
+            tracing.shutdown()  # export what is still buffered
