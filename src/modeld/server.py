@@ -48,13 +48,6 @@ def hypercorn_config(settings: Settings) -> Config:
     return config
 
 
-async def _reload_on_sighup(live: LiveSettings) -> None:
-    with anyio.open_signal_receiver(signal.SIGHUP) as signals:
-        async for _ in signals:
-            with contextlib.suppress(ConfigError):  # refused and logged; the old ones stay
-                await reload_settings(live, None, who="SIGHUP")
-
-
 async def _serve(
     settings: Settings, source: Callable[[], Settings] | None, tracing: Tracing | None
 ) -> None:
@@ -64,9 +57,15 @@ async def _serve(
     app = create_app(settings, manager, tracing)
     stop = anyio.Event()
 
-    async def shutdown_on_signal() -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    async def on_signals() -> None:
+        """SIGHUP reloads the configuration; SIGTERM/SIGINT shut down (and end this task:
+        nothing is left running when serving stops)."""
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    with contextlib.suppress(ConfigError):  # refused and logged; old ones stay
+                        await reload_settings(live, None, who="SIGHUP")
+                    continue
                 logger.info("shutdown requested", signal=signal.Signals(signum).name)
                 abandoned = await manager.shutdown(live.current.shutdown_grace)
                 if abandoned:
@@ -75,8 +74,7 @@ async def _serve(
                 return
 
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(shutdown_on_signal)
-        tasks.start_soon(_reload_on_sighup, live)
+        tasks.start_soon(on_signals)
         logger.info(
             "modeld serving",
             host=settings.host,
