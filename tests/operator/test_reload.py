@@ -60,7 +60,8 @@ def test_reload_route_changes_limits_and_reports_restart_only_settings(
 
             # After: the new default model answers; the body limit is 2048 bytes.
             answer = _infer(client, prompt="hi")
-            assert answer.status_code == 200 and answer.json()["model"] == "tiny-b.gguf"
+            assert answer.status_code == 200
+            assert answer.json()["model"] == "tiny-b.gguf"
             too_big = _infer(client, prompt=BIG_PROMPT)
             assert too_big.status_code == 413
             # A new load gets the new n_ctx: tiny-a reloaded now takes 100 tokens.
@@ -124,10 +125,12 @@ def test_sighup_reloads_and_a_broken_file_keeps_serving(models_dir: Path, tmp_pa
             assert _infer(client, prompt="hi").json()["model"] == "tiny-c.gguf"
             assert client.get("/healthz").status_code == 200
         first, second = audit_lines(server)
-        assert first["who"] == "SIGHUP" and first["outcome"] == "ok"
+        assert first["who"] == "SIGHUP"
+        assert first["outcome"] == "ok"
         assert first["applied"] == ["default_model"]
         assert second["outcome"] == "bad_config"
         refusals = [r for r in log_records(server) if r["message"].startswith("config reload ref")]
-        assert len(refusals) == 1 and "not valid TOML" in str(refusals[0]["error"])
+        assert len(refusals) == 1
+        assert "not valid TOML" in str(refusals[0]["error"])
     finally:
         assert server.stop() == 0
