@@ -85,8 +85,10 @@ class ModeldClient:
             while line := response.readline():
                 if line.strip():
                     yield json.loads(line)
-        except OSError as exc:
-            raise ServerUnreachable(f"the connection to {self.url} broke: {exc}") from exc
+        except (OSError, http.client.HTTPException) as exc:
+            raise ServerUnreachable(
+                f"the connection to {self.url} broke mid-stream ({exc!r}; did the server stop?)"
+            ) from exc
         finally:
             connection.close()
 

@@ -161,7 +161,9 @@ def _run(client: ModeldClient, args: Mapping[str, Any], out: TextIO, err: TextIO
     out.write("\n")
     out.flush()
     if not terminal:
-        raise ClientError("the stream ended without its terminal line")
+        raise ClientError(
+            "the connection closed before the generation's terminal line (did the server stop?)"
+        )
     if args.get("verbose"):
         _print_metrics(terminal, err)
     if terminal["done_reason"] not in {"stop", "length"}:
