@@ -184,3 +184,64 @@ def test_a_load_shows_its_stages_live(
         finally:
             loading.join(60)
         check_against_status(page, client)
+
+
+class RequireKey:
+    """Stands in for the ``--api-key`` middleware being built elsewhere (issue 11): data
+    routes answer 401 without ``Authorization: Bearer <key>``. The page itself (``/``)
+    stays open: a browser's navigation cannot carry the header, and the page holds no
+    data."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app = app
+        self.key = key
+        self.refused: list[str] = []  # the paths answered 401
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in {"/", "/healthz"}:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if given != f"Bearer {self.key}".encode():
+                self.refused.append(scope["path"])
+                body = b'{"error": {"code": "unauthorized", "message": "API key needed"}}'
+                headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
+                await send({"type": "http.response.start", "status": 401, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def test_behind_an_api_key_the_page_asks_once_and_sends_it_as_a_header(
+    page: Any, models_dir: Path
+) -> None:
+    from modeld.api.app import create_app
+    from modeld.config import load_settings
+    from tests.operator.support import serving
+
+    flags = {"models_dir": str(models_dir), "threads": "1", "n_ctx": "256"}
+    guarded = RequireKey(create_app(load_settings(flags, env={})), "k-123")
+    with serving(guarded) as url:
+        page.goto(url + "/")
+        form = page.locator("#key-form")
+        expect(form).to_be_visible(timeout=WAIT_MS)
+        expect(page.locator("#connection")).to_have_text("API key needed")
+        page.fill("#api-key", "wrong")
+        page.click("#key-form button")
+        expect(form).to_be_visible(timeout=WAIT_MS)  # refused again: asked again
+        page.fill("#api-key", "k-123")
+        page.click("#key-form button")
+        expect(page.locator("#connection")).to_have_attribute(
+            "data-connected", "true", timeout=WAIT_MS
+        )
+        expect(form).to_be_hidden()
+        headers = {"Authorization": "Bearer k-123"}
+        assert httpx.post(url + "/models/tiny-a.gguf/load", headers=headers).is_success
+        expect(row(page, "tiny-a.gguf")).to_have_attribute("data-state", "ready")
+        assert page.evaluate("sessionStorage.getItem('modeld.apiKey')") == "k-123"
+        refused = len(guarded.refused)
+        page.reload()  # the tab keeps the key: no second prompt
+        expect(page.locator("#connection")).to_have_attribute(
+            "data-connected", "true", timeout=WAIT_MS
+        )
+        expect(form).to_be_hidden()
+        assert guarded.refused[refused:] == []
+    assert set(guarded.refused) <= {"/status", "/events"}  # the page asked for nothing else

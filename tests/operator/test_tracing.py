@@ -9,7 +9,6 @@ environment variables and receives its OTLP/HTTP export."""
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import itertools
 import json
@@ -17,66 +16,30 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
-from hypercorn.asyncio import serve as hypercorn_serve
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
-from starlette.applications import Starlette
 
 from modeld.api.app import create_app
 from modeld.config import load_settings
 from modeld.errors import ConfigError
 from modeld.observability.tracing import Tracing, TracingMiddleware, tracing_from_env
-from modeld.server import hypercorn_config
 from tests.http.support import ndjson, poll
-from tests.support.server import free_port, start_modeld
+from tests.operator.support import serving
+from tests.support.server import start_modeld
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 PHASES = ["queue wait", "load", "prompt eval", "decode"]
 MS = 1_000_000  # ns
-
-
-@contextmanager
-def serving(app: Starlette) -> Iterator[str]:
-    """The app on Hypercorn in a thread, on 127.0.0.1 and a free port; its base URL."""
-    settings = load_settings({"port": str(free_port())}, env={})
-    ready: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-    started = threading.Event()
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        ready.append((asyncio.get_running_loop(), stop))
-        started.set()
-        await hypercorn_serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
-
-    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
-    thread.start()
-    assert started.wait(10)
-    url = f"http://127.0.0.1:{settings.port}"
-    poll(lambda: _answers(url), bool)
-    try:
-        yield url
-    finally:
-        loop, stop = ready[0]
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(30)
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url + "/healthz", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 @pytest.fixture
