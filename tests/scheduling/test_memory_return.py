@@ -25,8 +25,9 @@ probe = RssProbe()
 samples = []
 
 async def main():
+    # n_gpu_layers=0: host memory is what this test follows, on a CUDA build too
     settings = Settings(models_dir=models_dir, vram_budget_mb=40, vram_margin_mb=0,
-                        n_ctx=256, threads=1, token_loop=loop)
+                        n_ctx=256, threads=1, token_loop=loop, n_gpu_layers=0)
     async with ModelManager(settings, probe=probe) as manager:
         for cycle in range(cycles):
             model = "med-a.gguf" if cycle % 2 == 0 else "med-b.gguf"

@@ -22,21 +22,17 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from modeld.errors import ModeldError
-from modeld.gguf import read_gguf_header
-from modeld.memory.estimate import estimate_footprint
 from modeld.scheduling.manager import ModelManager
 from modeld.sizes import MIB
 from modeld.types import DoneReason, InferRequest
-from tests.scheduling.conftest import ConstantProbe, make_settings
+from tests.scheduling.conftest import ConstantProbe, estimate_bytes, make_settings
 
 MODELS = ["med-a.gguf", "med-b.gguf", "med-c.gguf"]
 
 
 def _budget_for_two(models_dir: Path) -> int:
     """Budget (MB) in which two loaded models plus one reservation fit, three do not."""
-    header = read_gguf_header(models_dir / MODELS[0])
-    estimate = estimate_footprint(header, n_ctx=256, n_gpu_layers=0, n_batch=512, gpu=False)
-    return int((estimate.total_bytes * 2.5) // MIB) + 1
+    return int((estimate_bytes(models_dir, MODELS[0]) * 2.5) // MIB) + 1
 
 
 class SchedulerMachine(RuleBasedStateMachine):

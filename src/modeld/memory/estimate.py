@@ -41,13 +41,18 @@ buffers, on the device being budgeted: RAM when ``gpu=False``, VRAM when ``gpu=T
     FFN is sized as dense.
 
 ``overhead_bytes``
-    On CPU only (it is host memory either way): 4 MiB per instance plus 192 bytes per
-    vocabulary entry (llama.cpp's token tables), measured on the tiny models and Gemma.
+    On CPU: 4 MiB per instance plus 192 bytes per vocabulary entry (llama.cpp's token
+    tables, host memory), measured on the tiny models and Gemma. On GPU: 100 MiB per
+    instance of device memory outside llama.cpp's buffers, allocated by the first long
+    prompt (a cuBLAS handle and its workspace, and what ggml-cuda's pool holds beyond the
+    KQ copy above). Measured on an H200 (CUDA 13.0, llama-cpp-python 0.3.36, f16 llamas
+    of 0.1 to 1.6 GiB, n_ctx 512 to 4096): 89 to 99 MiB over buffers + KQ copy.
 
 Not included: llama-cpp-python's ``scores`` array (``n_batch * n_vocab`` floats of
-address space that is never written without ``logits_all``), and on GPU the CUDA context
-(hundreds of MiB per *process*; NVML's per-process number includes it once). After a
-load, the measured size replaces this estimate (see :mod:`modeld.memory.probe`).
+address space that is never written without ``logits_all``), and on GPU what the
+*process* holds once whatever is loaded (the CUDA context and kernels, 586 MiB on that
+H200): the scheduler measures and charges that separately. After a load, a larger
+measured size replaces this estimate (see :mod:`modeld.memory.probe`).
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ _F16_BYTES = 2
 _F32_BYTES = 4
 _GRAPH_OVERHEAD_BYTES = 2 * MIB
 _INSTANCE_OVERHEAD_BYTES = 4 * MIB
+_CUDA_INSTANCE_OVERHEAD_BYTES = 100 * MIB
 _VOCAB_ENTRY_BYTES = 192
 _REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})
 
@@ -125,7 +131,7 @@ def estimate_footprint(
         weights = sum(header.layer_weight_bytes[first_gpu_layer:])
         weights += header.output_weight_bytes if offloaded else 0
         kv = sum(kv_per_layer[first_gpu_layer:])
-        overhead = 0
+        overhead = _CUDA_INSTANCE_OVERHEAD_BYTES if offloaded else 0
     else:
         offloaded = 0
         weights = header.total_weight_bytes + repacked_weight_bytes(header)

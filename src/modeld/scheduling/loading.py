@@ -29,9 +29,12 @@ from modeld.scheduling.events import EventHub, ModelLoadingProgress
 from modeld.scheduling.instance import Instance
 from modeld.types import context_sizes
 
-__all__ = ["EngineFactory", "Loader", "Reserve", "out_of_descriptors"]
+__all__ = ["PROCESS_CHARGE_ID", "EngineFactory", "Loader", "Reserve", "out_of_descriptors"]
 
 _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
+# The budget entry for device memory the process holds outside any instance (the CUDA
+# context, loaded kernels). No model id can take it: check_model_id wants "*.gguf".
+PROCESS_CHARGE_ID = "(process)"
 
 EngineFactory = Callable[[ModelFile, EngineSettings, TokenLoop, int], LlamaEngine]
 Reserve = Callable[[Instance, int], Awaitable[None]]
@@ -66,6 +69,13 @@ class Loader:
         self._engine_factory = engine_factory or _default_engine_factory
         self._measuring: Instance | None = None  # the load whose memory growth is measured
         self._measuring_ended = anyio.Event()
+        self._process_bytes: int | None = None  # measured by the first load on NVML
+
+    @property
+    def process_bytes(self) -> int:
+        """The process's own device memory, charged as ``PROCESS_CHARGE_ID`` (0 until
+        measured, and on CPU)."""
+        return self._process_bytes or 0
 
     @property
     def settings(self) -> Settings:
@@ -103,29 +113,63 @@ class Loader:
             gpu=self._gpu,
         )
         self._progress(instance, "validated", 0.1)
+        engine_settings = EngineSettings(
+            n_ctx=settings.n_ctx,
+            n_batch=settings.n_batch,
+            n_threads=settings.n_threads,
+            n_gpu_layers=settings.n_gpu_layers,
+            use_mmap=not settings.no_mmap,
+        )
+
+        def make_engine() -> LlamaEngine:
+            return self._engine_factory(model, engine_settings, self._loop, header.context_length)
+
+        if (
+            self._process_bytes is None
+            and self._probe.kind == "nvml"
+            and self._budget.could_ever_fit(estimate.total_bytes)  # else refused by reserve
+        ):
+            await self._measure_process_bytes(instance, make_engine)
         await reserve(instance, estimate.total_bytes)
         self._progress(instance, "memory_reserved", 0.2)
         async with self._measurement(instance) as measured:
             before_bytes = self._probe.used_bytes() if measured else 0
             worker = instance.worker = EngineWorker(f"modeld:{model.id}")
-            engine_settings = EngineSettings(
-                n_ctx=settings.n_ctx,
-                n_batch=settings.n_batch,
-                n_threads=settings.n_threads,
-                n_gpu_layers=settings.n_gpu_layers,
-                use_mmap=not settings.no_mmap,
-            )
-            engine = instance.engine = await worker.run(
-                lambda: self._engine_factory(
-                    model, engine_settings, self._loop, header.context_length
-                )
-            )
+            engine = instance.engine = await worker.run(make_engine)
             self._progress(instance, "weights_loaded", 0.9)
             await worker.run(engine.warm_up)
             measured_bytes = self._probe.used_bytes() - before_bytes if measured else 0
         self._budget.charge(model.id, self._charge_after_load(measured_bytes, estimate, engine))
         instance.charge_bytes = self._budget.charge_of(model.id)
         instance.measured = measured
+
+    async def _measure_process_bytes(
+        self, instance: Instance, make_engine: Callable[[], LlamaEngine]
+    ) -> None:
+        """Charge the device memory this process keeps whatever is loaded: the CUDA
+        context and the kernels loaded on first use (586 MiB on an H200 with CUDA 13).
+
+        The first load creates it, so its growth would otherwise be charged to that one
+        instance, and evicting the instance would leave it uncharged for good. Measured
+        once, on NVML, in the measured turn before any instance holds device memory: load
+        the model, warm it up, close it, and keep what remains. Costs the first load one
+        extra load.
+        """
+        async with self._measurement(instance) as measured:
+            if self._process_bytes is not None or not measured:
+                return  # measured by a load that had its turn first, or not attributable
+            worker = EngineWorker(f"modeld:{instance.model_id}:measure")
+            try:
+                before_bytes = self._probe.used_bytes()
+                engine = await worker.run(make_engine)
+                try:
+                    await worker.run(engine.warm_up)
+                finally:
+                    await worker.run(engine.close)
+                self._process_bytes = max(0, self._probe.used_bytes() - before_bytes)
+            finally:
+                await worker.shutdown()
+            self._budget.charge(PROCESS_CHARGE_ID, self._process_bytes)
 
     @asynccontextmanager
     async def _measurement(self, instance: Instance) -> AsyncIterator[bool]:
@@ -168,15 +212,14 @@ class Loader:
     ) -> int:
         """What a loaded instance costs the budget from now on.
 
-        On a GPU, NVML's per-process growth across the load replaces the estimate (floored
-        by llama.cpp's own weight + KV sizes). On CPU, RSS right after warm-up misses the
-        compute buffer and KV pages that are allocated but not yet touched, so the estimate
-        stays the floor there and a larger measurement replaces it. An unmeasured load is
-        charged the same floors.
+        The probe's growth across the load (NVML on a GPU, RSS on CPU), floored by the
+        estimate and by llama.cpp's own weight + KV sizes: right after warm-up neither
+        device has seen a full batch yet (on CPU the compute buffer and KV pages are not
+        touched; on a GPU cuBLAS and ggml-cuda's pool allocate on the first long prompt,
+        +145 to +225 MiB per instance on an H200), and the charge must cover what the
+        instance grows to. An unmeasured load is charged the same floors.
         """
         reported_bytes = engine.model_size_bytes + estimate.kv_cache_bytes
-        if self._probe.kind == "nvml":
-            return max(measured_bytes, reported_bytes)
         return max(measured_bytes, reported_bytes, estimate.total_bytes)
 
 

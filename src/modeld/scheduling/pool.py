@@ -313,10 +313,16 @@ class InstancePool:
         :class:`MemoryBusy` if only busy instances stand in the way past the deadline.
         """
         model_id = instance.model_id
-        if not self.budget.could_ever_fit(need_bytes):
+        process_bytes = self._loader.process_bytes  # never evicted
+        if not self.budget.could_ever_fit(need_bytes + process_bytes):
             raise ModelTooLarge(
                 f"{model_id} needs about {need_bytes / MIB:.0f} MiB; the budget minus margin "
                 f"is {self.budget.limit_bytes / MIB:.0f} MiB"
+                + (
+                    f", {process_bytes / MIB:.0f} MiB of it the process's own"
+                    if process_bytes
+                    else ""
+                )
             )
         while True:
             others = [i for i in self._instances.values() if i is not instance]
