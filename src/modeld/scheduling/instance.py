@@ -42,6 +42,7 @@ class ModelCounters:
     last_error: str | None = None
     consecutive_failures: int = 0
     retry_at_s: float = 0.0
+    last_tokens_per_second: float = 0.0  # decode speed of the last generation with tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,9 @@ class InstanceStatistics:
     uptime_seconds: float
     pinned: bool
     retry_in_seconds: float
+    last_tokens_per_second: float = 0.0
+    load_stage: str | None = None  # while loading: the last stage reached
+    load_progress: float = 0.0
 
 
 @dataclass(eq=False)
@@ -80,6 +84,8 @@ class Instance:
     gone: anyio.Event = field(default_factory=anyio.Event)  # closed and out of the budget
     error: ModeldError | None = None
     disposal: anyio.CancelScope | None = None  # set while the engine closes; cancel abandons
+    load_stage: str = "started"  # the loader's last progress stage
+    load_progress: float = 0.0
 
     @property
     def model_id(self) -> str:
@@ -117,4 +123,7 @@ class Instance:
             uptime_seconds=round(now_s - self.ready_at_s, 3) if self.ready_at_s else 0.0,
             pinned=self.pinned,
             retry_in_seconds=round(max(0.0, self.counters.retry_at_s - now_s), 3),
+            last_tokens_per_second=self.counters.last_tokens_per_second,
+            load_stage=self.load_stage if self.state is InstanceState.LOADING else None,
+            load_progress=self.load_progress if self.state is InstanceState.LOADING else 0.0,
         )
