@@ -1,4 +1,5 @@
-"""The ``modeld`` command: ``modeld serve`` and ``modeld models``."""
+"""The ``modeld`` command: ``modeld serve`` and ``modeld models``; ``status``, ``ps``,
+``load``, ``unload`` and ``run`` talk to a running server (modeld.client_commands)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import msgspec
 
+from modeld.client_commands import CLIENT_COMMANDS, add_client_commands, run_client_command
 from modeld.config import Settings, add_settings_arguments, load_settings
 from modeld.errors import ConfigError
 from modeld.observability.logging import configure_logging
@@ -40,16 +42,23 @@ def _parser() -> argparse.ArgumentParser:
     add_settings_arguments(serve)
     models = commands.add_parser("models", help="list the models in the models dir")
     add_settings_arguments(models)
+    add_client_commands(commands)
     return parser
+
+
+def _read_settings(args: dict[str, object]) -> Settings:
+    """Startup's reading of the settings; a config reload repeats it."""
+    settings = load_settings(args)
+    return _prepare_demo(settings) if settings.demo else settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     command = args.pop("command")
+    if command in CLIENT_COMMANDS:
+        return run_client_command(command, args)
     try:
-        settings = load_settings(args)
-        if settings.demo:
-            settings = _prepare_demo(settings)
+        settings = _read_settings(args)
     except ConfigError as exc:
         print(f"modeld: {exc.message}", file=sys.stderr)
         return 2
@@ -64,8 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from modeld.server import run_server
 
     try:
-        run_server(settings)
-    except TokenLoopUnavailable as exc:
+        run_server(settings, lambda: _read_settings(args))
+    except (TokenLoopUnavailable, ConfigError) as exc:
         print(f"modeld: {exc.message}", file=sys.stderr)
         return 2
     return 0

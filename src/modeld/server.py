@@ -3,21 +3,28 @@
 On SIGTERM/SIGINT modeld stops admitting, lets running streams finish for
 ``--shutdown-grace`` (each still ends with its terminal line), closes every instance, and
 only then tells Hypercorn to stop: Hypercorn's own shutdown would cut streams short.
+SIGHUP re-reads the configuration (like ``POST /admin/reload``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import Callable
 
 import anyio
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 from loguru import logger
 
+from modeld.api.admin import reload_settings
 from modeld.api.app import create_app
 from modeld.config import Settings
+from modeld.errors import ConfigError
+from modeld.live_settings import LiveSettings
 from modeld.observability.logging import LoopErrorLog
+from modeld.observability.tracing import Tracing, tracing_from_env
 from modeld.scheduling.manager import ModelManager
 
 __all__ = ["hypercorn_config", "run_server"]
@@ -41,36 +48,57 @@ def hypercorn_config(settings: Settings) -> Config:
     return config
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(
+    settings: Settings, source: Callable[[], Settings] | None, tracing: Tracing | None
+) -> None:
     asyncio.get_running_loop().set_exception_handler(LoopErrorLog())
-    manager = ModelManager(settings)
-    app = create_app(settings, manager)
+    live = LiveSettings(settings, source)
+    manager = ModelManager(live)
+    app = create_app(settings, manager, tracing)
     stop = anyio.Event()
 
-    async def shutdown_on_signal() -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    async def on_signals() -> None:
+        """SIGHUP reloads the configuration; SIGTERM/SIGINT shut down (and end this task:
+        nothing is left running when serving stops)."""
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    with contextlib.suppress(ConfigError):  # refused and logged; old ones stay
+                        await reload_settings(live, None, who="SIGHUP")
+                    continue
                 logger.info("shutdown requested", signal=signal.Signals(signum).name)
-                abandoned = await manager.shutdown(settings.shutdown_grace)
+                abandoned = await manager.shutdown(live.current.shutdown_grace)
                 if abandoned:
                     logger.error("instances abandoned at shutdown", models=abandoned)
                 stop.set()
                 return
 
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(shutdown_on_signal)
+        tasks.start_soon(on_signals)
         logger.info(
             "modeld serving",
             host=settings.host,
             port=settings.port,
             models_dir=str(settings.models_path),
             token_loop=str(settings.token_loop),
+            tracing=tracing is not None,
         )
         await hypercorn_serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
         tasks.cancel_scope.cancel()
     logger.info("modeld stopped")
 
 
-def run_server(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT; returns after a clean shutdown."""
-    anyio.run(_serve, settings, backend="asyncio")
+def run_server(settings: Settings, source: Callable[[], Settings] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; returns after a clean shutdown.
+
+    ``source`` reads the settings again, the way ``settings`` were read, for a reload
+    (SIGHUP, ``POST /admin/reload``); without it a reload changes nothing. Traces are
+    exported when the ``OTEL_*`` variables ask for them; raises :class:`ConfigError` when
+    they ask for what cannot be done.
+    """
+    tracing = tracing_from_env()
+    try:
+        anyio.run(_serve, settings, source, tracing, backend="asyncio")
+    finally:
+        if tracing is not None:
+            tracing.shutdown()  # export what is still buffered

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,18 +75,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(probe.getsockname()[1])
 
 
-def start_modeld(models_dir: Path, log_dir: Path, *flags: str) -> RunningServer:
-    """Start the server and return once ``/healthz`` answers."""
-    port = free_port()
+def start_modeld(
+    models_dir: Path,
+    log_dir: Path,
+    *flags: str,
+    port: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> RunningServer:
+    """Start the server and return once ``/healthz`` answers.
+
+    ``port``: a given one (a restart on the same address) instead of a free one; ``env``:
+    variables added to this process's environment.
+    """
+    port = port or free_port()
     log_path = log_dir / f"modeld-{port}.log"
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_MODELD_ROOT), env.get("PYTHONPATH")]))
     command = [
         sys.executable, "-m", "modeld.cli", "serve",
         "--models-dir", str(models_dir), "--host", "127.0.0.1", "--port", str(port),
         *flags,
     ]  # fmt: skip
-    with log_path.open("wb") as log:
+    with log_path.open("ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = RunningServer(process, f"http://127.0.0.1:{port}", log_path)
     _wait_until_listening(server)

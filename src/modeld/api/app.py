@@ -11,11 +11,12 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from modeld.api.errors import EXCEPTION_HANDLERS
-from modeld.api.middleware import RequestContextMiddleware
+from modeld.api.middleware import RequestContextMiddleware, route_template
 from modeld.api.routes import build_routes
 from modeld.config import Settings
 from modeld.observability.access import AccessObserver, log_event
 from modeld.observability.metrics import Metrics
+from modeld.observability.tracing import Tracing, TracingMiddleware
 from modeld.scheduling.manager import ModelManager
 
 __all__ = ["create_app"]
@@ -30,11 +31,14 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def create_app(settings: Settings, manager: ModelManager | None = None) -> Starlette:
+def create_app(
+    settings: Settings, manager: ModelManager | None = None, tracing: Tracing | None = None
+) -> Starlette:
     """An ASGI app serving ``manager`` (made from ``settings`` when not given).
 
     The app's lifespan enters the manager and, with ``prewarm_default``, loads the default
-    model before the first request, so ``/readyz`` is 200 when serving starts.
+    model before the first request, so ``/readyz`` is 200 when serving starts. With
+    ``tracing``, every request gets a span (without it, no tracing code runs at all).
     """
     owned_manager = manager or ModelManager(settings)
     metrics = Metrics(owned_manager.statistics)
@@ -60,6 +64,15 @@ def create_app(settings: Settings, manager: ModelManager | None = None) -> Starl
             observer=AccessObserver(metrics),
         )
     ]
+    if tracing is not None:
+        owned_manager.events.add_listener(tracing.on_event)
+        middleware.append(
+            Middleware(
+                TracingMiddleware,
+                tracing=tracing,
+                route_of=lambda scope: route_template(routes, scope),
+            )
+        )
     if settings.cors_origins:
         middleware.append(
             Middleware(

@@ -12,11 +12,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from modeld.api.admin import reload_config
 from modeld.api.bodies import decode_body, read_body
 from modeld.api.events import events, metrics
 from modeld.api.ollama import ollama_routes
 from modeld.api.serving import collect_answer, start_generation
+from modeld.api.status_page import status_page
 from modeld.api.streaming import NdjsonGenerationResponse, terminal_record
+from modeld.observability.audit import audited
 from modeld.observability.logging import prompt_logging_enabled
 from modeld.scheduling.manager import ModelManager
 from modeld.types import InferRequest
@@ -103,15 +106,22 @@ async def infer(request: Request) -> Response:
 
 async def cancel_request(request: Request) -> Response:
     target = request.path_params["request_id"]
-    _manager(request).cancel_request(target)
+    with audited("cancel", target, request.scope):
+        _manager(request).cancel_request(target)
     return _json({"request_id": target, "cancelled": True})
 
 
 async def load_model(request: Request) -> Response:
     manager = _manager(request)
-    body = await read_body(request, manager.settings.max_body_bytes, manager.settings.body_timeout)
-    load_request = decode_body(body, LoadRequest) if body.strip() else LoadRequest()
-    stats = await manager.load(request.path_params["model_id"], pin=load_request.pin)
+    model_id = request.path_params["model_id"]
+    with audited("load", model_id, request.scope) as record:
+        body = await read_body(
+            request, manager.settings.max_body_bytes, manager.settings.body_timeout
+        )
+        load_request = decode_body(body, LoadRequest) if body.strip() else LoadRequest()
+        if load_request.pin is not None:  # a load that also pins or unpins
+            record.action = "pin" if load_request.pin else "unpin"
+        stats = await manager.load(model_id, pin=load_request.pin)
     instance = msgspec.to_builtins(stats)
     instance["last_used"] = instance.pop("last_used_unix")
     instance["expires_at"] = instance.pop("expires_at_unix")
@@ -120,7 +130,8 @@ async def load_model(request: Request) -> Response:
 
 async def unload_model(request: Request) -> Response:
     model_id = request.path_params["model_id"]
-    await _manager(request).unload(model_id)
+    with audited("unload", model_id, request.scope):
+        await _manager(request).unload(model_id)
     return _json({"model": model_id, "unloaded": True})
 
 
@@ -136,5 +147,7 @@ def build_routes() -> list[Route]:
         Route("/models/{model_id}/instance", unload_model, methods=["DELETE"]),
         Route("/events", events, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/", status_page, methods=["GET"]),
+        Route("/admin/reload", reload_config, methods=["POST"]),
         *ollama_routes(),
     ]

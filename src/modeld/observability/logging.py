@@ -25,11 +25,12 @@ __all__ = [
     "level_number",
     "prompt_logging_enabled",
     "request_logging",
+    "set_log_level",
 ]
 
 _LEVELS = {"trace": 5, "debug": 10, "info": 20, "success": 25, "warning": 30, "error": 40}
 _DEFAULT = "info"
-_global_level_no = [_LEVELS[_DEFAULT]]  # set once by configure_logging at startup
+_global_level_no = [_LEVELS[_DEFAULT]]  # set by configure_logging, changed by a reload
 _request_level_no: ContextVar[int | None] = ContextVar("modeld_request_level_no", default=None)
 
 
@@ -91,9 +92,14 @@ class _JsonLineSink:
             payload = payload[os.write(self._fd, payload) :]
 
 
+def set_log_level(level: str) -> None:
+    """The global threshold (an unknown name means ``info``); a config reload calls it."""
+    _global_level_no[0] = level_number(level) or _LEVELS[_DEFAULT]
+
+
 def configure_logging(level: str = _DEFAULT) -> None:
     """Replace loguru's default sink with a JSON-lines one on (a copy of) stderr."""
-    _global_level_no[0] = level_number(level) or _LEVELS[_DEFAULT]
+    set_log_level(level)
     logger.enable("modeld")
     logger.remove()
     logger.add(_JsonLineSink(), level=0, filter=_filter, backtrace=False, diagnose=False)

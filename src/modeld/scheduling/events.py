@@ -74,7 +74,9 @@ class ModelReady(ModelEvent):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelEvicted(ModelEvent):
     kind: ClassVar[str] = "model_evicted"
-    reason: DoneReason
+    reason: DoneReason  # what its running stream's terminal line says
+    cause: str = "evicted"  # why: unload, budget (to make room for_model), shutdown, ...
+    for_model: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

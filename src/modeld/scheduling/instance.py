@@ -43,6 +43,7 @@ class ModelCounters:
     last_error: str | None = None
     consecutive_failures: int = 0
     retry_at_s: float = 0.0
+    last_tokens_per_second: float = 0.0  # decode speed of the last generation with tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,9 @@ class InstanceStatistics:
     uptime_seconds: float
     pinned: bool
     retry_in_seconds: float
+    last_tokens_per_second: float = 0.0
+    load_stage: str | None = None  # while loading: the last stage reached
+    load_progress: float = 0.0
     keep_alive_seconds: float | None = None  # None: kept loaded until unloaded or evicted
     expires_at_unix: float | None = None  # None: not counting down (busy, queued, pinned)
 
@@ -83,6 +87,8 @@ class Instance:
     gone: anyio.Event = field(default_factory=anyio.Event)  # closed and out of the budget
     error: ModeldError | None = None
     disposal: anyio.CancelScope | None = None  # set while the engine closes; cancel abandons
+    load_stage: str = "started"  # the loader's last progress stage
+    load_progress: float = 0.0
     keep_alive_s: float = math.inf  # how long it may stay idle; set by each request
     idle_since_s: float = 0.0  # on the pool's clock: when it last became idle
 
@@ -135,6 +141,9 @@ class Instance:
             uptime_seconds=round(now_s - self.ready_at_s, 3) if self.ready_at_s else 0.0,
             pinned=self.pinned,
             retry_in_seconds=round(max(0.0, self.counters.retry_at_s - now_s), 3),
+            last_tokens_per_second=self.counters.last_tokens_per_second,
+            load_stage=self.load_stage if self.state is InstanceState.LOADING else None,
+            load_progress=self.load_progress if self.state is InstanceState.LOADING else 0.0,
             keep_alive_seconds=None if math.isinf(self.keep_alive_s) else self.keep_alive_s,
             expires_at_unix=(
                 None if expires_at_s is None else round(now_unix + expires_at_s - clock_now_s, 3)

@@ -20,6 +20,7 @@ from modeld.engine.llama_engine import EngineSettings, LlamaEngine
 from modeld.engine.worker import EngineWorker
 from modeld.errors import ModeldError, ModelLoadFailed, ResourcesExhausted
 from modeld.gguf import read_gguf_header
+from modeld.live_settings import LiveSettings
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.estimate import FootprintEstimate, estimate_footprint
 from modeld.memory.probe import MemoryProbe
@@ -50,7 +51,7 @@ class Loader:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: LiveSettings,
         *,
         events: EventHub,
         token_loop: TokenLoop,
@@ -59,7 +60,7 @@ class Loader:
         gpu: bool,
         engine_factory: EngineFactory | None = None,
     ) -> None:
-        self.settings = settings
+        self._live = settings
         self._events = events
         self._loop = token_loop
         self._probe = probe
@@ -75,6 +76,10 @@ class Loader:
         """The process's own device memory, charged as ``PROCESS_CHARGE_ID`` (0 until
         measured, and on CPU)."""
         return self._process_bytes or 0
+
+    @property
+    def settings(self) -> Settings:
+        return self._live.current
 
     async def load(self, instance: Instance, reserve: Reserve) -> None:
         """Give ``instance`` a warmed-up engine on its own worker and charge it.
@@ -107,7 +112,7 @@ class Loader:
             n_batch=sizes.n_batch,
             gpu=self._gpu,
         )
-        self._progress(model.id, "validated", 0.1)
+        self._progress(instance, "validated", 0.1)
         engine_settings = EngineSettings(
             n_ctx=settings.n_ctx,
             n_batch=settings.n_batch,
@@ -126,12 +131,12 @@ class Loader:
         ):
             await self._measure_process_bytes(instance, make_engine)
         await reserve(instance, estimate.total_bytes)
-        self._progress(model.id, "memory_reserved", 0.2)
+        self._progress(instance, "memory_reserved", 0.2)
         async with self._measurement(instance) as measured:
             before_bytes = self._probe.used_bytes() if measured else 0
             worker = instance.worker = EngineWorker(f"modeld:{model.id}")
             engine = instance.engine = await worker.run(make_engine)
-            self._progress(model.id, "weights_loaded", 0.9)
+            self._progress(instance, "weights_loaded", 0.9)
             await worker.run(engine.warm_up)
             measured_bytes = self._probe.used_bytes() - before_bytes if measured else 0
         self._budget.charge(model.id, self._charge_after_load(measured_bytes, estimate, engine))
@@ -194,10 +199,13 @@ class Loader:
             self._measuring_ended.set()
             self._measuring_ended = anyio.Event()
 
-    def _progress(self, model_id: str, stage: str, fraction: float) -> None:
-        """Load stages as events. llama-cpp-python 0.3.36's ``Llama`` exposes no hook for
-        llama.cpp's progress callback, so progress is reported per stage, not per tensor."""
-        self._events.publish(ModelLoadingProgress(model=model_id, stage=stage, progress=fraction))
+    def _progress(self, instance: Instance, stage: str, fraction: float) -> None:
+        """Load stages as events and on the instance (``/status``). llama-cpp-python
+        0.3.36's ``Llama`` exposes no hook for llama.cpp's progress callback, so progress
+        is reported per stage, not per tensor."""
+        instance.load_stage, instance.load_progress = stage, fraction
+        event = ModelLoadingProgress(model=instance.model_id, stage=stage, progress=fraction)
+        self._events.publish(event)
 
     def _charge_after_load(
         self, measured_bytes: int, estimate: FootprintEstimate, engine: LlamaEngine

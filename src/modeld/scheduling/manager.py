@@ -32,6 +32,7 @@ from modeld.errors import (
     ShuttingDown,
     TooManyInflight,
 )
+from modeld.live_settings import LiveSettings
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.probe import MemoryProbe, default_budget_mb, detect_probe
 from modeld.registry import ModelFile, Registry, check_model_id
@@ -39,6 +40,7 @@ from modeld.scheduling.clock import Clock
 from modeld.scheduling.events import EventHub, GenerationFinished
 from modeld.scheduling.fifo import SlotTicket
 from modeld.scheduling.generation import Generation, RequestTiming
+from modeld.scheduling.history import EventHistory, RecentEvent
 from modeld.scheduling.instance import Instance, InstanceStatistics, ModelCounters
 from modeld.scheduling.pool import EngineFactory, InstancePool
 from modeld.sizes import MIB
@@ -73,6 +75,7 @@ class ManagerStatistics:
     accepting: bool
     instances: tuple[InstanceStatistics, ...]
     counters: tuple[CounterStatistics, ...]
+    recent_events: tuple[RecentEvent, ...] = ()
 
 
 class ModelManager:
@@ -89,7 +92,7 @@ class ModelManager:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: Settings | LiveSettings,
         *,
         token_loop: TokenLoop | None = None,
         probe: MemoryProbe | None = None,
@@ -99,9 +102,15 @@ class ModelManager:
         close_timeout_s: float = CLOSE_TIMEOUT_S,
         clock: Clock | None = None,
     ) -> None:
-        self.settings = settings
+        # One holder of the settings in force, read per request (a reload swaps it).
+        self.live_settings = live = (
+            settings if isinstance(settings, LiveSettings) else LiveSettings(settings)
+        )
+        settings = live.current
         self.registry = registry or Registry(settings.models_path)
         self.events = events or EventHub()
+        self._history = EventHistory()
+        self.events.add_listener(self._history)
         self._gpu = settings.n_gpu_layers != 0 and gpu_offload_available()
         if token_loop is None:
             from modeld.engine.select import token_loop as select_token_loop
@@ -112,7 +121,7 @@ class ModelManager:
         budget_mb = settings.vram_budget_mb or default_budget_mb(self._gpu)
         self._budget = MemoryBudget(budget_mb, min(settings.vram_margin_mb, budget_mb))
         self._pool = InstancePool(
-            settings,
+            live,
             registry=self.registry,
             events=self.events,
             token_loop=token_loop,
@@ -169,6 +178,11 @@ class ModelManager:
         return abandoned
 
     @property
+    def settings(self) -> Settings:
+        """The settings in force now (a config reload may replace them)."""
+        return self.live_settings.current
+
+    @property
     def accepting(self) -> bool:
         return self._pool.accepting
 
@@ -218,6 +232,7 @@ class ModelManager:
                 )
                 for model_id, counts in sorted(self._pool.counters.items())
             ),
+            recent_events=self._history.statistics(),
         )
 
     # ----------------------------------------------------------------- generation
@@ -420,6 +435,9 @@ class ModelManager:
         ticket.release()
         self._pool.notify_changed()
         if generation.result is not None:
+            if generation.result.metrics.completion_tokens:
+                rate = generation.result.metrics.tokens_per_second
+                instance.counters.last_tokens_per_second = rate
             self.events.publish(GenerationFinished(result=generation.result))
 
     # ----------------------------------------------------------------- instances

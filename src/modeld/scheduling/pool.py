@@ -27,6 +27,7 @@ from modeld.errors import (
     ResourcesExhausted,
     ShuttingDown,
 )
+from modeld.live_settings import LiveSettings
 from modeld.memory.budget import Candidate, MemoryBudget, choose_victims
 from modeld.memory.probe import MemoryProbe
 from modeld.registry import ModelFile, Registry, check_model_id
@@ -56,7 +57,7 @@ class InstancePool:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: LiveSettings,
         *,
         registry: Registry,
         events: EventHub,
@@ -68,7 +69,7 @@ class InstancePool:
         engine_factory: EngineFactory | None = None,
         clock: Clock | None = None,
     ) -> None:
-        self.settings = settings
+        self._live = settings
         self.idle = IdleUnloader(self, clock or MonotonicClock())
         self.registry = registry
         self.events = events
@@ -89,6 +90,10 @@ class InstancePool:
         self._memory_changed = anyio.Event()
         self._task_group: TaskGroup | None = None
         self.accepting = True
+
+    @property
+    def settings(self) -> Settings:
+        return self._live.current
 
     def start(self, task_group: TaskGroup) -> None:
         """Loads run in the owner's task group, so a waiter leaving never cancels one;
@@ -164,7 +169,7 @@ class InstancePool:
         instance = self._instances.get(check_model_id(model_id))
         if instance is None:
             raise ModelNotFound(f"model {model_id!r} is not loaded")
-        await self.unload(instance, DoneReason.EVICTED)
+        await self.unload(instance, DoneReason.EVICTED, cause="unload")
 
     async def unload_all(self, reason: DoneReason, within_s: float) -> list[str]:
         """Unload every instance, giving them ``within_s`` together; returns the ids of
@@ -241,7 +246,7 @@ class InstancePool:
                 continue
             if instance.state is InstanceState.READY:
                 if await self._file_changed(instance):
-                    await self.unload(instance, DoneReason.EVICTED)
+                    await self.unload(instance, DoneReason.EVICTED, cause="file_changed")
                     continue
                 if not instance.is_ready():  # unloaded while the file was looked at
                     continue
@@ -362,7 +367,13 @@ class InstancePool:
                 return
             if victims:
                 for victim in victims:
-                    await self.unload(self._instances[victim], DoneReason.EVICTED, eviction=True)
+                    await self.unload(
+                        self._instances[victim],
+                        DoneReason.EVICTED,
+                        eviction=True,
+                        cause="budget",
+                        for_model=model_id,
+                    )
                 continue
             if not await self.wait_changed(deadline_s):
                 raise MemoryBusy(
@@ -388,8 +399,19 @@ class InstancePool:
         self._memory_changed = anyio.Event()
 
     async def unload(
-        self, instance: Instance, reason: DoneReason, *, eviction: bool = False
+        self,
+        instance: Instance,
+        reason: DoneReason,
+        *,
+        eviction: bool = False,
+        cause: str | None = None,
+        for_model: str | None = None,
     ) -> None:
+        """Unload ``instance``; its running generation ends with ``reason``.
+
+        ``cause`` says why for the ``model_evicted`` event (``unload``, ``budget`` to make
+        room ``for_model``, ``file_changed``, ``shutdown``; the reason when not given).
+        """
         if instance.state is InstanceState.UNLOADING or instance.gone.is_set():
             await instance.gone.wait()
             return
@@ -402,7 +424,14 @@ class InstancePool:
             instance.active.cancel(reason)
         if eviction:
             instance.counters.evictions_total += 1
-        self.events.publish(ModelEvicted(model=instance.model_id, reason=reason))
+        self.events.publish(
+            ModelEvicted(
+                model=instance.model_id,
+                reason=reason,
+                cause=cause or str(reason),
+                for_model=for_model,
+            )
+        )
         await self._dispose(instance)
 
     async def _dispose(self, instance: Instance) -> None:

@@ -1,0 +1,45 @@
+"""The last few lifecycle events (loads, evictions and why, errors), kept for ``/status``
+so that a status page opened now, or reconnected after a restart, shows what just
+happened and not only what happens next."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import msgspec
+
+from modeld.scheduling.events import Event, ModelEvent, ModelLoadingProgress
+
+__all__ = ["EventHistory", "RecentEvent"]
+
+DEFAULT_CAPACITY = 50
+
+
+@dataclass(frozen=True, slots=True)
+class RecentEvent:
+    kind: str
+    time_unix: float
+    model: str
+    details: dict[str, object]  # the event's own fields besides ``model``
+
+
+class EventHistory:
+    """An :class:`~modeld.scheduling.events.EventHub` listener holding the newest
+    ``capacity`` model events; per-stage load progress is left out (the instance's
+    ``load_stage`` shows where a load is)."""
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        self._events: deque[RecentEvent] = deque(maxlen=capacity)
+
+    def __call__(self, event: Event) -> None:
+        if not isinstance(event, ModelEvent) or isinstance(event, ModelLoadingProgress):
+            return
+        fields = event.fields()
+        del fields["model"]
+        details = msgspec.to_builtins(fields)
+        self._events.append(RecentEvent(event.kind, event.time_unix, event.model, details))
+
+    def statistics(self) -> tuple[RecentEvent, ...]:
+        """Oldest first."""
+        return tuple(self._events)
