@@ -80,6 +80,7 @@ class Instance:
     gone: anyio.Event = field(default_factory=anyio.Event)  # closed and out of the budget
     error: ModeldError | None = None
     disposal: anyio.CancelScope | None = None  # set while the engine closes; cancel abandons
+    generations_started: int = 0
 
     @property
     def model_id(self) -> str:
