@@ -1,4 +1,4 @@
-"""The ``modeld`` command: ``modeld serve`` and ``modeld models``."""
+"""The ``modeld`` command: ``modeld serve``, ``modeld models``, ``modeld quarantine``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import msgspec
 from modeld.config import Settings, add_settings_arguments, load_settings
 from modeld.errors import ConfigError
 from modeld.observability.logging import configure_logging
+from modeld.quarantine_cli import add_quarantine_parser, pop_quarantine_options, run_quarantine
 
 __all__ = ["main"]
 
@@ -40,12 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     add_settings_arguments(serve)
     models = commands.add_parser("models", help="list the models in the models dir")
     add_settings_arguments(models)
+    add_quarantine_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     command = args.pop("command")
+    quarantine_options = pop_quarantine_options(args)
     try:
         settings = load_settings(args)
         if settings.demo:
@@ -54,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"modeld: {exc.message}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    if command == "quarantine":
+        return run_quarantine(settings, quarantine_options)
     if command == "models":
         from modeld.registry import Registry
 
@@ -61,7 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{model.id}\t{model.size_bytes}\t{model.path}")
         return 0
     from modeld.errors import TokenLoopUnavailable
+    from modeld.observability.crash_trace import enable_crash_traces
     from modeld.server import run_server
+
+    enable_crash_traces()
 
     try:
         run_server(settings)
