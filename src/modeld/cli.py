@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         run_server(settings)
-    except TokenLoopUnavailable as exc:
+    except (TokenLoopUnavailable, ConfigError) as exc:
         print(f"modeld: {exc.message}", file=sys.stderr)
         return 2
     return 0

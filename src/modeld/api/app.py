@@ -6,10 +6,12 @@ import ipaddress
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from loguru import logger
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
+from modeld.api.auth import ApiKeyMiddleware, load_api_keys, open_paths
 from modeld.api.errors import EXCEPTION_HANDLERS
 from modeld.api.middleware import RequestContextMiddleware
 from modeld.api.routes import build_routes
@@ -66,10 +68,16 @@ def create_app(settings: Settings, manager: ModelManager | None = None) -> Starl
                 CORSMiddleware,
                 allow_origins=settings.cors_origins,
                 allow_methods=["GET", "POST", "DELETE"],
-                allow_headers=["content-type", "x-request-id", "x-log-level"],
-                expose_headers=["x-request-id", "retry-after"],
+                allow_headers=[
+                    "content-type", "x-request-id", "x-log-level", "authorization", "x-api-key",
+                ],
+                expose_headers=["x-request-id", "retry-after", "www-authenticate"],
             )
-        )
+        )  # fmt: skip
+    keys = load_api_keys(settings)
+    if not keys and not _is_loopback(settings.host):
+        logger.warning("no API key configured: every route is open to whoever reaches the port")
+    middleware.append(Middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths(settings)))
     app = Starlette(
         routes=routes,
         middleware=middleware,
