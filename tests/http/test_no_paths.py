@@ -36,8 +36,8 @@ def test_errors_status_and_logs_carry_no_absolute_path(
             assert response.status_code in {422, 500}, response.text
             bodies.append(response.text)
         bodies.append(client.get("/status").text)
-        assert client.post("/infer", json={"prompt": "x", "model": "tiny-a.gguf",
-                                           "max_tokens": 1, "stream": False}).status_code == 200  # fmt: skip
+        tiny = {"prompt": "x", "model": "tiny-a.gguf", "max_tokens": 1, "stream": False}
+        assert client.post("/infer", json=tiny).status_code == 200
     refused = json.loads(bodies[0])["error"]["message"]
     assert "llama.cpp could not load refused.gguf" in refused  # llama.cpp's words, kept
     forbidden = [str(bad_models_dir), str(state_dir), "/proc/self/fd", str(tmp_path)]
