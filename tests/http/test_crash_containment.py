@@ -190,3 +190,32 @@ def test_a_real_abort_kills_a_server_and_its_restart_quarantines_the_file(
     with third.client() as client:
         assert client.post("/infer", json={**ACCENTED, "model": HOSTILE}).status_code == 422
         assert metric(client, "modeld_crashes_total", model=HOSTILE, stage="first_generation") == 0
+
+
+def test_without_a_usable_state_dir_it_serves_and_remembers_in_memory(
+    start_server: ServerFactory, hostile_models_dir: Path, tmp_path: Path
+) -> None:
+    """A read-only container without a volume for the state dir: a warning, then the
+    same protection for the life of the process."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    server = start_server(hostile_models_dir, "--state-dir", str(blocked / "state"))
+    warning = next(
+        line for line in json_lines(server) if "no usable state dir" in str(line["message"])
+    )
+    assert warning["level"] == "warning"
+    with server.client() as client:
+        first = client.post("/infer", json={**ACCENTED, "model": HOSTILE})
+        assert first.status_code == 422
+        assert "SIGABRT" in first.json()["error"]["message"]
+        assert_tiny_generates(server, client)
+        assert client.get("/status").json()["crash_containment"]["state_dir_ok"] is False
+        again = poll(
+            lambda: client.post("/infer", json={**ACCENTED, "model": HOSTILE}),
+            lambda response: response.status_code != 503,
+            attempts=200,
+            every_s=0.05,
+        )
+        assert again.status_code == 422
+        assert "is quarantined" in again.json()["error"]["message"]
+        assert metric(client, "modeld_probe_loads_total", outcome="aborted") == 1

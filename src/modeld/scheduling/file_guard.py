@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import getpass
 import importlib.metadata
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import anyio
 from loguru import logger
@@ -29,7 +30,7 @@ from modeld.engine.probe_load import ProbeOutcome, ProbeStatus, probe_load
 from modeld.errors import ConfigError, ModelInvalid, ModelLoadFailed
 from modeld.gguf import FileIdentity, OpenGguf
 from modeld.redact import redact_paths
-from modeld.state import CrashRecord, FileVerdicts, StageMarkers, StateDir, VerdictKind
+from modeld.state import CrashRecord, FileVerdicts, StageMarkers, StateDir, Verdict, VerdictKind
 
 __all__ = [
     "QUARANTINE_STAGES",
@@ -89,6 +90,7 @@ class FileGuard:
         self._crashes: Counter[tuple[str, str]] = Counter()
         self._quarantined = 0
         self._state_dir_ok = True
+        self._in_memory: dict[FileIdentity, Verdict] = {}  # when the state dir is unusable
 
     def statistics(self) -> GuardStatistics:
         return GuardStatistics(
@@ -103,9 +105,22 @@ class FileGuard:
 
     async def recover(self) -> list[CrashRecord]:
         """Claim the stage markers of processes that died in a stage; log, count and
-        (for :data:`QUARANTINE_STAGES`) quarantine each. Raises :class:`ConfigError`
-        when the state dir cannot be created."""
-        crashes = await anyio.to_thread.run_sync(self._markers.recover)
+        (for :data:`QUARANTINE_STAGES`) quarantine each.
+
+        A state dir that cannot be written (a read-only container without a volume for
+        it) is not fatal: modeld serves, keeping verdicts in memory for this process
+        only, and says so once, as a warning.
+        """
+        try:
+            crashes = await anyio.to_thread.run_sync(self._markers.recover)
+        except (OSError, ConfigError) as exc:
+            self._state_dir_ok = False
+            logger.warning(
+                "no usable state dir: crashes, quarantines and probe results are not kept "
+                "across restarts (set --state-dir to a writable directory)",
+                error=redact_paths(str(exc)),
+            )
+            return []
         for crash in crashes:
             self._crashes[(crash.model_id, crash.stage)] += 1
             logger.error(
@@ -122,13 +137,30 @@ class FileGuard:
         self._quarantined = len(await anyio.to_thread.run_sync(self._verdicts.quarantined))
         return crashes
 
+    async def _get(self, identity: FileIdentity) -> Verdict | None:
+        if not self._state_dir_ok:
+            return self._in_memory.get(identity)
+        return await anyio.to_thread.run_sync(lambda: self._verdicts.get(identity))
+
+    async def _put(self, record: Callable[[_VerdictWriter], Verdict]) -> None:
+        """Write a verdict; kept in memory when the state dir is unusable."""
+        if self._state_dir_ok:
+            try:
+                await anyio.to_thread.run_sync(lambda: record(self._verdicts))
+                return
+            except (OSError, ConfigError) as exc:
+                self._state_dir_ok = False
+                logger.warning("state dir write failed", error=redact_paths(str(exc)))
+        verdict = record(_MemoryVerdicts(self._verdicts.stamp))
+        self._in_memory[verdict.identity] = verdict
+
     async def vet(self, opened: OpenGguf, n_ctx_train: int) -> bool:
         """Refuse a quarantined file; probe-load an unknown one. Returns whether a probe
         ran. Raises :class:`ModelInvalid` (quarantined, or the probe aborted: the file
         is then quarantined) or :class:`ModelLoadFailed` (the probe was refused cleanly,
         killed, or timed out: nothing is recorded)."""
         model_id, identity = opened.label, opened.identity
-        verdict = await anyio.to_thread.run_sync(lambda: self._verdicts.get(identity))
+        verdict = await self._get(identity)
         if verdict is not None and verdict.kind is VerdictKind.QUARANTINED:
             raise ModelInvalid(
                 f"{model_id} is quarantined: {verdict.reason}. It stays refused until the "
@@ -153,7 +185,7 @@ class FileGuard:
     ) -> None:
         stage = outcome.stage
         if outcome.status is ProbeStatus.PASSED:
-            await anyio.to_thread.run_sync(lambda: self._verdicts.mark_good(model_id, identity))
+            await self._put(lambda verdicts: verdicts.mark_good(model_id, identity))
             logger.info(
                 "probe load passed", model=model_id, probe_ms=round(outcome.duration_s * 1000)
             )
@@ -175,8 +207,8 @@ class FileGuard:
     async def _quarantine(
         self, model_id: str, identity: FileIdentity, reason: str, source: str, stage: str
     ) -> None:
-        await anyio.to_thread.run_sync(
-            lambda: self._verdicts.quarantine(model_id, identity, reason, source, stage)
+        await self._put(
+            lambda verdicts: verdicts.quarantine(model_id, identity, reason, source, stage)
         )
         self._quarantined += 1
         audit("quarantine", model_id, "modeld", "quarantined", reason=reason, source=source)
@@ -187,6 +219,8 @@ class FileGuard:
         Call on the thread that runs ``fn``. A marker that cannot be written (a full or
         read-only state dir) is logged, and ``fn`` runs unguarded rather than not at all.
         """
+        if not self._state_dir_ok:
+            return fn()
         try:
             marker = self._markers.begin(model_id, identity, stage)
         except (OSError, ConfigError) as exc:
@@ -202,3 +236,28 @@ class FileGuard:
             return fn()
         finally:
             marker.end()
+
+
+class _VerdictWriter(Protocol):
+    def mark_good(self, model_id: str, identity: FileIdentity) -> Verdict: ...
+
+    def quarantine(
+        self, model_id: str, identity: FileIdentity, reason: str, source: str, stage: str | None
+    ) -> Verdict: ...
+
+
+class _MemoryVerdicts:
+    """Makes :class:`Verdict` objects as :class:`FileVerdicts` does, writing nothing."""
+
+    def __init__(self, stamp: str) -> None:
+        self.stamp = stamp
+
+    def mark_good(self, model_id: str, identity: FileIdentity) -> Verdict:
+        return Verdict(VerdictKind.GOOD, model_id, identity, "passed a probe load", "probe",
+                       stamp=self.stamp, when_unix=time.time())  # fmt: skip
+
+    def quarantine(
+        self, model_id: str, identity: FileIdentity, reason: str, source: str, stage: str | None
+    ) -> Verdict:
+        return Verdict(VerdictKind.QUARANTINED, model_id, identity, reason, source, stage,
+                       stamp=self.stamp, when_unix=time.time())  # fmt: skip
