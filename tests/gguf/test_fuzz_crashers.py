@@ -29,13 +29,12 @@ def validate(data: bytes) -> None:
         os.close(fd)
 
 
-def crashers() -> list[Path]:
-    return sorted(path for path in CRASHERS.glob("*") if path.is_file() and path.name != "README")
-
-
-@pytest.mark.parametrize("path", crashers(), ids=lambda path: path.name)
-def test_a_crasher_is_now_refused_cleanly(path: Path) -> None:
-    validate(path.read_bytes())
+def test_every_crasher_on_file_is_now_refused_cleanly() -> None:
+    """None on file yet: the 300 s run of 481,037 inputs found none (docs/memory.md)."""
+    assert (CRASHERS / "README").is_file()
+    for path in sorted(CRASHERS.iterdir()):
+        if path.name != "README":
+            validate(path.read_bytes())
 
 
 @pytest.mark.parametrize("name", sorted(seeds()))
