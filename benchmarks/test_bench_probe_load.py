@@ -54,22 +54,27 @@ def _manager_load(models_dir: Path, model: str, state_dir: Path, probe: bool) ->
     return anyio.run(run)
 
 
-def _measure(models_dir: Path, model: str) -> dict[str, float]:
+def _round(
+    models_dir: Path, model: str, state_dir: Path, round_index: int
+) -> list[tuple[str, Callable[[], float]]]:
+    """One round's variants; "known" must follow "probed" (the same state dir)."""
     path = models_dir / model
+    variants: list[tuple[str, Callable[[], float]]] = [
+        ("raw", lambda: _raw_load(path)),
+        ("off", lambda: _manager_load(models_dir, model, state_dir / "off", False)),
+        ("probed", lambda: _manager_load(models_dir, model, state_dir / "on", True)),
+        ("known", lambda: _manager_load(models_dir, model, state_dir / "on", True)),
+    ]
+    if round_index % 2:
+        variants[0], variants[1] = variants[1], variants[0]
+    return variants
+
+
+def _measure(models_dir: Path, model: str) -> dict[str, float]:
     samples: dict[str, list[float]] = {"raw": [], "off": [], "probed": [], "known": []}
     for round_index in range(ROUNDS):
         with tempfile.TemporaryDirectory() as state:
-            state_dir = Path(state)
-            variants: list[tuple[str, Callable[[], float]]] = [
-                ("raw", lambda: _raw_load(path)),
-                ("off", lambda: _manager_load(models_dir, model, state_dir / "off", False)),
-                ("probed", lambda: _manager_load(models_dir, model, state_dir / "on", True)),
-                ("known", lambda: _manager_load(models_dir, model, state_dir / "on", True)),
-            ]
-            # "known" must follow "probed" (same state dir); rotate the others around it
-            if round_index % 2:
-                variants = [variants[1], variants[0], variants[2], variants[3]]
-            for name, variant in variants:
+            for name, variant in _round(models_dir, model, Path(state), round_index):
                 samples[name].append(variant())
     medians = {name: statistics.median(values) for name, values in samples.items()}
     medians["probe_added_s"] = medians["probed"] - medians["off"]
