@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from modeld.config import Settings, add_settings_arguments
+from modeld.errors import InvalidModelId
 from modeld.gguf import FileIdentity
 from modeld.registry import check_model_id
 from modeld.scheduling.file_guard import audit, operator_name
@@ -49,7 +50,11 @@ def run_quarantine(
         out("modeld quarantine clear: give a MODEL_ID or --all (not both)")
         return 2
     if model_id:
-        check_model_id(model_id)
+        try:
+            check_model_id(model_id)
+        except InvalidModelId as exc:
+            out(f"modeld quarantine clear: {exc.message}")
+            return 2
     cleared = verdicts.clear(model_id)
     who = operator_name()
     for verdict in cleared:

@@ -134,8 +134,17 @@ class FileGuard:
             if crash.stage in QUARANTINE_STAGES:
                 reason = f"the modeld process died during its {crash.stage.replace('_', ' ')}"
                 await self._quarantine(crash.model_id, crash.identity, reason, "crash", crash.stage)
-        self._quarantined = len(await anyio.to_thread.run_sync(self._verdicts.quarantined))
+        await self._count_quarantined()
         return crashes
+
+    async def _count_quarantined(self) -> None:
+        """Counted from the state dir (another process, or the CLI, may change it)."""
+        if self._state_dir_ok:
+            found = await anyio.to_thread.run_sync(self._verdicts.quarantined)
+            self._quarantined = len(found)
+        else:
+            kinds = [verdict.kind for verdict in self._in_memory.values()]
+            self._quarantined = kinds.count(VerdictKind.QUARANTINED)
 
     async def _get(self, identity: FileIdentity) -> Verdict | None:
         if not self._state_dir_ok:
@@ -210,7 +219,7 @@ class FileGuard:
         await self._put(
             lambda verdicts: verdicts.quarantine(model_id, identity, reason, source, stage)
         )
-        self._quarantined += 1
+        await self._count_quarantined()
         audit("quarantine", model_id, "modeld", "quarantined", reason=reason, source=source)
 
     def staged(self, model_id: str, identity: FileIdentity, stage: str, fn: Callable[[], T]) -> T:
