@@ -23,7 +23,7 @@ from tests.http.support import ServerFactory
 from tests.support.gguf_bytes import U32, enc_value, rewrite_gguf
 
 MODELS = [f"swap-{index}.gguf" for index in range(12)]
-RACE_S = 20.0
+RACE_S = 12.0
 
 
 @pytest.fixture
