@@ -55,10 +55,22 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     token_loop: LoopKind = LoopKind.C
     no_mmap: bool = False
     demo: bool = False
+    state_dir: Path | None = None  # default: $XDG_STATE_HOME/modeld or ~/.local/state/modeld
+    probe_load: bool = True
+    api_key: str | None = None
+    api_key_file: Path | None = None
+    metrics_need_key: bool = False
 
     @property
     def models_path(self) -> Path:
         return Path(self.models_dir).expanduser()
+
+    @property
+    def state_path(self) -> Path:
+        if self.state_dir is not None:
+            return Path(self.state_dir).expanduser()
+        base = os.environ.get("XDG_STATE_HOME") or "~/.local/state"
+        return Path(base).expanduser() / "modeld"
 
     @property
     def n_threads(self) -> int:

@@ -86,6 +86,7 @@ class Instance:
     disposal: anyio.CancelScope | None = None  # set while the engine closes; cancel abandons
     load_stage: str = "started"  # the loader's last progress stage
     load_progress: float = 0.0
+    generations_started: int = 0
 
     @property
     def model_id(self) -> str:

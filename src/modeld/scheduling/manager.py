@@ -38,6 +38,7 @@ from modeld.memory.probe import MemoryProbe, default_budget_mb, detect_probe
 from modeld.registry import ModelFile, Registry, check_model_id
 from modeld.scheduling.events import EventHub, GenerationFinished
 from modeld.scheduling.fifo import SlotTicket
+from modeld.scheduling.file_guard import GuardStatistics
 from modeld.scheduling.generation import Generation, RequestTiming
 from modeld.scheduling.history import EventHistory, RecentEvent
 from modeld.scheduling.instance import Instance, InstanceStatistics, ModelCounters
@@ -74,6 +75,7 @@ class ManagerStatistics:
     accepting: bool
     instances: tuple[InstanceStatistics, ...]
     counters: tuple[CounterStatistics, ...]
+    crash_containment: GuardStatistics
     recent_events: tuple[RecentEvent, ...] = ()
 
 
@@ -139,6 +141,7 @@ class ModelManager:
     # ----------------------------------------------------------------- lifecycle
 
     async def __aenter__(self) -> Self:
+        await self._pool.guard.recover()  # crashes of an earlier process, before any load
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._pool.start(self._task_group)
@@ -229,6 +232,7 @@ class ModelManager:
                 )
                 for model_id, counts in sorted(self._pool.counters.items())
             ),
+            crash_containment=self._pool.guard.statistics(),
             recent_events=self._history.statistics(),
         )
 
@@ -389,7 +393,10 @@ class ModelManager:
         engine, worker = instance.engine, instance.worker
         if engine is None or worker is None:
             return None
-        prepare = worker.submit(lambda: engine.prepare(request.prompt, request.max_tokens))
+        first_use = self._pool.first_use  # the first generation runs in a stage marker
+        prepare = worker.submit(
+            first_use(instance, lambda: engine.prepare(request.prompt, request.max_tokens))
+        )
         try:
             prompt_tokens = await prepare.wait()
         except (WorkerStopped, EngineClosed):
@@ -402,7 +409,10 @@ class ModelManager:
         if not instance.is_ready():
             return None
         ring = engine.new_ring()
-        call = worker.submit(lambda: engine.generate(ring, prompt_tokens, request))
+        call = worker.submit(
+            first_use(instance, lambda: engine.generate(ring, prompt_tokens, request))
+        )
+        instance.generations_started += 1
         timing.started_s = time.monotonic()
         instance.last_used_s = timing.started_s
         timeout = self.settings.infer_timeout

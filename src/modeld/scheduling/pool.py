@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -39,12 +40,15 @@ from modeld.scheduling.events import (
     ModelReady,
 )
 from modeld.scheduling.fifo import FifoSlot
+from modeld.scheduling.file_guard import FileGuard
 from modeld.scheduling.instance import Instance, InstanceStatistics, ModelCounters
 from modeld.scheduling.loading import EngineFactory, Loader
 from modeld.sizes import MIB
 from modeld.types import DoneReason, InstanceState
 
 __all__ = ["EngineFactory", "InstancePool"]
+
+T = TypeVar("T")
 
 _BACKOFF_BASE_S = 1.0
 _BACKOFF_MAX_S = 60.0
@@ -94,6 +98,18 @@ class InstancePool:
     def start(self, task_group: TaskGroup) -> None:
         """Loads run in the owner's task group, so a waiter leaving never cancels one."""
         self._task_group = task_group
+
+    @property
+    def guard(self) -> FileGuard:
+        return self._loader.guard
+
+    def first_use(self, instance: Instance, fn: Callable[[], T]) -> Callable[[], T]:
+        """``fn`` inside a ``first_generation`` stage marker until the instance has
+        started a generation (then ``fn`` itself): see :class:`FileGuard`."""
+        if instance.generations_started:
+            return fn
+        model = instance.model
+        return lambda: self.guard.staged(model.id, model.identity, "first_generation", fn)
 
     def get(self, model_id: str) -> Instance | None:
         return self._instances.get(model_id)
