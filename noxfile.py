@@ -1,5 +1,5 @@
 """Task runner: `nox -s tests`, `nox -s lint`, `nox -s bench`, `nox -s sanitize`, `nox -s soak`,
-`nox -s ray`, `nox -s image`, `nox -s systemd` (docs/deploy.md)."""
+`nox -s ray`, `nox -s image`, `nox -s systemd` (docs/deploy.md), `nox -s fuzz`."""
 
 from __future__ import annotations
 
@@ -57,6 +57,24 @@ def ray(session: nox.Session) -> None:
     """The scale-out tests on a local Ray cluster (the `ray` extra, about 490 MB)."""
     session.install("-e", ".[test,ray]")
     session.run("python", "-m", "pytest", "tests/ray", *session.posargs)
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """atheris on the GGUF header validator for a fixed time (default 300 s; pass
+    libFuzzer flags after --). Crashers land in tests/fuzz/crashers/, which
+    tests/gguf/test_fuzz_crashers.py replays."""
+    session.install("-e", ".[test,fuzz]")
+    seeds = session.create_tmp() + "/seeds"
+    corpus = session.create_tmp() + "/corpus"
+    session.run("python", "-m", "tests.fuzz.seeds", seeds)
+    session.run("mkdir", "-p", corpus, "tests/fuzz/crashers", external=True)
+    session.run(
+        "python", "tests/fuzz/fuzz_gguf_header.py", "-max_total_time=300", "-timeout=10",
+        "-rss_limit_mb=2048", "-max_len=131072", "-artifact_prefix=tests/fuzz/crashers/",
+        "-print_final_stats=1", *session.posargs, corpus, seeds,
+        env={"PYTHONPATH": "."},
+    )  # fmt: skip
 
 
 def _container_tests(session: nox.Session, *paths: str) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +11,25 @@ import pytest
 from modeld.engine.base import TokenLoop
 from modeld.types import LoopKind
 from tests.support.tiny_gguf import TinyModelSpec, write_tiny_gguf
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One state dir for the whole session (``XDG_STATE_HOME``, which every in-process
+    manager and every ``modeld serve`` started by a test inherits), never the user's.
+
+    Shared on purpose: a model file that passed its probe load once is known good by its
+    identity, so the many loads of the same tiny files cost no probe after the first,
+    as in production. Tests about quarantine and crashes use a state dir of their own.
+    """
+    root = tmp_path_factory.mktemp("xdg-state")
+    previous = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(root)
+    yield root / "modeld"
+    if previous is None:
+        del os.environ["XDG_STATE_HOME"]
+    else:
+        os.environ["XDG_STATE_HOME"] = previous
 
 
 @pytest.fixture(scope="session")
@@ -37,15 +56,26 @@ def gemma_path() -> Path:
 
 @pytest.fixture
 def models_dir(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Path]:
-    """A fresh models dir per test holding copies of the three tiny models.
+    """A fresh models dir per test holding the three tiny models, as hard links.
 
-    Copies, not symlinks: the registry refuses links that resolve outside the dir.
+    Links, not symlinks: the registry refuses links that resolve outside the dir. Hard
+    links keep the files' identity, so their probe load is known to have passed; a test
+    that rewrites a file in place must first make it its own (``private_copy``).
     """
     directory = tmp_path / "models"
     directory.mkdir()
     for source in sorted(tiny_model_dir.glob("*.gguf")):
-        shutil.copyfile(source, directory / source.name)
+        os.link(source, directory / source.name)
     return directory
+
+
+def private_copy(path: Path) -> Path:
+    """Replace a hard-linked file with a copy of its own (a new inode) before a test
+    writes into it, so that the session's shared original stays intact."""
+    staged = path.with_name(path.name + ".private")
+    staged.write_bytes(path.read_bytes())
+    os.replace(staged, path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -85,7 +85,9 @@ def parse_flags(*argv: str) -> Settings:
 
 
 def test_every_boolean_setting_is_known() -> None:
-    assert BOOL_SETTINGS == ["demo", "no_mmap", "prewarm_default"]
+    assert BOOL_SETTINGS == [
+        "demo", "metrics_need_key", "no_mmap", "prewarm_default", "probe_load",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", BOOL_SETTINGS)
@@ -110,3 +112,18 @@ def test_no_mmap_flags_read_as_documented() -> None:
     assert parse_flags("--no-mmap").no_mmap is True
     assert parse_flags("--mmap").no_mmap is False
     assert bool_flags("prewarm_default") == ("--prewarm-default", "--no-prewarm-default")
+
+
+def test_probe_load_is_on_unless_turned_off() -> None:
+    assert bool_flags("probe_load") == ("--probe-load", "--no-probe-load")
+    assert parse_flags().probe_load is True
+    assert parse_flags("--no-probe-load").probe_load is False
+    assert load_settings({}, env={"MODELD_PROBE_LOAD": "0"}).probe_load is False
+
+
+def test_the_state_dir_defaults_to_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    assert Settings().state_path == tmp_path / "modeld"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert Settings().state_path == Path("~/.local/state/modeld").expanduser()
+    assert parse_flags("--state-dir", str(tmp_path)).state_path == tmp_path

@@ -1,5 +1,6 @@
-"""The ``modeld`` command: ``modeld serve`` and ``modeld models``; ``status``, ``ps``,
-``load``, ``unload`` and ``run`` talk to a running server (modeld.client_commands)."""
+"""The ``modeld`` command: ``modeld serve``, ``modeld models``, ``modeld quarantine``;
+``status``, ``ps``, ``load``, ``unload`` and ``run`` talk to a running server
+(modeld.client_commands)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from modeld.client_commands import CLIENT_COMMANDS, add_client_commands, run_cli
 from modeld.config import Settings, add_settings_arguments, load_settings
 from modeld.errors import ConfigError
 from modeld.observability.logging import configure_logging
+from modeld.quarantine_cli import add_quarantine_parser, pop_quarantine_options, run_quarantine
 
 __all__ = ["main"]
 
@@ -43,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the models in the models dir")
     add_settings_arguments(models)
     add_client_commands(commands)
+    add_quarantine_parser(commands)
     return parser
 
 
@@ -57,12 +60,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.pop("command")
     if command in CLIENT_COMMANDS:
         return run_client_command(command, args)
+    quarantine_options = pop_quarantine_options(args)
     try:
         settings = _read_settings(args)
     except ConfigError as exc:
         print(f"modeld: {exc.message}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    if command == "quarantine":
+        return run_quarantine(settings, quarantine_options)
     if command == "models":
         from modeld.registry import Registry
 
@@ -70,7 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{model.id}\t{model.size_bytes}\t{model.path}")
         return 0
     from modeld.errors import TokenLoopUnavailable
+    from modeld.observability.crash_trace import enable_crash_traces
     from modeld.server import run_server
+
+    enable_crash_traces()
 
     try:
         run_server(settings, lambda: _read_settings(args))

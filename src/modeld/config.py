@@ -56,6 +56,11 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     token_loop: LoopKind = LoopKind.C
     no_mmap: bool = False
     demo: bool = False
+    state_dir: Path | None = None  # default: $XDG_STATE_HOME/modeld or ~/.local/state/modeld
+    probe_load: bool = True
+    api_key: str | None = None
+    api_key_file: Path | None = None
+    metrics_need_key: bool = False
     keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE  # idle instances unload after it
     # what GET /api/version reports: the Ollama API level modeld speaks (clients check it)
     ollama_version: Annotated[str, msgspec.Meta(pattern=r"^\d+\.\d+\.\d+$")] = "0.11.0"
@@ -63,6 +68,13 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     @property
     def models_path(self) -> Path:
         return Path(self.models_dir).expanduser()
+
+    @property
+    def state_path(self) -> Path:
+        if self.state_dir is not None:
+            return Path(self.state_dir).expanduser()
+        base = os.environ.get("XDG_STATE_HOME") or "~/.local/state"
+        return Path(base).expanduser() / "modeld"
 
     @property
     def n_threads(self) -> int:

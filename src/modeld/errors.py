@@ -26,6 +26,7 @@ string in JSON error bodies). HTTP statuses live in one table in ``modeld.api.er
     ├── ModelsDirUnavailable      models_dir_unavailable  the models dir did not answer
     ├── RequestNotFound           request_not_found     unknown request id (cancel)
     ├── ForbiddenHost             forbidden_host        Host header not allowed
+    ├── Unauthorized              unauthorized          no API key, or not a valid one
     ├── InferTimeout              infer_timeout         never started within infer_timeout
     ├── EngineError               engine_error          llama.cpp failed mid-generation
     ├── MemoryProbeError          memory_probe_failed   NVML or /proc cannot measure
@@ -65,6 +66,7 @@ __all__ = [
     "ShuttingDown",
     "TokenLoopUnavailable",
     "TooManyInflight",
+    "Unauthorized",
     "Unsupported",
 ]
 
@@ -216,6 +218,12 @@ class ForbiddenHost(ModeldError):
     """The Host header names no allowed host (DNS-rebinding defence)."""
 
     code = "forbidden_host"
+
+
+class Unauthorized(ModeldError):
+    """An API key is configured and the request presented none, or a wrong one."""
+
+    code = "unauthorized"
 
 
 class MemoryProbeError(ModeldError):

@@ -36,6 +36,7 @@ RESTART_REQUIRED: frozenset[str] = frozenset(
         "allowed_hosts",  # the Host allowlist and CORS are built into the middleware
         "cors_origins",
         "prewarm_default",  # acts once, before serving
+        "state_dir",  # the crash markers and probe verdicts are opened once
     }
 )
 

@@ -92,7 +92,7 @@ class Registry:
                 )
         except TimeoutError:
             raise ModelsDirUnavailable(
-                f"the models dir {self._root} did not answer within {self._timeout_s:g} s"
+                f"the models dir did not answer within {self._timeout_s:g} s"
             ) from None
 
     def scan(self) -> list[ModelFile]:

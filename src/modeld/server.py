@@ -79,10 +79,12 @@ async def _serve(
             "modeld serving",
             host=settings.host,
             port=settings.port,
-            models_dir=str(settings.models_path),
             token_loop=str(settings.token_loop),
             tracing=tracing is not None,
         )
+        # paths only at debug: nothing at info or above names a directory
+        logger.debug("directories", models_dir=str(settings.models_path),
+                     state_dir=str(settings.state_path))  # fmt: skip
         await hypercorn_serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
         tasks.cancel_scope.cancel()
     logger.info("modeld stopped")

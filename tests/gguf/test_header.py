@@ -135,16 +135,19 @@ def test_tensor_table(tmp_path: Path) -> None:
     q8 = by_name["blk.1.ffn_up.weight"]
     assert (q8.ggml_type_name, q8.shape, q8.nbytes) == ("Q8_0", (32, 64), 64 * 34)
     assert all(t.file_offset_bytes % 32 == 0 for t in header.tensors)
-    assert header.layer_weight_bytes == (32 * 32 * 4 + 64 * 34,) * 2
+    norms, q_and_o, k_and_v = 2 * 32 * 4, 2 * 32 * 32 * 4, 2 * 32 * 16 * 4
+    gate_and_down, up_q8 = 2 * 32 * 64 * 4, 64 * 34
+    assert header.layer_weight_bytes == (norms + q_and_o + k_and_v + gate_and_down + up_q8,) * 2
     assert header.output_weight_bytes == 32 * 4 + 32 * 8 * 2
     assert header.input_weight_bytes == 32 * 8 * 4
     assert (header.head_count, header.head_count_kv, header.key_length) == (4, 2, 8)
 
 
 def test_per_layer_head_counts(tmp_path: Path) -> None:
-    spec = base_spec().set("llama.attention.head_count_kv", ARR, (I32, [1, 2]))
+    # llama.cpp sizes every llama layer's K and V by layer 0's count: 2, as base_spec's tensors
+    spec = base_spec().set("llama.attention.head_count_kv", ARR, (I32, [2, 1]))
     header = read_gguf_header(write(tmp_path / "m.gguf", build_gguf(spec)))
-    assert header.head_count_kv_per_layer == (1, 2)
+    assert header.head_count_kv_per_layer == (2, 1)
     assert header.head_count_kv == 2
     spec.set("llama.attention.head_count_kv", ARR, (I32, [1, 2, 2]))
     expect_invalid(write(tmp_path / "m.gguf", build_gguf(spec)), "one per layer")

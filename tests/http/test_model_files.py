@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import private_copy
 from tests.http.support import ServerFactory, instance_of, poll
 from tests.support.gguf_bytes import U32, base_spec, build_gguf, enc_value, rewrite_gguf
 from tests.support.server import RunningServer
@@ -191,6 +192,7 @@ def rewrite_in_place(path: Path, data: bytes) -> None:
 
 
 def test_file_rewritten_in_place_is_reloaded(start_server: ServerFactory, models_dir: Path) -> None:
+    private_copy(models_dir / "tiny-a.gguf")  # it is written into below
     server = start_server(models_dir)
     with server.client() as client:
         text_a = greedy_text(client, "tiny-a.gguf")
@@ -206,8 +208,8 @@ def test_file_rewritten_in_place_is_reloaded(start_server: ServerFactory, models
 def test_file_truncated_in_place_is_refused_not_a_crash(
     start_server: ServerFactory, models_dir: Path
 ) -> None:
+    path = private_copy(models_dir / "tiny-a.gguf")  # it is written into below
     server = start_server(models_dir)
-    path = models_dir / "tiny-a.gguf"
     with server.client() as client:
         greedy_text(client, "tiny-a.gguf")
         rewrite_in_place(path, path.read_bytes()[: path.stat().st_size // 2])  # SIGBUS bait

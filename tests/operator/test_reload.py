@@ -134,3 +134,45 @@ def test_sighup_reloads_and_a_broken_file_keeps_serving(models_dir: Path, tmp_pa
         assert "not valid TOML" in str(refusals[0]["error"])
     finally:
         assert server.stop() == 0
+
+
+def test_a_reload_changes_the_api_key_and_a_bad_key_is_refused(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    old_key, new_key = "old-key-0123456789abcdef", "new-key-fedcba9876543210"
+    config = tmp_path / "modeld.toml"
+    config.write_text(f"[modeld]\napi_key = '{old_key}'\ndefault_model = 'tiny-a.gguf'\n")
+    server = _start(models_dir, tmp_path, config)
+
+    def status_with(key: str) -> int:
+        headers = {"Authorization": f"Bearer {key}"}
+        return httpx.get(server.base_url + "/status", headers=headers, timeout=30).status_code
+
+    try:
+        assert status_with(old_key) == 200
+        assert status_with(new_key) == 401
+        # A key too short to be a key: refused, and the running key stays in force.
+        config.write_text("[modeld]\napi_key = 'short'\n")
+        refused = httpx.post(
+            server.base_url + "/admin/reload",
+            headers={"Authorization": f"Bearer {old_key}"},
+            timeout=30,
+        )
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == "bad_config"
+        assert "short" not in refused.text  # the key is never echoed
+        assert status_with(old_key) == 200
+        config.write_text(f"[modeld]\napi_key = '{new_key}'\ndefault_model = 'tiny-a.gguf'\n")
+        reloaded = httpx.post(
+            server.base_url + "/admin/reload",
+            headers={"Authorization": f"Bearer {old_key}"},
+            timeout=30,
+        )
+        assert reloaded.status_code == 200, reloaded.text
+        assert status_with(new_key) == 200
+        assert status_with(old_key) == 401
+        page = httpx.get(server.base_url + "/", headers={"Accept": "text/html"}, timeout=30)
+        assert page.status_code == 200  # the page itself is open; its data needs the key
+        assert 'role="meter"' in page.text
+    finally:
+        server.stop()

@@ -93,21 +93,34 @@ def build_gguf(spec: GgufSpec) -> bytes:
 
 
 def base_spec(n_layer: int = 2, n_embd: int = 32, n_vocab: int = 8) -> GgufSpec:
-    """A small llama-shaped header that validates (llama.cpp would not load its weights)."""
+    """A small llama-shaped file that validates: every tensor a llama layer needs, with
+    its shape (4 heads of 8, 2 KV heads, feed-forward 64). Its vocabulary is a BPE
+    (``gpt2``) one without merges, so llama.cpp refuses it (cleanly) at load: the
+    weights are filler bytes."""
     spec = GgufSpec()
     spec.set("general.architecture", STR, "llama").set("general.name", STR, "base")
     spec.set("llama.block_count", U32, n_layer).set("llama.context_length", U32, 256)
     spec.set("llama.embedding_length", U32, n_embd).set("llama.feed_forward_length", U32, 64)
     spec.set("llama.attention.head_count", U32, 4).set("llama.attention.head_count_kv", U32, 2)
-    spec.set("tokenizer.ggml.model", STR, "llama")
+    spec.set("tokenizer.ggml.model", STR, "gpt2")
     spec.set("tokenizer.ggml.tokens", ARR, (STR, [f"t{i}" for i in range(n_vocab)]))
     spec.set("tokenizer.ggml.scores", ARR, (F32, [0.0] * n_vocab))
     spec.set("tokenizer.ggml.token_type", ARR, (I32, [1] * n_vocab))
     spec.set("tokenizer.ggml.bos_token_id", U32, 1).set("tokenizer.ggml.eos_token_id", U32, 2)
     spec.tensors.append(Tensor("token_embd.weight", (n_embd, n_vocab)))
+    head_dim, kv_dim = n_embd // 4, 2 * (n_embd // 4)
     for layer in range(n_layer):
-        spec.tensors.append(Tensor(f"blk.{layer}.attn_q.weight", (n_embd, n_embd)))
-        spec.tensors.append(Tensor(f"blk.{layer}.ffn_up.weight", (n_embd, 64), 8))
+        spec.tensors += [
+            Tensor(f"blk.{layer}.attn_norm.weight", (n_embd,)),
+            Tensor(f"blk.{layer}.attn_q.weight", (n_embd, 4 * head_dim)),
+            Tensor(f"blk.{layer}.attn_k.weight", (n_embd, kv_dim)),
+            Tensor(f"blk.{layer}.attn_v.weight", (n_embd, kv_dim)),
+            Tensor(f"blk.{layer}.attn_output.weight", (4 * head_dim, n_embd)),
+            Tensor(f"blk.{layer}.ffn_norm.weight", (n_embd,)),
+            Tensor(f"blk.{layer}.ffn_gate.weight", (n_embd, 64)),
+            Tensor(f"blk.{layer}.ffn_up.weight", (n_embd, 64), 8),
+            Tensor(f"blk.{layer}.ffn_down.weight", (64, n_embd)),
+        ]
     spec.tensors.append(Tensor("output_norm.weight", (n_embd,)))
     spec.tensors.append(Tensor("output.weight", (n_embd, n_vocab), 1))
     return spec

@@ -12,7 +12,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-__all__ = ["TinyModelSpec", "write_tiny_gguf"]
+__all__ = ["TinyModelSpec", "tiny_vocab", "write_tiny_gguf"]
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 _TOKEN_TYPE_NORMAL, _TOKEN_TYPE_UNKNOWN, _TOKEN_TYPE_CONTROL, _TOKEN_TYPE_BYTE = 1, 2, 3, 6
@@ -32,6 +32,14 @@ class TinyModelSpec:
     # Zero output rows for <unk>/<s>/</s> make end-of-generation practically never the
     # greedy pick, so tests get full-length generations unless they ask otherwise.
     suppress_eos: bool = True
+    # Hostile variants (tests/support/hostile_models.py): another vocabulary (tokens and
+    # their types), another tokenizer, a T5 normalisation table, tensors left out or
+    # given another (numpy, row-major) shape.
+    tokenizer_model: str = "llama"
+    vocab: tuple[tuple[str, ...], tuple[int, ...]] | None = None
+    precompiled_charsmap: bytes | None = None
+    omit_tensors: frozenset[str] = frozenset()
+    tensor_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 def _vocab() -> tuple[list[str], list[float], list[int]]:
@@ -42,12 +50,21 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
+def tiny_vocab() -> tuple[list[str], list[int]]:
+    """The tiny models' tokens and token types (to derive hostile variants from)."""
+    tokens, _, types = _vocab()
+    return tokens, types
+
+
 def write_tiny_gguf(path: Path | str, spec: TinyModelSpec | None = None) -> Path:
     """Write a loadable model to ``path`` and return it. Deterministic for a given spec."""
     spec = spec or TinyModelSpec()
     path = Path(path)
     rng = np.random.default_rng(spec.seed)
     tokens, scores, types = _vocab()
+    if spec.vocab is not None:
+        tokens, types = list(spec.vocab[0]), list(spec.vocab[1])
+        scores = [0.0] * len(tokens)
     n_vocab = len(tokens)
     head_dim = spec.n_embd // spec.n_head
 
@@ -65,7 +82,14 @@ def write_tiny_gguf(path: Path | str, spec: TinyModelSpec | None = None) -> Path
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_model(spec.tokenizer_model)
+    if spec.precompiled_charsmap is not None:
+        writer.add_key_value(
+            "tokenizer.ggml.precompiled_charsmap",
+            list(spec.precompiled_charsmap),
+            gguf.GGUFValueType.ARRAY,
+            sub_type=gguf.GGUFValueType.UINT8,
+        )
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
@@ -77,21 +101,30 @@ def write_tiny_gguf(path: Path | str, spec: TinyModelSpec | None = None) -> Path
     output = weights(n_vocab, spec.n_embd)
     if spec.suppress_eos:
         output[[UNK_ID, BOS_ID, EOS_ID]] = 0.0
-    writer.add_tensor("token_embd.weight", weights(n_vocab, spec.n_embd))
-    writer.add_tensor("output_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
-    writer.add_tensor("output.weight", output)
+    reshaped = dict(spec.tensor_shapes)
+
+    def add(name: str, data: np.ndarray) -> None:
+        if name in spec.omit_tensors:
+            return
+        if name in reshaped:
+            data = weights(*reshaped[name])
+        writer.add_tensor(name, data)
+
+    add("token_embd.weight", weights(n_vocab, spec.n_embd))
+    add("output_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
+    add("output.weight", output)
     kv_dim = head_dim * spec.n_head_kv
     for layer in range(spec.n_layer):
         prefix = f"blk.{layer}"
-        writer.add_tensor(f"{prefix}.attn_norm.weight", np.ones(spec.n_embd, np.float32))
-        writer.add_tensor(f"{prefix}.attn_q.weight", weights(spec.n_embd, spec.n_embd))
-        writer.add_tensor(f"{prefix}.attn_k.weight", weights(kv_dim, spec.n_embd))
-        writer.add_tensor(f"{prefix}.attn_v.weight", weights(kv_dim, spec.n_embd))
-        writer.add_tensor(f"{prefix}.attn_output.weight", weights(spec.n_embd, spec.n_embd))
-        writer.add_tensor(f"{prefix}.ffn_norm.weight", np.ones(spec.n_embd, np.float32))
-        writer.add_tensor(f"{prefix}.ffn_gate.weight", weights(spec.n_ff, spec.n_embd))
-        writer.add_tensor(f"{prefix}.ffn_up.weight", weights(spec.n_ff, spec.n_embd))
-        writer.add_tensor(f"{prefix}.ffn_down.weight", weights(spec.n_embd, spec.n_ff))
+        add(f"{prefix}.attn_norm.weight", np.ones(spec.n_embd, np.float32))
+        add(f"{prefix}.attn_q.weight", weights(spec.n_embd, spec.n_embd))
+        add(f"{prefix}.attn_k.weight", weights(kv_dim, spec.n_embd))
+        add(f"{prefix}.attn_v.weight", weights(kv_dim, spec.n_embd))
+        add(f"{prefix}.attn_output.weight", weights(spec.n_embd, spec.n_embd))
+        add(f"{prefix}.ffn_norm.weight", np.ones(spec.n_embd, np.float32))
+        add(f"{prefix}.ffn_gate.weight", weights(spec.n_ff, spec.n_embd))
+        add(f"{prefix}.ffn_up.weight", weights(spec.n_ff, spec.n_embd))
+        add(f"{prefix}.ffn_down.weight", weights(spec.n_embd, spec.n_ff))
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

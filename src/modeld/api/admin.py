@@ -12,6 +12,7 @@ from loguru import logger
 from starlette.requests import Request
 from starlette.responses import Response
 
+from modeld.api.auth import load_api_keys
 from modeld.live_settings import LiveSettings, ReloadOutcome
 from modeld.observability.audit import audited
 
@@ -31,6 +32,7 @@ async def reload_settings(
     with audited("reload", None, scope, **asker) as record:
         try:
             requested = await anyio.to_thread.run_sync(live.read)
+            await anyio.to_thread.run_sync(load_api_keys, requested)  # a bad key file refuses
         except Exception as exc:
             logger.error("config reload refused; the running settings stay", error=str(exc))
             raise

@@ -6,10 +6,12 @@ import ipaddress
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from loguru import logger
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
+from modeld.api.auth import ApiKeyMiddleware, load_api_keys
 from modeld.api.errors import EXCEPTION_HANDLERS
 from modeld.api.middleware import RequestContextMiddleware, route_template
 from modeld.api.routes import build_routes
@@ -79,10 +81,17 @@ def create_app(
                 CORSMiddleware,
                 allow_origins=settings.cors_origins,
                 allow_methods=["GET", "POST", "DELETE"],
-                allow_headers=["content-type", "x-request-id", "x-log-level"],
-                expose_headers=["x-request-id", "retry-after"],
+                allow_headers=[
+                    "content-type", "x-request-id", "x-log-level", "authorization", "x-api-key",
+                ],
+                expose_headers=["x-request-id", "retry-after", "www-authenticate"],
             )
-        )
+        )  # fmt: skip
+    keys = load_api_keys(settings)
+    if not keys and not _is_loopback(settings.host):
+        logger.warning("no API key configured: every route is open to whoever reaches the port")
+    live = owned_manager.live_settings
+    middleware.append(Middleware(ApiKeyMiddleware, settings=lambda: live.current))
     app = Starlette(
         routes=routes,
         middleware=middleware,

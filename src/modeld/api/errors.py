@@ -51,6 +51,7 @@ STATUS_BY_ERROR: dict[type[errors.ModeldError], int] = {
     errors.ModelsDirUnavailable: 503,
     errors.RequestNotFound: 404,
     errors.ForbiddenHost: 403,
+    errors.Unauthorized: 401,
     errors.InferTimeout: 504,
     errors.EngineError: 500,
     errors.TokenLoopUnavailable: 500,

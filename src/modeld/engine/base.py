@@ -35,6 +35,7 @@ __all__ = [
     "RING_CAPACITY_BYTES",
     "EngineClosed",
     "LoopOutcome",
+    "NotOwnerThread",
     "StopCode",
     "TokenLoop",
     "TokenRing",
@@ -46,6 +47,13 @@ RING_CAPACITY_BYTES = 64 * 1024
 class EngineClosed(RuntimeError):
     """The engine was closed: nothing can run on it any more (the scheduler loads the
     model again rather than touch freed llama.cpp memory)."""
+
+
+class NotOwnerThread(RuntimeError):
+    """An engine was called from a thread other than the one that owns its context.
+
+    llama.cpp contexts are not thread-safe: two threads in one context corrupt it (or
+    free it under the other), so the call is refused before it reaches llama.cpp."""
 
 
 class StopCode(enum.IntEnum):

@@ -1,4 +1,4 @@
-"""The adapter to llama-cpp-python: one model + context, used only from its worker thread.
+"""The adapter to llama-cpp-python: one model + context, used only from its owner thread.
 
 llama.cpp failures are translated here, once, into modeld errors (``raise ... from``).
 """
@@ -8,9 +8,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import threading
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 from loguru import logger
@@ -19,11 +22,13 @@ from modeld.engine.base import (
     RING_CAPACITY_BYTES,
     EngineClosed,
     LoopOutcome,
+    NotOwnerThread,
     StopCode,
     TokenLoop,
     TokenRing,
 )
 from modeld.errors import InvalidRequest, ModelLoadFailed, ResourcesExhausted
+from modeld.redact import redact_paths
 from modeld.types import SamplingParams, context_sizes
 
 __all__ = ["EngineSettings", "LlamaEngine"]
@@ -41,7 +46,7 @@ def _route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> No
     message = text.decode("utf-8", "replace").strip() if name else ""
     if name and message:
         # "{}": llama.cpp text may hold braces, which loguru would take as a format
-        logger.log(name, "{}", message, source="llama.cpp")
+        logger.log(name, "{}", redact_paths(message), source="llama.cpp")
 
 
 llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
@@ -54,49 +59,68 @@ class EngineSettings:
     n_threads: int
     n_gpu_layers: int
     use_mmap: bool = True
+    # llama-cpp-python points fd 1 and 2 at /dev/null during a load unless verbose: a
+    # probe load (a child process) wants llama.cpp's abort message on its stderr.
+    verbose: bool = False
 
 
 class LlamaEngine:
-    """Owns one ``llama_cpp.Llama`` and runs its generations. Every method but
-    :meth:`new_ring` must run on the owning worker thread.
+    """Owns one ``llama_cpp.Llama`` and runs its generations.
 
-    A generation is :meth:`prepare` (tokenize and check against the context), then
-    :meth:`generate` with a ring from :meth:`new_ring`.
+    The thread that constructs it owns it: every other method but :meth:`new_ring`
+    raises :class:`NotOwnerThread` when called from another thread. A generation is
+    :meth:`prepare` (tokenize and check against the context), then :meth:`generate` with
+    a ring from :meth:`new_ring`.
+
+    ``path`` is what llama.cpp opens (``/proc/self/fd/N`` for a bound file); ``label``
+    names the model in messages (default: the path's last component).
     """
 
     def __init__(
-        self, path: Path, settings: EngineSettings, loop: TokenLoop, n_ctx_train: int
+        self,
+        path: Path | str,
+        settings: EngineSettings,
+        loop: TokenLoop,
+        n_ctx_train: int,
+        *,
+        label: str | None = None,
     ) -> None:
+        self._owner = threading.get_ident()
         self._loop = loop
+        self.label = label or Path(path).name
         self.sizes = context_sizes(settings.n_ctx, settings.n_batch, n_ctx_train)
-        try:
-            self._llama = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=self.sizes.n_ctx,
-                n_batch=self.sizes.n_batch,
-                n_ubatch=self.sizes.n_ubatch,
-                n_threads=settings.n_threads,
-                n_threads_batch=settings.n_threads,
-                n_gpu_layers=settings.n_gpu_layers,
-                use_mmap=settings.use_mmap,
-                verbose=False,
-            )
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelLoadFailed(f"llama.cpp could not load {path.name}: {exc}") from exc
+        self._llama = _load_llama(
+            str(path),
+            self.label,
+            model_path=str(path),
+            n_ctx=self.sizes.n_ctx,
+            n_batch=self.sizes.n_batch,
+            n_ubatch=self.sizes.n_ubatch,
+            n_threads=settings.n_threads,
+            n_threads_batch=settings.n_threads,
+            n_gpu_layers=settings.n_gpu_layers,
+            use_mmap=settings.use_mmap,
+            verbose=settings.verbose,
+        )
         self._vocab = self._llama._model.vocab
+        # llama.cpp's own count of its weight bytes (read once, here, on the owner thread)
+        self.model_size_bytes = int(llama_cpp.llama_model_size(self._llama.model))
         # No token covers more bytes than the longest piece, so a prompt longer than
         # n_ctx pieces cannot fit the context: refused before the tokenizer (whose cost
         # grows faster than linearly on some inputs) ever sees it.
         self.max_prompt_bytes = self.n_ctx * _longest_piece_bytes(self._vocab)
         self._closed = False
 
+    def _check_owner(self) -> None:
+        if threading.get_ident() != self._owner:
+            raise NotOwnerThread(
+                f"{self.label}: the engine belongs to thread {self._owner}, "
+                f"not {threading.get_ident()}"
+            )
+
     @property
     def n_ctx(self) -> int:
         return self.sizes.n_ctx
-
-    @property
-    def model_size_bytes(self) -> int:
-        return int(llama_cpp.llama_model_size(self._llama.model))
 
     def prepare(self, prompt: str, max_tokens: int) -> list[int]:
         """The prompt's tokens, checked against the context.
@@ -105,6 +129,7 @@ class LlamaEngine:
         Unicode or cannot fit the context, and (field ``max_tokens``) when the prompt
         plus ``max_tokens`` does not; :class:`EngineClosed` after :meth:`close`.
         """
+        self._check_owner()
         if self._closed:
             raise EngineClosed("the engine is closed")
         tokens = self.tokenize(prompt)
@@ -121,6 +146,7 @@ class LlamaEngine:
 
         Raises :class:`InvalidRequest` when the prompt cannot be encoded or is too long.
         """
+        self._check_owner()
         try:
             text = prompt.encode("utf-8")
         except UnicodeEncodeError as exc:
@@ -160,9 +186,11 @@ class LlamaEngine:
     ) -> LoopOutcome:
         """Run the token loop into ``ring``, then finish the ring, whatever happens.
 
-        Raises nothing: a failure comes back as ``StopCode.ERROR`` with its message, so
-        the consumer always sees the stream end with an outcome.
+        Raises only :class:`NotOwnerThread` (before touching anything): a failure comes
+        back as ``StopCode.ERROR`` with its message, so the consumer always sees the
+        stream end with an outcome.
         """
+        self._check_owner()
         try:
             if self._closed:
                 raise EngineClosed("the engine is closed")
@@ -174,6 +202,7 @@ class LlamaEngine:
 
     def warm_up(self) -> None:
         """One token through the whole graph, so the first request pays no first-use cost."""
+        self._check_owner()
         ring = self.new_ring(4096)
         try:
             tokens = self.tokenize("warm up") or [0]
@@ -185,12 +214,47 @@ class LlamaEngine:
 
     def close(self) -> None:
         """Free the context and the weights now, not at garbage collection."""
+        self._check_owner()
         if self._closed:
             return
         self._closed = True
         self._llama.close()
         del self._llama
         _malloc_trim()
+
+
+def _load_llama(path: str, label: str, **params: Any) -> llama_cpp.Llama:
+    """``Llama(**params)``, and on any failure whatever it allocated is freed now.
+
+    A ``Llama`` whose ``__init__`` raises has often created its model and context
+    already (a ``MemoryError`` from its logits array comes last); the exception's
+    traceback keeps the half-built object alive for as long as the exception lives, so
+    that memory stayed held (about 1 GB of address space for Gemma) while the budget
+    counted it free. Here the object is closed, the traceback dropped (the cause is kept
+    for its type and message), and the heap trimmed.
+    Raises :class:`ModelLoadFailed` (paths in llama.cpp's message become ``label``).
+    """
+    llama = llama_cpp.Llama.__new__(llama_cpp.Llama)
+    try:
+        llama.__init__(**params)  # type: ignore[misc]
+    except (Exception, MemoryError) as exc:
+        message = _failure_message(exc, path, label)
+        if hasattr(llama, "_stack"):
+            with contextlib.suppress(Exception):
+                llama.close()
+        traceback.clear_frames(exc.__traceback__)
+        exc.__traceback__ = None
+        del llama
+        _malloc_trim()
+        raise ModelLoadFailed(message) from exc
+    return llama
+
+
+def _failure_message(error: BaseException, path: str, label: str) -> str:
+    if isinstance(error, MemoryError):
+        return f"{label}: out of memory while llama.cpp loaded it ({error})"
+    text = str(error).replace(path, label)
+    return redact_paths(f"llama.cpp could not load {label}: {text}")
 
 
 def _longest_piece_bytes(vocab: object) -> int:

@@ -23,11 +23,19 @@ from pathlib import Path
 from modeld.errors import ModelInvalid
 from modeld.gguf._ggml_types import GGML_TYPES
 from modeld.gguf._hparams import read_hyperparameters
+from modeld.gguf._layout import check_tensor_layout
 from modeld.gguf._raw import RawGguf, RawTensor, parse_raw
 from modeld.gguf._source import ByteSource
 from modeld.sizes import MAX_CONTEXT_TOKENS
 
-__all__ = ["FileIdentity", "GgufHeader", "TensorInfo", "read_gguf_header"]
+__all__ = [
+    "FileIdentity",
+    "GgufHeader",
+    "TensorInfo",
+    "open_regular_file",
+    "read_gguf_header",
+    "read_header_from_fd",
+]
 
 _LAYER_TENSOR = re.compile(r"blk\.(\d{1,6})\.")
 _OUTPUT_TENSOR_PREFIXES = ("output.", "output_norm.")
@@ -114,9 +122,16 @@ def read_gguf_header(path: Path, *, max_context_length: int = MAX_CONTEXT_TOKENS
     the bounds modeld allows (``<arch>.context_length`` above ``max_context_length``,
     ``<arch>.block_count`` above 512, ...). Nothing else escapes for any file content.
     """
-    if max_context_length < 1:
-        raise ValueError("max_context_length must be positive")
     label = path.name or str(path)
+    fd = open_regular_file(path, label)
+    try:
+        return read_header_from_fd(fd, path, label, max_context_length)
+    finally:
+        os.close(fd)
+
+
+def open_regular_file(path: Path, label: str) -> int:
+    """A read-only descriptor of ``path``; :class:`ModelInvalid` unless a regular file."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
@@ -124,17 +139,29 @@ def read_gguf_header(path: Path, *, max_context_length: int = MAX_CONTEXT_TOKENS
     except ValueError as exc:  # a NUL in the path
         raise ModelInvalid(f"{label}: cannot open: {exc}") from exc
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ModelInvalid(f"{label}: not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_header_from_fd(
+    fd: int, path: Path, label: str, max_context_length: int = MAX_CONTEXT_TOKENS
+) -> GgufHeader:
+    """:func:`read_gguf_header` through an open descriptor (which stays open): the
+    header describes exactly the inode behind ``fd``, whatever ``path`` names now."""
+    if max_context_length < 1:
+        raise ValueError("max_context_length must be positive")
+    try:
+        info = os.fstat(fd)
         identity = FileIdentity.of(info)
         source = ByteSource(fd, info.st_size, label)
         raw = parse_raw(source, label)
         return _assemble(path, identity, raw, source, label, max_context_length)
     except MemoryError as exc:  # bounded by design; kept as a last guard
         raise ModelInvalid(f"{label}: header too large to validate") from exc
-    finally:
-        os.close(fd)
 
 
 def _assemble(
@@ -148,6 +175,8 @@ def _assemble(
     hparams = read_hyperparameters(raw, source, label, max_context_length)
     if not raw.tensors:
         raise ModelInvalid(f"{label}: the file has no tensors")
+    _refuse_split(raw, label)
+    check_tensor_layout(hparams, raw.tensors, label)
     layer_bytes = [0] * hparams.block_count
     input_bytes = output_bytes = 0
     names = {tensor.name: tensor for tensor in raw.tensors}
@@ -192,6 +221,18 @@ def _assemble(
         output_weight_bytes=output_bytes,
         tied_embeddings=tied,
     )
+
+
+def _refuse_split(raw: RawGguf, label: str) -> None:
+    """A split model's other parts are found by llama.cpp by file name, not validated
+    here and not bound to the loaded inode: refused (merge them with
+    ``llama-gguf-split --merge``)."""
+    entry = raw.kv.get("split.count")
+    if entry is not None and entry.scalar is not None and int(entry.scalar) > 1:
+        raise ModelInvalid(
+            f"{label}: part of a split model ({int(entry.scalar)} files); modeld loads "
+            "single-file GGUF models only (merge with llama-gguf-split --merge)"
+        )
 
 
 def _tensor_info(tensor: RawTensor, data_offset_bytes: int) -> TensorInfo:

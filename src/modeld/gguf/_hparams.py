@@ -17,6 +17,7 @@ from modeld.gguf._raw import (
     ValueType,
 )
 from modeld.gguf._source import ByteSource
+from modeld.gguf._vocab import check_vocabulary
 
 __all__ = ["MAX_BLOCK_COUNT", "Hyperparameters", "read_hyperparameters"]
 
@@ -59,6 +60,7 @@ class Hyperparameters:
     expert_count: int
     expert_used_count: int
     sliding_window: int
+    feed_forward_per_layer: tuple[int, ...] = ()
 
 
 class _Reader:
@@ -174,6 +176,7 @@ def read_hyperparameters(
         expert_count=expert_count,
         expert_used_count=expert_used_count,
         sliding_window=sliding_window,
+        feed_forward_per_layer=feed_forward or (0,) * block_count,
     )
 
 
@@ -224,6 +227,10 @@ def _vocabulary(reader: _Reader) -> int:
             token_id = reader.integer(key, -1, 0xFFFF_FFFF)
             if token_id is not None and token_id not in _NO_TOKEN and token_id >= n_vocab:
                 raise reader.fail(f"{key} = {token_id} is not below the {n_vocab} tokens")
+    tokenizer_model = reader.string("tokenizer.ggml.model", MAX_ARCHITECTURE_BYTES)
+    check_vocabulary(
+        reader.source, reader.label, tokenizer_model, tokens, entries["tokenizer.ggml.token_type"]
+    )
     template = reader.kv.get("tokenizer.chat_template")
     if template is not None and (
         template.value_type is not ValueType.STRING or template.length > MAX_CHAT_TEMPLATE_BYTES

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from modeld.errors import ModelInvalid
 from modeld.gguf._ggml_types import GGML_TYPES
-from modeld.gguf._header import FileIdentity
+from modeld.gguf._header import FileIdentity, open_regular_file
 from modeld.gguf._raw import SCALAR_LAYOUTS, KvEntry, RawGguf, ValueType, parse_raw
 from modeld.gguf._source import ByteSource
 
@@ -59,14 +57,9 @@ class GgufMetadata:
 def read_gguf_metadata(path: Path) -> GgufMetadata:
     """Raises :class:`ModelInvalid` for a file that is not a readable, well-formed GGUF."""
     label = path.name or str(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except (OSError, ValueError) as exc:
-        raise ModelInvalid(f"{label}: cannot open: {exc}") from exc
+    fd = open_regular_file(path, label)
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ModelInvalid(f"{label}: not a regular file")
         source = ByteSource(fd, info.st_size, label)
         raw = parse_raw(source, label)
         values = {key: _value(source, key, entry) for key, entry in raw.kv.items()}

@@ -10,6 +10,7 @@ values it needs afterwards by offset.
 from __future__ import annotations
 
 import enum
+import itertools
 import struct
 from dataclasses import dataclass
 
@@ -304,3 +305,10 @@ def _check_tensor_ranges(tensors: tuple[RawTensor, ...], data_bytes: int, label:
             f"{label}: tensors total {total_bytes} bytes, more than the "
             f"{data_bytes}-byte data section"
         )
+    ordered = sorted(tensors, key=lambda tensor: tensor.offset_bytes)
+    for before, after in itertools.pairwise(ordered):
+        if before.offset_bytes + before.nbytes > after.offset_bytes:
+            raise ModelInvalid(
+                f"{label}: tensor {after.name!r} (data offset {after.offset_bytes}) overlaps "
+                f"tensor {before.name!r} ({before.nbytes} bytes at {before.offset_bytes})"
+            )

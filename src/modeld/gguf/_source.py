@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import struct
+from array import array
+from collections.abc import Iterator
 
 from modeld.errors import ModelInvalid
 
@@ -31,6 +33,10 @@ class ByteSource:
         self._label = path_label
         self._buffer = b""
         self._buffer_start = 0
+
+    @property
+    def fd(self) -> int:
+        return self._fd
 
     @property
     def remaining_bytes(self) -> int:
@@ -116,6 +122,62 @@ class ByteSource:
                 )
             self.skip(length_bytes, f"{what}[{index}]")
             index += 1
+
+    def strings(self, count: int, max_length_bytes: int, what: str) -> Iterator[bytes]:
+        """Yield ``count`` length-prefixed strings from the current position, one at a
+        time (memory stays one buffer, whatever ``count``); raises like :meth:`skip_strings`."""
+        for index in range(count):
+            length_bytes = self.u64(what)
+            if length_bytes > max_length_bytes:
+                raise ModelInvalid(
+                    f"{self._label}: {what}[{index}] is {length_bytes} bytes long "
+                    f"(limit {max_length_bytes})"
+                )
+            yield self.take(length_bytes, f"{what}[{index}]")
+
+    def hash_strings(
+        self, count: int, max_length_bytes: int, what: str, keep_lengths: frozenset[int]
+    ) -> tuple[array[int], dict[int, bytes]]:
+        """One pass over ``count`` length-prefixed strings: each one's ``hash()`` (an
+        empty string hashed as llama.cpp renames it, ``[EMPTY_<index>]``), and the
+        strings whose length is in ``keep_lengths``, by index. The hot loop of vocabulary
+        validation (Gemma has 262,144 tokens), so it stays inside the buffer like
+        :meth:`skip_strings`."""
+        hashes: array[int] = array("q")
+        append = hashes.append
+        kept: dict[int, bytes] = {}
+        unpack_u64 = _U64.unpack_from
+        index = 0
+        while index < count:
+            buffer = self._buffer
+            end = len(buffer)
+            cursor = self.position - self._buffer_start
+            while index < count and cursor >= 0 and cursor + 8 <= end:
+                (length_bytes,) = unpack_u64(buffer, cursor)
+                start = cursor + 8
+                if length_bytes > max_length_bytes or start + length_bytes > end:
+                    break
+                cursor = start + length_bytes
+                text = buffer[start:cursor]
+                append(hash(text) if length_bytes else hash(b"[EMPTY_%d]" % index))
+                if length_bytes in keep_lengths:
+                    kept[index] = text
+                index += 1
+            self.position = self._buffer_start + cursor
+            if index == count:
+                break
+            length_bytes = self.u64(what)
+            if length_bytes > max_length_bytes:
+                raise ModelInvalid(
+                    f"{self._label}: {what}[{index}] is {length_bytes} bytes long "
+                    f"(limit {max_length_bytes})"
+                )
+            text = self.take(length_bytes, f"{what}[{index}]")
+            append(hash(text) if length_bytes else hash(b"[EMPTY_%d]" % index))
+            if length_bytes in keep_lengths:
+                kept[index] = text
+            index += 1
+        return hashes, kept
 
     def read_at(self, offset: int, size_bytes: int, what: str) -> bytes:
         """Read bytes that an earlier pass already bounds-checked."""

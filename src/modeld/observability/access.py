@@ -38,6 +38,7 @@ class AccessObserver:
             latency_ms=round(duration_s * 1000, 3),
             model=state.get("model"),
             queue_ms=state.get("queue_ms"),
+            key_id=state.get("key_id"),
         )
 
 

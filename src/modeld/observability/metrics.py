@@ -61,6 +61,31 @@ class _SnapshotCollector(Collector):
             failures.add_metric([counts.model_id], counts.load_failures_total)
             evictions.add_metric([counts.model_id], counts.evictions_total)
         yield from (loads, failures, evictions)
+        yield from _crash_containment(stats)
+
+
+def _crash_containment(
+    stats: ManagerStatistics,
+) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+    guard = stats.crash_containment
+    crashes = CounterMetricFamily(
+        "modeld_crashes",
+        "native crashes found at start-up: an earlier process died while llama.cpp ran on "
+        "a model file",
+        labels=["model", "stage"],
+    )
+    for model, stage, count in guard.crashes:
+        crashes.add_metric([model, stage], count)
+    probes = CounterMetricFamily(
+        "modeld_probe_loads", "probe loads in a child process, by outcome", labels=["outcome"]
+    )
+    for outcome, count in sorted(guard.probes.items()):
+        probes.add_metric([outcome], count)
+    quarantined = GaugeMetricFamily(
+        "modeld_quarantined_files", "model files refused until they change or are cleared",
+        value=guard.quarantined_files,
+    )  # fmt: skip
+    yield from (crashes, probes, quarantined)
 
 
 class Metrics:

@@ -89,6 +89,7 @@ class Instance:
     disposal: anyio.CancelScope | None = None  # set while the engine closes; cancel abandons
     load_stage: str = "started"  # the loader's last progress stage
     load_progress: float = 0.0
+    generations_started: int = 0
     keep_alive_s: float = math.inf  # how long it may stay idle; set by each request
     idle_since_s: float = 0.0  # on the pool's clock: when it last became idle
 

@@ -10,6 +10,8 @@ import errno
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
 
 import anyio
 from loguru import logger
@@ -19,14 +21,17 @@ from modeld.engine.base import TokenLoop
 from modeld.engine.llama_engine import EngineSettings, LlamaEngine
 from modeld.engine.worker import EngineWorker
 from modeld.errors import ModeldError, ModelLoadFailed, ResourcesExhausted
-from modeld.gguf import read_gguf_header
+from modeld.gguf import OpenGguf
 from modeld.live_settings import LiveSettings
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.estimate import FootprintEstimate, estimate_footprint
 from modeld.memory.probe import MemoryProbe
+from modeld.redact import redact_paths
 from modeld.registry import ModelFile
 from modeld.scheduling.events import EventHub, ModelLoadingProgress
+from modeld.scheduling.file_guard import FileGuard
 from modeld.scheduling.instance import Instance
+from modeld.sizes import MIB
 from modeld.types import context_sizes
 
 __all__ = ["PROCESS_CHARGE_ID", "EngineFactory", "Loader", "Reserve", "out_of_descriptors"]
@@ -35,6 +40,8 @@ _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 # The budget entry for device memory the process holds outside any instance (the CUDA
 # context, loaded kernels). No model id can take it: check_model_id wants "*.gguf".
 PROCESS_CHARGE_ID = "(process)"
+# What a failed load may leave behind without being charged for it: allocator slack.
+LEAK_TOLERANCE_BYTES = 32 * MIB
 
 EngineFactory = Callable[[ModelFile, EngineSettings, TokenLoop, int], LlamaEngine]
 Reserve = Callable[[Instance, int], Awaitable[None]]
@@ -43,7 +50,7 @@ Reserve = Callable[[Instance, int], Awaitable[None]]
 def _default_engine_factory(
     model: ModelFile, settings: EngineSettings, loop: TokenLoop, n_ctx_train: int
 ) -> LlamaEngine:
-    return LlamaEngine(model.path, settings, loop, n_ctx_train)
+    return LlamaEngine(model.path, settings, loop, n_ctx_train, label=model.id)
 
 
 class Loader:
@@ -67,6 +74,7 @@ class Loader:
         self._budget = budget
         self._gpu = gpu
         self._engine_factory = engine_factory or _default_engine_factory
+        self.guard = FileGuard(settings)
         self._measuring: Instance | None = None  # the load whose memory growth is measured
         self._measuring_ended = anyio.Event()
         self._process_bytes: int | None = None  # measured by the first load on NVML
@@ -102,8 +110,19 @@ class Loader:
             raise _load_failed(instance.model, exc) from exc
 
     async def _load(self, instance: Instance, reserve: Reserve) -> None:
+        """Open the file once: validation, the probe load and llama.cpp all read the
+        inode behind that one descriptor (see :class:`OpenGguf`)."""
+        model = instance.model
+        opened = await anyio.to_thread.run_sync(lambda: OpenGguf(model.path, model.id))
+        try:
+            instance.model = replace(model, identity=opened.identity)  # what is loaded
+            await self._load_opened(instance, opened, reserve)
+        finally:
+            opened.close()
+
+    async def _load_opened(self, instance: Instance, opened: OpenGguf, reserve: Reserve) -> None:
         model, settings = instance.model, self.settings
-        header = await anyio.to_thread.run_sync(lambda: read_gguf_header(model.path))
+        header = await anyio.to_thread.run_sync(opened.header)
         sizes = context_sizes(settings.n_ctx, settings.n_batch, header.context_length)
         estimate = estimate_footprint(
             header,
@@ -113,6 +132,8 @@ class Loader:
             gpu=self._gpu,
         )
         self._progress(instance, "validated", 0.1)
+        if await self.guard.vet(opened, header.context_length):
+            self._progress(instance, "probe_loaded", 0.15)
         engine_settings = EngineSettings(
             n_ctx=settings.n_ctx,
             n_batch=settings.n_batch,
@@ -120,9 +141,10 @@ class Loader:
             n_gpu_layers=settings.n_gpu_layers,
             use_mmap=not settings.no_mmap,
         )
+        bound = replace(model, path=Path(opened.load_path))
 
         def make_engine() -> LlamaEngine:
-            return self._engine_factory(model, engine_settings, self._loop, header.context_length)
+            return self._engine_factory(bound, engine_settings, self._loop, header.context_length)
 
         if (
             self._process_bytes is None
@@ -135,9 +157,18 @@ class Loader:
         async with self._measurement(instance) as measured:
             before_bytes = self._probe.used_bytes() if measured else 0
             worker = instance.worker = EngineWorker(f"modeld:{model.id}")
-            engine = instance.engine = await worker.run(make_engine)
+            try:
+                engine = instance.engine = await worker.run(
+                    lambda: self.guard.staged(model.id, model.identity, "load", make_engine)
+                )
+            except BaseException:
+                if measured:
+                    self._keep_charged_what_stayed(model.id, before_bytes)
+                raise
             self._progress(instance, "weights_loaded", 0.9)
-            await worker.run(engine.warm_up)
+            await worker.run(
+                lambda: self.guard.staged(model.id, model.identity, "warm_up", engine.warm_up)
+            )
             measured_bytes = self._probe.used_bytes() - before_bytes if measured else 0
         self._budget.charge(model.id, self._charge_after_load(measured_bytes, estimate, engine))
         instance.charge_bytes = self._budget.charge_of(model.id)
@@ -170,6 +201,24 @@ class Loader:
             finally:
                 await worker.shutdown()
             self._budget.charge(PROCESS_CHARGE_ID, self._process_bytes)
+
+    def _keep_charged_what_stayed(self, model_id: str, before_bytes: int) -> None:
+        """A failed load frees what llama.cpp allocated (the engine sees to it); what
+        the probe still finds held afterwards stays charged, under its own name, for
+        the life of the process: the budget never counts held memory as free."""
+        try:
+            held_bytes = self._probe.used_bytes() - before_bytes
+        except ModeldError:
+            return
+        if held_bytes <= LEAK_TOLERANCE_BYTES:
+            return
+        key = f"{model_id} (failed load)"
+        self._budget.charge(key, self._budget.charge_of(key) + held_bytes)
+        logger.warning(
+            "a failed load left memory held; it stays charged",
+            model=model_id,
+            held_mb=round(held_bytes / MIB, 1),
+        )
 
     @asynccontextmanager
     async def _measurement(self, instance: Instance) -> AsyncIterator[bool]:
@@ -237,4 +286,4 @@ def out_of_descriptors(error: BaseException) -> ResourcesExhausted | None:
 
 
 def _load_failed(model: ModelFile, error: Exception) -> ModelLoadFailed:
-    return ModelLoadFailed(f"{model.id}: {error!r}")
+    return ModelLoadFailed(redact_paths(f"{model.id}: {error!r}"))

@@ -39,6 +39,7 @@ from modeld.registry import ModelFile, Registry, check_model_id
 from modeld.scheduling.clock import Clock
 from modeld.scheduling.events import EventHub, GenerationFinished
 from modeld.scheduling.fifo import SlotTicket
+from modeld.scheduling.file_guard import GuardStatistics
 from modeld.scheduling.generation import Generation, RequestTiming
 from modeld.scheduling.history import EventHistory, RecentEvent
 from modeld.scheduling.instance import Instance, InstanceStatistics, ModelCounters
@@ -75,6 +76,7 @@ class ManagerStatistics:
     accepting: bool
     instances: tuple[InstanceStatistics, ...]
     counters: tuple[CounterStatistics, ...]
+    crash_containment: GuardStatistics
     recent_events: tuple[RecentEvent, ...] = ()
 
 
@@ -142,6 +144,7 @@ class ModelManager:
     # ----------------------------------------------------------------- lifecycle
 
     async def __aenter__(self) -> Self:
+        await self._pool.guard.recover()  # crashes of an earlier process, before any load
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._pool.start(self._task_group)
@@ -232,6 +235,7 @@ class ModelManager:
                 )
                 for model_id, counts in sorted(self._pool.counters.items())
             ),
+            crash_containment=self._pool.guard.statistics(),
             recent_events=self._history.statistics(),
         )
 
@@ -392,7 +396,10 @@ class ModelManager:
         engine, worker = instance.engine, instance.worker
         if engine is None or worker is None:
             return None
-        prepare = worker.submit(lambda: engine.prepare(request.prompt, request.max_tokens))
+        first_use = self._pool.first_use  # the first generation runs in a stage marker
+        prepare = worker.submit(
+            first_use(instance, lambda: engine.prepare(request.prompt, request.max_tokens))
+        )
         try:
             prompt_tokens = await prepare.wait()
         except (WorkerStopped, EngineClosed):
@@ -405,7 +412,10 @@ class ModelManager:
         if not instance.is_ready():
             return None
         ring = engine.new_ring()
-        call = worker.submit(lambda: engine.generate(ring, prompt_tokens, request))
+        call = worker.submit(
+            first_use(instance, lambda: engine.generate(ring, prompt_tokens, request))
+        )
+        instance.generations_started += 1
         timing.started_s = time.monotonic()
         instance.last_used_s = timing.started_s
         self._pool.idle.used(instance, request.keep_alive)

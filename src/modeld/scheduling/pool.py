@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Coroutine
+from typing import TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -40,6 +41,7 @@ from modeld.scheduling.events import (
     ModelReady,
 )
 from modeld.scheduling.fifo import FifoSlot
+from modeld.scheduling.file_guard import FileGuard
 from modeld.scheduling.idle import IdleUnloader
 from modeld.scheduling.instance import Instance, InstanceStatistics, ModelCounters
 from modeld.scheduling.loading import EngineFactory, Loader
@@ -47,6 +49,8 @@ from modeld.sizes import MIB
 from modeld.types import DoneReason, InstanceState
 
 __all__ = ["EngineFactory", "InstancePool"]
+
+T = TypeVar("T")
 
 _BACKOFF_BASE_S = 1.0
 _BACKOFF_MAX_S = 60.0
@@ -107,6 +111,18 @@ class InstancePool:
         """Work on an instance in the owner's task group: it outlives whoever asked."""
         assert self._task_group is not None, "use ModelManager as an async context manager"
         self._task_group.start_soon(work, instance)
+
+    @property
+    def guard(self) -> FileGuard:
+        return self._loader.guard
+
+    def first_use(self, instance: Instance, fn: Callable[[], T]) -> Callable[[], T]:
+        """``fn`` inside a ``first_generation`` stage marker until the instance has
+        started a generation (then ``fn`` itself): see :class:`FileGuard`."""
+        if instance.generations_started:
+            return fn
+        model = instance.model
+        return lambda: self.guard.staged(model.id, model.identity, "first_generation", fn)
 
     def get(self, model_id: str) -> Instance | None:
         return self._instances.get(model_id)
