@@ -475,6 +475,20 @@ TokenRing_drain(TokenRingObject *self, PyObject *Py_UNUSED(ignored))
                          job.finished ? Py_True : Py_False);
 }
 
+PyDoc_STRVAR(TokenRing_watch_finish_doc,
+             "watch_finish() -> bool\n\nClear the wake-up descriptor without draining, so "
+             "that until the next drain it turns readable only when the stream finishes "
+             "(pushes stay quiet). True when it has already finished.");
+
+static PyObject *
+TokenRing_watch_finish(TokenRingObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (TokenRing_check_open(self) < 0) {
+        return NULL;
+    }
+    return PyBool_FromLong(ring_watch_finish(&self->ring));
+}
+
 PyDoc_STRVAR(TokenRing_push_doc,
              "push(data, tokens) -> bool\n\nAppend data (made by `tokens` tokens); blocks, "
              "with the GIL released, while the ring is full. False once cancelled. Signal "
@@ -586,6 +600,8 @@ TokenRing_get_producer_waiting(TokenRingObject *self, void *Py_UNUSED(closure))
 static PyMethodDef TokenRing_methods[] = {
     {"fileno", (PyCFunction)TokenRing_fileno, METH_NOARGS, TokenRing_fileno_doc},
     {"drain", (PyCFunction)TokenRing_drain, METH_NOARGS, TokenRing_drain_doc},
+    {"watch_finish", (PyCFunction)TokenRing_watch_finish, METH_NOARGS,
+     TokenRing_watch_finish_doc},
     {"push", (PyCFunction)TokenRing_push, METH_VARARGS, TokenRing_push_doc},
     {"finish", (PyCFunction)TokenRing_finish, METH_NOARGS, TokenRing_finish_doc},
     {"cancel", (PyCFunction)TokenRing_cancel, METH_NOARGS, TokenRing_cancel_doc},

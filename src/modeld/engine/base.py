@@ -70,7 +70,7 @@ class LoopOutcome:
 class TokenRing(Protocol):
     """Bounded SPSC byte ring with a cancel flag and a wake-up file descriptor.
 
-    Consumer side (event loop): ``fileno``, ``drain``, ``cancel``, ``close``.
+    Consumer side (event loop): ``fileno``, ``drain``, ``watch_finish``, ``cancel``, ``close``.
     Producer side (worker thread): ``push`` (used by the loop), ``finish`` (by the worker).
     """
 
@@ -83,6 +83,15 @@ class TokenRing(Protocol):
 
         ``finished`` is true once the producer has called ``finish()`` and nothing is left.
         Clears the wake-up descriptor, so the next wait sleeps until new data arrives.
+        """
+        ...
+
+    def watch_finish(self) -> bool:
+        """Between a wake-up and the next ``drain()``: clear the wake-up descriptor without
+        taking anything, so that until that drain it turns readable only on ``finish()``.
+
+        Returns True when the stream has already finished. Lets the consumer let chunks
+        gather while still seeing the end at once.
         """
         ...
 
