@@ -55,6 +55,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     token_loop: LoopKind = LoopKind.C
     no_mmap: bool = False
     demo: bool = False
+    prompt_reuse: bool = True
 
     @property
     def models_path(self) -> Path:

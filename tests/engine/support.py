@@ -115,11 +115,14 @@ def stream(
     params: SamplingParams,
     *,
     capacity_bytes: int = 64 * 1024,
+    cached: int = 0,
 ) -> Streamed:
     """One generation, worker thread producing and this thread consuming."""
     ring = loop.new_ring(capacity_bytes)
     try:
-        thread, result = run_in_worker(lambda: loop.run(llama, ring, prompt, params), ring)
+        thread, result = run_in_worker(
+            lambda: loop.run(llama, ring, prompt, params, cached=cached), ring
+        )
         seen = consume(ring)
         seen.outcome = outcome_of(thread, result)
         return seen

@@ -23,6 +23,7 @@ from modeld.engine.base import (
     TokenLoop,
     TokenRing,
 )
+from modeld.engine.kv_prefix import reusable_prefix
 from modeld.errors import InvalidRequest, ModelLoadFailed, ResourcesExhausted
 from modeld.types import SamplingParams, context_sizes
 
@@ -54,6 +55,7 @@ class EngineSettings:
     n_threads: int
     n_gpu_layers: int
     use_mmap: bool = True
+    prompt_reuse: bool = True
 
 
 class LlamaEngine:
@@ -61,7 +63,9 @@ class LlamaEngine:
     :meth:`new_ring` must run on the owning worker thread.
 
     A generation is :meth:`prepare` (tokenize and check against the context), then
-    :meth:`generate` with a ring from :meth:`new_ring`.
+    :meth:`generate` with a ring from :meth:`new_ring`. Between generations the context
+    keeps its KV cache, and the engine remembers which tokens it holds, so that the next
+    prompt evaluates only what follows their common prefix (``prompt_reuse``).
     """
 
     def __init__(
@@ -79,6 +83,10 @@ class LlamaEngine:
                 n_threads_batch=settings.n_threads,
                 n_gpu_layers=settings.n_gpu_layers,
                 use_mmap=settings.use_mmap,
+                # llama.cpp's default, stated: sliding-window layers keep every position
+                # (the memory estimate counts them so), so a kept prompt prefix never
+                # lacks the cells its window reaches back to (see kv_prefix.py)
+                swa_full=True,
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as exc:
@@ -88,6 +96,10 @@ class LlamaEngine:
         # n_ctx pieces cannot fit the context: refused before the tokenizer (whose cost
         # grows faster than linearly on some inputs) ever sees it.
         self.max_prompt_bytes = self.n_ctx * _longest_piece_bytes(self._vocab)
+        self._prompt_reuse = settings.prompt_reuse
+        # The tokens whose KV the context holds, in position order. Only generate() keeps
+        # it true; anything else that uses the context must call forget_kv().
+        self._kv_tokens: Sequence[int] = ()
         self._closed = False
 
     @property
@@ -163,14 +175,22 @@ class LlamaEngine:
         Raises nothing: a failure comes back as ``StopCode.ERROR`` with its message, so
         the consumer always sees the stream end with an outcome.
         """
+        cached = reusable_prefix(self._kv_tokens, prompt_tokens) if self._prompt_reuse else 0
+        self.forget_kv()  # unknown until the loop says what it left
         try:
             if self._closed:
                 raise EngineClosed("the engine is closed")
-            return self._loop.run(self._llama, ring, prompt_tokens, params)
+            outcome = self._loop.run(self._llama, ring, prompt_tokens, params, cached=cached)
+            self._kv_tokens = outcome.kv_tokens or ()
+            return outcome
         except Exception as exc:
             return LoopOutcome(StopCode.ERROR, len(prompt_tokens), 0, 0.0, 0.0, error=repr(exc))
         finally:
             ring.finish()
+
+    def forget_kv(self) -> None:
+        """The next generation starts from an empty KV cache (its loop clears it)."""
+        self._kv_tokens = ()
 
     def warm_up(self) -> None:
         """One token through the whole graph, so the first request pays no first-use cost."""
@@ -180,6 +200,7 @@ class LlamaEngine:
             outcome = self.generate(ring, tokens, SamplingParams(max_tokens=1, temperature=0.0))
         finally:
             ring.close()
+            self.forget_kv()  # no request should find the warm-up's tokens in the cache
         if outcome.error:
             raise ModelLoadFailed(f"warm-up generation failed: {outcome.error}")
 

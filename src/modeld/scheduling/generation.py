@@ -182,6 +182,7 @@ class Generation:
         return GenerationMetrics(
             prompt_tokens=outcome.prompt_tokens,
             completion_tokens=outcome.completion_tokens,
+            cached_tokens=outcome.cached_tokens,
             queue_ms=_ms(timing.started_s - timing.admitted_s - timing.load_s),
             load_ms=_ms(timing.load_s),
             ttft_ms=_ms(timing.first_chunk_s - timing.admitted_s) if timing.first_chunk_s else 0.0,
