@@ -108,8 +108,8 @@ def test_a_conversation_answers_as_fresh_evaluations_do(
 
     # a prompt that parts from the cache early: only the tokens before the parting
     other = reusing.tokenize("the world")
-    kv = exchange + []  # the cache now starts with the exchange
-    shared = next(i for i, (a, b) in enumerate(zip(kv, other, strict=False)) if a != b)
+    # the cache starts with the exchange
+    shared = next(i for i, (a, b) in enumerate(zip(exchange, other, strict=False)) if a != b)
     assert 1 <= shared < len(first)
     assert same_answer(reusing, fresh, other, params).cached_tokens == shared
 
@@ -204,14 +204,14 @@ def test_a_window_cache_is_kept_only_where_it_still_reaches_back(
     loop: TokenLoop, window_pruning_llama: Llama, cached: int, kept: int
 ) -> None:
     llama = window_pruning_llama
-    history = [1] + [(i * 7) % 260 + 3 for i in range(299)]  # 300 positions
-    prompt = history[:cached] + [5, 6, 7, 8]
+    history = [1, *((i * 7) % 260 + 3 for i in range(299))]  # 300 positions
+    prompt = [*history[:cached], 5, 6, 7, 8]
     fresh = stream(loop, llama, prompt, GREEDY)  # cached=0: from an empty cache
     stream(loop, llama, history, SamplingParams(max_tokens=1, temperature=0.0))
     # the window layers now hold positions 44..299 only; the first new token at `cached`
     # looks back to cached-16: to 34 (gone) for 50, to 184 (there) for 200
     reused = stream(loop, llama, prompt, GREEDY, cached=cached)
-    assert reused.outcome is not None and fresh.outcome is not None
+    assert reused.outcome is not None
     assert reused.text == fresh.text
     assert reused.outcome.cached_tokens == kept
 

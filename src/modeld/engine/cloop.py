@@ -135,7 +135,7 @@ class CTokenLoop:
         if params.seed is None:  # C reads every field by name, so the seed is settled here
             params = msgspec.structs.replace(params, seed=secrets.randbits(32))
         try:
-            (stop_code, completion, prompt_ns, eval_ns, error, token_ids, kept, n_kv) = self._ext.run(
+            stop_code, completion, prompt_ns, eval_ns, error, token_ids, kept, n_kv = self._ext.run(
                 ring=ring,
                 ctx=_address(llama.ctx),
                 vocab=_address(llama._model.vocab),
