@@ -18,18 +18,17 @@ its own prompt prefix between calls too, so both evaluate the same prompt tokens
 
 from __future__ import annotations
 
-import multiprocessing
 import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from benchmarks.raw_client import infer
+from benchmarks.raw_processes import RawProcesses, generate_seconds
 from llama_cpp import Llama
 from pytest_benchmark.fixture import BenchmarkFixture
 from tests.support.server import RunningServer, start_modeld
@@ -64,16 +63,6 @@ def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 def _load(path: Path) -> Llama:
     return Llama(str(path), n_ctx=N_CTX, n_threads=1, n_threads_batch=1, verbose=False)
-
-
-def generate_seconds(llama: Llama, max_tokens: int) -> float:
-    """``Llama.generate()`` of ``max_tokens`` greedy tokens, tokenizing included."""
-    started = time.perf_counter()
-    tokens = llama.generate(llama.tokenize(PROMPT.encode()), temp=0.0)
-    for count, _ in enumerate(tokens, start=1):
-        if count >= max_tokens:
-            break
-    return time.perf_counter() - started
 
 
 def _body(model: str, max_tokens: int, stream: bool = True) -> dict[str, Any]:
@@ -123,7 +112,7 @@ def test_short_stream_overhead_vs_llama_generate(
                 return answer.seconds
 
             variants: dict[str, Callable[[], Any]] = {
-                "generate": lambda: generate_seconds(llama, SHORT_TOKENS),
+                "generate": lambda: generate_seconds(llama, PROMPT, SHORT_TOKENS),
                 "http": http,
                 "http_whole": http_whole,
                 "library": library,
@@ -154,17 +143,6 @@ def test_short_stream_overhead_vs_llama_generate(
 
 
 # ------------------------------------------------------------------ two models at once
-
-
-def _raw_process(path: str, start: Any, commands: Connection) -> None:
-    """A plain llama-cpp-python process: one generation per command, answering its seconds."""
-    llama = _load(Path(path))
-    generate_seconds(llama, LONG_TOKENS)  # warm-up
-    commands.send("ready")
-    while commands.recv() == "go":
-        start.wait()
-        commands.send(generate_seconds(llama, LONG_TOKENS))
-    llama.close()
 
 
 def _http_pair(base_url: str) -> float:
@@ -205,25 +183,9 @@ async def _library_pair(manager: ModelManager) -> float:
 def test_two_models_streaming_vs_two_raw_processes(
     benchmark: BenchmarkFixture, server: RunningServer, models_dir: Path
 ) -> None:
-    context = multiprocessing.get_context("spawn")
-    start = context.Barrier(len(MODELS))
-    pipes = [context.Pipe() for _ in MODELS]
-    processes = [
-        context.Process(target=_raw_process, args=(str(models_dir / model), start, child))
-        for model, (_, child) in zip(MODELS, pipes, strict=True)
-    ]
-    for process in processes:
-        process.start()
-    assert [parent.recv() for parent, _ in pipes] == ["ready"] * len(pipes)
-
-    def raw_pair() -> float:
-        for parent, _ in pipes:
-            parent.send("go")
-        return len(MODELS) * LONG_TOKENS / max(parent.recv() for parent, _ in pipes)
-
     rounds: list[dict[str, float]] = []
 
-    async def measure() -> None:
+    async def measure(raw: RawProcesses) -> None:
         async with ModelManager(_settings(models_dir)) as manager:
             await _library_pair(manager)  # load + warm
             _http_pair(server.base_url)
@@ -233,20 +195,15 @@ def test_two_models_streaming_vs_two_raw_processes(
                 figures: dict[str, float] = {}
                 for name in order[shift:] + order[:shift]:
                     if name == "raw":
-                        figures[name] = raw_pair()
+                        figures[name] = raw.aggregate(1, LONG_TOKENS)
                     elif name == "http":
                         figures[name] = _http_pair(server.base_url)
                     else:
                         figures[name] = await _library_pair(manager)
                 rounds.append(figures)
 
-    try:
-        benchmark.pedantic(lambda: anyio.run(measure), rounds=1, iterations=1)
-    finally:
-        for parent, _ in pipes:
-            parent.send("stop")
-        for process in processes:
-            process.join()
+    with RawProcesses([models_dir / m for m in MODELS], N_CTX, PROMPT) as raw:
+        benchmark.pedantic(lambda: anyio.run(measure, raw), rounds=1, iterations=1)
     for name in ("raw", "http", "library"):
         benchmark.extra_info[f"{name}_tokens_per_s"] = round(
             statistics.median(r[name] for r in rounds), 1
