@@ -70,6 +70,7 @@ def _ask(server: RunningServer, model: str, prompt: str, max_tokens: int) -> Any
     return infer(server.base_url, body)
 
 
+@pytest.mark.timeout(1800)
 def test_follow_up_prompt_evaluation(
     benchmark: BenchmarkFixture, servers: dict[str, RunningServer], gemma_dir: Path
 ) -> None:
@@ -101,6 +102,7 @@ def test_follow_up_prompt_evaluation(
     print(f"\nfollow-up vs first ({FOLLOW_UP_ROUNDS} rounds, medians): {benchmark.extra_info}")
 
 
+@pytest.mark.timeout(3600)
 def test_multi_turn_time_to_first_token(
     benchmark: BenchmarkFixture, servers: dict[str, RunningServer], gemma_dir: Path
 ) -> None:
