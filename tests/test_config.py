@@ -85,7 +85,7 @@ def parse_flags(*argv: str) -> Settings:
 
 
 def test_every_boolean_setting_is_known() -> None:
-    assert BOOL_SETTINGS == ["demo", "no_mmap", "prewarm_default"]
+    assert BOOL_SETTINGS == ["demo", "no_mmap", "prewarm_default", "prompt_reuse"]
 
 
 @pytest.mark.parametrize("name", BOOL_SETTINGS)
