@@ -175,6 +175,29 @@ def test_a_decode_cancelled_inside_the_prompt_leaves_no_known_kv(
         assert outcome.kv_tokens == []  # the twin stops between chunks: none was evaluated
 
 
+def test_a_cancel_inside_the_new_part_of_a_prompt_keeps_the_kept_prefix_honest(
+    loop: TokenLoop, tiny_llama: Llama
+) -> None:
+    """Cancelled while evaluating what follows a kept prefix: the C loop (inside
+    llama_decode) reports the cache unknown; the twin (between chunks) reports the prefix."""
+    first = tiny_llama.tokenize(b"hello world and the")
+    stream(loop, tiny_llama, first, GREEDY)  # the cache holds `first` and its answer
+    prompt = first + tiny_llama.tokenize(b" world and the", add_bos=False) * 10  # < n_ctx
+    outcome, seen = run_paused_in_prompt(loop, tiny_llama, prompt, GREEDY, cached=len(first))
+    assert (outcome.stop_code, outcome.completion_tokens, seen.text) == (StopCode.CANCELLED, 0, b"")
+    assert outcome.cached_tokens == len(first)
+    if loop.kind is LoopKind.C:
+        assert outcome.kv_tokens is None
+    else:
+        assert outcome.kv_tokens == first
+        # and the twin's cache really holds it: keeping it answers as a fresh evaluation
+        kept = stream(loop, tiny_llama, prompt[: len(first) + 3], GREEDY, cached=len(first))
+        fresh = stream(loop, tiny_llama, prompt[: len(first) + 3], GREEDY)
+        assert kept.outcome is not None
+        assert kept.outcome.cached_tokens == len(first)
+        assert kept.text == fresh.text
+
+
 # ------------------------------------------------------------------ sliding windows
 
 
