@@ -60,6 +60,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     api_key: str | None = None
     api_key_file: Path | None = None
     metrics_need_key: bool = False
+    prompt_reuse: bool = True
 
     @property
     def models_path(self) -> Path:

@@ -133,6 +133,7 @@ class Chunk(msgspec.Struct, frozen=True):
 class GenerationMetrics(msgspec.Struct, frozen=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     queue_ms: float = 0.0
     load_ms: float = 0.0
     ttft_ms: float = 0.0

@@ -115,11 +115,14 @@ def stream(
     params: SamplingParams,
     *,
     capacity_bytes: int = 64 * 1024,
+    cached: int = 0,
 ) -> Streamed:
     """One generation, worker thread producing and this thread consuming."""
     ring = loop.new_ring(capacity_bytes)
     try:
-        thread, result = run_in_worker(lambda: loop.run(llama, ring, prompt, params), ring)
+        thread, result = run_in_worker(
+            lambda: loop.run(llama, ring, prompt, params, cached=cached), ring
+        )
         seen = consume(ring)
         seen.outcome = outcome_of(thread, result)
         return seen
@@ -151,7 +154,12 @@ class PausingPyRing(PyTokenRing):
 
 
 def run_paused_in_prompt(
-    loop: TokenLoop, llama: Llama, prompt: Sequence[int], params: SamplingParams
+    loop: TokenLoop,
+    llama: Llama,
+    prompt: Sequence[int],
+    params: SamplingParams,
+    *,
+    cached: int = 0,
 ) -> tuple[LoopOutcome, Streamed]:
     """Run a generation, cancel it from this thread while its prompt decode is held."""
     paused = threading.Event()
@@ -162,7 +170,7 @@ def run_paused_in_prompt(
 
         def run() -> LoopOutcome:
             outcome: LoopOutcome = run_traced(
-                llama, ring, prompt, params, pause_in_prompt_fd=pause_fd
+                llama, ring, prompt, params, cached=cached, pause_in_prompt_fd=pause_fd
             )[0]
             return outcome
 
@@ -171,7 +179,9 @@ def run_paused_in_prompt(
         os.close(pause_fd)
     else:
         ring = PausingPyRing(64 * 1024, paused)
-        thread, result = run_in_worker(lambda: loop.run(llama, ring, prompt, params), ring)
+        thread, result = run_in_worker(
+            lambda: loop.run(llama, ring, prompt, params, cached=cached), ring
+        )
         paused.wait()
     ring.cancel()
     seen = consume(ring)

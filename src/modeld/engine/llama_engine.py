@@ -27,6 +27,7 @@ from modeld.engine.base import (
     TokenLoop,
     TokenRing,
 )
+from modeld.engine.kv_prefix import reusable_prefix
 from modeld.errors import InvalidRequest, ModelLoadFailed, ResourcesExhausted
 from modeld.redact import redact_paths
 from modeld.types import SamplingParams, context_sizes
@@ -62,6 +63,7 @@ class EngineSettings:
     # llama-cpp-python points fd 1 and 2 at /dev/null during a load unless verbose: a
     # probe load (a child process) wants llama.cpp's abort message on its stderr.
     verbose: bool = False
+    prompt_reuse: bool = True
 
 
 class LlamaEngine:
@@ -70,7 +72,9 @@ class LlamaEngine:
     The thread that constructs it owns it: every other method but :meth:`new_ring`
     raises :class:`NotOwnerThread` when called from another thread. A generation is
     :meth:`prepare` (tokenize and check against the context), then :meth:`generate` with
-    a ring from :meth:`new_ring`.
+    a ring from :meth:`new_ring`. Between generations the context keeps its KV cache, and
+    the engine remembers which tokens it holds, so that the next prompt evaluates only
+    what follows their common prefix (``prompt_reuse``).
 
     ``path`` is what llama.cpp opens (``/proc/self/fd/N`` for a bound file); ``label``
     names the model in messages (default: the path's last component).
@@ -100,6 +104,10 @@ class LlamaEngine:
             n_threads_batch=settings.n_threads,
             n_gpu_layers=settings.n_gpu_layers,
             use_mmap=settings.use_mmap,
+            # llama.cpp's default, stated: sliding-window layers keep every position
+            # (the memory estimate counts them so), so a kept prompt prefix never
+            # lacks the cells its window reaches back to (see kv_prefix.py)
+            swa_full=True,
             verbose=settings.verbose,
         )
         self._vocab = self._llama._model.vocab
@@ -109,6 +117,10 @@ class LlamaEngine:
         # n_ctx pieces cannot fit the context: refused before the tokenizer (whose cost
         # grows faster than linearly on some inputs) ever sees it.
         self.max_prompt_bytes = self.n_ctx * _longest_piece_bytes(self._vocab)
+        self._prompt_reuse = settings.prompt_reuse
+        # The tokens whose KV the context holds, in position order. Only generate() keeps
+        # it true; anything else that uses the context must call forget_kv().
+        self._kv_tokens: Sequence[int] = ()
         self._closed = False
 
     def _check_owner(self) -> None:
@@ -191,14 +203,22 @@ class LlamaEngine:
         stream end with an outcome.
         """
         self._check_owner()
+        cached = reusable_prefix(self._kv_tokens, prompt_tokens) if self._prompt_reuse else 0
+        self.forget_kv()  # unknown until the loop says what it left
         try:
             if self._closed:
                 raise EngineClosed("the engine is closed")
-            return self._loop.run(self._llama, ring, prompt_tokens, params)
+            outcome = self._loop.run(self._llama, ring, prompt_tokens, params, cached=cached)
+            self._kv_tokens = outcome.kv_tokens or ()
+            return outcome
         except Exception as exc:
             return LoopOutcome(StopCode.ERROR, len(prompt_tokens), 0, 0.0, 0.0, error=repr(exc))
         finally:
             ring.finish()
+
+    def forget_kv(self) -> None:
+        """The next generation starts from an empty KV cache (its loop clears it)."""
+        self._kv_tokens = ()
 
     def warm_up(self) -> None:
         """One token through the whole graph, so the first request pays no first-use cost."""
@@ -209,6 +229,7 @@ class LlamaEngine:
             outcome = self.generate(ring, tokens, SamplingParams(max_tokens=1, temperature=0.0))
         finally:
             ring.close()
+            self.forget_kv()  # no request should find the warm-up's tokens in the cache
         if outcome.error:
             raise ModelLoadFailed(f"warm-up generation failed: {outcome.error}")
 

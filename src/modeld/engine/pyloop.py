@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import llama_cpp
 
 from modeld.engine.base import RING_CAPACITY_BYTES, LoopOutcome, StopCode, TokenRing
+from modeld.engine.kv_prefix import keep_prefix
 from modeld.engine.pyring import PyTokenRing
 from modeld.engine.textstream import TextAssembler
 from modeld.types import LoopKind, SamplingParams
@@ -37,15 +38,26 @@ class PythonTokenLoop:
         ring: TokenRing,
         prompt_tokens: Sequence[int],
         params: SamplingParams,
+        *,
+        cached: int = 0,
     ) -> LoopOutcome:
+        if not 0 <= cached < len(prompt_tokens):
+            raise ValueError("cached must leave at least one prompt token to evaluate")
         vocab = llama._model.vocab
         piece = _PieceReader(vocab)
         text = TextAssembler(params.stop)
         seed = params.seed if params.seed is not None else secrets.randbits(32)
         llama.set_seed(seed)
-        llama.reset()  # type: ignore[no-untyped-call]
 
         started_ns = time.perf_counter_ns()
+        kept = keep_prefix(llama, cached)
+        if kept:  # Llama.eval() goes on from the kept positions
+            llama.n_tokens = kept
+            llama.input_ids[:kept] = prompt_tokens[:kept]
+        else:
+            llama.reset()  # type: ignore[no-untyped-call]
+        to_evaluate = prompt_tokens[kept:]
+        kv_known = True
         first_token_ns = 0
         completion_tokens = 0
         stop_code = StopCode.LENGTH
@@ -56,8 +68,7 @@ class PythonTokenLoop:
         # callback would cost a GIL round trip per graph node, which made long prompts
         # several times slower, so the twin stops at chunk boundaries.
         chunks = [
-            prompt_tokens[i : i + llama.n_batch]
-            for i in range(0, len(prompt_tokens), llama.n_batch)
+            to_evaluate[i : i + llama.n_batch] for i in range(0, len(to_evaluate), llama.n_batch)
         ]
         try:
             for chunk in chunks[:-1]:
@@ -67,9 +78,13 @@ class PythonTokenLoop:
             if ring.cancelled:
                 raise _Cancelled
         except _Cancelled:
-            return self._outcome(StopCode.CANCELLED, len(prompt_tokens), 0, started_ns, 0)
+            return self._outcome(
+                StopCode.CANCELLED, len(prompt_tokens), 0, started_ns, 0, kept, _kv(llama)
+            )
         except RuntimeError as exc:
-            return self._outcome(StopCode.ERROR, len(prompt_tokens), 0, started_ns, 0, str(exc))
+            return self._outcome(
+                StopCode.ERROR, len(prompt_tokens), 0, started_ns, 0, kept, None, str(exc)
+            )
         generator = llama.generate(
             chunks[-1] if chunks else [],
             top_k=params.top_k,
@@ -102,6 +117,7 @@ class PythonTokenLoop:
                 if llama.n_tokens >= llama.n_ctx():
                     break  # context full: LENGTH, as llama-server reports it
         except RuntimeError as exc:
+            kv_known = False  # the failed decode may have left part of its batch
             if ring.cancelled:
                 stop_code = StopCode.CANCELLED
             else:
@@ -113,7 +129,14 @@ class PythonTokenLoop:
             if tail:
                 ring.push(tail, 0)
         return self._outcome(
-            stop_code, len(prompt_tokens), completion_tokens, started_ns, first_token_ns, error
+            stop_code,
+            len(prompt_tokens),
+            completion_tokens,
+            started_ns,
+            first_token_ns,
+            kept,
+            _kv(llama) if kv_known else None,
+            error,
         )
 
     @staticmethod
@@ -123,6 +146,8 @@ class PythonTokenLoop:
         completion_tokens: int,
         started_ns: int,
         first_token_ns: int,
+        cached_tokens: int,
+        kv_tokens: list[int] | None,
         error: str | None = None,
     ) -> LoopOutcome:
         ended_ns = time.perf_counter_ns()
@@ -134,7 +159,14 @@ class PythonTokenLoop:
             prompt_eval_ms=(prompt_end_ns - started_ns) / 1e6,
             eval_ms=(ended_ns - prompt_end_ns) / 1e6,
             error=error,
+            cached_tokens=cached_tokens,
+            kv_tokens=kv_tokens,
         )
+
+
+def _kv(llama: Llama) -> list[int]:
+    """What the KV cache holds: Llama.eval() records every token it decodes."""
+    return [int(token) for token in llama.input_ids[: llama.n_tokens]]
 
 
 class _Cancelled(Exception):

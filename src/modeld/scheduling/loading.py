@@ -140,6 +140,7 @@ class Loader:
             n_threads=settings.n_threads,
             n_gpu_layers=settings.n_gpu_layers,
             use_mmap=not settings.no_mmap,
+            prompt_reuse=settings.prompt_reuse,
         )
         bound = replace(model, path=Path(opened.load_path))
 
