@@ -122,8 +122,13 @@ class TokenLoop(Protocol):
         ring: TokenRing,
         prompt_tokens: Sequence[int],
         params: SamplingParams,
+        grammar: str | None = None,
     ) -> LoopOutcome:
         """Evaluate the prompt from an empty KV cache, then sample until a stop condition.
+
+        ``params.max_tokens`` must be set (the engine settles ``None``). ``grammar`` (GBNF
+        text with a ``root`` rule) constrains every sampled token; one llama.cpp refuses
+        ends the run as ``StopCode.ERROR`` before anything is evaluated.
 
         Blocks until the generation ends. Raises nothing for llama.cpp failures: they come
         back as ``StopCode.ERROR`` with a message.

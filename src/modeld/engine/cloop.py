@@ -88,13 +88,16 @@ class CTokenLoop:
         ring: TokenRing,
         prompt_tokens: Sequence[int],
         params: SamplingParams,
+        grammar: str | None = None,
     ) -> LoopOutcome:
         """See :meth:`modeld.engine.base.TokenLoop.run`.
 
         Raises TypeError for a ring not made by :meth:`new_ring`, ValueError for an empty
         prompt, RuntimeError if another producer is using the ring.
         """
-        outcome, _ = self._run(llama, ring, prompt_tokens, params, trace=False, pause_fd=-1)
+        outcome, _ = self._run(
+            llama, ring, prompt_tokens, params, grammar, trace=False, pause_fd=-1
+        )
         return outcome
 
     def run_traced(
@@ -104,6 +107,7 @@ class CTokenLoop:
         prompt_tokens: Sequence[int],
         params: SamplingParams,
         *,
+        grammar: str | None = None,
         pause_in_prompt_fd: int = -1,
     ) -> tuple[LoopOutcome, list[int]]:
         """:meth:`run`, also returning every sampled token id (an EOG included): for tests.
@@ -113,7 +117,7 @@ class CTokenLoop:
         test can cancel exactly during prompt evaluation.
         """
         outcome, token_ids = self._run(
-            llama, ring, prompt_tokens, params, trace=True, pause_fd=pause_in_prompt_fd
+            llama, ring, prompt_tokens, params, grammar, trace=True, pause_fd=pause_in_prompt_fd
         )
         return outcome, token_ids or []
 
@@ -123,6 +127,7 @@ class CTokenLoop:
         ring: TokenRing,
         prompt_tokens: Sequence[int],
         params: SamplingParams,
+        grammar: str | None,
         *,
         trace: bool,
         pause_fd: int,
@@ -141,6 +146,7 @@ class CTokenLoop:
                 n_vocab=llama.n_vocab(),
                 penalty_last_n=llama.last_n_tokens_size,
                 params=params,
+                grammar=grammar,
                 trace=trace,
                 pause_fd=pause_fd,
             )
