@@ -31,6 +31,7 @@ __all__ = [
     "ResponseFormat",
     "SamplingParams",
     "context_sizes",
+    "embedding_context_sizes",
 ]
 
 MAX_STOP_STRINGS = 16
@@ -91,6 +92,17 @@ def context_sizes(n_ctx: int, n_batch: int, n_ctx_train: int | None = None) -> C
     n_ctx = max(MIN_CONTEXT_TOKENS, n_ctx)
     n_batch = min(n_batch, n_ctx)
     return ContextSizes(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch)
+
+
+def embedding_context_sizes(generation: ContextSizes) -> ContextSizes:
+    """The sizes of a model's embedding context, from its generation context's: one batch.
+
+    A pooled embedding needs a whole input in one micro-batch (llama.cpp aborts the
+    process otherwise), and llama.cpp computes every token's logits there, so the
+    embedding context is as small as that allows: an input holds at most ``n_batch``
+    tokens.
+    """
+    return context_sizes(generation.n_batch, generation.n_batch)
 
 
 ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]

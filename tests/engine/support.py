@@ -127,9 +127,7 @@ def stream(
     """One generation, worker thread producing and this thread consuming."""
     ring = loop.new_ring(capacity_bytes)
     try:
-        thread, result = run_in_worker(
-            lambda: loop.run(llama, ring, prompt, params, grammar), ring
-        )
+        thread, result = run_in_worker(lambda: loop.run(llama, ring, prompt, params, grammar), ring)
         seen = consume(ring)
         seen.outcome = outcome_of(thread, result)
         return seen

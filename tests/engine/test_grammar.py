@@ -112,7 +112,7 @@ def test_check_grammar_refuses_what_llama_cpp_refuses(tiny_llama: Llama) -> None
     ("schema", "reason"),
     [
         ({"$ref": "https://example.com/schema.json"}, "cannot be enforced"),
-        ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "cannot be enforced"),
+        ({"properties": {"a": {"$ref": "#/$defs/missing"}}}, "cannot be enforced"),
         ({"type": "no-such-type"}, "cannot be enforced"),
         ({"type": "string", "pattern": "(unclosed"}, "cannot be enforced"),
         ({"type": "array", "items": {"enum": [f"value-{i}" * 40 for i in range(2000)]}}, "over"),

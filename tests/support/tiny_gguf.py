@@ -12,7 +12,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-__all__ = ["TinyModelSpec", "write_tiny_gguf"]
+__all__ = ["TINY_CHAT_TEMPLATE", "TinyModelSpec", "write_tiny_gguf"]
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 _TOKEN_TYPE_NORMAL, _TOKEN_TYPE_UNKNOWN, _TOKEN_TYPE_CONTROL, _TOKEN_TYPE_BYTE = 1, 2, 3, 6
@@ -32,6 +32,22 @@ class TinyModelSpec:
     # Zero output rows for <unk>/<s>/</s> make end-of-generation practically never the
     # greedy pick, so tests get full-length generations unless they ask otherwise.
     suppress_eos: bool = True
+    # Written as tokenizer.chat_template when given (a Jinja source, as in real models).
+    chat_template: str | None = None
+
+
+# A ChatML-like template in the tiny vocabulary's terms (its BOS is "<s>"), with the
+# checks real templates make: it raises on a role it does not know.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unsupported role: ' + message['role']) }}"
+    "{% endif %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def _vocab() -> tuple[list[str], list[float], list[int]]:
@@ -73,6 +89,8 @@ def write_tiny_gguf(path: Path | str, spec: TinyModelSpec | None = None) -> Path
     writer.add_eos_token_id(EOS_ID)
     writer.add_unk_token_id(UNK_ID)
     writer.add_add_bos_token(True)
+    if spec.chat_template is not None:
+        writer.add_chat_template(spec.chat_template)
 
     output = weights(n_vocab, spec.n_embd)
     if spec.suppress_eos:

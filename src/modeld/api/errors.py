@@ -28,6 +28,8 @@ STATUS_BY_ERROR: dict[type[errors.ModeldError], int] = {
     errors.PayloadTooLarge: 413,
     errors.RequestBodyTimeout: 408,
     errors.ConfigError: 400,
+    errors.NoChatTemplate: 400,
+    errors.ChatTemplateError: 400,
     errors.ClientDisconnected: 499,
     errors.ModelNotFound: 404,
     errors.NoDefaultModel: 400,

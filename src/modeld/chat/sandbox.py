@@ -37,8 +37,9 @@ from typing import Any
 import jinja2
 import jinja2.ext
 from jinja2 import nodes
+from jinja2.exceptions import SecurityError
 from jinja2.parser import Parser
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 __all__ = [
     "MAX_INT_ARGUMENT",
@@ -119,7 +120,7 @@ class _IgnoreGenerationTag(jinja2.ext.Extension):
     """Hugging Face templates mark assistant text with ``{% generation %}``; only training
     code reads it, so its body renders as plain text (as transformers does)."""
 
-    tags = frozenset({"generation"})
+    tags = {"generation"}  # noqa: RUF012 (jinja's own type for it)
 
     def parse(self, parser: Parser) -> nodes.Node:
         lineno = next(parser.stream).lineno
@@ -159,7 +160,7 @@ class TemplateSandbox(ImmutableSandboxedEnvironment):
         self.globals["raise_exception"] = _raise_exception
         self.globals["strftime_now"] = _strftime_now
 
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         _check_int_arguments(args, kwargs)
         owner = getattr(__obj, "__self__", None)
         if isinstance(owner, str):  # "sep".join(items), text.replace(old, new)
@@ -285,7 +286,9 @@ def render_bounded(
     except _RaisedByTemplate as exc:
         raise TemplateRefused(str(exc)) from None
     except SecurityError as exc:
-        raise TemplateRefused(f"the chat template did something the sandbox forbids: {exc}") from None
+        raise TemplateRefused(
+            f"the chat template did something the sandbox forbids: {exc}"
+        ) from None
     except RecursionError:
         raise TemplateRefused("the chat template recursed too deeply") from None
     except MemoryError:

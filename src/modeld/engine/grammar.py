@@ -46,7 +46,7 @@ def grammar_for_format(response_format: ResponseFormat) -> str:
     if not isinstance(response_format, dict):
         raise InvalidRequest('format must be "json" or a JSON schema object', field="format")
     try:
-        grammar = json_schema_to_gbnf(json.dumps(response_format))
+        grammar = str(json_schema_to_gbnf(json.dumps(response_format)))
     except RecursionError:
         raise InvalidRequest("the JSON schema is nested too deeply", field="format") from None
     except Exception as exc:  # the converter reports with asserts, KeyError, ValueError ...
@@ -75,6 +75,4 @@ def check_grammar(vocab: object, grammar: str) -> None:
     """Raises :class:`InvalidRequest` (field ``format``) when llama.cpp refuses
     ``grammar``; its reason is in the log (llama.cpp's own error line)."""
     if "\x00" in grammar or not grammar_is_accepted(vocab, grammar):
-        raise InvalidRequest(
-            f"{GRAMMAR_REFUSED}; its log line says why", field="format"
-        )
+        raise InvalidRequest(f"{GRAMMAR_REFUSED}; its log line says why", field="format")

@@ -55,7 +55,9 @@ class PythonTokenLoop:
         # llama-cpp-python adds a grammar sampler without checking it exists: one that
         # llama.cpp refuses must never reach it (the C loop checks the same way).
         if grammar is not None and not grammar_is_accepted(vocab, grammar):
-            return self._outcome(StopCode.ERROR, len(prompt_tokens), 0, started_ns, 0, GRAMMAR_REFUSED)
+            return self._outcome(
+                StopCode.ERROR, len(prompt_tokens), 0, started_ns, 0, GRAMMAR_REFUSED
+            )
         first_token_ns = 0
         completion_tokens = 0
         stop_code = StopCode.LENGTH

@@ -80,6 +80,8 @@ class Instance:
     gone: anyio.Event = field(default_factory=anyio.Event)  # closed and out of the budget
     error: ModeldError | None = None
     disposal: anyio.CancelScope | None = None  # set while the engine closes; cancel abandons
+    embedding_bytes: int = 0  # the embedding context's estimate, charged on first use
+    embedding_charged: bool = False
 
     @property
     def model_id(self) -> str:

@@ -21,12 +21,16 @@ from modeld.engine.worker import EngineWorker
 from modeld.errors import ModeldError, ModelLoadFailed, ResourcesExhausted
 from modeld.gguf import read_gguf_header
 from modeld.memory.budget import MemoryBudget
-from modeld.memory.estimate import FootprintEstimate, estimate_footprint
+from modeld.memory.estimate import (
+    FootprintEstimate,
+    embedding_context_bytes,
+    estimate_footprint,
+)
 from modeld.memory.probe import MemoryProbe
 from modeld.registry import ModelFile
 from modeld.scheduling.events import EventHub, ModelLoadingProgress
 from modeld.scheduling.instance import Instance
-from modeld.types import context_sizes
+from modeld.types import context_sizes, embedding_context_sizes
 
 __all__ = ["EngineFactory", "Loader", "Reserve", "out_of_descriptors"]
 
@@ -88,13 +92,20 @@ class Loader:
 
     async def _load(self, instance: Instance, reserve: Reserve) -> None:
         model, settings = instance.model, self.settings
+        engine_settings = self._engine_settings(model.id)
         header = await anyio.to_thread.run_sync(lambda: read_gguf_header(model.path))
-        sizes = context_sizes(settings.n_ctx, settings.n_batch, header.context_length)
+        sizes = context_sizes(engine_settings.n_ctx, settings.n_batch, header.context_length)
         estimate = estimate_footprint(
             header,
             n_ctx=sizes.n_ctx,
-            n_gpu_layers=settings.n_gpu_layers,
+            n_gpu_layers=engine_settings.n_gpu_layers,
             n_batch=sizes.n_batch,
+            gpu=self._gpu,
+        )
+        instance.embedding_bytes = embedding_context_bytes(
+            header,
+            n_tokens=embedding_context_sizes(sizes).n_ubatch,
+            n_gpu_layers=engine_settings.n_gpu_layers,
             gpu=self._gpu,
         )
         self._progress(model.id, "validated", 0.1)
@@ -103,13 +114,6 @@ class Loader:
         async with self._measurement(instance) as measured:
             before_bytes = self._probe.used_bytes() if measured else 0
             worker = instance.worker = EngineWorker(f"modeld:{model.id}")
-            engine_settings = EngineSettings(
-                n_ctx=settings.n_ctx,
-                n_batch=settings.n_batch,
-                n_threads=settings.n_threads,
-                n_gpu_layers=settings.n_gpu_layers,
-                use_mmap=not settings.no_mmap,
-            )
             engine = instance.engine = await worker.run(
                 lambda: self._engine_factory(
                     model, engine_settings, self._loop, header.context_length
@@ -121,6 +125,20 @@ class Loader:
         self._budget.charge(model.id, self._charge_after_load(measured_bytes, estimate, engine))
         instance.charge_bytes = self._budget.charge_of(model.id)
         instance.measured = measured
+
+    def _engine_settings(self, model_id: str) -> EngineSettings:
+        """The global settings, with the model's own ``[models."<id>"]`` values on top."""
+        settings = self.settings
+        own = settings.model(model_id)
+        return EngineSettings(
+            n_ctx=own.n_ctx if own.n_ctx is not None else settings.n_ctx,
+            n_batch=settings.n_batch,
+            n_threads=own.threads if own.threads is not None else settings.n_threads,
+            n_gpu_layers=own.n_gpu_layers
+            if own.n_gpu_layers is not None
+            else settings.n_gpu_layers,
+            use_mmap=not settings.no_mmap,
+        )
 
     @asynccontextmanager
     async def _measurement(self, instance: Instance) -> AsyncIterator[bool]:

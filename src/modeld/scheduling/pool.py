@@ -15,7 +15,7 @@ from anyio.abc import TaskGroup
 from loguru import logger
 
 from modeld.config import Settings
-from modeld.engine.base import TokenLoop
+from modeld.engine.base import EngineClosed, TokenLoop
 from modeld.errors import (
     InvalidModelId,
     MemoryBusy,
@@ -258,6 +258,7 @@ class InstancePool:
             slot=self.slot_for(model.id),
             last_used_s=now_s,
             loading_since_s=now_s,
+            pinned=self.settings.model(model.id).pin,
         )
         self._instances[model.id] = instance
         assert self._task_group is not None, "use ModelManager as an async context manager"
@@ -301,19 +302,31 @@ class InstancePool:
         self.events.publish(ModelFailed(model=instance.model_id, error=error.message))
         await self._dispose(instance)
 
+    async def reserve_embedding(self, instance: Instance, deadline_s: float) -> None:
+        """Charge the instance's embedding context (on its first use) on top of what it
+        holds, evicting or waiting as a load does; raises as :meth:`_reserve`."""
+        if instance.embedding_charged:
+            return
+        await self._reserve(instance, instance.embedding_bytes, deadline_s)
+        instance.embedding_charged = True
+
     async def _reserve(self, instance: Instance, need_bytes: int, deadline_s: float) -> None:
-        """Charge ``need_bytes`` to the budget, evicting LRU idle instances to make room.
+        """Charge ``need_bytes`` more to the instance, evicting LRU idle instances to make
+        room.
 
         Raises :class:`ModelTooLarge` at once if it cannot fit an empty budget, and
         :class:`MemoryBusy` if only busy instances stand in the way past the deadline.
         """
         model_id = instance.model_id
-        if not self.budget.could_ever_fit(need_bytes):
+        held_bytes = self.budget.charge_of(model_id)
+        if not self.budget.could_ever_fit(held_bytes + need_bytes):
             raise ModelTooLarge(
-                f"{model_id} needs about {need_bytes / MIB:.0f} MiB; the budget minus margin "
-                f"is {self.budget.limit_bytes / MIB:.0f} MiB"
+                f"{model_id} needs about {(held_bytes + need_bytes) / MIB:.0f} MiB; the budget "
+                f"minus margin is {self.budget.limit_bytes / MIB:.0f} MiB"
             )
         while True:
+            if instance.gone.is_set() or instance.state is InstanceState.UNLOADING:
+                raise EngineClosed(f"{model_id} was unloaded while it waited for memory")
             others = [i for i in self._instances.values() if i is not instance]
             victims = choose_victims(
                 (
@@ -327,8 +340,8 @@ class InstancePool:
                 self.budget.limit_bytes,
             )
             if victims == []:
-                self.budget.charge(model_id, need_bytes)
-                instance.charge_bytes = need_bytes
+                self.budget.charge(model_id, self.budget.charge_of(model_id) + need_bytes)
+                instance.charge_bytes = self.budget.charge_of(model_id)
                 return
             if victims:
                 for victim in victims:
