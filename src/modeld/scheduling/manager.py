@@ -374,10 +374,15 @@ class ModelManager:
             raise NoDefaultModel("no model given and no --default-model configured")
         return check_model_id(self.settings.resolve_model_name(name))
 
-    def sampling_defaults(self, model_id: str) -> Mapping[str, object]:
-        """The model's configured defaults of :class:`SamplingParams` fields, for whoever
-        builds a request from what a client sent: they fill the fields it did not set."""
-        return self.settings.model(model_id).defaults
+    def sampling_defaults(self, name: str | None) -> Mapping[str, object]:
+        """The configured defaults of :class:`SamplingParams` fields for the model a
+        request names (an alias, or None for the default model), for whoever builds a
+        request from what a client sent: they fill the fields it did not set. Empty for
+        a model without a table; never raises (the request's own checks come later)."""
+        name = name or self.settings.default_model
+        if not name:
+            return {}
+        return self.settings.model(self.settings.resolve_model_name(name)).defaults
 
     def _admit(self, model_id: str) -> SlotTicket:
         """Refuse at once past a cap; otherwise join the model's line (no await)."""
@@ -576,7 +581,7 @@ async def _grammar_for(response_format: ResponseFormat | None) -> str | None:
 
 def _embedding_inputs(inputs: Sequence[str]) -> list[str]:
     """Raises :class:`InvalidRequest` (field ``input``) unless 1 to
-    :data:`MAX_EMBEDDING_INPUTS` strings of at most :data:`MAX_PROMPT_CHARS`."""
+    :data:`MAX_EMBEDDING_INPUTS` non-empty strings of at most :data:`MAX_PROMPT_CHARS`."""
     if isinstance(inputs, str):
         inputs = [inputs]
     texts = list(inputs)
@@ -585,8 +590,8 @@ def _embedding_inputs(inputs: Sequence[str]) -> list[str]:
             f"give 1 to {MAX_EMBEDDING_INPUTS} inputs, not {len(texts)}", field="input"
         )
     for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise InvalidRequest(f"input {index} is not a string", field="input")
+        if not isinstance(text, str) or not text:
+            raise InvalidRequest(f"input {index} is not a non-empty string", field="input")
         if len(text) > MAX_PROMPT_CHARS:
             raise InvalidRequest(
                 f"input {index} is over {MAX_PROMPT_CHARS} characters", field="input"
