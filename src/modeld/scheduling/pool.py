@@ -45,6 +45,7 @@ from modeld.types import DoneReason, InstanceState
 
 __all__ = ["EngineFactory", "InstancePool"]
 
+_MEMORY_WAIT_LEAD_S = 0.05
 _BACKOFF_BASE_S = 1.0
 _BACKOFF_MAX_S = 60.0
 
@@ -226,7 +227,7 @@ class InstancePool:
                 return instance
             with anyio.move_on_after(max(0.0, deadline_s - time.monotonic())) as scope:
                 await instance.settled.wait()
-            if scope.cancelled_caught:
+            if scope.cancelled_caught and not instance.settled.is_set():
                 raise QueueTimeout(f"{model.id}: still loading after the request's max wait", 1.0)
             if instance.state is InstanceState.ERROR:
                 assert instance.error is not None
@@ -262,7 +263,10 @@ class InstancePool:
         )
         self._instances[model.id] = instance
         assert self._task_group is not None, "use ModelManager as an async context manager"
-        self._task_group.start_soon(self._load, instance, deadline_s, name=f"load {model.id}")
+        # The load's wait for memory ends a moment before the request's own deadline, so a
+        # request that waited for busy models is told memory_busy (503), not queue_timeout.
+        load_deadline_s = deadline_s - _MEMORY_WAIT_LEAD_S
+        self._task_group.start_soon(self._load, instance, load_deadline_s, name=f"load {model.id}")
         return instance
 
     async def _load(self, instance: Instance, deadline_s: float) -> None:

@@ -20,8 +20,8 @@ from modeld.types import DoneReason, GenerationResult
 
 __all__ = [
     "ENDED_EARLY_STATUS",
-    "UnsupportedParam",
     "PARAM_NAMES_KEY",
+    "UnsupportedParam",
     "ended_early_response",
     "error_event",
     "openai_error_body",
