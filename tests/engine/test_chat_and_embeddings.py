@@ -69,7 +69,7 @@ def test_a_builtin_template_overrides_and_gets_the_vocabularys_bos(
         "<|im_start|>assistant\n"
     )
     assert plain_engine.prepare_chat(HELLO, 8, "chatml") == plain_engine.prepare(text, 8)
-    with pytest.raises(ChatTemplateError, match="not a llama.cpp built-in"):
+    with pytest.raises(ChatTemplateError, match=r"not a llama\.cpp built-in"):
         plain_engine.prepare_chat(HELLO, 8, "no-such-template")
 
 

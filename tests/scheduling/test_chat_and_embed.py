@@ -17,6 +17,7 @@ from modeld.engine.base import TokenLoop
 from modeld.gguf import read_gguf_header
 from modeld.memory.estimate import embedding_context_bytes, estimate_footprint
 from modeld.model_settings import ModelSettings
+from modeld.scheduling.events import ModelReady
 from modeld.scheduling.manager import ModelManager
 from modeld.sizes import MIB
 from modeld.types import (
@@ -152,16 +153,18 @@ async def test_an_embedding_waits_its_turn_in_the_models_line(
 async def test_a_cancelled_embedding_leaves_nothing_behind(
     models_dir: Path, token_loop: TokenLoop
 ) -> None:
+    """Cancelled mid-way, it stops between inputs; the model stays busy until it has (the
+    next request waits its turn behind it), then nothing is held."""
     async with manager_with(models_dir, token_loop, {}) as manager:
-        with anyio.move_on_after(0.01):
-            await manager.embed("tiny-a.gguf", ["hello"] * 200)
-        with anyio.fail_after(30):
-            while manager.statistics().admitted or any(
-                i.inflight or i.queue_len for i in manager.statistics().instances
-            ):
-                await anyio.sleep(0.01)  # the worker finishes its current input
-        result = await manager.embed("tiny-a.gguf", ["hello"])  # the model is free again
+        await manager.load("tiny-a.gguf")
+        with anyio.move_on_after(0.05) as scope:
+            await manager.embed("tiny-a.gguf", ["hello world and the"] * 2000)
+        assert scope.cancelled_caught
+        result = await manager.embed("tiny-a.gguf", ["hello"])  # queued behind its end
+        stats = manager.statistics()
     assert len(result.embeddings) == 1
+    assert stats.admitted == 0
+    assert [(i.inflight, i.queue_len) for i in stats.instances] == [(0, 0)]
 
 
 async def test_pinned_models_load_at_start_and_are_never_evicted(
@@ -171,10 +174,12 @@ async def test_pinned_models_load_at_start_and_are_never_evicted(
     instance = estimate_footprint(header, n_ctx=256, n_gpu_layers=-1, n_batch=512, gpu=False)
     budget_mb = math.ceil(2 * instance.total_bytes / MIB)  # two instances, not three
     models = {"tiny-a.gguf": ModelSettings(pin=True)}
-    async with manager_with(models_dir, token_loop, models, vram_budget_mb=budget_mb) as manager:
+    manager = manager_with(models_dir, token_loop, models, vram_budget_mb=budget_mb)
+    async with manager.events.subscribe() as events, manager:
         with anyio.fail_after(30):
-            while not manager.is_ready("tiny-a.gguf"):
-                await anyio.sleep(0.01)  # loading at start, nobody asked for it
+            while not isinstance(await events.next(), ModelReady):
+                pass  # loading at start, nobody asked for it
+        assert manager.is_ready("tiny-a.gguf")
         await manager.complete(InferRequest(prompt="x", model="tiny-b.gguf", max_tokens=2))
         await manager.complete(InferRequest(prompt="x", model="tiny-c.gguf", max_tokens=2))
         loaded = sorted(i.model_id for i in manager.statistics().instances)
@@ -191,7 +196,7 @@ async def test_per_model_context_and_an_unknown_id(models_dir: Path, token_loop:
         )
         assert result.metrics.completion_tokens == 100  # the global 256 for the others
     unknown = {"no-such.gguf": ModelSettings(pin=True)}
-    with pytest.raises(errors.ConfigError, match='models."no-such.gguf"'):
+    with pytest.raises(errors.ConfigError, match=r'models\."no-such\.gguf"'):
         async with manager_with(models_dir, token_loop, unknown):
             pass
 
