@@ -44,7 +44,8 @@ async def main(models_dir: str) -> None:
 
         result = await manager.embed("gemma", ["The sea is blue.", "The ocean is blue."])
         first, second = result.embeddings
-        print(f"{len(first)} dimensions; cosine {sum(a * b for a, b in zip(first, second)):.3f}")
+        cosine = sum(a * b for a, b in zip(first, second, strict=True))
+        print(f"{len(first)} dimensions; cosine {cosine:.3f}")
 
 
 if __name__ == "__main__":
