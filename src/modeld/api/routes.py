@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import anyio
 import msgspec
 import orjson
 from loguru import logger
@@ -14,11 +13,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from modeld.api.admin import reload_config
-from modeld.api.bodies import decode_body, read_body
+from modeld.api.bodies import decode_body, decode_with_defaults, read_body
 from modeld.api.events import events, metrics
 from modeld.api.status_page import status_page
-from modeld.api.streaming import NdjsonGenerationResponse, terminal_record, unless_disconnected
-from modeld.errors import ClientDisconnected
+from modeld.api.streaming import (
+    NdjsonGenerationResponse,
+    collect_watched,
+    start_watched,
+    terminal_record,
+)
 from modeld.observability.audit import audited
 from modeld.observability.logging import prompt_logging_enabled
 from modeld.scheduling.manager import ModelManager
@@ -29,10 +32,6 @@ __all__ = ["build_routes"]
 
 class LoadRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     pin: bool | None = None
-
-
-def _noop() -> None:
-    pass
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -91,27 +90,15 @@ async def infer(request: Request) -> Response:
     manager = _manager(request)
     request_id = _request_id(request)
     body = await read_body(request, manager.settings.max_body_bytes, manager.settings.body_timeout)
-    infer_request = decode_body(body, InferRequest)
+    infer_request = decode_with_defaults(body, InferRequest, manager.sampling_defaults)
     request.scope["state"]["model"] = infer_request.model or manager.settings.default_model
     if prompt_logging_enabled():
         logger.debug("prompt", prompt=infer_request.prompt, model=infer_request.model)
     owner = manager.stream(infer_request, request_id=request_id)
-    # Until the stream starts nothing reads from the client: watch for it leaving, so a
-    # queued or loading request whose client is gone leaves the queue at once.
-    started, generation = await unless_disconnected(request.receive, owner.__aenter__, _noop)
-    if not started or generation is None:
-        raise ClientDisconnected("the client left while its request waited")
+    generation = await start_watched(request.receive, owner)
     if infer_request.stream:
         return NdjsonGenerationResponse(owner, generation)
-
-    async def collect() -> str:
-        return "".join([chunk.text async for chunk in generation])
-
-    try:
-        _, text = await unless_disconnected(request.receive, collect, generation.cancel)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await owner.__aexit__(None, None, None)
+    text = await collect_watched(request.receive, owner, generation)
     assert generation.result is not None
     request.scope["state"]["queue_ms"] = generation.result.metrics.queue_ms
     if prompt_logging_enabled():

@@ -28,6 +28,7 @@
 #include <limits.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "csrc/loop.h"
 
@@ -142,10 +143,42 @@ static const sampling_field SAMPLING_FIELDS[] = {
     FIELD(min_p, FIELD_DOUBLE),
     FIELD(repeat_penalty, FIELD_DOUBLE),
     FIELD(seed, FIELD_UINT32),
+    FIELD(presence_penalty, FIELD_DOUBLE),
+    FIELD(frequency_penalty, FIELD_DOUBLE),
 };
 #undef FIELD
 #define N_SAMPLING_FIELDS (sizeof(SAMPLING_FIELDS) / sizeof(SAMPLING_FIELDS[0]))
 static const char STOP_FIELD[] = "stop";
+
+/* The grammar (str or None) as an owned NUL-terminated copy; *out stays NULL for None. */
+static int
+grammar_from_python(PyObject *grammar, char **out)
+{
+    *out = NULL;
+    if (grammar == NULL || grammar == Py_None) {
+        return 0;
+    }
+    if (!PyUnicode_Check(grammar)) {
+        PyErr_SetString(PyExc_TypeError, "grammar must be str or None");
+        return -1;
+    }
+    Py_ssize_t len;
+    const char *text = PyUnicode_AsUTF8AndSize(grammar, &len);
+    if (text == NULL) {
+        return -1;
+    }
+    if ((Py_ssize_t)strlen(text) != len) {
+        PyErr_SetString(PyExc_ValueError, "grammar must not contain NUL");
+        return -1;
+    }
+    *out = PyMem_RawMalloc((size_t)len + 1);
+    if (*out == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(*out, text, (size_t)len + 1);
+    return 0;
+}
 
 /* ------------------------------------------------------------------------------------ */
 /* Module state */
@@ -341,6 +374,8 @@ error_to_python(const loop_state *s)
         return PyUnicode_FromString("out of memory in the token loop");
     case LOOP_ERR_SAMPLER:
         return PyUnicode_FromString("llama.cpp could not create the sampler chain");
+    case LOOP_ERR_GRAMMAR:
+        return PyUnicode_FromString("llama.cpp refused the grammar");
     }
     return PyUnicode_FromString("unknown token loop error");
 }
@@ -794,35 +829,37 @@ tokenloop_bind(PyObject *Py_UNUSED(module), PyObject *arg)
 
 PyDoc_STRVAR(run_doc,
              "run(*, ring, ctx, vocab, prompt, n_batch, n_vocab, penalty_last_n, params, "
-             "cached=0, n_swa=0, pause_fd=-1)\n"
+             "cached=0, n_swa=0, grammar=None, pause_fd=-1)\n"
              "-> (stop_code, completion_tokens, prompt_eval_ns, eval_ns, error, token_ids, "
              "cached_tokens, n_kv)\n\n"
              "One generation with the GIL released; every argument by name. ctx and vocab are "
              "addresses; params is a modeld.types.SamplingParams (its fields are read by name, "
-             "seed must be set). cached: the KV holds prompt[:cached] from the previous "
-             "generation (kept when that is exact, see keep_cached_prefix; else the cache is "
-             "cleared); n_swa: the model's sliding window. token_ids: every sampled id, an EOG "
-             "included; cached_tokens: the prompt tokens kept; n_kv: the KV holds the first "
-             "n_kv of prompt + token_ids, -1 when unknown. pause_fd >= 0 is a test hook: the "
-             "first prompt decode signals it and holds until the ring is cancelled.");
+             "seed and max_tokens must be set). cached: the KV holds prompt[:cached] from the "
+             "previous generation (kept when that is exact, see keep_cached_prefix; else the "
+             "cache is cleared); n_swa: the model's sliding window. grammar is GBNF text with a "
+             "root rule, or None. token_ids: every sampled id, an EOG included; cached_tokens: "
+             "the prompt tokens kept; n_kv: the KV holds the first n_kv of prompt + token_ids, "
+             "-1 when unknown. pause_fd >= 0 is a test hook: the first prompt decode signals it "
+             "and holds until the ring is cancelled.");
 
 static PyObject *
 tokenloop_run(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"ring",    "ctx",    "vocab", "prompt",   "n_batch", "n_vocab",
-                               "penalty_last_n", "params", "cached", "n_swa", "pause_fd", NULL};
+    static char *keywords[] = {"ring",     "ctx",    "vocab",          "prompt", "n_batch",
+                               "n_vocab",  "penalty_last_n", "params", "cached", "n_swa",
+                               "grammar",  "pause_fd", NULL};
     module_state *st = get_state(module);
-    PyObject *ring_obj = NULL, *prompt_obj = NULL, *params_obj = NULL;
+    PyObject *ring_obj = NULL, *prompt_obj = NULL, *params_obj = NULL, *grammar_obj = NULL;
     unsigned long long ctx_addr = 0, vocab_addr = 0;
     loop_state s;
     memset(&s, 0, sizeof(s));
     s.penalty_last_n = INT_MIN; /* "not given": llama.cpp takes -1 and up */
     s.abort.pause_fd = -1;
     /* "|$": keyword-only, so two neighbours of one type can never be swapped by position */
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$O!KKOiiiOiii:run", keywords,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$O!KKOiiiOiiOi:run", keywords,
                                      st->ring_type, &ring_obj, &ctx_addr, &vocab_addr,
                                      &prompt_obj, &s.n_batch, &s.n_vocab, &s.penalty_last_n,
-                                     &params_obj, &s.n_cached, &s.n_swa,
+                                     &params_obj, &s.n_cached, &s.n_swa, &grammar_obj,
                                      &s.abort.pause_fd)) {
         return NULL;
     }
@@ -851,6 +888,9 @@ tokenloop_run(PyObject *module, PyObject *args, PyObject *kwargs)
     }
     if (s.sampling.max_tokens < 1) {
         PyErr_SetString(PyExc_ValueError, "max_tokens must be at least 1");
+        goto done;
+    }
+    if (grammar_from_python(grammar_obj, &s.grammar) < 0) {
         goto done;
     }
     s.prompt = prompt_from_python(prompt_obj, &s.n_prompt);

@@ -144,10 +144,15 @@ class TokenLoop(Protocol):
         ring: TokenRing,
         prompt_tokens: Sequence[int],
         params: SamplingParams,
+        grammar: str | None = None,
         *,
         cached: int = 0,
     ) -> LoopOutcome:
         """Evaluate the prompt, then sample until a stop condition.
+
+        ``params.max_tokens`` must be set (the engine settles ``None``). ``grammar`` (GBNF
+        text with a ``root`` rule) constrains every sampled token; one llama.cpp refuses
+        ends the run as ``StopCode.ERROR`` before anything is evaluated.
 
         ``cached`` says the KV cache holds ``prompt_tokens[:cached]`` from the previous
         generation (``0 <= cached < len(prompt_tokens)``): the loop keeps them where

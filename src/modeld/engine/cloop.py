@@ -88,6 +88,7 @@ class CTokenLoop:
         ring: TokenRing,
         prompt_tokens: Sequence[int],
         params: SamplingParams,
+        grammar: str | None = None,
         *,
         cached: int = 0,
     ) -> LoopOutcome:
@@ -97,7 +98,9 @@ class CTokenLoop:
         prompt or a ``cached`` outside ``[0, len(prompt_tokens))``, RuntimeError if another
         producer is using the ring.
         """
-        outcome, _ = self._run(llama, ring, prompt_tokens, params, cached=cached, pause_fd=-1)
+        outcome, _ = self._run(
+            llama, ring, prompt_tokens, params, grammar, cached=cached, pause_fd=-1
+        )
         return outcome
 
     def run_traced(
@@ -107,6 +110,7 @@ class CTokenLoop:
         prompt_tokens: Sequence[int],
         params: SamplingParams,
         *,
+        grammar: str | None = None,
         cached: int = 0,
         pause_in_prompt_fd: int = -1,
     ) -> tuple[LoopOutcome, list[int]]:
@@ -117,7 +121,13 @@ class CTokenLoop:
         test can cancel exactly during prompt evaluation.
         """
         return self._run(
-            llama, ring, prompt_tokens, params, cached=cached, pause_fd=pause_in_prompt_fd
+            llama,
+            ring,
+            prompt_tokens,
+            params,
+            grammar,
+            cached=cached,
+            pause_fd=pause_in_prompt_fd,
         )
 
     def _run(
@@ -126,6 +136,7 @@ class CTokenLoop:
         ring: TokenRing,
         prompt_tokens: Sequence[int],
         params: SamplingParams,
+        grammar: str | None,
         *,
         cached: int,
         pause_fd: int,
@@ -146,6 +157,7 @@ class CTokenLoop:
                 params=params,
                 cached=cached,
                 n_swa=llama_cpp.llama_model_n_swa(llama.model),
+                grammar=grammar,
                 pause_fd=pause_fd,
             )
         finally:

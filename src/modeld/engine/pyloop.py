@@ -13,8 +13,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import llama_cpp
+from llama_cpp.llama_grammar import LlamaGrammar
 
 from modeld.engine.base import RING_CAPACITY_BYTES, LoopOutcome, StopCode, TokenRing
+from modeld.engine.grammar import GRAMMAR_REFUSED, grammar_is_accepted
 from modeld.engine.kv_prefix import keep_prefix
 from modeld.engine.pyring import PyTokenRing
 from modeld.engine.textstream import TextAssembler
@@ -38,12 +40,16 @@ class PythonTokenLoop:
         ring: TokenRing,
         prompt_tokens: Sequence[int],
         params: SamplingParams,
+        grammar: str | None = None,
         *,
         cached: int = 0,
     ) -> LoopOutcome:
         if not 0 <= cached < len(prompt_tokens):
             raise ValueError("cached must leave at least one prompt token to evaluate")
         vocab = llama._model.vocab
+        if params.max_tokens is None:
+            raise ValueError("max_tokens must be set (the engine settles None)")
+        max_tokens = params.max_tokens
         piece = _PieceReader(vocab)
         text = TextAssembler(params.stop)
         seed = params.seed if params.seed is not None else secrets.randbits(32)
@@ -58,6 +64,13 @@ class PythonTokenLoop:
             llama.reset()  # type: ignore[no-untyped-call]
         to_evaluate = prompt_tokens[kept:]
         kv_known = True
+        # llama-cpp-python adds a grammar sampler without checking it exists: one that
+        # llama.cpp refuses must never reach it (the C loop checks the same way).
+        if grammar is not None and not grammar_is_accepted(vocab, grammar):
+            return self._outcome(
+                StopCode.ERROR, len(prompt_tokens), 0, started_ns, 0, kept, _kv(llama),
+                GRAMMAR_REFUSED,
+            )  # fmt: skip
         first_token_ns = 0
         completion_tokens = 0
         stop_code = StopCode.LENGTH
@@ -92,6 +105,9 @@ class PythonTokenLoop:
             min_p=params.min_p,
             temp=params.temperature,
             repeat_penalty=params.repeat_penalty,
+            frequency_penalty=params.frequency_penalty,
+            presence_penalty=params.presence_penalty,
+            grammar=LlamaGrammar.from_string(grammar) if grammar is not None else None,
             reset=False,  # continue after the chunks evaluated above
         )
         try:
@@ -112,7 +128,7 @@ class PythonTokenLoop:
                 if text.stopped:
                     stop_code = StopCode.STOP
                     break
-                if completion_tokens >= params.max_tokens:
+                if completion_tokens >= max_tokens:
                     break
                 if llama.n_tokens >= llama.n_ctx():
                     break  # context full: LENGTH, as llama-server reports it

@@ -37,6 +37,7 @@ class RequestTiming:
         self.load_s = 0.0
         self.started_s = 0.0
         self.first_chunk_s = 0.0
+        self.deadline_s = math.inf  # the latest a load or a memory wait may end
 
 
 class Generation:

@@ -87,6 +87,8 @@ class Instance:
     load_stage: str = "started"  # the loader's last progress stage
     load_progress: float = 0.0
     generations_started: int = 0
+    embedding_bytes: int = 0  # the embedding context's estimate, charged on first use
+    embedding_charged: bool = False
 
     @property
     def model_id(self) -> str:

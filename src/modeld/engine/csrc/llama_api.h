@@ -61,6 +61,8 @@ typedef bool (*ggml_abort_callback)(void *data);
     X(struct llama_sampler *, llama_sampler_init_min_p, (float p, size_t min_keep))        \
     X(struct llama_sampler *, llama_sampler_init_temp, (float t))                          \
     X(struct llama_sampler *, llama_sampler_init_dist, (uint32_t seed))                    \
+    X(struct llama_sampler *, llama_sampler_init_grammar,                                  \
+      (const struct llama_vocab *vocab, const char *grammar_str, const char *grammar_root)) \
     X(llama_token, llama_sampler_sample,                                                   \
       (struct llama_sampler * s, struct llama_context * ctx, int32_t idx))                 \
     X(void, llama_sampler_free, (struct llama_sampler * s))                                \

@@ -23,7 +23,13 @@
 #include "text_assembler.h"
 
 enum stop_code { STOP_STOP = 0, STOP_LENGTH = 1, STOP_CANCELLED = 2, STOP_ERROR = 3 };
-enum loop_error { LOOP_OK = 0, LOOP_ERR_DECODE, LOOP_ERR_NO_MEMORY, LOOP_ERR_SAMPLER };
+enum loop_error {
+    LOOP_OK = 0,
+    LOOP_ERR_DECODE,
+    LOOP_ERR_NO_MEMORY,
+    LOOP_ERR_SAMPLER,
+    LOOP_ERR_GRAMMAR,
+};
 
 /* modeld.types.SamplingParams but its stop strings (those are loop_state.stops). Filled
  * field by field, by name, in _tokenloop.c (SAMPLING_FIELDS). */
@@ -35,6 +41,8 @@ typedef struct {
     double min_p;
     double repeat_penalty;
     uint32_t seed;
+    double presence_penalty;
+    double frequency_penalty;
 } sampling_params;
 
 typedef struct {
@@ -56,6 +64,7 @@ typedef struct {
     int32_t n_vocab;
     int32_t penalty_last_n;
     sampling_params sampling;
+    char *grammar; /* owned GBNF with a "root" rule; NULL when sampling is unconstrained */
     stop_set stops; /* owned */
     text_asm text;
     llama_token *trace; /* owned: every sampled token id, an EOG included */
@@ -102,6 +111,8 @@ loop_state_release(loop_state *s)
     s->prompt = NULL;
     MODELD_FREE(s->trace);
     s->trace = NULL;
+    MODELD_FREE(s->grammar);
+    s->grammar = NULL;
     text_asm_free(&s->text);
     stop_set_free(&s->stops);
 }
@@ -118,19 +129,34 @@ abort_if_cancelled(void *data)
     return ring_is_cancelled(abort->ring);
 }
 
-/* The chain of llama-cpp-python 0.3.36 Llama._init_sampler, with its defaults. */
+/* The chain of llama-cpp-python 0.3.36 Llama._init_sampler, with its defaults: penalties,
+ * the grammar (before any selecting sampler, so a chosen token is always one the grammar
+ * allows), then greedy or top_k..dist. NULL with s->error set when a sampler cannot be
+ * made; a grammar llama.cpp refuses is never added to the chain. */
 static struct llama_sampler *
-build_sampler(const loop_state *s)
+build_sampler(loop_state *s)
 {
     const sampling_params *p = &s->sampling;
     struct llama_sampler *chain =
         lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params());
     if (chain == NULL) {
+        s->error = LOOP_ERR_SAMPLER;
         return NULL;
     }
     lib.llama_sampler_chain_add(
-        chain, lib.llama_sampler_init_penalties(
-                   s->n_vocab, s->penalty_last_n, (float)p->repeat_penalty, 0.0f, 0.0f));
+        chain, lib.llama_sampler_init_penalties(s->n_vocab, s->penalty_last_n,
+                                                (float)p->repeat_penalty,
+                                                (float)p->frequency_penalty,
+                                                (float)p->presence_penalty));
+    if (s->grammar != NULL) {
+        struct llama_sampler *grammar = lib.llama_sampler_init_grammar(s->vocab, s->grammar, "root");
+        if (grammar == NULL) {
+            lib.llama_sampler_free(chain);
+            s->error = LOOP_ERR_GRAMMAR;
+            return NULL;
+        }
+        lib.llama_sampler_chain_add(chain, grammar);
+    }
     if (p->temperature < 0.0) {
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(p->seed));
         return chain;
@@ -313,7 +339,6 @@ run_loop(loop_state *s)
     struct llama_sampler *sampler = build_sampler(s);
     if (sampler == NULL) {
         s->stop_code = STOP_ERROR;
-        s->error = LOOP_ERR_SAMPLER;
     }
     else {
         if (eval_prompt(s)) {
