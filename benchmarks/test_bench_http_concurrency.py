@@ -1,8 +1,10 @@
-"""8 concurrent NDJSON streams over 2 models: HTTP against the same work in the library.
+"""8 concurrent NDJSON streams over 2 models: HTTP and the library against the raw
+reference, two plain llama-cpp-python processes each running its model's four
+generations one after another (``Llama.generate()``).
 
-Both sides use the C loop, one llama.cpp thread per model, and the same two random-weight
-models (fast enough that per-token overhead shows). Rounds alternate HTTP and library in
-one run. Run:
+modeld uses the C loop, one llama.cpp thread per model, and the same two random-weight
+models (fast enough that per-token overhead shows). Rounds rotate HTTP, library and raw
+in one run; ratios are medians of per-round ratios. Run:
 
     python -m pytest benchmarks/test_bench_http_concurrency.py --benchmark-only -s
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 import anyio
 import orjson
 import pytest
+from benchmarks.raw_processes import RawProcesses
 from pytest_benchmark.fixture import BenchmarkFixture
 from tests.support.server import RunningServer, start_modeld
 from tests.support.tiny_gguf import TinyModelSpec, write_tiny_gguf
@@ -118,33 +121,39 @@ async def _library_round(manager: ModelManager) -> float:
     return tokens / (time.perf_counter() - started)
 
 
-def test_http_streams_vs_library(
+def test_http_streams_vs_raw_processes(
     benchmark: BenchmarkFixture, server: RunningServer, models_dir: Path
 ) -> None:
     settings = Settings(models_dir=models_dir, threads=1, n_ctx=512, max_wait_ms=600_000)
-    http_rates: list[float] = []
-    library_rates: list[float] = []
+    rounds: list[dict[str, float]] = []
 
-    async def measure() -> None:
+    async def measure(raw: RawProcesses) -> None:
         async with ModelManager(settings) as manager:
             await _library_round(manager)  # load + warm both sides
             await _http_round(server.base_url)
+            for round_index in range(ROUNDS):
+                order = ["http", "library", "raw"]
+                shift = round_index % 3
+                figures: dict[str, float] = {}
+                for name in order[shift:] + order[:shift]:
+                    if name == "http":
+                        figures[name] = await _http_round(server.base_url)
+                    elif name == "library":
+                        figures[name] = await _library_round(manager)
+                    else:
+                        figures[name] = raw.aggregate(STREAMS // len(MODELS), MAX_TOKENS)
+                rounds.append(figures)
 
-            async def one_round() -> None:
-                http_rates.append(await _http_round(server.base_url))
-                library_rates.append(await _library_round(manager))
-
-            for _ in range(ROUNDS):
-                await one_round()
-
-    benchmark.pedantic(lambda: anyio.run(measure), rounds=1, iterations=1)
-    ratios = [h / lib for h, lib in zip(http_rates, library_rates, strict=True)]
-    benchmark.extra_info.update(
-        {
-            "http_tokens_per_s": round(statistics.median(http_rates), 1),
-            "library_tokens_per_s": round(statistics.median(library_rates), 1),
-            "ratio_median": round(statistics.median(ratios), 3),
-        }
-    )
+    paths = [models_dir / model for model in MODELS]
+    with RawProcesses(paths, 512, "stream 0") as raw:
+        benchmark.pedantic(lambda: anyio.run(measure, raw), rounds=1, iterations=1)
+    for name in ("http", "library", "raw"):
+        benchmark.extra_info[f"{name}_tokens_per_s"] = round(
+            statistics.median(r[name] for r in rounds), 1
+        )
+    for name, reference in (("http", "raw"), ("library", "raw"), ("http", "library")):
+        benchmark.extra_info[f"{name}_vs_{reference}"] = round(
+            statistics.median(r[name] / r[reference] for r in rounds), 3
+        )
     print(f"\n8 streams / 2 models: {benchmark.extra_info}")
-    assert all(rate > 0 for rate in http_rates + library_rates)
+    assert all(rate > 0 for r in rounds for rate in r.values())

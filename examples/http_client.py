@@ -1,6 +1,6 @@
 """Read modeld's NDJSON stream with httpx, honouring 429/503 Retry-After.
 
-    python examples/http_client.py "The capital of France is"
+python examples/http_client.py "The capital of France is"
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def parse_flags(*argv: str) -> Settings:
 
 def test_every_boolean_setting_is_known() -> None:
     assert BOOL_SETTINGS == [
-        "demo", "metrics_need_key", "no_mmap", "prewarm_default", "probe_load",
+        "demo", "metrics_need_key", "no_mmap", "prewarm_default", "probe_load", "prompt_reuse",
     ]  # fmt: skip
 
 

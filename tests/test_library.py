@@ -6,7 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from modeld import Chunk, DoneReason, GenerationResult, InferRequest, ModelManager, Settings
+from modeld import (
+    ChatMessage,
+    ChatRequest,
+    Chunk,
+    DoneReason,
+    GenerationResult,
+    InferRequest,
+    ModelManager,
+    ModelSettings,
+    Settings,
+)
 from modeld.engine.base import TokenLoop
 
 pytestmark = pytest.mark.anyio
@@ -42,3 +52,33 @@ async def test_infer_timeout_ends_a_running_stream(gemma_path: Path, token_loop:
     assert generation.result is not None
     assert generation.result.done_reason is DoneReason.TIMEOUT
     assert generation.result.metrics.completion_tokens < 900  # cut short, maybe in the prompt
+
+
+async def test_chat_and_embeddings_through_the_library(
+    gemma_path: Path, token_loop: TokenLoop
+) -> None:
+    """The bundled base model chats with llama.cpp's ``gemma`` template, set per model.
+
+    Without prompt reuse: the second request would evaluate only the prompt's last token
+    on the first one's cache, and llama.cpp's logits are not bit-identical across batch
+    sizes, so this base model's near-tied greedy choice can differ (docs/compat.md).
+    """
+    settings = Settings(
+        models_dir=gemma_path.parent,
+        n_ctx=512,
+        threads=2,
+        prompt_reuse=False,
+        models={gemma_path.name: ModelSettings(aliases=("gemma",), chat_template="gemma")},
+    )
+    messages = [ChatMessage("user", "What is the capital of France?")]
+    request = ChatRequest(messages=messages, model="gemma", max_tokens=16, temperature=0)
+    async with ModelManager(settings, token_loop=token_loop) as manager:
+        text, result = await manager.chat(request)
+        async with manager.stream_chat(request) as generation:
+            streamed = "".join([chunk.text async for chunk in generation])
+        embedded = await manager.embed("gemma", ["The sea.", "The ocean."])
+    assert text == streamed
+    assert result.model == gemma_path.name
+    assert result.done_reason in {DoneReason.STOP, DoneReason.LENGTH}
+    assert [len(v) for v in embedded.embeddings] == [640, 640]
+    assert embedded.prompt_tokens > 4

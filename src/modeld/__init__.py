@@ -9,11 +9,15 @@ from loguru import logger
 from modeld import errors
 from modeld.config import Settings, load_settings
 from modeld.errors import ModeldError
+from modeld.model_settings import ModelSettings
 from modeld.scheduling.generation import Generation
 from modeld.scheduling.manager import ManagerStatistics, ModelManager
 from modeld.types import (
+    ChatMessage,
+    ChatRequest,
     Chunk,
     DoneReason,
+    EmbeddingResult,
     GenerationMetrics,
     GenerationResult,
     InferRequest,
@@ -29,8 +33,11 @@ __version__ = "0.1.0"
 logger.disable("modeld")
 
 __all__ = [
+    "ChatMessage",
+    "ChatRequest",
     "Chunk",
     "DoneReason",
+    "EmbeddingResult",
     "Generation",
     "GenerationMetrics",
     "GenerationResult",
@@ -39,6 +46,7 @@ __all__ = [
     "LoopKind",
     "ManagerStatistics",
     "ModelManager",
+    "ModelSettings",
     "ModeldError",
     "SamplingParams",
     "Settings",

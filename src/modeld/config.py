@@ -18,7 +18,17 @@ import msgspec
 
 from modeld.errors import ConfigError
 from modeld.keep_alive import DEFAULT_KEEP_ALIVE, KeepAlive, explain_validation_error
-from modeld.sizes import MAX_CONTEXT_TOKENS, MIB
+from modeld.model_settings import (
+    NO_MODEL_SETTINGS,
+    ContextTokens,
+    GpuLayers,
+    ModelSettings,
+    Threads,
+    check_models_table,
+    flatten_table,
+    template_file,
+)
+from modeld.sizes import MIB
 from modeld.types import LoopKind
 
 __all__ = ["Settings", "add_settings_arguments", "bool_flags", "load_settings"]
@@ -42,10 +52,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     log_level: str = "info"
-    n_ctx: Annotated[int, msgspec.Meta(ge=16, le=MAX_CONTEXT_TOKENS)] = 4096
+    n_ctx: ContextTokens = 4096
     n_batch: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 512
-    n_gpu_layers: Annotated[int, msgspec.Meta(ge=-1, le=1024)] = -1
-    threads: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None
+    n_gpu_layers: GpuLayers = -1
+    threads: Threads | None = None
     prewarm_default: bool = False
     cors_origins: list[str] = []
     allowed_hosts: list[str] = []
@@ -61,9 +71,14 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     api_key: str | None = None
     api_key_file: Path | None = None
     metrics_need_key: bool = False
+    prompt_reuse: bool = True
+    models: dict[str, ModelSettings] = {}  # [models."<id>"] tables: file only
     keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE  # idle instances unload after it
     # what GET /api/version reports: the Ollama API level modeld speaks (clients check it)
     ollama_version: Annotated[str, msgspec.Meta(pattern=r"^\d+\.\d+\.\d+$")] = "0.11.0"
+
+    def __post_init__(self) -> None:
+        check_models_table(self.models)
 
     @property
     def models_path(self) -> Path:
@@ -80,8 +95,20 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     def n_threads(self) -> int:
         return self.threads or max(1, os.cpu_count() or 1)
 
+    def model(self, model_id: str) -> ModelSettings:
+        """``model_id``'s own settings (all "as the global setting" when it has none)."""
+        return self.models.get(model_id, NO_MODEL_SETTINGS)
+
+    def resolve_model_name(self, name: str) -> str:
+        """The model id an alias stands for; any other name as it is."""
+        for model_id, settings in self.models.items():
+            if name in settings.aliases:
+                return model_id
+        return name
+
 
 _FIELDS: dict[str, Any] = {f.name: f for f in msgspec.structs.fields(Settings)}
+_FILE_ONLY = frozenset({"models"})  # tables: no flag or environment variable
 
 
 def _flag(name: str) -> str:
@@ -110,7 +137,7 @@ def bool_flags(name: str) -> tuple[str, str]:
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting (two per boolean); absent flags fall through to env and file."""
     parser.add_argument("--config", type=Path, help="TOML file with settings", default=None)
-    for name in _FIELDS:
+    for name in _FIELDS.keys() - _FILE_ONLY:
         flag = _flag(name)
         if _is_bool(name):
             set_flag, clear_flag = bool_flags(name)
@@ -151,12 +178,12 @@ def load_settings(
     merged: dict[str, object] = {}
     if file_path:
         merged.update(_read_toml(Path(str(file_path))))
-    for name in _FIELDS:
+    for name in _FIELDS.keys() - _FILE_ONLY:
         raw = env.get(ENV_PREFIX + name.upper())
         if raw is not None:
             merged[name] = _from_text(name, raw)
     for name, value in flags.items():
-        if name not in _FIELDS:
+        if name not in _FIELDS or name in _FILE_ONLY:
             raise ConfigError(f"unknown setting {name!r}", field=name)
         merged[name] = _from_text(name, value) if isinstance(value, str) else value
     try:
@@ -182,7 +209,35 @@ def _read_toml(path: Path) -> dict[str, object]:
     section = data.get("modeld", data)
     if not isinstance(section, dict):
         raise ConfigError(f"config file {path}: [modeld] must be a table")
-    unknown = sorted(set(section) - set(_FIELDS))
+    settings = dict(section)
+    if section is not data and "models" in data:  # [models."<id>"] beside [modeld]
+        settings.setdefault("models", data["models"])
+    unknown = sorted(set(settings) - set(_FIELDS))
     if unknown:
         raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}", field=unknown[0])
-    return dict(section)
+    if "models" in settings:
+        settings["models"] = _models_tables(path, settings["models"])
+    return settings
+
+
+def _models_tables(path: Path, models: object) -> dict[str, ModelSettings]:
+    """``[models."<id>"]`` tables as :class:`ModelSettings`, each error naming its table;
+    a template file named relative to the config file is taken relative to it."""
+    if not isinstance(models, dict):
+        raise ConfigError(f'config file {path}: models must be tables [models."<id>"]')
+    shaped: dict[str, ModelSettings] = {}
+    for model_id, table in models.items():
+        where = f'config file {path}: [models."{model_id}"]'
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} must be a table", field="models")
+        table = flatten_table(table)
+        chat_template = table.get("chat_template")
+        if isinstance(chat_template, str):
+            file = template_file(chat_template)
+            if file is not None and not file.is_absolute():
+                table["chat_template"] = str(path.parent / file)
+        try:
+            shaped[model_id] = msgspec.convert(table, ModelSettings)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{where}: {exc}", field="models") from None
+    return shaped

@@ -8,7 +8,9 @@ string in JSON error bodies). HTTP statuses live in one table in ``modeld.api.er
     │   ├── InvalidModelId        invalid_model_id      unsafe or malformed model id
     │   ├── PayloadTooLarge       payload_too_large     body over --max-body-bytes
     │   ├── RequestBodyTimeout    request_timeout       body not received in time
-    │   └── ConfigError           bad_config            a setting has a bad value
+    │   ├── ConfigError           bad_config            a setting has a bad value
+    │   ├── NoChatTemplate        no_chat_template      chat asked of a model without one
+    │   └── ChatTemplateError     chat_template_error   the template refused the chat
     ├── ClientDisconnected        client_disconnected   the client left before its answer
     ├── ModelNotFound             model_not_found       no such file in the models dir
     ├── NoDefaultModel            no_default_model      ``model`` omitted, none configured
@@ -38,6 +40,7 @@ string in JSON error bodies). HTTP statuses live in one table in ``modeld.api.er
 from __future__ import annotations
 
 __all__ = [
+    "ChatTemplateError",
     "ClientDisconnected",
     "ConfigError",
     "EngineError",
@@ -55,6 +58,7 @@ __all__ = [
     "ModelUnloaded",
     "ModeldError",
     "ModelsDirUnavailable",
+    "NoChatTemplate",
     "NoDefaultModel",
     "Overloaded",
     "PayloadTooLarge",
@@ -100,6 +104,26 @@ class ConfigError(InvalidRequest):
     """A setting has a bad value; the message names the setting and its source."""
 
     code = "bad_config"
+
+
+class NoChatTemplate(InvalidRequest):
+    """The model has no chat template and none is configured for it: chat cannot know
+    how the model expects a conversation (completions still work)."""
+
+    code = "no_chat_template"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, field="messages")
+
+
+class ChatTemplateError(InvalidRequest):
+    """The chat template refused the conversation (its own ``raise_exception``: a role it
+    does not support, turns out of order), or the sandbox stopped it."""
+
+    code = "chat_template_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, field="messages")
 
 
 class ClientDisconnected(ModeldError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -13,19 +13,26 @@ from modeld.keep_alive import KeepAlive
 from modeld.sizes import MAX_CONTEXT_TOKENS
 
 __all__ = [
+    "MAX_CHAT_MESSAGES",
+    "MAX_EMBEDDING_INPUTS",
     "MAX_STOP_STRINGS",
     "MAX_STOP_STRING_CHARS",
     "MIN_CONTEXT_TOKENS",
+    "ChatMessage",
+    "ChatRequest",
     "Chunk",
     "ContextSizes",
     "DoneReason",
+    "EmbeddingResult",
     "GenerationMetrics",
     "GenerationResult",
     "InferRequest",
     "InstanceState",
     "LoopKind",
+    "ResponseFormat",
     "SamplingParams",
     "context_sizes",
+    "embedding_context_sizes",
 ]
 
 MAX_STOP_STRINGS = 16
@@ -34,6 +41,8 @@ MAX_PROMPT_CHARS = 1_000_000
 MAX_TOKENS_CAP = MAX_CONTEXT_TOKENS
 SEED_MAX = 2**32 - 1
 MIN_CONTEXT_TOKENS = 16
+MAX_CHAT_MESSAGES = 4096
+MAX_EMBEDDING_INPUTS = 2048
 
 
 class DoneReason(enum.StrEnum):
@@ -87,10 +96,25 @@ def context_sizes(n_ctx: int, n_batch: int, n_ctx_train: int | None = None) -> C
     return ContextSizes(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch)
 
 
+def embedding_context_sizes(generation: ContextSizes) -> ContextSizes:
+    """The sizes of a model's embedding context, from its generation context's: one batch.
+
+    A pooled embedding needs a whole input in one micro-batch (llama.cpp aborts the
+    process otherwise), and llama.cpp computes every token's logits there, so the
+    embedding context is as small as that allows: an input holds at most ``n_batch``
+    tokens.
+    """
+    return context_sizes(generation.n_batch, generation.n_batch)
+
+
 ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 StopString = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
+# What the answer must be: "json" (any JSON object) or a JSON schema (a JSON object).
+# Enforced during sampling by a grammar, never merely asked for in the prompt.
+ResponseFormat = Literal["json"] | dict[str, Any]
 
 
 class SamplingParams(msgspec.Struct, frozen=True):
@@ -100,9 +124,12 @@ class SamplingParams(msgspec.Struct, frozen=True):
     both token loops, the C loop's reader. A new parameter is one field here plus its
     reader in C. Bounds are checked when a body is decoded; constructing one directly
     trusts the caller.
+
+    ``max_tokens=None`` means "until the context is full" (what the OpenAI and Ollama
+    APIs do without a limit); the engine settles it before a loop runs.
     """
 
-    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_CAP)] = 128
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_CAP)] | None = 128
     temperature: Temperature = 0.8
     top_p: Probability = 0.95
     top_k: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 40
@@ -110,6 +137,8 @@ class SamplingParams(msgspec.Struct, frozen=True):
     repeat_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] = 1.0
     stop: Annotated[tuple[StopString, ...], msgspec.Meta(max_length=MAX_STOP_STRINGS)] = ()
     seed: Annotated[int, msgspec.Meta(ge=0, le=SEED_MAX)] | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.stop, tuple):  # a list from a library caller
@@ -124,6 +153,38 @@ class InferRequest(SamplingParams, forbid_unknown_fields=True, frozen=True, kw_o
     model: ModelId | None = None
     stream: bool = True
     keep_alive: KeepAlive | None = None  # how long the model stays loaded after this
+    format: ResponseFormat | None = None
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    """One turn of a conversation, as every chat template takes it."""
+
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
+
+
+class ChatRequest(SamplingParams, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """The arguments of ``ModelManager.chat``/``stream_chat``: messages rendered through
+    the model's chat template (see docs/compat.md), then sampled like an
+    :class:`InferRequest`."""
+
+    messages: Annotated[tuple[ChatMessage, ...], msgspec.Meta(max_length=MAX_CHAT_MESSAGES)]
+    model: ModelId | None = None
+    stream: bool = True
+    keep_alive: KeepAlive | None = None  # how long the model stays loaded after this
+    format: ResponseFormat | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        messages = self.messages
+        if not isinstance(messages, tuple) or not all(
+            isinstance(m, ChatMessage) for m in messages
+        ):  # a list, or plain {"role", "content"} mappings, from a library caller
+            converted = tuple(
+                m if isinstance(m, ChatMessage) else msgspec.convert(m, ChatMessage)
+                for m in messages
+            )
+            msgspec.structs.force_setattr(self, "messages", converted)
 
 
 class Chunk(msgspec.Struct, frozen=True):
@@ -136,6 +197,7 @@ class Chunk(msgspec.Struct, frozen=True):
 class GenerationMetrics(msgspec.Struct, frozen=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     queue_ms: float = 0.0
     load_ms: float = 0.0
     ttft_ms: float = 0.0
@@ -153,3 +215,12 @@ class GenerationResult(msgspec.Struct, frozen=True):
     request_id: str
     metrics: GenerationMetrics
     error: dict[str, str] | None = None
+
+
+class EmbeddingResult(msgspec.Struct, frozen=True):
+    """Vectors for the inputs of one ``ModelManager.embed`` call, in input order, each
+    L2-normalised; ``prompt_tokens`` counts the tokens of every input."""
+
+    model: str
+    embeddings: list[list[float]]
+    prompt_tokens: int

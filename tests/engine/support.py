@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 from llama_cpp import Llama
+from llama_cpp.llama_grammar import LlamaGrammar
 
 from modeld.engine.base import LoopOutcome, TokenLoop, TokenRing
 from modeld.engine.pyring import PyTokenRing
@@ -29,9 +30,12 @@ def is_eog(llama: Llama, token: int) -> bool:
     return bool(llama_cpp.llama_vocab_is_eog(llama._model.vocab, token))
 
 
-def reference_tokens(llama: Llama, prompt: Sequence[int], params: SamplingParams) -> list[int]:
+def reference_tokens(
+    llama: Llama, prompt: Sequence[int], params: SamplingParams, grammar: str | None = None
+) -> list[int]:
     """Token ids from ``Llama.generate()`` itself, up to and including an EOG token."""
     assert params.seed is not None or params.temperature == 0.0
+    assert params.max_tokens is not None
     llama.set_seed(params.seed or 0)
     llama.reset()  # no prefix reuse: the KV cache is rebuilt exactly as the loops do it
     tokens: list[int] = []
@@ -42,6 +46,9 @@ def reference_tokens(llama: Llama, prompt: Sequence[int], params: SamplingParams
         min_p=params.min_p,
         temp=params.temperature,
         repeat_penalty=params.repeat_penalty,
+        frequency_penalty=params.frequency_penalty,
+        presence_penalty=params.presence_penalty,
+        grammar=LlamaGrammar.from_string(grammar) if grammar is not None else None,
         reset=True,
     )
     for token in generator:
@@ -115,11 +122,15 @@ def stream(
     params: SamplingParams,
     *,
     capacity_bytes: int = 64 * 1024,
+    grammar: str | None = None,
+    cached: int = 0,
 ) -> Streamed:
     """One generation, worker thread producing and this thread consuming."""
     ring = loop.new_ring(capacity_bytes)
     try:
-        thread, result = run_in_worker(lambda: loop.run(llama, ring, prompt, params), ring)
+        thread, result = run_in_worker(
+            lambda: loop.run(llama, ring, prompt, params, grammar, cached=cached), ring
+        )
         seen = consume(ring)
         seen.outcome = outcome_of(thread, result)
         return seen
@@ -151,7 +162,12 @@ class PausingPyRing(PyTokenRing):
 
 
 def run_paused_in_prompt(
-    loop: TokenLoop, llama: Llama, prompt: Sequence[int], params: SamplingParams
+    loop: TokenLoop,
+    llama: Llama,
+    prompt: Sequence[int],
+    params: SamplingParams,
+    *,
+    cached: int = 0,
 ) -> tuple[LoopOutcome, Streamed]:
     """Run a generation, cancel it from this thread while its prompt decode is held."""
     paused = threading.Event()
@@ -162,7 +178,7 @@ def run_paused_in_prompt(
 
         def run() -> LoopOutcome:
             outcome: LoopOutcome = run_traced(
-                llama, ring, prompt, params, pause_in_prompt_fd=pause_fd
+                llama, ring, prompt, params, cached=cached, pause_in_prompt_fd=pause_fd
             )[0]
             return outcome
 
@@ -171,7 +187,9 @@ def run_paused_in_prompt(
         os.close(pause_fd)
     else:
         ring = PausingPyRing(64 * 1024, paused)
-        thread, result = run_in_worker(lambda: loop.run(llama, ring, prompt, params), ring)
+        thread, result = run_in_worker(
+            lambda: loop.run(llama, ring, prompt, params, cached=cached), ring
+        )
         paused.wait()
     ring.cancel()
     seen = consume(ring)

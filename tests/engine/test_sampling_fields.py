@@ -15,7 +15,7 @@ from tests.engine.support import stream
 # Every field distinct, and exact in binary floating point.
 DISTINCT = SamplingParams(
     max_tokens=7, temperature=0.25, top_p=0.5, top_k=3, min_p=0.125, repeat_penalty=1.5,
-    stop=("a", "bc"), seed=11,
+    stop=("a", "bc"), seed=11, presence_penalty=0.75, frequency_penalty=-0.375,
 )  # fmt: skip
 
 
@@ -66,3 +66,23 @@ def test_top_p_and_min_p_reach_their_own_samplers(
     assert c_seen.text == py_seen.text
     assert c_seen.tokens == py_seen.tokens == 48
     assert stream(py_loop, tiny_llama, prompt, swapped).text != py_seen.text  # it matters
+
+
+def test_presence_and_frequency_penalties_reach_their_own_samplers(
+    c_loop: TokenLoop, py_loop: TokenLoop, tiny_llama: Llama
+) -> None:
+    """Greedy, so only the penalties move the text: the loops agree token for token, the
+    penalties change the text, and swapping the two changes it again (each reaches its own
+    argument of llama_sampler_init_penalties: a token seen once loses presence + frequency
+    either way, one seen twice tells them apart)."""
+    prompt = tiny_llama.tokenize(b"hello world and the", add_bos=True)
+    plain = SamplingParams(max_tokens=200, temperature=0.0)
+    penalised = msgspec.structs.replace(plain, presence_penalty=1.5, frequency_penalty=0.25)
+    swapped = msgspec.structs.replace(plain, presence_penalty=0.25, frequency_penalty=1.5)
+    texts = {}
+    for name, params in {"plain": plain, "penalised": penalised, "swapped": swapped}.items():
+        c_seen = stream(c_loop, tiny_llama, prompt, params)
+        py_seen = stream(py_loop, tiny_llama, prompt, params)
+        assert c_seen.text == py_seen.text, name
+        texts[name] = c_seen.text
+    assert len(set(texts.values())) == 3, texts

@@ -13,6 +13,7 @@ _SCRIPT = textwrap.dedent(
     """
     import gc, sys, tracemalloc
     from llama_cpp import Llama
+    from llama_cpp.llama_grammar import JSON_GBNF
     from modeld.engine.select import token_loop
     from modeld.types import LoopKind, SamplingParams
 
@@ -29,6 +30,12 @@ _SCRIPT = textwrap.dedent(
         ring.drain()
         ring.finish()
         ring.close()
+        for grammar in (JSON_GBNF, "root ::= [refused"):  # run, and refused before running
+            ring = loop.new_ring(4096)
+            loop.run(llama, ring, prompt, params, grammar)
+            ring.drain()
+            ring.finish()
+            ring.close()
         assembler = loop._ext.TextAssembler(["stop", b"\\xff"])
         assembler.feed(b"\\xe6\\x97"); assembler.feed(b"sto"); assembler.flush()
 

@@ -95,6 +95,31 @@ def test_finish_wakes_and_reports_after_the_data(make_ring: RingFactory) -> None
     assert ring.drain() == (b"", 0, True)
 
 
+def test_after_watch_finish_only_the_finish_wakes(make_ring: RingFactory) -> None:
+    ring = make_ring(64)
+    ring.push(b"a", 1)
+    assert _readable(ring)
+    assert ring.watch_finish() is False
+    assert not _readable(ring)
+    ring.push(b"b", 1)
+    ring.push(b"c", 1)
+    assert not _readable(ring)  # pushes stay quiet until the next drain
+    ring.finish()
+    assert _readable(ring)
+    assert ring.drain() == (b"abc", 3, True)
+    ring.push(b"", 0)  # after the drain, pushes wake again (the turn to non-empty)
+    assert _readable(ring)
+
+
+def test_watch_finish_reports_an_end_it_cleared(make_ring: RingFactory) -> None:
+    ring = make_ring(64)
+    ring.push(b"last", 1)
+    ring.finish()
+    assert ring.watch_finish() is True  # its wake-up is gone, so it must say so
+    assert not _readable(ring)
+    assert ring.drain() == (b"last", 1, True)
+
+
 def test_capacity_below_minimum_is_refused(make_ring: RingFactory) -> None:
     with pytest.raises(ValueError, match="at least 16 bytes"):
         make_ring(15)

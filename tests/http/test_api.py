@@ -13,6 +13,7 @@ from tests.support.server import RunningServer
 TERMINAL_METRICS = {
     "prompt_tokens",
     "completion_tokens",
+    "cached_tokens",
     "queue_ms",
     "load_ms",
     "ttft_ms",

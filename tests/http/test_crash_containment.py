@@ -96,9 +96,10 @@ def test_the_probe_load_catches_the_abort_and_quarantines_the_file(
         assert again.status_code in {422, 503}  # 503: the failed load's cooldown
         assert metric(client, "modeld_probe_loads_total", outcome="aborted") == 1
     audits = [line for line in json_lines(server) if line.get("audit")]
-    assert audits[-1]["action"] == "quarantine"
-    assert audits[-1]["target"] == HOSTILE
-    assert audits[-1]["who"] == "modeld"
+    quarantines = [line for line in audits if line["action"] == "quarantine"]
+    assert len(quarantines) == 1  # the second ask read the record: no second verdict
+    assert quarantines[0]["target"] == HOSTILE
+    assert quarantines[0]["who"] == "modeld"
 
     # A restart reads the verdict from disk: still refused, still no probe.
     server.stop()

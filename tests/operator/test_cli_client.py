@@ -86,21 +86,23 @@ def test_status_and_ps_agree_with_the_server(start_server: ServerFactory, models
 
 
 def test_load_shows_progress_and_unload_says_what_happened(
-    start_server: ServerFactory, models_dir: Path
+    start_server: ServerFactory, models_dir: Path, tmp_path: Path
 ) -> None:
-    server = start_server(models_dir)
+    # A fresh state dir, so the file has never passed a probe: every stage shows.
+    server = start_server(models_dir, "--state-dir", str(tmp_path / "state"))
     loaded = cli("load", "tiny-c.gguf", "--pin", server=server)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.startswith("tiny-c.gguf ready (")
     assert loaded.stdout.rstrip().endswith("MiB, pinned)")
     progress = loaded.stderr.splitlines()
     assert progress[0] == "loading tiny-c.gguf …"
-    assert progress[1:4] == [
+    assert progress[1:5] == [
         "loading tiny-c.gguf: validated (10%)",
+        "loading tiny-c.gguf: probe loaded (15%)",
         "loading tiny-c.gguf: memory reserved (20%)",
         "loading tiny-c.gguf: weights loaded (90%)",
     ]
-    assert progress[4].startswith("loaded tiny-c.gguf in ")
+    assert progress[5].startswith("loaded tiny-c.gguf in ")
     with server.client() as client:
         assert client.get("/status").json()["instances"][0]["pinned"] is True
 
@@ -264,9 +266,12 @@ def test_ctrl_c_during_run_cancels_the_generation(
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 def test_a_server_that_goes_away_mid_run_is_reported(
-    start_server: ServerFactory, gemma_dir: Path, how: str
+    start_server: ServerFactory, gemma_dir: Path, how: str, tmp_path: Path
 ) -> None:
-    server = start_server(gemma_dir, *GEMMA_FLAGS, "--shutdown-grace", "0")
+    # A state dir of its own: a SIGKILL inside Gemma's first generation leaves a stage
+    # marker, and the next modeld to start on the shared dir would quarantine Gemma.
+    state = ("--state-dir", str(tmp_path / "state"))
+    server = start_server(gemma_dir, *GEMMA_FLAGS, "--shutdown-grace", "0", *state)
     with _run_story(server) as process:
         assert process.stdout is not None
         assert process.stderr is not None

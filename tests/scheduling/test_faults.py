@@ -46,7 +46,7 @@ class FaultyEngine(LlamaEngine):
         if self.close_fails:
             raise RuntimeError("injected: close failed")
 
-    def prepare(self, prompt: str, max_tokens: int) -> list[int]:
+    def prepare(self, prompt: str, max_tokens: int | None) -> list[int]:
         if self.prepare_entered is not None:
             self.prepare_entered.set()
         if self.prepare_gate is not None:
@@ -54,11 +54,15 @@ class FaultyEngine(LlamaEngine):
         return super().prepare(prompt, max_tokens)
 
     def generate(
-        self, ring: TokenRing, prompt_tokens: Sequence[int], params: SamplingParams
+        self,
+        ring: TokenRing,
+        prompt_tokens: Sequence[int],
+        params: SamplingParams,
+        grammar: str | None = None,
     ) -> LoopOutcome:
-        if self.generate_gate is not None and params.max_tokens > 1:  # not the warm-up
+        if self.generate_gate is not None and params.max_tokens != 1:  # not the warm-up
             self.generate_gate.wait(HANG_LIMIT_S)
-        return super().generate(ring, prompt_tokens, params)
+        return super().generate(ring, prompt_tokens, params, grammar)
 
 
 def faulty(**faults: Any) -> Callable[..., LlamaEngine]:

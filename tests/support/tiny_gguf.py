@@ -12,7 +12,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-__all__ = ["TinyModelSpec", "tiny_vocab", "write_tiny_gguf"]
+__all__ = ["TINY_CHAT_TEMPLATE", "TinyModelSpec", "tiny_vocab", "write_tiny_gguf"]
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 _TOKEN_TYPE_NORMAL, _TOKEN_TYPE_UNKNOWN, _TOKEN_TYPE_CONTROL, _TOKEN_TYPE_BYTE = 1, 2, 3, 6
@@ -40,6 +40,22 @@ class TinyModelSpec:
     precompiled_charsmap: bytes | None = None
     omit_tensors: frozenset[str] = frozenset()
     tensor_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # Written as tokenizer.chat_template when given (a Jinja source, as in real models).
+    chat_template: str | None = None
+
+
+# A ChatML-like template in the tiny vocabulary's terms (its BOS is "<s>"), with the
+# checks real templates make: it raises on a role it does not know.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unsupported role: ' + message['role']) }}"
+    "{% endif %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def _vocab() -> tuple[list[str], list[float], list[int]]:
@@ -97,6 +113,8 @@ def write_tiny_gguf(path: Path | str, spec: TinyModelSpec | None = None) -> Path
     writer.add_eos_token_id(EOS_ID)
     writer.add_unk_token_id(UNK_ID)
     writer.add_add_bos_token(True)
+    if spec.chat_template is not None:
+        writer.add_chat_template(spec.chat_template)
 
     output = weights(n_vocab, spec.n_embd)
     if spec.suppress_eos:

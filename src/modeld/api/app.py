@@ -14,6 +14,7 @@ from starlette.middleware.cors import CORSMiddleware
 from modeld.api.auth import ApiKeyMiddleware, load_api_keys
 from modeld.api.errors import EXCEPTION_HANDLERS
 from modeld.api.middleware import RequestContextMiddleware, route_template
+from modeld.api.openai import build_openai_routes
 from modeld.api.routes import build_routes
 from modeld.config import Settings
 from modeld.observability.access import AccessObserver, log_event
@@ -46,7 +47,7 @@ def create_app(
     metrics = Metrics(owned_manager.statistics)
     owned_manager.events.add_listener(metrics.on_event)
     owned_manager.events.add_listener(log_event)
-    routes = build_routes()
+    routes = build_routes() + build_openai_routes()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

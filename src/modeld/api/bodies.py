@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
@@ -12,7 +13,9 @@ from starlette.requests import ClientDisconnect, Request
 from modeld.errors import ClientDisconnected, InvalidRequest, PayloadTooLarge, RequestBodyTimeout
 from modeld.keep_alive import explain_validation_error
 
-__all__ = ["decode_body", "read_body"]
+__all__ = ["convert_fields", "decode_body", "decode_json", "decode_with_defaults", "read_body"]
+
+DefaultsFor = Callable[[str | None], Mapping[str, object]]
 
 T = TypeVar("T")
 _FIELD_AT = re.compile(r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)")
@@ -46,14 +49,43 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
 
 def decode_body(body: bytes, schema: type[T]) -> T:
     """Decode and validate in one pass. Every failure is a 400 naming the field."""
+    decoded: T = decode_json(body, schema)
+    return decoded
+
+
+def decode_with_defaults(body: bytes, schema: type[T], defaults_for: DefaultsFor) -> T:
+    """:func:`decode_body`, with the per-model defaults of the model the body names
+    (``defaults_for(body["model"])``) filling the fields the body does not set."""
+    raw = decode_json(body, Any)
+    model = raw.get("model") if isinstance(raw, dict) else None
+    defaults = defaults_for(model if isinstance(model, str) else None)
+    if not defaults or not isinstance(raw, dict):
+        return decode_body(body, schema)
+    return convert_fields({**defaults, **raw}, schema)
+
+
+def convert_fields(fields: Mapping[str, object], schema: type[T]) -> T:
+    """Validate already-decoded fields against ``schema``; a 400 naming the field."""
+    try:
+        return msgspec.convert(fields, schema)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def _invalid(exc: msgspec.ValidationError) -> InvalidRequest:
+    message = explain_validation_error(str(exc))
+    match = _UNKNOWN_FIELD.search(message) or _FIELD_AT.search(message)
+    return InvalidRequest(message, field=match.group(1) if match else None)
+
+
+def decode_json(body: bytes, schema: Any) -> Any:
+    """``body`` decoded as ``schema`` (``Any``: plain JSON). Every failure is a 400."""
     if not body.strip():
         raise InvalidRequest("request body is empty; expected a JSON object")
     try:
         return msgspec.json.decode(body, type=schema)
     except msgspec.ValidationError as exc:
-        message = explain_validation_error(str(exc))
-        match = _UNKNOWN_FIELD.search(message) or _FIELD_AT.search(message)
-        raise InvalidRequest(message, field=match.group(1) if match else None) from None
+        raise _invalid(exc) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"malformed JSON: {exc}") from None
     except UnicodeDecodeError:

@@ -22,7 +22,9 @@ __all__ = [
     "EXCEPTION_HANDLERS",
     "OLLAMA_PREFIX",
     "STATUS_BY_ERROR",
+    "count_rejection",
     "error_body",
+    "error_headers",
     "error_response",
     "internal_error_response",
     "status_for",
@@ -34,6 +36,8 @@ STATUS_BY_ERROR: dict[type[errors.ModeldError], int] = {
     errors.PayloadTooLarge: 413,
     errors.RequestBodyTimeout: 408,
     errors.ConfigError: 400,
+    errors.NoChatTemplate: 400,
+    errors.ChatTemplateError: 400,
     errors.ClientDisconnected: 499,
     errors.ModelNotFound: 404,
     errors.NoDefaultModel: 400,
@@ -84,7 +88,9 @@ def error_body(
     return orjson.dumps({"error": detail})
 
 
-def error_response(error: errors.ModeldError, request_id: str, path: str = "") -> Response:
+def error_headers(error: errors.ModeldError) -> dict[str, str]:
+    """``Retry-After`` for "not now" errors, ``Connection: close`` when the body was not
+    read: the same on every route, whatever the body's protocol."""
     headers: dict[str, str] = {}
     if isinstance(error, errors.PayloadTooLarge | errors.RequestBodyTimeout):
         # The body was not read: the connection cannot be reused, so say so.
@@ -92,9 +98,13 @@ def error_response(error: errors.ModeldError, request_id: str, path: str = "") -
     retry_after_s = getattr(error, "retry_after_s", None)
     if retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
+    return headers
+
+
+def error_response(error: errors.ModeldError, request_id: str, path: str = "") -> Response:
     field = getattr(error, "field", None)
     body = error_body(error.code, error.message, request_id, field, path=path)
-    return Response(body, status_for(error), headers, media_type="application/json")
+    return Response(body, status_for(error), error_headers(error), media_type="application/json")
 
 
 def internal_error_response(request_id: str, path: str = "") -> Response:
@@ -106,11 +116,16 @@ def _request_id(request: Request) -> str:
     return str(request.scope.get("state", {}).get("request_id", ""))
 
 
+def count_rejection(request: Request, error: errors.ModeldError) -> None:
+    """A "not now" refusal counts in /metrics by reason, on every route."""
+    status = status_for(error)
+    if status in _REJECTION_STATUSES:
+        request.app.state.metrics.rejections.labels(error.code, str(status)).inc()
+
+
 async def _modeld_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.ModeldError)
-    status = status_for(exc)
-    if status in _REJECTION_STATUSES:
-        request.app.state.metrics.rejections.labels(exc.code, str(status)).inc()
+    count_rejection(request, exc)
     return error_response(exc, _request_id(request), request.url.path)
 
 

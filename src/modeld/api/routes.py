@@ -13,12 +13,16 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from modeld.api.admin import reload_config
-from modeld.api.bodies import decode_body, read_body
+from modeld.api.bodies import decode_body, decode_with_defaults, read_body
 from modeld.api.events import events, metrics
 from modeld.api.ollama import ollama_routes
-from modeld.api.serving import collect_answer, start_generation
 from modeld.api.status_page import status_page
-from modeld.api.streaming import NdjsonGenerationResponse, terminal_record
+from modeld.api.streaming import (
+    NdjsonGenerationResponse,
+    collect_watched,
+    start_watched,
+    terminal_record,
+)
 from modeld.observability.audit import audited
 from modeld.observability.logging import prompt_logging_enabled
 from modeld.scheduling.manager import ModelManager
@@ -88,18 +92,20 @@ async def infer(request: Request) -> Response:
     manager = _manager(request)
     request_id = _request_id(request)
     body = await read_body(request, manager.settings.max_body_bytes, manager.settings.body_timeout)
-    infer_request = decode_body(body, InferRequest)
+    infer_request = decode_with_defaults(body, InferRequest, manager.sampling_defaults)
     request.scope["state"]["model"] = infer_request.model or manager.settings.default_model
     if prompt_logging_enabled():
         logger.debug("prompt", prompt=infer_request.prompt, model=infer_request.model)
     owner = manager.stream(infer_request, request_id=request_id)
-    generation = await start_generation(request, owner)
+    generation = await start_watched(request.receive, owner)
     if infer_request.stream:
         return NdjsonGenerationResponse(owner, generation)
-    text, result = await collect_answer(request, owner, generation)
+    text = await collect_watched(request.receive, owner, generation)
+    assert generation.result is not None
+    request.scope["state"]["queue_ms"] = generation.result.metrics.queue_ms
     if prompt_logging_enabled():
         logger.debug("completion", text=text)
-    record = terminal_record(result)
+    record = terminal_record(generation.result)
     record["text"] = text
     return _json(record)
 

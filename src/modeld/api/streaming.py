@@ -1,9 +1,9 @@
-"""The NDJSON response of ``POST /infer``: chunk lines, then exactly one terminal line.
+"""Streaming a generation to a client, in any protocol's framing: the NDJSON of
+``POST /infer`` (chunk lines, then exactly one terminal line), OpenAI's SSE, ...
 
-It is an ASGI response of its own so that it, not the framework, owns the generation:
-whatever happens (client gone, timeout, eviction, shutdown), the ``finally`` releases it.
-What each line says is a :class:`LineFormat`: modeld's own, or a compatible protocol's
-(Ollama's ``/api/generate`` and ``/api/chat``).
+:class:`GenerationResponse` is an ASGI response of its own so that it, not the framework,
+owns the generation: whatever happens (client gone, timeout, eviction, shutdown), the
+``finally`` releases it. A :class:`StreamFraming` says what goes on the wire.
 """
 
 from __future__ import annotations
@@ -18,14 +18,18 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from modeld.errors import ClientDisconnected
 from modeld.scheduling.generation import Generation
 from modeld.types import Chunk, DoneReason, GenerationResult
 
 __all__ = [
-    "NATIVE_LINES",
-    "LineFormat",
+    "NDJSON",
+    "GenerationResponse",
     "NdjsonGenerationResponse",
+    "StreamFraming",
+    "collect_watched",
     "ndjson_line",
+    "start_watched",
     "terminal_record",
     "unless_disconnected",
     "wait_for_disconnect",
@@ -55,25 +59,6 @@ def terminal_record(result: GenerationResult) -> dict[str, object]:
     if record.get("error") is None:
         record.pop("error", None)
     return record
-
-
-class LineFormat(Protocol):
-    """What a stream's lines say: one per chunk, and the last one."""
-
-    def chunk(self, chunk: Chunk) -> object: ...
-
-    def end(self, result: GenerationResult) -> object: ...
-
-
-class _NativeLines:
-    def chunk(self, chunk: Chunk) -> object:
-        return {"text": chunk.text, "tokens": chunk.tokens}
-
-    def end(self, result: GenerationResult) -> object:
-        return terminal_record(result)
-
-
-NATIVE_LINES: LineFormat = _NativeLines()
 
 
 async def wait_for_disconnect(receive: Receive) -> None:
@@ -114,22 +99,88 @@ async def unless_disconnected(
     return (True, outcome[0]) if outcome else (False, None)
 
 
-class NdjsonGenerationResponse(Response):
+def _noop() -> None:
+    pass
+
+
+async def start_watched(
+    receive: Receive, owner: AbstractAsyncContextManager[Generation]
+) -> Generation:
+    """Enter ``owner`` (``ModelManager.stream(...)``) while watching the client: until
+    the stream starts nothing reads from it, so a queued or loading request whose client
+    is gone leaves the queue at once. Raises :class:`ClientDisconnected` then, and what
+    the manager raises."""
+    started, generation = await unless_disconnected(receive, owner.__aenter__, _noop)
+    if not started or generation is None:
+        raise ClientDisconnected("the client left while its request waited")
+    return generation
+
+
+async def collect_watched(
+    receive: Receive, owner: AbstractAsyncContextManager[Generation], generation: Generation
+) -> str:
+    """The whole text of a started generation (a client that leaves cancels it), then
+    ``owner`` left; ``generation.result`` is set afterwards."""
+
+    async def collect() -> str:
+        return "".join([chunk.text async for chunk in generation])
+
+    try:
+        _, text = await unless_disconnected(receive, collect, generation.cancel)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await owner.__aexit__(None, None, None)
+    return text or ""
+
+
+class StreamFraming(Protocol):
+    """What a streamed generation looks like on the wire, in one protocol."""
+
+    media_type: str
+
+    def head(self) -> bytes:
+        """Sent with the 200, before any token (empty: nothing)."""
+        ...
+
+    def chunk(self, chunk: Chunk) -> bytes:
+        """One drained batch of text."""
+        ...
+
+    def end(self, result: GenerationResult) -> bytes:
+        """The end, however the generation ended: every protocol says so its own way."""
+        ...
+
+
+class NdjsonFraming:
+    """``POST /infer``: ``{"text","tokens"}`` lines, then the terminal record."""
+
     media_type = NDJSON
 
+    def head(self) -> bytes:
+        return b""
+
+    def chunk(self, chunk: Chunk) -> bytes:
+        return ndjson_line({"text": chunk.text, "tokens": chunk.tokens})
+
+    def end(self, result: GenerationResult) -> bytes:
+        return ndjson_line(terminal_record(result))
+
+
+class GenerationResponse(Response):
     def __init__(
         self,
         owner: AbstractAsyncContextManager[Generation],
         generation: Generation,
-        lines: LineFormat = NATIVE_LINES,
+        framing: StreamFraming,
     ) -> None:
         # Like StreamingResponse: no body attribute, so no Content-Length header.
         self.status_code = 200
         self.background = None
+        self.media_type = framing.media_type
         self.init_headers({"Cache-Control": "no-store"})
         self._owner = owner
         self._generation = generation
-        self._lines = lines
+        self._framing = framing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         generation = self._generation
@@ -145,14 +196,26 @@ class NdjsonGenerationResponse(Response):
                 await send(
                     {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
                 )
+                head = self._framing.head()
+                if head:
+                    await send({"type": "http.response.body", "body": head, "more_body": True})
                 async for chunk in generation:
-                    line = ndjson_line(self._lines.chunk(chunk))
+                    line = self._framing.chunk(chunk)
                     await send({"type": "http.response.body", "body": line, "more_body": True})
                 assert generation.result is not None
                 scope.setdefault("state", {})["queue_ms"] = generation.result.metrics.queue_ms
-                last = ndjson_line(self._lines.end(generation.result))
+                last = self._framing.end(generation.result)
                 await send({"type": "http.response.body", "body": last, "more_body": False})
                 tasks.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._owner.__aexit__(None, None, None)
+
+
+class NdjsonGenerationResponse(GenerationResponse):
+    """The streamed answer of ``POST /infer``."""
+
+    def __init__(
+        self, owner: AbstractAsyncContextManager[Generation], generation: Generation
+    ) -> None:
+        super().__init__(owner, generation, NdjsonFraming())

@@ -28,6 +28,7 @@
 #include <limits.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "csrc/loop.h"
 
@@ -142,10 +143,42 @@ static const sampling_field SAMPLING_FIELDS[] = {
     FIELD(min_p, FIELD_DOUBLE),
     FIELD(repeat_penalty, FIELD_DOUBLE),
     FIELD(seed, FIELD_UINT32),
+    FIELD(presence_penalty, FIELD_DOUBLE),
+    FIELD(frequency_penalty, FIELD_DOUBLE),
 };
 #undef FIELD
 #define N_SAMPLING_FIELDS (sizeof(SAMPLING_FIELDS) / sizeof(SAMPLING_FIELDS[0]))
 static const char STOP_FIELD[] = "stop";
+
+/* The grammar (str or None) as an owned NUL-terminated copy; *out stays NULL for None. */
+static int
+grammar_from_python(PyObject *grammar, char **out)
+{
+    *out = NULL;
+    if (grammar == NULL || grammar == Py_None) {
+        return 0;
+    }
+    if (!PyUnicode_Check(grammar)) {
+        PyErr_SetString(PyExc_TypeError, "grammar must be str or None");
+        return -1;
+    }
+    Py_ssize_t len;
+    const char *text = PyUnicode_AsUTF8AndSize(grammar, &len);
+    if (text == NULL) {
+        return -1;
+    }
+    if ((Py_ssize_t)strlen(text) != len) {
+        PyErr_SetString(PyExc_ValueError, "grammar must not contain NUL");
+        return -1;
+    }
+    *out = PyMem_RawMalloc((size_t)len + 1);
+    if (*out == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(*out, text, (size_t)len + 1);
+    return 0;
+}
 
 /* ------------------------------------------------------------------------------------ */
 /* Module state */
@@ -314,9 +347,6 @@ sampling_to_python(const sampling_params *params, const stop_set *stops)
 static PyObject *
 trace_to_python(const loop_state *s)
 {
-    if (s->trace == NULL) {
-        Py_RETURN_NONE;
-    }
     PyObject *list = PyList_New((Py_ssize_t)s->trace_len);
     if (list == NULL) {
         return NULL;
@@ -344,6 +374,8 @@ error_to_python(const loop_state *s)
         return PyUnicode_FromString("out of memory in the token loop");
     case LOOP_ERR_SAMPLER:
         return PyUnicode_FromString("llama.cpp could not create the sampler chain");
+    case LOOP_ERR_GRAMMAR:
+        return PyUnicode_FromString("llama.cpp refused the grammar");
     }
     return PyUnicode_FromString("unknown token loop error");
 }
@@ -361,9 +393,10 @@ outcome_to_python(const loop_state *s)
         Py_DECREF(error);
         return NULL;
     }
-    return Py_BuildValue("(iLLLNN)", (int)s->stop_code, (long long)s->completion_tokens,
+    return Py_BuildValue("(iLLLNNiL)", (int)s->stop_code, (long long)s->completion_tokens,
                          (long long)(first - s->started_ns),
-                         (long long)(s->ended_ns - first), error, trace);
+                         (long long)(s->ended_ns - first), error, trace,
+                         (int)s->cached_tokens, (long long)s->n_kv);
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -473,6 +506,20 @@ TokenRing_drain(TokenRingObject *self, PyObject *Py_UNUSED(ignored))
     ring_drain_finish(&self->ring, &job, PyBytes_AS_STRING(text));
     return Py_BuildValue("(NKO)", text, (unsigned long long)job.tokens,
                          job.finished ? Py_True : Py_False);
+}
+
+PyDoc_STRVAR(TokenRing_watch_finish_doc,
+             "watch_finish() -> bool\n\nClear the wake-up descriptor without draining, so "
+             "that until the next drain it turns readable only when the stream finishes "
+             "(pushes stay quiet). True when it has already finished.");
+
+static PyObject *
+TokenRing_watch_finish(TokenRingObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (TokenRing_check_open(self) < 0) {
+        return NULL;
+    }
+    return PyBool_FromLong(ring_watch_finish(&self->ring));
 }
 
 PyDoc_STRVAR(TokenRing_push_doc,
@@ -586,6 +633,8 @@ TokenRing_get_producer_waiting(TokenRingObject *self, void *Py_UNUSED(closure))
 static PyMethodDef TokenRing_methods[] = {
     {"fileno", (PyCFunction)TokenRing_fileno, METH_NOARGS, TokenRing_fileno_doc},
     {"drain", (PyCFunction)TokenRing_drain, METH_NOARGS, TokenRing_drain_doc},
+    {"watch_finish", (PyCFunction)TokenRing_watch_finish, METH_NOARGS,
+     TokenRing_watch_finish_doc},
     {"push", (PyCFunction)TokenRing_push, METH_VARARGS, TokenRing_push_doc},
     {"finish", (PyCFunction)TokenRing_finish, METH_NOARGS, TokenRing_finish_doc},
     {"cancel", (PyCFunction)TokenRing_cancel, METH_NOARGS, TokenRing_cancel_doc},
@@ -780,32 +829,38 @@ tokenloop_bind(PyObject *Py_UNUSED(module), PyObject *arg)
 
 PyDoc_STRVAR(run_doc,
              "run(*, ring, ctx, vocab, prompt, n_batch, n_vocab, penalty_last_n, params, "
-             "trace=False, pause_fd=-1)\n"
-             "-> (stop_code, completion_tokens, prompt_eval_ns, eval_ns, error, token_ids)\n\n"
+             "cached=0, n_swa=0, grammar=None, pause_fd=-1)\n"
+             "-> (stop_code, completion_tokens, prompt_eval_ns, eval_ns, error, token_ids, "
+             "cached_tokens, n_kv)\n\n"
              "One generation with the GIL released; every argument by name. ctx and vocab are "
              "addresses; params is a modeld.types.SamplingParams (its fields are read by name, "
-             "seed must be set). token_ids is None unless trace is true. pause_fd >= 0 is a "
-             "test hook: the first prompt decode signals it and holds until the ring is "
-             "cancelled.");
+             "seed and max_tokens must be set). cached: the KV holds prompt[:cached] from the "
+             "previous generation (kept when that is exact, see keep_cached_prefix; else the "
+             "cache is cleared); n_swa: the model's sliding window. grammar is GBNF text with a "
+             "root rule, or None. token_ids: every sampled id, an EOG included; cached_tokens: "
+             "the prompt tokens kept; n_kv: the KV holds the first n_kv of prompt + token_ids, "
+             "-1 when unknown. pause_fd >= 0 is a test hook: the first prompt decode signals it "
+             "and holds until the ring is cancelled.");
 
 static PyObject *
 tokenloop_run(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"ring",    "ctx",    "vocab", "prompt",   "n_batch", "n_vocab",
-                               "penalty_last_n", "params", "trace", "pause_fd", NULL};
+    static char *keywords[] = {"ring",     "ctx",    "vocab",          "prompt", "n_batch",
+                               "n_vocab",  "penalty_last_n", "params", "cached", "n_swa",
+                               "grammar",  "pause_fd", NULL};
     module_state *st = get_state(module);
-    PyObject *ring_obj = NULL, *prompt_obj = NULL, *params_obj = NULL;
+    PyObject *ring_obj = NULL, *prompt_obj = NULL, *params_obj = NULL, *grammar_obj = NULL;
     unsigned long long ctx_addr = 0, vocab_addr = 0;
-    int trace = 0;
     loop_state s;
     memset(&s, 0, sizeof(s));
     s.penalty_last_n = INT_MIN; /* "not given": llama.cpp takes -1 and up */
     s.abort.pause_fd = -1;
     /* "|$": keyword-only, so two neighbours of one type can never be swapped by position */
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$O!KKOiiiOpi:run", keywords,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$O!KKOiiiOiiOi:run", keywords,
                                      st->ring_type, &ring_obj, &ctx_addr, &vocab_addr,
                                      &prompt_obj, &s.n_batch, &s.n_vocab, &s.penalty_last_n,
-                                     &params_obj, &trace, &s.abort.pause_fd)) {
+                                     &params_obj, &s.n_cached, &s.n_swa, &grammar_obj,
+                                     &s.abort.pause_fd)) {
         return NULL;
     }
     if (ring_obj == NULL || prompt_obj == NULL || params_obj == NULL ||
@@ -835,11 +890,19 @@ tokenloop_run(PyObject *module, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_ValueError, "max_tokens must be at least 1");
         goto done;
     }
+    if (grammar_from_python(grammar_obj, &s.grammar) < 0) {
+        goto done;
+    }
     s.prompt = prompt_from_python(prompt_obj, &s.n_prompt);
     if (s.prompt == NULL) {
         goto done;
     }
-    if (trace && !loop_enable_trace(&s)) {
+    if (s.n_cached < 0 || s.n_cached >= s.n_prompt || s.n_swa < 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "cached must leave at least one prompt token to evaluate; n_swa >= 0");
+        goto done;
+    }
+    if (!loop_enable_trace(&s)) {
         PyErr_NoMemory();
         goto done;
     }

@@ -73,12 +73,17 @@ class LoopOutcome:
     prompt_eval_ms: float
     eval_ms: float
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV was kept from the previous generation
+    # The tokens whose KV the context holds afterwards, in position order (the prompt,
+    # then every sampled token that was decoded); None when unknown (a decode failed or
+    # was aborted), so that the next generation starts from an empty cache.
+    kv_tokens: Sequence[int] | None = None
 
 
 class TokenRing(Protocol):
     """Bounded SPSC byte ring with a cancel flag and a wake-up file descriptor.
 
-    Consumer side (event loop): ``fileno``, ``drain``, ``cancel``, ``close``.
+    Consumer side (event loop): ``fileno``, ``drain``, ``watch_finish``, ``cancel``, ``close``.
     Producer side (worker thread): ``push`` (used by the loop), ``finish`` (by the worker).
     """
 
@@ -91,6 +96,15 @@ class TokenRing(Protocol):
 
         ``finished`` is true once the producer has called ``finish()`` and nothing is left.
         Clears the wake-up descriptor, so the next wait sleeps until new data arrives.
+        """
+        ...
+
+    def watch_finish(self) -> bool:
+        """Between a wake-up and the next ``drain()``: clear the wake-up descriptor without
+        taking anything, so that until that drain it turns readable only on ``finish()``.
+
+        Returns True when the stream has already finished. Lets the consumer let chunks
+        gather while still seeing the end at once.
         """
         ...
 
@@ -130,10 +144,20 @@ class TokenLoop(Protocol):
         ring: TokenRing,
         prompt_tokens: Sequence[int],
         params: SamplingParams,
+        grammar: str | None = None,
+        *,
+        cached: int = 0,
     ) -> LoopOutcome:
-        """Evaluate the prompt from an empty KV cache, then sample until a stop condition.
+        """Evaluate the prompt, then sample until a stop condition.
 
-        Blocks until the generation ends. Raises nothing for llama.cpp failures: they come
-        back as ``StopCode.ERROR`` with a message.
+        ``params.max_tokens`` must be set (the engine settles ``None``). ``grammar`` (GBNF
+        text with a ``root`` rule) constrains every sampled token; one llama.cpp refuses
+        ends the run as ``StopCode.ERROR`` before anything is evaluated.
+
+        ``cached`` says the KV cache holds ``prompt_tokens[:cached]`` from the previous
+        generation (``0 <= cached < len(prompt_tokens)``): the loop keeps them where
+        llama.cpp can do so exactly and evaluates only the rest; otherwise, and when it is
+        0, it starts from an empty cache. Blocks until the generation ends. Raises nothing
+        for llama.cpp failures: they come back as ``StopCode.ERROR`` with a message.
         """
         ...

@@ -88,13 +88,19 @@ class CTokenLoop:
         ring: TokenRing,
         prompt_tokens: Sequence[int],
         params: SamplingParams,
+        grammar: str | None = None,
+        *,
+        cached: int = 0,
     ) -> LoopOutcome:
         """See :meth:`modeld.engine.base.TokenLoop.run`.
 
         Raises TypeError for a ring not made by :meth:`new_ring`, ValueError for an empty
-        prompt, RuntimeError if another producer is using the ring.
+        prompt or a ``cached`` outside ``[0, len(prompt_tokens))``, RuntimeError if another
+        producer is using the ring.
         """
-        outcome, _ = self._run(llama, ring, prompt_tokens, params, trace=False, pause_fd=-1)
+        outcome, _ = self._run(
+            llama, ring, prompt_tokens, params, grammar, cached=cached, pause_fd=-1
+        )
         return outcome
 
     def run_traced(
@@ -104,6 +110,8 @@ class CTokenLoop:
         prompt_tokens: Sequence[int],
         params: SamplingParams,
         *,
+        grammar: str | None = None,
+        cached: int = 0,
         pause_in_prompt_fd: int = -1,
     ) -> tuple[LoopOutcome, list[int]]:
         """:meth:`run`, also returning every sampled token id (an EOG included): for tests.
@@ -112,10 +120,15 @@ class CTokenLoop:
         and then waits inside llama.cpp's abort callback until the ring is cancelled, so a
         test can cancel exactly during prompt evaluation.
         """
-        outcome, token_ids = self._run(
-            llama, ring, prompt_tokens, params, trace=True, pause_fd=pause_in_prompt_fd
+        return self._run(
+            llama,
+            ring,
+            prompt_tokens,
+            params,
+            grammar,
+            cached=cached,
+            pause_fd=pause_in_prompt_fd,
         )
-        return outcome, token_ids or []
 
     def _run(
         self,
@@ -123,16 +136,17 @@ class CTokenLoop:
         ring: TokenRing,
         prompt_tokens: Sequence[int],
         params: SamplingParams,
+        grammar: str | None,
         *,
-        trace: bool,
+        cached: int,
         pause_fd: int,
-    ) -> tuple[LoopOutcome, list[int] | None]:
+    ) -> tuple[LoopOutcome, list[int]]:
         if not isinstance(ring, self._ext.TokenRing):
             raise TypeError("the C token loop needs a ring made by CTokenLoop.new_ring()")
         if params.seed is None:  # C reads every field by name, so the seed is settled here
             params = msgspec.structs.replace(params, seed=secrets.randbits(32))
         try:
-            stop_code, completion, prompt_ns, eval_ns, error, token_ids = self._ext.run(
+            stop_code, completion, prompt_ns, eval_ns, error, token_ids, kept, n_kv = self._ext.run(
                 ring=ring,
                 ctx=_address(llama.ctx),
                 vocab=_address(llama._model.vocab),
@@ -141,7 +155,9 @@ class CTokenLoop:
                 n_vocab=llama.n_vocab(),
                 penalty_last_n=llama.last_n_tokens_size,
                 params=params,
-                trace=trace,
+                cached=cached,
+                n_swa=llama_cpp.llama_model_n_swa(llama.model),
+                grammar=grammar,
                 pause_fd=pause_fd,
             )
         finally:
@@ -155,5 +171,14 @@ class CTokenLoop:
             prompt_eval_ms=prompt_ns / 1e6,
             eval_ms=eval_ns / 1e6,
             error=error,
+            cached_tokens=kept,
+            kv_tokens=_kv_tokens(prompt_tokens, token_ids, n_kv),
         )
         return outcome, token_ids
+
+
+def _kv_tokens(prompt: Sequence[int], sampled: list[int], n_kv: int) -> list[int] | None:
+    """The first ``n_kv`` of prompt + sampled tokens: what the loop left in the KV cache."""
+    if n_kv < 0 or n_kv > len(prompt) + len(sampled):
+        return None
+    return [*prompt[:n_kv], *sampled[: max(0, n_kv - len(prompt))]]

@@ -10,12 +10,14 @@ import ctypes
 import errno
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import llama_cpp
+import msgspec
 from loguru import logger
 
 from modeld.engine.base import (
@@ -27,9 +29,13 @@ from modeld.engine.base import (
     TokenLoop,
     TokenRing,
 )
-from modeld.errors import InvalidRequest, ModelLoadFailed, ResourcesExhausted
+from modeld.engine.chat_format import ChatFormatter
+from modeld.engine.embedding import EmbeddingContext, pooling_for
+from modeld.engine.grammar import check_grammar
+from modeld.engine.kv_prefix import reusable_prefix
+from modeld.errors import ClientDisconnected, InvalidRequest, ModelLoadFailed, ResourcesExhausted
 from modeld.redact import redact_paths
-from modeld.types import SamplingParams, context_sizes
+from modeld.types import ChatMessage, SamplingParams, context_sizes, embedding_context_sizes
 
 __all__ = ["EngineSettings", "LlamaEngine"]
 
@@ -62,6 +68,7 @@ class EngineSettings:
     # llama-cpp-python points fd 1 and 2 at /dev/null during a load unless verbose: a
     # probe load (a child process) wants llama.cpp's abort message on its stderr.
     verbose: bool = False
+    prompt_reuse: bool = True
 
 
 class LlamaEngine:
@@ -69,8 +76,12 @@ class LlamaEngine:
 
     The thread that constructs it owns it: every other method but :meth:`new_ring`
     raises :class:`NotOwnerThread` when called from another thread. A generation is
-    :meth:`prepare` (tokenize and check against the context), then :meth:`generate` with
-    a ring from :meth:`new_ring`.
+    :meth:`prepare` or :meth:`prepare_chat` (tokenize and check against the context;
+    :meth:`check_grammar` for structured output), then :meth:`generate` with a ring from
+    :meth:`new_ring`. Between generations the context keeps its KV cache, and the engine
+    remembers which tokens it holds, so that the next prompt evaluates only what follows
+    their common prefix (``prompt_reuse``). :meth:`embed` runs in a second context on the
+    same weights, made on first use.
 
     ``path`` is what llama.cpp opens (``/proc/self/fd/N`` for a bound file); ``label``
     names the model in messages (default: the path's last component).
@@ -100,15 +111,30 @@ class LlamaEngine:
             n_threads_batch=settings.n_threads,
             n_gpu_layers=settings.n_gpu_layers,
             use_mmap=settings.use_mmap,
+            # llama.cpp's default, stated: sliding-window layers keep every position
+            # (the memory estimate counts them so), so a kept prompt prefix never
+            # lacks the cells its window reaches back to (see kv_prefix.py)
+            swa_full=True,
             verbose=settings.verbose,
         )
         self._vocab = self._llama._model.vocab
         # llama.cpp's own count of its weight bytes (read once, here, on the owner thread)
         self.model_size_bytes = int(llama_cpp.llama_model_size(self._llama.model))
+        self._n_threads = settings.n_threads
+        self._chat = ChatFormatter(
+            self._llama.metadata,
+            bos_token=self._token_text(self._llama.token_bos()),
+            eos_token=self._token_text(self._llama.token_eos()),
+        )
+        self._embedding: EmbeddingContext | None = None
         # No token covers more bytes than the longest piece, so a prompt longer than
         # n_ctx pieces cannot fit the context: refused before the tokenizer (whose cost
         # grows faster than linearly on some inputs) ever sees it.
         self.max_prompt_bytes = self.n_ctx * _longest_piece_bytes(self._vocab)
+        self._prompt_reuse = settings.prompt_reuse
+        # The tokens whose KV the context holds, in position order. Only generate() keeps
+        # it true; anything else that uses the context must call forget_kv().
+        self._kv_tokens: Sequence[int] = ()
         self._closed = False
 
     def _check_owner(self) -> None:
@@ -122,52 +148,112 @@ class LlamaEngine:
     def n_ctx(self) -> int:
         return self.sizes.n_ctx
 
-    def prepare(self, prompt: str, max_tokens: int) -> list[int]:
+    def prepare(self, prompt: str, max_tokens: int | None) -> list[int]:
         """The prompt's tokens, checked against the context.
 
         Raises :class:`InvalidRequest` (field ``prompt``) when the prompt is not valid
         Unicode or cannot fit the context, and (field ``max_tokens``) when the prompt
-        plus ``max_tokens`` does not; :class:`EngineClosed` after :meth:`close`.
+        plus ``max_tokens`` does not (``None``: the prompt must leave room for one
+        token); :class:`EngineClosed` after :meth:`close`.
         """
         self._check_owner()
         if self._closed:
             raise EngineClosed("the engine is closed")
         tokens = self.tokenize(prompt)
-        if len(tokens) + max_tokens > self.n_ctx:
+        self._check_room(tokens, max_tokens, "prompt")
+        return tokens
+
+    def prepare_chat(
+        self, messages: Sequence[ChatMessage], max_tokens: int | None, chat_template: str | None
+    ) -> list[int]:
+        """:meth:`prepare` for a conversation rendered through the model's chat template
+        (``chat_template``: the operator's override, a built-in name or a Jinja file).
+
+        The rendered text is tokenized with control tokens parsed and no second BOS when
+        the template wrote one. Raises :class:`NoChatTemplate`, :class:`ChatTemplateError`,
+        and :class:`InvalidRequest` as :meth:`prepare` does, naming ``messages``.
+        """
+        self._check_owner()
+        if self._closed:
+            raise EngineClosed("the engine is closed")
+        text = self._chat.render(messages, chat_template, max_chars=self.max_prompt_bytes)
+        bos = self._chat.bos_token
+        add_bos = self._add_bos and not (bos and text.startswith(bos))
+        tokens = self.tokenize(text, add_bos=add_bos, field="messages")
+        self._check_room(tokens, max_tokens, "messages")
+        return tokens
+
+    def check_grammar(self, grammar: str) -> None:
+        """Raises :class:`InvalidRequest` (field ``format``) if llama.cpp refuses it."""
+        self._check_owner()
+        if self._closed:
+            raise EngineClosed("the engine is closed")
+        check_grammar(self._vocab, grammar)
+
+    def _check_room(self, tokens: list[int], max_tokens: int | None, field: str) -> None:
+        if max_tokens is None:
+            if len(tokens) >= self.n_ctx:
+                raise InvalidRequest(
+                    f"{field} ({len(tokens)} tokens) leaves no room in the context of "
+                    f"{self.n_ctx} tokens",
+                    field=field,
+                )
+        elif len(tokens) + max_tokens > self.n_ctx:
             raise InvalidRequest(
-                f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) "
+                f"{field} ({len(tokens)} tokens) + max_tokens ({max_tokens}) "
                 f"exceeds the context of {self.n_ctx} tokens",
                 field="max_tokens",
             )
-        return tokens
 
-    def tokenize(self, prompt: str) -> list[int]:
-        """Tokens of ``prompt`` through a buffer bounded by n_ctx (never by model metadata).
+    @property
+    def _add_bos(self) -> bool:
+        return bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
 
-        Raises :class:`InvalidRequest` when the prompt cannot be encoded or is too long.
+    def tokenize(
+        self, prompt: str, *, add_bos: bool | None = None, field: str = "prompt"
+    ) -> list[int]:
+        """Tokens of ``prompt`` through a buffer bounded by n_ctx (never by model metadata),
+        control tokens parsed; ``add_bos`` defaults to what the vocabulary asks for.
+
+        Raises :class:`InvalidRequest` (naming ``field``) when the prompt cannot be
+        encoded or is too long.
         """
         self._check_owner()
-        try:
-            text = prompt.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidRequest("prompt is not valid Unicode", field="prompt") from exc
+        text = self._encoded(prompt, field)
         if len(text) > self.max_prompt_bytes:
             raise InvalidRequest(
-                f"prompt is {len(text)} bytes; no {self.n_ctx}-token context holds more than "
-                f"{self.max_prompt_bytes} bytes of this model's tokens",
-                field="prompt",
+                f"{field} is {len(text)} bytes; no {self.n_ctx}-token context holds more "
+                f"than {self.max_prompt_bytes} bytes of this model's tokens",
+                field=field,
             )
-        capacity = self.n_ctx
-        buffer = (llama_cpp.llama_token * capacity)()
-        add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
-        count = llama_cpp.llama_tokenize(
-            self._vocab, text, len(text), buffer, capacity, add_bos, True
-        )
+        add_bos = self._add_bos if add_bos is None else add_bos
+        count, tokens = self._tokenize(text, self.n_ctx, add_bos, parse_special=True)
         if count < 0:
             raise InvalidRequest(
-                f"prompt is {-count} tokens; the context holds {self.n_ctx}", field="prompt"
+                f"{field} is {-count} tokens; the context holds {self.n_ctx}", field=field
             )
-        return list(buffer[:count])
+        return tokens
+
+    def _tokenize(
+        self, text: bytes, capacity: int, add_special: bool, *, parse_special: bool
+    ) -> tuple[int, list[int]]:
+        buffer = (llama_cpp.llama_token * capacity)()
+        count = llama_cpp.llama_tokenize(
+            self._vocab, text, len(text), buffer, capacity, add_special, parse_special
+        )
+        return count, list(buffer[: max(count, 0)])
+
+    @staticmethod
+    def _encoded(text: str, field: str) -> bytes:
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequest(f"{field} is not valid Unicode", field=field) from exc
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return str(self._llama._model.token_get_text(token))
 
     def new_ring(self, capacity_bytes: int = RING_CAPACITY_BYTES) -> TokenRing:
         """A ring this engine's loop writes into; any thread (the event loop's, usually).
@@ -182,23 +268,42 @@ class LlamaEngine:
             raise
 
     def generate(
-        self, ring: TokenRing, prompt_tokens: Sequence[int], params: SamplingParams
+        self,
+        ring: TokenRing,
+        prompt_tokens: Sequence[int],
+        params: SamplingParams,
+        grammar: str | None = None,
     ) -> LoopOutcome:
         """Run the token loop into ``ring``, then finish the ring, whatever happens.
 
-        Raises only :class:`NotOwnerThread` (before touching anything): a failure comes
+        ``max_tokens=None`` runs until the context is full; ``grammar`` (checked by
+        :meth:`check_grammar`) constrains every token. Raises only :class:`NotOwnerThread`
+        (before touching anything): a failure comes
         back as ``StopCode.ERROR`` with its message, so the consumer always sees the
         stream end with an outcome.
         """
         self._check_owner()
+        cached = reusable_prefix(self._kv_tokens, prompt_tokens) if self._prompt_reuse else 0
+        self.forget_kv()  # unknown until the loop says what it left
         try:
             if self._closed:
                 raise EngineClosed("the engine is closed")
-            return self._loop.run(self._llama, ring, prompt_tokens, params)
+            if params.max_tokens is None:
+                room = max(1, self.n_ctx - len(prompt_tokens))
+                params = msgspec.structs.replace(params, max_tokens=room)
+            outcome = self._loop.run(
+                self._llama, ring, prompt_tokens, params, grammar, cached=cached
+            )
+            self._kv_tokens = outcome.kv_tokens or ()
+            return outcome
         except Exception as exc:
             return LoopOutcome(StopCode.ERROR, len(prompt_tokens), 0, 0.0, 0.0, error=repr(exc))
         finally:
             ring.finish()
+
+    def forget_kv(self) -> None:
+        """The next generation starts from an empty KV cache (its loop clears it)."""
+        self._kv_tokens = ()
 
     def warm_up(self) -> None:
         """One token through the whole graph, so the first request pays no first-use cost."""
@@ -209,15 +314,73 @@ class LlamaEngine:
             outcome = self.generate(ring, tokens, SamplingParams(max_tokens=1, temperature=0.0))
         finally:
             ring.close()
+            self.forget_kv()  # no request should find the warm-up's tokens in the cache
         if outcome.error:
             raise ModelLoadFailed(f"warm-up generation failed: {outcome.error}")
 
+    @property
+    def embedding_tokens(self) -> int:
+        """The most tokens one embedding input may have (one batch)."""
+        return embedding_context_sizes(self.sizes).n_ubatch
+
+    def embed(
+        self, texts: Sequence[str], cancelled: Callable[[], bool]
+    ) -> tuple[list[list[float]], int]:
+        """L2-normalised embeddings of ``texts`` and their token count, in a second
+        context on these weights (made on first use, kept until :meth:`close`).
+
+        Every input is tokenized and checked before any is computed. ``cancelled`` is
+        asked between inputs. Raises :class:`InvalidRequest` (field ``input``) for an
+        empty or too long input, :class:`ClientDisconnected` once ``cancelled()``,
+        :class:`ResourcesExhausted` when the context cannot be made, :class:`EngineError`.
+        """
+        self._check_owner()
+        if self._closed:
+            raise EngineClosed("the engine is closed")
+        limit = self.embedding_tokens
+        inputs = [self._embedding_tokens(text, index, limit) for index, text in enumerate(texts)]
+        if self._embedding is None:
+            self._embedding = EmbeddingContext(
+                self._llama.model,
+                embedding_context_sizes(self.sizes),
+                self._n_threads,
+                pooling_for(llama_cpp.llama_pooling_type(self._llama.ctx)),
+            )
+        vectors: list[list[float]] = []
+        for tokens in inputs:
+            if cancelled():
+                raise ClientDisconnected("the embedding request was cancelled")
+            vectors.append(self._embedding.embed(tokens))
+        return vectors, sum(len(tokens) for tokens in inputs)
+
+    def _embedding_tokens(self, text: str, index: int, limit: int) -> list[int]:
+        """One input's tokens: the vocabulary's own BOS/EOS, its text taken literally."""
+        field = "input"
+        data = self._encoded(text, field)
+        if len(data) > limit * self.max_prompt_bytes // self.n_ctx:
+            raise InvalidRequest(
+                f"input {index} is {len(data)} bytes, more than {limit} tokens can hold",
+                field=field,
+            )
+        count, tokens = self._tokenize(data, limit, True, parse_special=False)
+        if count < 0:
+            raise InvalidRequest(
+                f"input {index} is {-count} tokens; an embedding input holds at most {limit} "
+                "(--n-batch)",
+                field=field,
+            )
+        if count == 0:
+            raise InvalidRequest(f"input {index} is empty", field=field)
+        return tokens
+
     def close(self) -> None:
-        """Free the context and the weights now, not at garbage collection."""
+        """Free the contexts and the weights now, not at garbage collection."""
         self._check_owner()
         if self._closed:
             return
         self._closed = True
+        if self._embedding is not None:
+            self._embedding.close()  # it points into the weights freed next
         self._llama.close()
         del self._llama
         _malloc_trim()
@@ -253,6 +416,10 @@ def _load_llama(path: str, label: str, **params: Any) -> llama_cpp.Llama:
 def _failure_message(error: BaseException, path: str, label: str) -> str:
     if isinstance(error, MemoryError):
         return f"{label}: out of memory while llama.cpp loaded it ({error})"
+    if isinstance(error, jinja2.TemplateError):  # llama-cpp-python compiles it (never runs it)
+        return redact_paths(
+            f"{label}: llama-cpp-python cannot compile the file's chat template: {error}"
+        )
     text = str(error).replace(path, label)
     return redact_paths(f"llama.cpp could not load {label}: {text}")
 

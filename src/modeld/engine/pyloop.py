@@ -13,8 +13,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import llama_cpp
+from llama_cpp.llama_grammar import LlamaGrammar
 
 from modeld.engine.base import RING_CAPACITY_BYTES, LoopOutcome, StopCode, TokenRing
+from modeld.engine.grammar import GRAMMAR_REFUSED, grammar_is_accepted
+from modeld.engine.kv_prefix import keep_prefix
 from modeld.engine.pyring import PyTokenRing
 from modeld.engine.textstream import TextAssembler
 from modeld.types import LoopKind, SamplingParams
@@ -37,15 +40,37 @@ class PythonTokenLoop:
         ring: TokenRing,
         prompt_tokens: Sequence[int],
         params: SamplingParams,
+        grammar: str | None = None,
+        *,
+        cached: int = 0,
     ) -> LoopOutcome:
+        if not 0 <= cached < len(prompt_tokens):
+            raise ValueError("cached must leave at least one prompt token to evaluate")
         vocab = llama._model.vocab
+        if params.max_tokens is None:
+            raise ValueError("max_tokens must be set (the engine settles None)")
+        max_tokens = params.max_tokens
         piece = _PieceReader(vocab)
         text = TextAssembler(params.stop)
         seed = params.seed if params.seed is not None else secrets.randbits(32)
         llama.set_seed(seed)
-        llama.reset()  # type: ignore[no-untyped-call]
 
         started_ns = time.perf_counter_ns()
+        kept = keep_prefix(llama, cached)
+        if kept:  # Llama.eval() goes on from the kept positions
+            llama.n_tokens = kept
+            llama.input_ids[:kept] = prompt_tokens[:kept]
+        else:
+            llama.reset()  # type: ignore[no-untyped-call]
+        to_evaluate = prompt_tokens[kept:]
+        kv_known = True
+        # llama-cpp-python adds a grammar sampler without checking it exists: one that
+        # llama.cpp refuses must never reach it (the C loop checks the same way).
+        if grammar is not None and not grammar_is_accepted(vocab, grammar):
+            return self._outcome(
+                StopCode.ERROR, len(prompt_tokens), 0, started_ns, 0, kept, _kv(llama),
+                GRAMMAR_REFUSED,
+            )  # fmt: skip
         first_token_ns = 0
         completion_tokens = 0
         stop_code = StopCode.LENGTH
@@ -56,8 +81,7 @@ class PythonTokenLoop:
         # callback would cost a GIL round trip per graph node, which made long prompts
         # several times slower, so the twin stops at chunk boundaries.
         chunks = [
-            prompt_tokens[i : i + llama.n_batch]
-            for i in range(0, len(prompt_tokens), llama.n_batch)
+            to_evaluate[i : i + llama.n_batch] for i in range(0, len(to_evaluate), llama.n_batch)
         ]
         try:
             for chunk in chunks[:-1]:
@@ -67,9 +91,13 @@ class PythonTokenLoop:
             if ring.cancelled:
                 raise _Cancelled
         except _Cancelled:
-            return self._outcome(StopCode.CANCELLED, len(prompt_tokens), 0, started_ns, 0)
+            return self._outcome(
+                StopCode.CANCELLED, len(prompt_tokens), 0, started_ns, 0, kept, _kv(llama)
+            )
         except RuntimeError as exc:
-            return self._outcome(StopCode.ERROR, len(prompt_tokens), 0, started_ns, 0, str(exc))
+            return self._outcome(
+                StopCode.ERROR, len(prompt_tokens), 0, started_ns, 0, kept, None, str(exc)
+            )
         generator = llama.generate(
             chunks[-1] if chunks else [],
             top_k=params.top_k,
@@ -77,6 +105,9 @@ class PythonTokenLoop:
             min_p=params.min_p,
             temp=params.temperature,
             repeat_penalty=params.repeat_penalty,
+            frequency_penalty=params.frequency_penalty,
+            presence_penalty=params.presence_penalty,
+            grammar=LlamaGrammar.from_string(grammar) if grammar is not None else None,
             reset=False,  # continue after the chunks evaluated above
         )
         try:
@@ -97,11 +128,12 @@ class PythonTokenLoop:
                 if text.stopped:
                     stop_code = StopCode.STOP
                     break
-                if completion_tokens >= params.max_tokens:
+                if completion_tokens >= max_tokens:
                     break
                 if llama.n_tokens >= llama.n_ctx():
                     break  # context full: LENGTH, as llama-server reports it
         except RuntimeError as exc:
+            kv_known = False  # the failed decode may have left part of its batch
             if ring.cancelled:
                 stop_code = StopCode.CANCELLED
             else:
@@ -113,7 +145,14 @@ class PythonTokenLoop:
             if tail:
                 ring.push(tail, 0)
         return self._outcome(
-            stop_code, len(prompt_tokens), completion_tokens, started_ns, first_token_ns, error
+            stop_code,
+            len(prompt_tokens),
+            completion_tokens,
+            started_ns,
+            first_token_ns,
+            kept,
+            _kv(llama) if kv_known else None,
+            error,
         )
 
     @staticmethod
@@ -123,6 +162,8 @@ class PythonTokenLoop:
         completion_tokens: int,
         started_ns: int,
         first_token_ns: int,
+        cached_tokens: int,
+        kv_tokens: list[int] | None,
         error: str | None = None,
     ) -> LoopOutcome:
         ended_ns = time.perf_counter_ns()
@@ -134,7 +175,14 @@ class PythonTokenLoop:
             prompt_eval_ms=(prompt_end_ns - started_ns) / 1e6,
             eval_ms=(ended_ns - prompt_end_ns) / 1e6,
             error=error,
+            cached_tokens=cached_tokens,
+            kv_tokens=kv_tokens,
         )
+
+
+def _kv(llama: Llama) -> list[int]:
+    """What the KV cache holds: Llama.eval() records every token it decodes."""
+    return [int(token) for token in llama.input_ids[: llama.n_tokens]]
 
 
 class _Cancelled(Exception):

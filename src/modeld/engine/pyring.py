@@ -92,6 +92,11 @@ class PyTokenRing:
             self._cond.notify_all()
             return data, tokens, self._finished
 
+    def watch_finish(self) -> bool:
+        with self._cond:
+            self._wake.clear()  # a push sets it again only if the buffer was empty
+            return self._finished
+
     def finish(self) -> None:
         with self._cond:
             if not self._finished:

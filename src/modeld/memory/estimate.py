@@ -66,6 +66,7 @@ from modeld.types import context_sizes
 __all__ = [
     "FootprintEstimate",
     "compute_buffer_bytes",
+    "embedding_context_bytes",
     "estimate_footprint",
     "graph_buffer_bytes",
     "repacked_weight_bytes",
@@ -149,6 +150,27 @@ def estimate_footprint(
         n_ubatch_tokens=n_ubatch,
         gpu_layers=offloaded,
     )
+
+
+def embedding_context_bytes(
+    header: GgufHeader, *, n_tokens: int, n_gpu_layers: int, gpu: bool
+) -> int:
+    """A second context on the loaded weights, for embeddings of up to ``n_tokens``.
+
+    No weights: it shares them. Its KV cache and compute buffer as for a generation
+    context of ``n_tokens``, except that every token is an output (llama.cpp computes the
+    logits of every token of a pooled embedding), on CPU as on GPU; plus the output
+    buffer holding those logits and embeddings.
+    """
+    base = estimate_footprint(
+        header, n_ctx=n_tokens, n_gpu_layers=n_gpu_layers, n_batch=n_tokens, gpu=gpu
+    )
+    n_ubatch = base.n_ubatch_tokens
+    compute = compute_buffer_bytes(
+        header, kv_cells=base.kv_cells, n_ubatch=n_ubatch, n_outputs=n_ubatch
+    )
+    outputs = n_ubatch * (header.n_vocab + header.embedding_length) * _F32_BYTES
+    return base.kv_cache_bytes + compute + outputs
 
 
 def repacked_weight_bytes(header: GgufHeader) -> int:

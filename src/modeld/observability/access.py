@@ -55,6 +55,7 @@ def log_event(event: Event) -> None:
             request_id=result.request_id,
             done_reason=str(result.done_reason),
             completion_tokens=metrics.completion_tokens,
+            cached_tokens=metrics.cached_tokens,
             ttft_ms=metrics.ttft_ms,
             queue_ms=metrics.queue_ms,
             tokens_per_second=metrics.tokens_per_second,

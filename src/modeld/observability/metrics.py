@@ -120,6 +120,10 @@ class Metrics:
             "modeld_tokens_generated", "completion tokens generated", ["model"],
             registry=self.registry,
         )  # fmt: skip
+        self.cached_prompt_tokens = Counter(
+            "modeld_prompt_tokens_cached", "prompt tokens whose KV was reused, not evaluated",
+            ["model"], registry=self.registry,
+        )  # fmt: skip
         self.ttft = Histogram(
             "modeld_time_to_first_token_seconds", "arrival to first chunk", ["model"],
             buckets=_LATENCY_BUCKETS_S, registry=self.registry,
@@ -148,6 +152,7 @@ class Metrics:
             result, metrics = event.result, event.result.metrics
             self.generations.labels(result.model, str(result.done_reason)).inc()
             self.tokens_generated.labels(result.model).inc(metrics.completion_tokens)
+            self.cached_prompt_tokens.labels(result.model).inc(metrics.cached_tokens)
             if metrics.ttft_ms > 0:
                 self.ttft.labels(result.model).observe(metrics.ttft_ms / 1000)
             if metrics.tokens_per_second > 0:

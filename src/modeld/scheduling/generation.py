@@ -37,6 +37,7 @@ class RequestTiming:
         self.load_s = 0.0
         self.started_s = 0.0
         self.first_chunk_s = 0.0
+        self.deadline_s = math.inf  # the latest a load or a memory wait may end
 
 
 class Generation:
@@ -118,14 +119,16 @@ class Generation:
         """Let a fast model's tokens gather for a few ms after the previous chunk.
 
         One line per token costs the event loop and the client more than the tokens
-        themselves on small models. The first chunk is never delayed, and a cancelled
-        stream is not waited for; otherwise this is a plain short sleep (a producer that
-        fills the ring meanwhile simply blocks until the drain that follows).
+        themselves on small models. The wait never delays the end of the stream: after
+        ``watch_finish()`` only the ring's ``finish()`` wakes the descriptor, so a loop
+        that finishes (or stops after a cancel) ends the wait at once. The first chunk is
+        never delayed, and a cancelled stream is not waited for.
         """
         if self._last_chunk_s and not self._ring.cancelled:
             wait_s = self._last_chunk_s + COALESCE_S - time.monotonic()
-            if wait_s > 0:
-                await anyio.sleep(wait_s)
+            if wait_s > 0 and not self._ring.watch_finish():
+                with anyio.move_on_after(wait_s):
+                    await anyio.wait_readable(self._ring.fileno())
 
     async def aclose(self) -> None:
         """Cancel if still running and wait, shielded, until the loop has returned."""
@@ -180,6 +183,7 @@ class Generation:
         return GenerationMetrics(
             prompt_tokens=outcome.prompt_tokens,
             completion_tokens=outcome.completion_tokens,
+            cached_tokens=outcome.cached_tokens,
             queue_ms=_ms(timing.started_s - timing.admitted_s - timing.load_s),
             load_ms=_ms(timing.load_s),
             ttft_ms=_ms(timing.first_chunk_s - timing.admitted_s) if timing.first_chunk_s else 0.0,

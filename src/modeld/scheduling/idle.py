@@ -32,11 +32,14 @@ class IdleUnloader:
         self.clock = clock
 
     def keep_alive_s(self, model_id: str, requested: str | float | None) -> float:
-        """Seconds for a use of ``model_id`` that asked for ``requested`` (None: the
-        configured default); ``math.inf`` for never."""
-        return keep_alive_seconds(
-            self._pool.settings.keep_alive if requested is None else requested
-        )
+        """Seconds for a use of ``model_id`` that asked for ``requested``; None: the
+        model's own ``keep_alive`` (its ``[models."<id>"]`` table), else ``--keep-alive``.
+        ``math.inf`` for never."""
+        if requested is None:
+            settings = self._pool.settings
+            own = settings.model(model_id).keep_alive
+            requested = settings.keep_alive if own is None else own
+        return keep_alive_seconds(requested)
 
     def used(self, instance: Instance, requested: str | float | None) -> None:
         """A request runs on ``instance``: the last use decides how long it stays

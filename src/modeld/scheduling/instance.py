@@ -92,6 +92,8 @@ class Instance:
     generations_started: int = 0
     keep_alive_s: float = math.inf  # how long it may stay idle; set by each request
     idle_since_s: float = 0.0  # on the pool's clock: when it last became idle
+    embedding_bytes: int = 0  # the embedding context's estimate, charged on first use
+    embedding_charged: bool = False
 
     @property
     def model_id(self) -> str:

@@ -24,7 +24,11 @@ from modeld.errors import ModeldError, ModelLoadFailed, ResourcesExhausted
 from modeld.gguf import OpenGguf
 from modeld.live_settings import LiveSettings
 from modeld.memory.budget import MemoryBudget
-from modeld.memory.estimate import FootprintEstimate, estimate_footprint
+from modeld.memory.estimate import (
+    FootprintEstimate,
+    embedding_context_bytes,
+    estimate_footprint,
+)
 from modeld.memory.probe import MemoryProbe
 from modeld.redact import redact_paths
 from modeld.registry import ModelFile
@@ -32,7 +36,7 @@ from modeld.scheduling.events import EventHub, ModelLoadingProgress
 from modeld.scheduling.file_guard import FileGuard
 from modeld.scheduling.instance import Instance
 from modeld.sizes import MIB
-from modeld.types import context_sizes
+from modeld.types import context_sizes, embedding_context_sizes
 
 __all__ = ["PROCESS_CHARGE_ID", "EngineFactory", "Loader", "Reserve", "out_of_descriptors"]
 
@@ -122,25 +126,25 @@ class Loader:
 
     async def _load_opened(self, instance: Instance, opened: OpenGguf, reserve: Reserve) -> None:
         model, settings = instance.model, self.settings
+        engine_settings = self._engine_settings(model.id)
         header = await anyio.to_thread.run_sync(opened.header)
-        sizes = context_sizes(settings.n_ctx, settings.n_batch, header.context_length)
+        sizes = context_sizes(engine_settings.n_ctx, settings.n_batch, header.context_length)
         estimate = estimate_footprint(
             header,
             n_ctx=sizes.n_ctx,
-            n_gpu_layers=settings.n_gpu_layers,
+            n_gpu_layers=engine_settings.n_gpu_layers,
             n_batch=sizes.n_batch,
+            gpu=self._gpu,
+        )
+        instance.embedding_bytes = embedding_context_bytes(
+            header,
+            n_tokens=embedding_context_sizes(sizes).n_ubatch,
+            n_gpu_layers=engine_settings.n_gpu_layers,
             gpu=self._gpu,
         )
         self._progress(instance, "validated", 0.1)
         if await self.guard.vet(opened, header.context_length):
             self._progress(instance, "probe_loaded", 0.15)
-        engine_settings = EngineSettings(
-            n_ctx=settings.n_ctx,
-            n_batch=settings.n_batch,
-            n_threads=settings.n_threads,
-            n_gpu_layers=settings.n_gpu_layers,
-            use_mmap=not settings.no_mmap,
-        )
         bound = replace(model, path=Path(opened.load_path))
 
         def make_engine() -> LlamaEngine:
@@ -218,6 +222,21 @@ class Loader:
             "a failed load left memory held; it stays charged",
             model=model_id,
             held_mb=round(held_bytes / MIB, 1),
+        )
+
+    def _engine_settings(self, model_id: str) -> EngineSettings:
+        """The global settings, with the model's own ``[models."<id>"]`` values on top."""
+        settings = self.settings
+        own = settings.model(model_id)
+        return EngineSettings(
+            n_ctx=own.n_ctx if own.n_ctx is not None else settings.n_ctx,
+            n_batch=settings.n_batch,
+            n_threads=own.threads if own.threads is not None else settings.n_threads,
+            n_gpu_layers=own.n_gpu_layers
+            if own.n_gpu_layers is not None
+            else settings.n_gpu_layers,
+            use_mmap=not settings.no_mmap,
+            prompt_reuse=settings.prompt_reuse,
         )
 
     @asynccontextmanager

@@ -7,24 +7,28 @@ inside the budget, evicting LRU idle ones), the FIFO slot, the generation, the r
 from __future__ import annotations
 
 import math
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Any, Self, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
+from loguru import logger
 
 from modeld.config import Settings
 from modeld.engine.base import EngineClosed, TokenLoop
 from modeld.engine.gpu import gpu_offload_available
-from modeld.engine.worker import WorkerStopped
+from modeld.engine.grammar import grammar_for_format
+from modeld.engine.worker import ThreadCall, WorkerStopped
 from modeld.errors import (
     InferTimeout,
     InvalidRequest,
+    ModeldError,
     NoDefaultModel,
     QueueFull,
     QueueTimeout,
@@ -43,11 +47,26 @@ from modeld.scheduling.file_guard import GuardStatistics
 from modeld.scheduling.generation import Generation, RequestTiming
 from modeld.scheduling.history import EventHistory, RecentEvent
 from modeld.scheduling.instance import Instance, InstanceStatistics, ModelCounters
+from modeld.scheduling.model_checks import check_model_settings
 from modeld.scheduling.pool import EngineFactory, InstancePool
 from modeld.sizes import MIB
-from modeld.types import Chunk, DoneReason, GenerationResult, InferRequest
+from modeld.types import (
+    MAX_EMBEDDING_INPUTS,
+    MAX_PROMPT_CHARS,
+    ChatRequest,
+    Chunk,
+    DoneReason,
+    EmbeddingResult,
+    GenerationResult,
+    InferRequest,
+    ResponseFormat,
+)
 
 __all__ = ["CLOSE_TIMEOUT_S", "CounterStatistics", "ManagerStatistics", "ModelManager"]
+
+T = TypeVar("T")
+Request = InferRequest | ChatRequest
+Launch = Callable[[Instance, RequestTiming], Awaitable[T | None]]
 
 CLOSE_TIMEOUT_S = 5.0  # at shutdown, after the grace: how long instances get to close
 
@@ -90,6 +109,9 @@ class ModelManager:
                 async for chunk in gen:
                     print(chunk.text, end="")
             print(gen.result)
+
+    Entering checks the per-model settings (each ``[models."<id>"]`` names a file in the
+    models dir, its chat template exists) and starts loading the pinned models.
     """
 
     def __init__(
@@ -144,11 +166,25 @@ class ModelManager:
     # ----------------------------------------------------------------- lifecycle
 
     async def __aenter__(self) -> Self:
+        """Raises :class:`ConfigError` naming a bad ``[models."<id>"]`` table."""
+        if self.settings.models:
+            known = {model.id for model in await self.registry.rescan()}
+            await anyio.to_thread.run_sync(check_model_settings, self.settings, known)
         await self._pool.guard.recover()  # crashes of an earlier process, before any load
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._pool.start(self._task_group)
+        for model_id, own in self.settings.models.items():
+            if own.pin:
+                self._task_group.start_soon(self._load_pinned, model_id)
         return self
+
+    async def _load_pinned(self, model_id: str) -> None:
+        """A pinned model loads at start; a failure is logged (and shown in /status)."""
+        try:
+            await self._pool.load(model_id, pin=True)
+        except ModeldError as exc:
+            logger.warning("pinned model did not load", model=model_id, error=exc.message)
 
     async def __aexit__(
         self,
@@ -243,24 +279,31 @@ class ModelManager:
 
     @asynccontextmanager
     async def stream(
-        self, request: InferRequest, *, request_id: str | None = None
+        self, request: Request, *, request_id: str | None = None
     ) -> AsyncIterator[Generation]:
         """Admit, load, queue and start one generation; yields it once the loop runs.
 
-        Raises before yielding: :class:`InvalidRequest`, :class:`ModelNotFound`,
+        Raises before yielding: :class:`InvalidRequest` (and, for chat,
+        :class:`NoChatTemplate`, :class:`ChatTemplateError`), :class:`ModelNotFound`,
         :class:`NoDefaultModel`, :class:`ModelInvalid`, :class:`ModelTooLarge`,
         :class:`ModelLoadFailed`, the :class:`Overloaded` family (429/503),
         :class:`ShuttingDown`, :class:`ResourcesExhausted`, :class:`ModelsDirUnavailable`.
+        A ``format`` that cannot be enforced is refused before the request queues.
         Leaving the block early cancels the generation. Cancelled at any await, it leaves
         nothing behind: no admission, no place in the queue, no held slot.
         """
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._generations:
             raise InvalidRequest(f"request id {request_id!r} is already running")
-        model_id = self._model_id(request.model)
+        grammar = await _grammar_for(request.format)  # before anything is held
+        model_id = self.model_id(request.model)
         ticket = self._admit(model_id)  # a place in the model's line, owned from here
         try:
-            generation = await self._start(model_id, request, request_id, ticket)
+
+            def launch(instance: Instance, timing: RequestTiming) -> Awaitable[Generation | None]:
+                return self._launch(instance, request, grammar, request_id, timing, ticket)
+
+            generation = await self._start(model_id, ticket, launch)
             try:
                 yield generation
             finally:
@@ -270,8 +313,15 @@ class ModelManager:
             self._admitted -= 1
             self._pool.forget_slot_if_unused(model_id)
 
+    def stream_chat(
+        self, request: ChatRequest, *, request_id: str | None = None
+    ) -> AbstractAsyncContextManager[Generation]:
+        """:meth:`stream` for a conversation: ``request.messages`` go through the model's
+        chat template (its own, or the one configured for it)."""
+        return self.stream(request, request_id=request_id)
+
     async def generate(
-        self, request: InferRequest, *, request_id: str | None = None
+        self, request: Request, *, request_id: str | None = None
     ) -> AsyncIterator[Chunk | GenerationResult]:
         """Chunks as they come, then the one :class:`GenerationResult`."""
         async with self.stream(request, request_id=request_id) as generation:
@@ -281,7 +331,7 @@ class ModelManager:
         yield generation.result
 
     async def complete(
-        self, request: InferRequest, *, request_id: str | None = None
+        self, request: Request, *, request_id: str | None = None
     ) -> tuple[str, GenerationResult]:
         """The whole text and the result, for callers that do not stream."""
         parts: list[str] = []
@@ -291,6 +341,46 @@ class ModelManager:
         assert generation.result is not None
         return "".join(parts), generation.result
 
+    async def chat(
+        self, request: ChatRequest, *, request_id: str | None = None
+    ) -> tuple[str, GenerationResult]:
+        """The assistant's whole answer to ``request.messages`` and the result."""
+        return await self.complete(request, request_id=request_id)
+
+    async def embed(
+        self, model: str | None, inputs: Sequence[str], *, request_id: str | None = None
+    ) -> EmbeddingResult:
+        """L2-normalised embeddings of ``inputs``, in order, computed in a second context
+        on the model's loaded weights (its memory charged to the budget on first use).
+
+        Queued in the model's line like a generation. Raises :class:`InvalidRequest`
+        (field ``input``: no input, too many, an empty or too long one), and what
+        :meth:`stream` raises before yielding. Cancelled, it stops between inputs.
+        """
+        texts = _embedding_inputs(inputs)
+        model_id = self.model_id(model)
+        ticket = self._admit(model_id)
+        cancelled = threading.Event()
+        try:
+
+            def launch(instance: Instance, timing: RequestTiming) -> Awaitable[Any]:
+                return self._launch_embedding(instance, texts, cancelled, timing)
+
+            call: ThreadCall[tuple[list[list[float]], int]] = await self._start(
+                model_id, ticket, launch
+            )
+            try:
+                vectors, prompt_tokens = await call.wait()
+            except BaseException:
+                cancelled.set()
+                ticket.release_when(call.when_done)  # the model is busy until it stops
+                raise
+            return EmbeddingResult(model=model_id, embeddings=vectors, prompt_tokens=prompt_tokens)
+        finally:
+            ticket.release()
+            self._admitted -= 1
+            self._pool.forget_slot_if_unused(model_id)
+
     def cancel_request(self, request_id: str) -> None:
         """Cancel a running generation by id. Raises :class:`RequestNotFound`."""
         generation = self._generations.get(request_id)
@@ -298,11 +388,23 @@ class ModelManager:
             raise RequestNotFound(f"no running request {request_id!r}")
         generation.cancel(DoneReason.CANCELLED)
 
-    def _model_id(self, model_id: str | None) -> str:
-        model_id = model_id or self.settings.default_model
-        if not model_id:
+    def model_id(self, name: str | None) -> str:
+        """The model id a request's ``model`` names: the default model when None, an
+        alias resolved. Raises :class:`NoDefaultModel`, :class:`InvalidModelId`."""
+        name = name or self.settings.default_model
+        if not name:
             raise NoDefaultModel("no model given and no --default-model configured")
-        return check_model_id(model_id)
+        return check_model_id(self.settings.resolve_model_name(name))
+
+    def sampling_defaults(self, name: str | None) -> Mapping[str, object]:
+        """The configured defaults of :class:`SamplingParams` fields for the model a
+        request names (an alias, or None for the default model), for whoever builds a
+        request from what a client sent: they fill the fields it did not set. Empty for
+        a model without a table; never raises (the request's own checks come later)."""
+        name = name or self.settings.default_model
+        if not name:
+            return {}
+        return self.settings.model(self.settings.resolve_model_name(name)).defaults
 
     def _admit(self, model_id: str) -> SlotTicket:
         """Refuse at once past a cap; otherwise join the model's line (no await)."""
@@ -327,9 +429,9 @@ class ModelManager:
         """Requests ahead times the recent mean generation time, at least a second."""
         return float(max(1, math.ceil(ahead * self._generation_s_ewma)))
 
-    async def _start(
-        self, model_id: str, request: InferRequest, request_id: str, ticket: SlotTicket
-    ) -> Generation:
+    async def _start(self, model_id: str, ticket: SlotTicket, launch: Launch[T]) -> T:
+        """Wait for the ticket's turn and a ready instance, then ``launch`` on it (None:
+        the instance went away meanwhile; it is loaded again, still first in line)."""
         timing = RequestTiming()
         deadline_s = timing.admitted_s + self.settings.max_wait_ms / 1000
         timeout = self.settings.infer_timeout
@@ -341,23 +443,22 @@ class ModelManager:
                     # a moment earlier, is the one that fires
                     inner_deadline_s = deadline_s + 1.0
                     return await self._start_within(
-                        model_id, request, request_id, ticket, timing, inner_deadline_s
+                        model_id, ticket, timing, inner_deadline_s, launch
                     )
             except TimeoutError:
                 raise InferTimeout(
                     f"{model_id}: not started within --infer-timeout ({timeout:g} s)"
                 ) from None
-        return await self._start_within(model_id, request, request_id, ticket, timing, deadline_s)
+        return await self._start_within(model_id, ticket, timing, deadline_s, launch)
 
     async def _start_within(
         self,
         model_id: str,
-        request: InferRequest,
-        request_id: str,
         ticket: SlotTicket,
         timing: RequestTiming,
         deadline_s: float,
-    ) -> Generation:
+        launch: Launch[T],
+    ) -> T:
         # The ticket keeps the request's place in the model's line from admission on,
         # across the file lookup and the load: the order of arrival is the order of
         # service, whatever happens to the instance meanwhile.
@@ -375,9 +476,10 @@ class ModelManager:
                 load_started_s = time.monotonic()
                 instance = await self._pool.ready_instance(model, deadline_s)
                 timing.load_s += time.monotonic() - load_started_s
-                generation = await self._launch(instance, request, request_id, timing, ticket)
-                if generation is not None:
-                    return generation
+                timing.deadline_s = deadline_s
+                launched = await launch(instance, timing)
+                if launched is not None:
+                    return launched
                 # unloaded between the load and the launch: load it again, still first
         except BaseException:
             ticket.release()
@@ -386,7 +488,8 @@ class ModelManager:
     async def _launch(
         self,
         instance: Instance,
-        request: InferRequest,
+        request: Request,
+        grammar: str | None,
         request_id: str,
         timing: RequestTiming,
         ticket: SlotTicket,
@@ -396,10 +499,19 @@ class ModelManager:
         engine, worker = instance.engine, instance.worker
         if engine is None or worker is None:
             return None
+        chat_template = self.settings.model(instance.model_id).chat_template
+
+        def prepare_on_worker() -> list[int]:
+            if isinstance(request, ChatRequest):
+                tokens = engine.prepare_chat(request.messages, request.max_tokens, chat_template)
+            else:
+                tokens = engine.prepare(request.prompt, request.max_tokens)
+            if grammar is not None:
+                engine.check_grammar(grammar)  # refused here, before any byte is sent
+            return tokens
+
         first_use = self._pool.first_use  # the first generation runs in a stage marker
-        prepare = worker.submit(
-            first_use(instance, lambda: engine.prepare(request.prompt, request.max_tokens))
-        )
+        prepare = worker.submit(first_use(instance, prepare_on_worker))
         try:
             prompt_tokens = await prepare.wait()
         except (WorkerStopped, EngineClosed):
@@ -413,7 +525,7 @@ class ModelManager:
             return None
         ring = engine.new_ring()
         call = worker.submit(
-            first_use(instance, lambda: engine.generate(ring, prompt_tokens, request))
+            first_use(instance, lambda: engine.generate(ring, prompt_tokens, request, grammar))
         )
         instance.generations_started += 1
         timing.started_s = time.monotonic()
@@ -432,6 +544,25 @@ class ModelManager:
         instance.active = generation
         self._generations[request_id] = generation
         return generation
+
+    async def _launch_embedding(
+        self,
+        instance: Instance,
+        texts: list[str],
+        cancelled: threading.Event,
+        timing: RequestTiming,
+    ) -> ThreadCall[tuple[list[list[float]], int]] | None:
+        """Charge the embedding context (first use) and start the embedding on the
+        instance's worker; None when the instance went away meanwhile."""
+        try:
+            await self._pool.reserve_embedding(instance, timing.deadline_s)
+        except EngineClosed:
+            return None
+        engine, worker = instance.engine, instance.worker
+        if engine is None or worker is None or not instance.is_ready():
+            return None
+        instance.last_used_s = time.monotonic()
+        return worker.submit(lambda: engine.embed(texts, cancelled.is_set))
 
     def _finished(
         self, instance: Instance, generation: Generation, timing: RequestTiming, ticket: SlotTicket
@@ -479,3 +610,31 @@ class ModelManager:
     @property
     def counters(self) -> Mapping[str, ModelCounters]:
         return self._pool.counters
+
+
+async def _grammar_for(response_format: ResponseFormat | None) -> str | None:
+    """The grammar enforcing ``response_format``, converted off the event loop (a schema
+    may be large). Raises :class:`InvalidRequest` naming ``format``."""
+    if response_format is None:
+        return None
+    return await anyio.to_thread.run_sync(grammar_for_format, response_format)
+
+
+def _embedding_inputs(inputs: Sequence[str]) -> list[str]:
+    """Raises :class:`InvalidRequest` (field ``input``) unless 1 to
+    :data:`MAX_EMBEDDING_INPUTS` non-empty strings of at most :data:`MAX_PROMPT_CHARS`."""
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    texts = list(inputs)
+    if not 1 <= len(texts) <= MAX_EMBEDDING_INPUTS:
+        raise InvalidRequest(
+            f"give 1 to {MAX_EMBEDDING_INPUTS} inputs, not {len(texts)}", field="input"
+        )
+    for index, text in enumerate(texts):
+        if not isinstance(text, str) or not text:
+            raise InvalidRequest(f"input {index} is not a non-empty string", field="input")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(
+                f"input {index} is over {MAX_PROMPT_CHARS} characters", field="input"
+            )
+    return texts

@@ -16,7 +16,7 @@ from anyio.abc import TaskGroup
 from loguru import logger
 
 from modeld.config import Settings
-from modeld.engine.base import TokenLoop
+from modeld.engine.base import EngineClosed, TokenLoop
 from modeld.errors import (
     InvalidModelId,
     MemoryBusy,
@@ -52,6 +52,7 @@ __all__ = ["EngineFactory", "InstancePool"]
 
 T = TypeVar("T")
 
+_MEMORY_WAIT_LEAD_S = 0.05
 _BACKOFF_BASE_S = 1.0
 _BACKOFF_MAX_S = 60.0
 
@@ -269,7 +270,7 @@ class InstancePool:
                 return instance
             with anyio.move_on_after(max(0.0, deadline_s - time.monotonic())) as scope:
                 await instance.settled.wait()
-            if scope.cancelled_caught:
+            if scope.cancelled_caught and not instance.settled.is_set():
                 raise QueueTimeout(f"{model.id}: still loading after the request's max wait", 1.0)
             if instance.state is InstanceState.ERROR:
                 assert instance.error is not None
@@ -302,10 +303,14 @@ class InstancePool:
             last_used_s=now_s,
             loading_since_s=now_s,
             keep_alive_s=self.idle.keep_alive_s(model.id, None),
+            pinned=self.settings.model(model.id).pin,
         )
         self._instances[model.id] = instance
         assert self._task_group is not None, "use ModelManager as an async context manager"
-        self._task_group.start_soon(self._load, instance, deadline_s, name=f"load {model.id}")
+        # The load's wait for memory ends a moment before the request's own deadline, so a
+        # request that waited for busy models is told memory_busy (503), not queue_timeout.
+        load_deadline_s = deadline_s - _MEMORY_WAIT_LEAD_S
+        self._task_group.start_soon(self._load, instance, load_deadline_s, name=f"load {model.id}")
         return instance
 
     async def _load(self, instance: Instance, deadline_s: float) -> None:
@@ -346,18 +351,28 @@ class InstancePool:
         self.events.publish(ModelFailed(model=instance.model_id, error=error.message))
         await self._dispose(instance)
 
+    async def reserve_embedding(self, instance: Instance, deadline_s: float) -> None:
+        """Charge the instance's embedding context (on its first use) on top of what it
+        holds, evicting or waiting as a load does; raises as :meth:`_reserve`."""
+        if instance.embedding_charged:
+            return
+        await self._reserve(instance, instance.embedding_bytes, deadline_s)
+        instance.embedding_charged = True
+
     async def _reserve(self, instance: Instance, need_bytes: int, deadline_s: float) -> None:
-        """Charge ``need_bytes`` to the budget, evicting LRU idle instances to make room.
+        """Charge ``need_bytes`` more to the instance, evicting LRU idle instances to make
+        room.
 
         Raises :class:`ModelTooLarge` at once if it cannot fit an empty budget, and
         :class:`MemoryBusy` if only busy instances stand in the way past the deadline.
         """
         model_id = instance.model_id
+        held_bytes = self.budget.charge_of(model_id)
         process_bytes = self._loader.process_bytes  # never evicted
-        if not self.budget.could_ever_fit(need_bytes + process_bytes):
+        if not self.budget.could_ever_fit(held_bytes + need_bytes + process_bytes):
             raise ModelTooLarge(
-                f"{model_id} needs about {need_bytes / MIB:.0f} MiB; the budget minus margin "
-                f"is {self.budget.limit_bytes / MIB:.0f} MiB"
+                f"{model_id} needs about {(held_bytes + need_bytes) / MIB:.0f} MiB; the budget "
+                f"minus margin is {self.budget.limit_bytes / MIB:.0f} MiB"
                 + (
                     f", {process_bytes / MIB:.0f} MiB of it the process's own"
                     if process_bytes
@@ -365,6 +380,8 @@ class InstancePool:
                 )
             )
         while True:
+            if instance.gone.is_set() or instance.state is InstanceState.UNLOADING:
+                raise EngineClosed(f"{model_id} was unloaded while it waited for memory")
             others = [i for i in self._instances.values() if i is not instance]
             victims = choose_victims(
                 (
@@ -378,8 +395,8 @@ class InstancePool:
                 self.budget.limit_bytes,
             )
             if victims == []:
-                self.budget.charge(model_id, need_bytes)
-                instance.charge_bytes = need_bytes
+                self.budget.charge(model_id, self.budget.charge_of(model_id) + need_bytes)
+                instance.charge_bytes = self.budget.charge_of(model_id)
                 return
             if victims:
                 for victim in victims:

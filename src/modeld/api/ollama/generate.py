@@ -14,18 +14,17 @@ from starlette.responses import Response
 
 from modeld.api.bodies import decode_body, read_body
 from modeld.api.ollama.facts import iso_time
+from modeld.api.ollama.framing import OllamaFraming
 from modeld.api.ollama.names import model_id_for, naming
 from modeld.api.ollama.wire import (
     GenerateBody,
-    OllamaLines,
     as_request,
     early_end_error,
     json_response,
     refuse_unsupported,
     sampling_fields,
 )
-from modeld.api.serving import collect_answer, start_generation
-from modeld.api.streaming import NdjsonGenerationResponse
+from modeld.api.streaming import GenerationResponse, collect_watched, start_watched
 from modeld.errors import InvalidRequest
 from modeld.keep_alive import keep_alive_seconds
 from modeld.scheduling.manager import ModelManager
@@ -70,12 +69,15 @@ async def generate(request: Request) -> Response:
         fields["keep_alive"] = body.keep_alive
     infer_request = as_request(fields, InferRequest)
     owner = manager.stream(infer_request, request_id=str(request.scope["state"]["request_id"]))
-    generation = await naming(name, lambda: start_generation(request, owner))
-    lines = OllamaLines(name, chat=False)
+    generation = await naming(name, lambda: start_watched(request.receive, owner))
+    framing = OllamaFraming(name, chat=False)
     if body.stream:
-        return NdjsonGenerationResponse(owner, generation, lines)
-    text, result = await collect_answer(request, owner, generation)
+        return GenerationResponse(owner, generation, framing)
+    text = await collect_watched(request.receive, owner, generation)
+    result = generation.result
+    assert result is not None
+    request.scope["state"]["queue_ms"] = result.metrics.queue_ms
     error = early_end_error(result)
     if error is not None:
         raise error
-    return json_response(lines.whole(text, result))
+    return json_response(framing.whole(text, result))

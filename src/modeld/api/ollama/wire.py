@@ -6,7 +6,6 @@ Open WebUI more). A field modeld knows but cannot honour gets a 400 naming it.
 
 from __future__ import annotations
 
-import time
 from typing import Any, TypeVar
 
 import msgspec
@@ -14,7 +13,6 @@ import orjson
 from loguru import logger
 from starlette.responses import Response
 
-from modeld.api.ollama.facts import iso_time
 from modeld.errors import (
     ClientDisconnected,
     EngineError,
@@ -25,12 +23,11 @@ from modeld.errors import (
     ShuttingDown,
 )
 from modeld.keep_alive import KeepAlive
-from modeld.types import Chunk, DoneReason, GenerationResult
+from modeld.types import DoneReason, GenerationResult
 
 __all__ = [
     "GenerateBody",
     "ModelBody",
-    "OllamaLines",
     "as_request",
     "early_end_error",
     "final_fields",
@@ -191,36 +188,6 @@ def early_end_error(result: GenerationResult) -> ModeldError | None:
 
 def final_fields(result: GenerationResult) -> dict[str, object]:
     return {"done": True, "done_reason": str(result.done_reason), **durations(result)}
-
-
-class OllamaLines:
-    """The lines of an Ollama stream: ``response`` (generate) or ``message`` (chat)
-    pieces, then the statistics, or an ``error`` line when modeld ended it early."""
-
-    def __init__(self, name: str, *, chat: bool) -> None:
-        self._name = name
-        self._chat = chat
-
-    def _piece(self, text: str) -> dict[str, object]:
-        line: dict[str, object] = {"model": self._name, "created_at": iso_time(time.time())}
-        if self._chat:
-            line["message"] = {"role": "assistant", "content": text}
-        else:
-            line["response"] = text
-        return line
-
-    def chunk(self, chunk: Chunk) -> object:
-        return {**self._piece(chunk.text), "done": False}
-
-    def end(self, result: GenerationResult) -> object:
-        error = early_end_error(result)
-        if error is not None:
-            return {"error": error.message}
-        return {**self._piece(""), **final_fields(result)}
-
-    def whole(self, text: str, result: GenerationResult) -> dict[str, object]:
-        """The one object of an unstreamed answer (its early end is raised instead)."""
-        return {**self._piece(text), **final_fields(result)}
 
 
 def json_response(data: object, status: int = 200) -> Response:

@@ -41,6 +41,10 @@ typedef bool (*ggml_abort_callback)(void *data);
     X(int32_t, llama_decode, (struct llama_context * ctx, llama_batch batch))              \
     X(struct llama_memory_i *, llama_get_memory, (const struct llama_context *ctx))        \
     X(void, llama_memory_clear, (struct llama_memory_i * mem, bool data))                  \
+    X(bool, llama_memory_seq_rm,                                                           \
+      (struct llama_memory_i * mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1))      \
+    X(llama_pos, llama_memory_seq_pos_min, (struct llama_memory_i * mem, llama_seq_id seq_id)) \
+    X(llama_pos, llama_memory_seq_pos_max, (struct llama_memory_i * mem, llama_seq_id seq_id)) \
     X(uint32_t, llama_n_ctx, (const struct llama_context *ctx))                            \
     X(void, llama_set_abort_callback,                                                      \
       (struct llama_context * ctx, ggml_abort_callback callback, void *data))              \
@@ -57,6 +61,8 @@ typedef bool (*ggml_abort_callback)(void *data);
     X(struct llama_sampler *, llama_sampler_init_min_p, (float p, size_t min_keep))        \
     X(struct llama_sampler *, llama_sampler_init_temp, (float t))                          \
     X(struct llama_sampler *, llama_sampler_init_dist, (uint32_t seed))                    \
+    X(struct llama_sampler *, llama_sampler_init_grammar,                                  \
+      (const struct llama_vocab *vocab, const char *grammar_str, const char *grammar_root)) \
     X(llama_token, llama_sampler_sample,                                                   \
       (struct llama_sampler * s, struct llama_context * ctx, int32_t idx))                 \
     X(void, llama_sampler_free, (struct llama_sampler * s))                                \

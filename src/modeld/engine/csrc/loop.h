@@ -23,7 +23,13 @@
 #include "text_assembler.h"
 
 enum stop_code { STOP_STOP = 0, STOP_LENGTH = 1, STOP_CANCELLED = 2, STOP_ERROR = 3 };
-enum loop_error { LOOP_OK = 0, LOOP_ERR_DECODE, LOOP_ERR_NO_MEMORY, LOOP_ERR_SAMPLER };
+enum loop_error {
+    LOOP_OK = 0,
+    LOOP_ERR_DECODE,
+    LOOP_ERR_NO_MEMORY,
+    LOOP_ERR_SAMPLER,
+    LOOP_ERR_GRAMMAR,
+};
 
 /* modeld.types.SamplingParams but its stop strings (those are loop_state.stops). Filled
  * field by field, by name, in _tokenloop.c (SAMPLING_FIELDS). */
@@ -35,6 +41,8 @@ typedef struct {
     double min_p;
     double repeat_penalty;
     uint32_t seed;
+    double presence_penalty;
+    double frequency_penalty;
 } sampling_params;
 
 typedef struct {
@@ -50,13 +58,16 @@ typedef struct {
     const struct llama_vocab *vocab;
     llama_token *prompt; /* owned */
     int32_t n_prompt;
+    int32_t n_cached; /* the KV holds prompt[0, n_cached) from the previous generation */
+    int32_t n_swa;    /* the model's sliding attention window; 0 without one */
     int32_t n_batch;
     int32_t n_vocab;
     int32_t penalty_last_n;
     sampling_params sampling;
+    char *grammar; /* owned GBNF with a "root" rule; NULL when sampling is unconstrained */
     stop_set stops; /* owned */
     text_asm text;
-    llama_token *trace; /* owned; NULL unless the caller asked for the sampled token ids */
+    llama_token *trace; /* owned: every sampled token id, an EOG included */
     size_t trace_cap;
     abort_state abort;
     /* outputs, read after the GIL is back */
@@ -65,6 +76,8 @@ typedef struct {
     enum loop_error error;
     int32_t decode_status;
     int64_t completion_tokens;
+    int32_t cached_tokens; /* prompt tokens whose KV was kept rather than evaluated */
+    int64_t n_kv; /* the KV holds the first n_kv of prompt + trace; -1: unknown, clear it */
     int64_t started_ns;
     int64_t first_token_ns;
     int64_t ended_ns;
@@ -78,8 +91,8 @@ now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-/* Room to record every sampled token id (at most max_tokens, or a context, plus an EOG).
- * False when out of memory. */
+/* Room to record every sampled token id (at most max_tokens, or a context, plus an EOG):
+ * the caller learns from them which tokens the KV holds. False when out of memory. */
 static bool
 loop_enable_trace(loop_state *s)
 {
@@ -98,6 +111,8 @@ loop_state_release(loop_state *s)
     s->prompt = NULL;
     MODELD_FREE(s->trace);
     s->trace = NULL;
+    MODELD_FREE(s->grammar);
+    s->grammar = NULL;
     text_asm_free(&s->text);
     stop_set_free(&s->stops);
 }
@@ -114,19 +129,34 @@ abort_if_cancelled(void *data)
     return ring_is_cancelled(abort->ring);
 }
 
-/* The chain of llama-cpp-python 0.3.36 Llama._init_sampler, with its defaults. */
+/* The chain of llama-cpp-python 0.3.36 Llama._init_sampler, with its defaults: penalties,
+ * the grammar (before any selecting sampler, so a chosen token is always one the grammar
+ * allows), then greedy or top_k..dist. NULL with s->error set when a sampler cannot be
+ * made; a grammar llama.cpp refuses is never added to the chain. */
 static struct llama_sampler *
-build_sampler(const loop_state *s)
+build_sampler(loop_state *s)
 {
     const sampling_params *p = &s->sampling;
     struct llama_sampler *chain =
         lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params());
     if (chain == NULL) {
+        s->error = LOOP_ERR_SAMPLER;
         return NULL;
     }
     lib.llama_sampler_chain_add(
-        chain, lib.llama_sampler_init_penalties(
-                   s->n_vocab, s->penalty_last_n, (float)p->repeat_penalty, 0.0f, 0.0f));
+        chain, lib.llama_sampler_init_penalties(s->n_vocab, s->penalty_last_n,
+                                                (float)p->repeat_penalty,
+                                                (float)p->frequency_penalty,
+                                                (float)p->presence_penalty));
+    if (s->grammar != NULL) {
+        struct llama_sampler *grammar = lib.llama_sampler_init_grammar(s->vocab, s->grammar, "root");
+        if (grammar == NULL) {
+            lib.llama_sampler_free(chain);
+            s->error = LOOP_ERR_GRAMMAR;
+            return NULL;
+        }
+        lib.llama_sampler_chain_add(chain, grammar);
+    }
     if (p->temperature < 0.0) {
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(p->seed));
         return chain;
@@ -144,10 +174,12 @@ build_sampler(const loop_state *s)
     return chain;
 }
 
-/* Record why a decode failed: an abort or a failure after cancel counts as cancelled. */
+/* Record why a decode failed: an abort or a failure after cancel counts as cancelled.
+ * Either way the KV may hold part of that batch, so it is no longer known. */
 static void
 decode_failed(loop_state *s, int32_t status)
 {
+    s->n_kv = -1;
     if (ring_is_cancelled(s->ring)) {
         s->stop_code = STOP_CANCELLED;
         return;
@@ -157,10 +189,32 @@ decode_failed(loop_state *s, int32_t status)
     s->decode_status = status;
 }
 
+/*
+ * Keep the KV of prompt[0, n_cached) and drop everything after it, where llama.cpp can do
+ * that exactly; otherwise clear the cache. Returns the tokens kept. Exact means: the cut
+ * succeeded (a recurrent memory cannot cut a sequence), the sequence now ends where the
+ * prefix does, and it still reaches back as far as a sliding window from the first new
+ * token looks (a window cache may have dropped older cells; this is llama-server's rule).
+ */
+static int32_t
+keep_cached_prefix(const loop_state *s)
+{
+    struct llama_memory_i *mem = lib.llama_get_memory(s->ctx);
+    int32_t n = s->n_cached;
+    llama_pos oldest_needed = s->n_swa > 0 && n > s->n_swa ? n - s->n_swa : 0;
+    if (n > 0 && lib.llama_memory_seq_rm(mem, 0, n, -1) &&
+        lib.llama_memory_seq_pos_max(mem, 0) == n - 1 &&
+        lib.llama_memory_seq_pos_min(mem, 0) <= oldest_needed) {
+        return n;
+    }
+    lib.llama_memory_clear(mem, true);
+    return 0;
+}
+
 static bool
 eval_prompt(loop_state *s)
 {
-    for (int32_t at = 0; at < s->n_prompt; at += s->n_batch) {
+    for (int32_t at = s->cached_tokens; at < s->n_prompt; at += s->n_batch) {
         if (ring_is_cancelled(s->ring)) {
             s->stop_code = STOP_CANCELLED;
             return false;
@@ -171,6 +225,7 @@ eval_prompt(loop_state *s)
             decode_failed(s, status);
             return false;
         }
+        s->n_kv = at + n;
     }
     return true;
 }
@@ -232,7 +287,7 @@ generate(loop_state *s, struct llama_sampler *sampler)
         if (s->first_token_ns == 0) {
             s->first_token_ns = now_ns();
         }
-        if (s->trace != NULL && s->trace_len < s->trace_cap) {
+        if (s->trace_len < s->trace_cap) {
             s->trace[s->trace_len++] = token;
         }
         if (ring_is_cancelled(s->ring)) {
@@ -263,6 +318,7 @@ generate(loop_state *s, struct llama_sampler *sampler)
             break;
         }
         n_past++;
+        s->n_kv = n_past;
     }
     if (piece != stack_buf) {
         MODELD_FREE(piece);
@@ -276,13 +332,13 @@ run_loop(loop_state *s)
     s->started_ns = now_ns();
     s->stop_code = STOP_LENGTH;
     s->text.stops = &s->stops;
-    lib.llama_memory_clear(lib.llama_get_memory(s->ctx), true);
+    s->cached_tokens = keep_cached_prefix(s);
+    s->n_kv = s->cached_tokens;
     s->abort.ring = s->ring;
     lib.llama_set_abort_callback(s->ctx, abort_if_cancelled, &s->abort);
     struct llama_sampler *sampler = build_sampler(s);
     if (sampler == NULL) {
         s->stop_code = STOP_ERROR;
-        s->error = LOOP_ERR_SAMPLER;
     }
     else {
         if (eval_prompt(s)) {

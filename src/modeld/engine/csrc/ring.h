@@ -144,6 +144,20 @@ ring_notify_consumer(ring_t *r)
     }
 }
 
+/* Consumer side, between a wake-up and the drain that follows it: clear the wake-up
+ * without taking anything, so that until that drain only ring_finish writes wake_fd
+ * (pushes find consumer_notified set). True when the stream has already finished. The
+ * flag is set before the read and `finished` loaded after it, so a finish either shows
+ * here or leaves wake_fd readable. */
+static bool
+ring_watch_finish(ring_t *r)
+{
+    eventfd_t ignored_count;
+    atomic_store(&r->consumer_notified, 1);
+    eventfd_read(r->wake_fd, &ignored_count); /* EAGAIN when not set: fine */
+    return atomic_load(&r->finished) != 0;
+}
+
 /* What a drain takes: `n` bytes from `tail` on, made by `tokens` tokens. */
 typedef struct {
     uint64_t tail;

@@ -1,0 +1,83 @@
+"""A lean blocking HTTP client for benchmarks: one raw socket per request, one orjson
+parse per NDJSON line, so that the client's own CPU (on the server's cores) disturbs the
+measurement as little as possible."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+__all__ = ["Answer", "infer"]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One /infer request as the client saw it."""
+
+    seconds: float  # from sending the request to the terminal line (or the whole body)
+    first_line_s: float  # from sending to the first NDJSON line (streams; 0 otherwise)
+    lines: int  # chunk lines before the terminal one (streams)
+    text: str
+    metrics: dict[str, Any]
+
+
+def infer(base_url: str, body: dict[str, Any]) -> Answer:
+    """POST /infer and read the answer to its end (``Connection: close``)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    payload = orjson.dumps(body)
+    head = (
+        f"POST /infer HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    stream = bool(body.get("stream", True))
+    with socket.create_connection((host, int(port))) as sock:
+        started = time.perf_counter()
+        sock.sendall(head + payload)
+        return _read_stream(sock, started) if stream else _read_whole(sock, started)
+
+
+def _read_stream(sock: socket.socket, started: float) -> Answer:
+    buffer = b""
+    headers_done = False
+    first_line_s = 0.0
+    parts: list[str] = []
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("the stream ended without a terminal line")
+        buffer += data
+        if not headers_done:
+            if b"\r\n\r\n" not in buffer:
+                continue
+            status = buffer.split(b"\r\n", 1)[0]
+            if b" 200 " not in status:
+                raise ConnectionError(status.decode())
+            buffer = buffer.split(b"\r\n\r\n", 1)[1]
+            headers_done = True
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if not line.startswith(b"{"):
+                continue  # chunked-encoding size lines
+            if not first_line_s:
+                first_line_s = time.perf_counter() - started
+            record = orjson.loads(line)
+            if record.get("done"):
+                seconds = time.perf_counter() - started
+                return Answer(seconds, first_line_s, len(parts), "".join(parts), record["metrics"])
+            parts.append(record["text"])
+
+
+def _read_whole(sock: socket.socket, started: float) -> Answer:
+    received = bytearray()
+    while data := sock.recv(65536):
+        received += data
+    seconds = time.perf_counter() - started
+    head, body = bytes(received).split(b"\r\n\r\n", 1)
+    if b" 200 " not in head.split(b"\r\n", 1)[0]:
+        raise ConnectionError(head.decode())
+    record = orjson.loads(body)
+    return Answer(seconds, 0.0, 0, record["text"], record["metrics"])

@@ -1,0 +1,132 @@
+"""OpenAI's answers: the JSON objects of chat and text completions, and their SSE framing.
+
+A stream is ``data: {json}\\n\\n`` events: (chat) a first chunk with the role, content
+deltas, a chunk with an empty delta and the ``finish_reason``, with
+``stream_options.include_usage`` a chunk with ``choices: []`` and the usage, then
+``data: [DONE]``. A generation that ends early (evicted, timeout, cancelled, error,
+shutdown) ends with an ``error`` event and no ``[DONE]``, so the client raises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+import modeld
+from modeld.api.openai.errors import error_event
+from modeld.types import Chunk, DoneReason, GenerationResult
+
+__all__ = [
+    "FINISHED",
+    "SSE",
+    "ChatFraming",
+    "Completion",
+    "CompletionFraming",
+    "event",
+    "usage",
+]
+
+SSE = "text/event-stream"
+FINISHED = frozenset({DoneReason.STOP, DoneReason.LENGTH})  # OpenAI's finish reasons
+FINGERPRINT = f"fp_modeld_{modeld.__version__}"
+_DONE = b"data: [DONE]\n\n"
+
+
+def event(data: object) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def usage(result: GenerationResult) -> dict[str, object]:
+    metrics = result.metrics
+    return {
+        "prompt_tokens": metrics.prompt_tokens,
+        "completion_tokens": metrics.completion_tokens,
+        "total_tokens": metrics.prompt_tokens + metrics.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": metrics.cached_tokens},
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """What every object of one answer shares."""
+
+    id: str
+    created: int
+    model: str
+    chat: bool
+
+    def header(self, chunked: bool) -> dict[str, Any]:
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {
+            "id": self.id,
+            "object": kind + ".chunk" if chunked and self.chat else kind,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+        }
+
+    def whole(self, text: str, result: GenerationResult) -> dict[str, Any]:
+        """The non-streamed answer."""
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _finish(result)}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+        else:
+            choice["text"] = text
+        return {**self.header(chunked=False), "choices": [choice], "usage": usage(result)}
+
+
+def _finish(result: GenerationResult) -> str:
+    return str(result.done_reason)  # "stop" or "length": the others never get here
+
+
+class _Framing:
+    media_type = SSE
+
+    def __init__(self, completion: Completion, include_usage: bool) -> None:
+        self._completion = completion
+        self._include_usage = include_usage
+
+    def _choice(self, choice: dict[str, Any]) -> bytes:
+        data = {**self._completion.header(chunked=True), "choices": [{"index": 0, **choice}]}
+        if self._include_usage:
+            data["usage"] = None
+        return event(data)
+
+    def _delta(self, text: str, finish: str | None) -> bytes:
+        raise NotImplementedError
+
+    def chunk(self, chunk: Chunk) -> bytes:
+        return self._delta(chunk.text, None)
+
+    def end(self, result: GenerationResult) -> bytes:
+        if result.done_reason not in FINISHED:
+            return error_event(result)
+        last = self._delta("", _finish(result))
+        if self._include_usage:
+            data = {**self._completion.header(chunked=True), "choices": [], "usage": usage(result)}
+            last += event(data)
+        return last + _DONE
+
+
+class ChatFraming(_Framing):
+    """``chat.completion.chunk`` events."""
+
+    def head(self) -> bytes:
+        choice = {"delta": {"role": "assistant", "content": ""}, "logprobs": None}
+        return self._choice({**choice, "finish_reason": None})
+
+    def _delta(self, text: str, finish: str | None) -> bytes:
+        delta = {"content": text} if finish is None else {}
+        return self._choice({"delta": delta, "logprobs": None, "finish_reason": finish})
+
+
+class CompletionFraming(_Framing):
+    """``text_completion`` events."""
+
+    def head(self) -> bytes:
+        return b""
+
+    def _delta(self, text: str, finish: str | None) -> bytes:
+        return self._choice({"text": text, "logprobs": None, "finish_reason": finish})

@@ -1,0 +1,220 @@
+"""OpenAI request bodies as modeld's own requests (:class:`ChatRequest`,
+:class:`InferRequest`): a field modeld cannot honour at the value sent (``n`` > 1,
+``logprobs``, tools, images, token arrays, ...) is a 400 naming it as OpenAI names it,
+never silently dropped. Bounds are modeld's own, checked by the same schema as
+``/infer``; the model's configured defaults fill the fields a body does not set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from modeld.api.bodies import convert_fields
+from modeld.api.openai.errors import UnsupportedParam
+from modeld.api.openai.wire import ChatCompletionBody, CompletionBody, EmbeddingBody, _Sampling
+from modeld.errors import InvalidRequest
+from modeld.types import SEED_MAX, ChatMessage, ChatRequest, InferRequest, ResponseFormat
+
+__all__ = [
+    "chat_request",
+    "check_unsupported",
+    "completion_request",
+    "embedding_inputs",
+    "messages_from",
+    "response_format",
+    "with_defaults",
+]
+
+DefaultsFor = Callable[[str | None], Mapping[str, object]]
+_SAMPLING_NAMES = (
+    "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
+    "frequency_penalty",
+)  # fmt: skip
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_TOKEN_HINT = (
+    "token arrays are not accepted (their ids belong to another tokenizer); send text. "
+    "LangChain's OpenAIEmbeddings sends tiktoken ids unless check_embedding_ctx_length=False"
+)
+
+
+def _unsupported(param: str, why: str) -> InvalidRequest:
+    return UnsupportedParam(f"{param}: {why}", field=param)
+
+
+def check_unsupported(body: _Sampling) -> None:
+    """The fields shared by chat and completions that modeld honours at one value only."""
+    if body.n is not None and body.n != 1:
+        raise _unsupported("n", "modeld generates one choice per request (n=1)")
+    if body.logit_bias:
+        raise _unsupported("logit_bias", "logit_bias is not supported")
+
+
+def _sampling(body: _Sampling, max_tokens: int | None) -> dict[str, object]:
+    """The :class:`SamplingParams` fields the body sets (absent ones are left out, so
+    defaults fill them)."""
+    fields: dict[str, object] = {
+        name: getattr(body, name) for name in _SAMPLING_NAMES if getattr(body, name) is not None
+    }
+    if max_tokens is not None:
+        fields["max_tokens"] = max_tokens
+    if body.stop is not None:
+        fields["stop"] = [body.stop] if isinstance(body.stop, str) else body.stop
+    if body.seed is not None and body.seed >= 0:  # OpenAI takes any int; < 0: random
+        fields["seed"] = body.seed % (SEED_MAX + 1)
+    return fields
+
+
+def with_defaults(
+    fields: dict[str, object], model: str | None, defaults_for: DefaultsFor
+) -> dict[str, object]:
+    """The model's configured defaults under what the body set; without either, no
+    ``max_tokens`` limit (OpenAI's default: the rest of the context)."""
+    merged = {**defaults_for(model), **fields}
+    merged.setdefault("max_tokens", None)
+    return merged
+
+
+def chat_request(body: ChatCompletionBody, defaults_for: DefaultsFor) -> ChatRequest:
+    """Raises :class:`InvalidRequest` naming the OpenAI parameter."""
+    check_unsupported(body)
+    if body.logprobs or body.top_logprobs:
+        raise _unsupported("logprobs", "log probabilities are not reported")
+    tools_off = body.tool_choice == "none"
+    if (body.tools or body.functions) and not tools_off:
+        param = "tools" if body.tools else "functions"
+        raise _unsupported(param, "tool calling is not supported for this model")
+    if body.tool_choice not in (None, "none", "auto"):
+        raise _unsupported("tool_choice", "tool calling is not supported for this model")
+    if body.function_call not in (None, "none", "auto"):
+        raise _unsupported("function_call", "tool calling is not supported for this model")
+    if body.modalities and set(body.modalities) != {"text"}:
+        raise _unsupported("modalities", "only text is generated")
+    for name in ("audio", "prediction", "web_search_options"):
+        if getattr(body, name) is not None:
+            raise _unsupported(name, f"{name} is not supported")
+    if (
+        body.max_tokens is not None
+        and body.max_completion_tokens is not None
+        and body.max_tokens != body.max_completion_tokens
+    ):
+        raise _unsupported("max_tokens", "max_tokens and max_completion_tokens differ")
+    max_tokens = (
+        body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    )
+    fields = _sampling(body, max_tokens)
+    fields["messages"] = [msgspec_message(m) for m in messages_from(body.messages)]
+    fields["model"] = body.model
+    fields["stream"] = bool(body.stream)
+    fields["format"] = response_format(body.response_format)
+    request = convert_fields(with_defaults(fields, body.model, defaults_for), ChatRequest)
+    return request
+
+
+def msgspec_message(message: ChatMessage) -> dict[str, str]:
+    return {"role": message.role, "content": message.content}
+
+
+def messages_from(messages: list[dict[str, Any]]) -> list[ChatMessage]:
+    """OpenAI messages as modeld's: ``developer`` is ``system``, text parts are joined;
+    images, audio, files, tool calls and tool results are refused naming the message."""
+    if not messages:
+        raise _unsupported("messages", "at least one message is needed")
+    converted = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise _unsupported(where, "a message is an object with role and content")
+        role = message.get("role")
+        if role in ("tool", "function"):
+            raise _unsupported(f"{where}.role", "tool messages are not supported (no tool calling)")
+        if role not in _ROLES:
+            raise _unsupported(f"{where}.role", f"unknown role {role!r}")
+        if message.get("tool_calls") or message.get("function_call"):
+            raise _unsupported(f"{where}.tool_calls", "tool calling is not supported")
+        converted.append(ChatMessage(_ROLES[role], _content(message.get("content"), where, role)))  # type: ignore[arg-type]
+    return converted
+
+
+def _content(content: object, where: str, role: str) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None and role == "assistant":
+        return ""
+    if not isinstance(content, list):
+        raise _unsupported(f"{where}.content", "content is a string or a list of text parts")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "refusal":
+            continue
+        else:
+            raise _unsupported(f"{where}.content", f"{kind or 'this'} parts are not supported")
+    return "\n".join(texts)
+
+
+def response_format(value: dict[str, Any] | None) -> ResponseFormat | None:
+    """``response_format`` as modeld's ``format``: enforced by a grammar, never ignored."""
+    if value is None:
+        return None
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json"
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise _unsupported("response_format.json_schema", "json_schema must be an object")
+        schema = spec.get("schema")
+        if schema is None:
+            return "json"
+        if not isinstance(schema, dict):
+            raise _unsupported("response_format.json_schema.schema", "a schema is an object")
+        return schema
+    raise _unsupported("response_format.type", f"unknown response format type {kind!r}")
+
+
+def completion_request(body: CompletionBody, defaults_for: DefaultsFor) -> InferRequest:
+    """Raises :class:`InvalidRequest` naming the OpenAI parameter."""
+    check_unsupported(body)
+    if body.echo:
+        raise _unsupported("echo", "echo is not supported")
+    if body.suffix:
+        raise _unsupported("suffix", "suffix (insertion) is not supported")
+    if body.best_of is not None and body.best_of != 1:
+        raise _unsupported("best_of", "modeld generates one choice per request (best_of=1)")
+    if body.logprobs:
+        raise _unsupported("logprobs", "log probabilities are not reported")
+    fields = _sampling(body, body.max_tokens)
+    fields["prompt"] = _prompt(body.prompt)
+    fields["model"] = body.model
+    fields["stream"] = bool(body.stream)
+    return convert_fields(with_defaults(fields, body.model, defaults_for), InferRequest)
+
+
+def _prompt(prompt: object) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        raise _unsupported("prompt", "one prompt per request (a list of one string at most)")
+    if isinstance(prompt, list) and prompt:
+        raise _unsupported("prompt", _TOKEN_HINT)
+    raise _unsupported("prompt", "prompt is a string")
+
+
+def embedding_inputs(body: EmbeddingBody) -> list[str]:
+    """Raises :class:`InvalidRequest` naming ``input`` or ``encoding_format``."""
+    if body.encoding_format not in (None, "float", "base64"):
+        raise _unsupported("encoding_format", "encoding_format is 'float' or 'base64'")
+    if isinstance(body.input, str):
+        return [body.input]
+    if isinstance(body.input, list) and body.input and all(isinstance(x, str) for x in body.input):
+        return list(body.input)
+    if isinstance(body.input, list) and body.input:
+        raise _unsupported("input", _TOKEN_HINT)
+    raise _unsupported("input", "input is a string or a non-empty list of strings")

@@ -1,0 +1,100 @@
+"""The OpenAI request bodies modeld reads, as the ``openai`` client (3.51) sends them.
+
+Unknown fields are ignored (the real API's clients keep adding them: ``store``,
+``metadata``, ``service_tier``, ...); JSON ``null`` is the same as absent. A field's type
+is checked here (a 400 naming it); what modeld can honour is decided in
+:mod:`modeld.api.openai.translate`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "ChatCompletionBody",
+    "CompletionBody",
+    "EmbeddingBody",
+    "ResponseBody",
+    "StreamOptions",
+]
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool | None = None
+
+
+class _Sampling(msgspec.Struct, kw_only=True):
+    """What chat and completions share: modeld's sampling parameters, by OpenAI's names
+    (``top_k``, ``min_p``, ``repeat_penalty``: the llama-server/vLLM extensions clients
+    send in ``extra_body``), and the fields modeld can only honour at one value."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    logit_bias: dict[str, Any] | None = None
+    user: str | None = None
+
+
+class ChatCompletionBody(_Sampling, kw_only=True):
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+
+
+class CompletionBody(_Sampling, kw_only=True):
+    prompt: Any = None  # a string, or a list of one; token arrays are refused by name
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+
+class EmbeddingBody(msgspec.Struct, kw_only=True):
+    input: Any = None  # a string or a list of strings; token arrays are refused by name
+    model: str | None = None
+    encoding_format: str | None = None
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class ResponseBody(msgspec.Struct, kw_only=True):
+    """``POST /v1/responses``, text only: ``input`` (a string or a list of messages),
+    ``instructions`` (a system message), no tools, no stored state."""
+
+    input: Any = None
+    model: str | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool | None = None
+    text: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    previous_response_id: str | None = None
+    store: bool | None = None
+    background: bool | None = None
+    reasoning: dict[str, Any] | None = None

@@ -1,0 +1,78 @@
+"""Structured output: a response format (``"json"`` or a JSON schema) as a GBNF grammar
+that llama.cpp's grammar sampler enforces token by token, in both token loops.
+
+Two checks keep llama.cpp from ever being handed a grammar it refuses (its grammar code
+reports errors as C++ exceptions, which from a C caller abort the process):
+:func:`grammar_for_format` turns a schema into GBNF in Python (an unsupported schema is
+an :class:`InvalidRequest` naming ``format``), and :func:`check_grammar` builds and frees
+the sampler on the model's worker before the answer starts (a grammar llama.cpp refuses
+is a 400, never a stream that ends in an error).
+"""
+
+from __future__ import annotations
+
+import json
+
+import llama_cpp
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+from modeld.errors import InvalidRequest
+from modeld.types import ResponseFormat
+
+__all__ = [
+    "GRAMMAR_REFUSED",
+    "MAX_GRAMMAR_BYTES",
+    "check_grammar",
+    "grammar_for_format",
+    "grammar_is_accepted",
+]
+
+# A grammar is parsed on every request and walked on every token: bounded, like a prompt.
+MAX_GRAMMAR_BYTES = 256 * 1024
+GRAMMAR_REFUSED = "llama.cpp refused the grammar"
+_ROOT = b"root"
+
+
+def grammar_for_format(response_format: ResponseFormat) -> str:
+    """The GBNF text for ``"json"`` (any JSON object) or a JSON schema.
+
+    Pure Python (no model needed), so it runs before the request queues. Raises
+    :class:`InvalidRequest` (field ``format``) for a schema the converter cannot express
+    (remote ``$ref``, ``not``, an unknown ``type``, ...) or a grammar over
+    :data:`MAX_GRAMMAR_BYTES`.
+    """
+    if response_format == "json":
+        return JSON_GBNF
+    if not isinstance(response_format, dict):
+        raise InvalidRequest('format must be "json" or a JSON schema object', field="format")
+    try:
+        grammar = str(json_schema_to_gbnf(json.dumps(response_format)))
+    except RecursionError:
+        raise InvalidRequest("the JSON schema is nested too deeply", field="format") from None
+    except Exception as exc:  # the converter reports with asserts, KeyError, ValueError ...
+        detail = str(exc) or type(exc).__name__
+        raise InvalidRequest(
+            f"the JSON schema cannot be enforced: {detail}", field="format"
+        ) from None
+    if len(grammar.encode("utf-8")) > MAX_GRAMMAR_BYTES:
+        raise InvalidRequest(
+            f"the JSON schema makes a grammar over {MAX_GRAMMAR_BYTES} bytes", field="format"
+        )
+    return grammar
+
+
+def grammar_is_accepted(vocab: object, grammar: str) -> bool:
+    """Whether llama.cpp parses ``grammar`` for this vocabulary (the sampler is built and
+    freed at once). Only on the thread that owns the model."""
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), _ROOT)
+    if not sampler:
+        return False
+    llama_cpp.llama_sampler_free(sampler)
+    return True
+
+
+def check_grammar(vocab: object, grammar: str) -> None:
+    """Raises :class:`InvalidRequest` (field ``format``) when llama.cpp refuses
+    ``grammar``; its reason is in the log (llama.cpp's own error line)."""
+    if "\x00" in grammar or not grammar_is_accepted(vocab, grammar):
+        raise InvalidRequest(f"{GRAMMAR_REFUSED}; its log line says why", field="format")

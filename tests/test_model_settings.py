@@ -1,0 +1,128 @@
+"""``[models."<id>"]`` tables: parsed into ``Settings.models``, sampling keys gathered as
+defaults, template files taken relative to the config file, and every mistake a
+ConfigError naming the table and the key."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from modeld.config import Settings, add_settings_arguments, load_settings
+from modeld.errors import ConfigError
+from modeld.model_settings import NO_MODEL_SETTINGS, ModelSettings, template_file
+
+TABLES = """
+n_ctx = 512
+
+[models."tiny-a.gguf"]
+aliases = ["tiny", "org/tiny:latest"]
+chat_template = "chatml"
+n_ctx = 256
+n_gpu_layers = 0
+threads = 2
+pin = true
+temperature = 0.2
+stop = ["\\n\\n"]
+max_tokens = 64
+
+[models."tiny-b.gguf"]
+chat_template = "templates/b.jinja"
+"""
+
+
+def load(tmp_path: Path, text: str) -> Settings:
+    config = tmp_path / "modeld.toml"
+    config.write_text(text)
+    return load_settings({"config": str(config)}, env={})
+
+
+def test_tables_become_model_settings(tmp_path: Path) -> None:
+    settings = load(tmp_path, TABLES)
+    own = settings.model("tiny-a.gguf")
+    assert own == ModelSettings(
+        aliases=("tiny", "org/tiny:latest"), chat_template="chatml", n_ctx=256, n_gpu_layers=0,
+        threads=2, pin=True, defaults={"temperature": 0.2, "stop": ["\n\n"], "max_tokens": 64},
+    )  # fmt: skip
+    assert settings.n_ctx == 512  # the global value is untouched
+    assert settings.model("tiny-b.gguf").chat_template == str(tmp_path / "templates/b.jinja")
+    assert settings.model("other.gguf") is NO_MODEL_SETTINGS
+
+
+def test_aliases_resolve_and_other_names_pass_through(tmp_path: Path) -> None:
+    settings = load(tmp_path, TABLES)
+    assert settings.resolve_model_name("tiny") == "tiny-a.gguf"
+    assert settings.resolve_model_name("org/tiny:latest") == "tiny-a.gguf"
+    assert settings.resolve_model_name("tiny-b.gguf") == "tiny-b.gguf"
+    assert settings.resolve_model_name("unknown") == "unknown"
+
+
+def test_tables_beside_a_modeld_section(tmp_path: Path) -> None:
+    settings = load(tmp_path, '[modeld]\nport = 9000\n[models."m.gguf"]\npin = true\n')
+    assert settings.port == 9000
+    assert settings.model("m.gguf").pin
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ('[models."m.gguf"]\ncolour = "blue"\n', ['[models."m.gguf"]', "colour"]),
+        ('[models."m.gguf"]\ntemperature = 9\n', ['[models."m.gguf"]', "temperature"]),
+        ('[models."m.gguf"]\nn_ctx = 1\n', ['[models."m.gguf"]', "n_ctx"]),
+        ('[models."m.gguf"]\naliases = ["has space"]\n', ['[models."m.gguf"]', "aliases"]),
+        ('[models."m.gguf"]\npin = "yes"\n', ['[models."m.gguf"]', "pin"]),
+        ('[models."../m.gguf"]\npin = true\n', ["'../m.gguf'"]),
+        ('[models."m.txt"]\npin = true\n', ["'m.txt'"]),
+        ('[models."a.gguf"]\naliases = ["x"]\n[models."b.gguf"]\naliases = ["x"]\n', ["'x'"]),
+        ('[models."a.gguf"]\naliases = ["b.gguf"]\n[models."b.gguf"]\npin = true\n', ["'b.gguf'"]),
+        ("models = 3\n", ["models"]),
+        ('[models]\n"m.gguf" = 3\n', ['[models."m.gguf"]']),
+    ],
+    ids=["unknown-key", "bad-default", "bad-n-ctx", "bad-alias", "bad-type", "path-id",
+         "not-gguf", "shared-alias", "alias-is-an-id", "not-a-table", "table-not-a-table"],
+)  # fmt: skip
+def test_mistakes_name_the_table_and_key(tmp_path: Path, text: str, named: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, text)
+    for part in named:
+        assert part in caught.value.message
+
+
+def test_tables_come_from_the_file_only() -> None:
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    assert "--models" not in flags
+    assert "--models-dir" in flags
+    assert load_settings({}, env={"MODELD_MODELS": "x"}).models == {}
+    with pytest.raises(ConfigError):
+        load_settings({"models": {}}, env={})
+
+
+def test_library_users_build_them_directly() -> None:
+    settings = Settings(models={"m.gguf": ModelSettings(aliases=("m",), defaults={"top_k": 5})})
+    assert settings.resolve_model_name("m") == "m.gguf"
+    with pytest.raises(ValueError, match="unknown setting 'colour'"):
+        ModelSettings(defaults={"colour": 1})
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"defaults": {"top_k": -1}}, ModelSettings)
+
+
+def test_a_new_per_model_setting_is_one_field() -> None:
+    """What issue 12's keep_alive needs: a field of ModelSettings, nothing else (the
+    table's other keys reach it as they are)."""
+    fields = {f.name for f in msgspec.structs.fields(ModelSettings)}
+    assert fields == {
+        "aliases", "chat_template", "n_ctx", "n_gpu_layers", "threads", "pin", "defaults",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("value", "is_file"),
+    [("gemma", False), ("llama3", False), ("mistral-v7-tekken", False), ("x.jinja", True),
+     ("dir/x", True), ("/abs/t.j2", True), ("~/t.jinja2", True)],
+)  # fmt: skip
+def test_a_template_value_is_a_file_or_a_builtin_name(value: str, is_file: bool) -> None:
+    assert (template_file(value) is not None) is is_file
