@@ -224,3 +224,5 @@ class EmbeddingResult(msgspec.Struct, frozen=True):
     model: str
     embeddings: list[list[float]]
     prompt_tokens: int
+    load_ms: float = 0.0  # waiting for the model to load, if it was not
+    total_ms: float = 0.0  # from admission to the last vector

@@ -348,7 +348,12 @@ class ModelManager:
         return await self.complete(request, request_id=request_id)
 
     async def embed(
-        self, model: str | None, inputs: Sequence[str], *, request_id: str | None = None
+        self,
+        model: str | None,
+        inputs: Sequence[str],
+        *,
+        request_id: str | None = None,
+        keep_alive: str | float | None = None,
     ) -> EmbeddingResult:
         """L2-normalised embeddings of ``inputs``, in order, computed in a second context
         on the model's loaded weights (its memory charged to the budget on first use).
@@ -356,14 +361,18 @@ class ModelManager:
         Queued in the model's line like a generation. Raises :class:`InvalidRequest`
         (field ``input``: no input, too many, an empty or too long one), and what
         :meth:`stream` raises before yielding. Cancelled, it stops between inputs.
+        ``keep_alive`` is how long the model stays loaded afterwards, as for a generation.
         """
         texts = _embedding_inputs(inputs)
         model_id = self.model_id(model)
         ticket = self._admit(model_id)
         cancelled = threading.Event()
+        timings: list[RequestTiming] = []
         try:
 
             def launch(instance: Instance, timing: RequestTiming) -> Awaitable[Any]:
+                timings[:] = [timing]
+                self._pool.idle.used(instance, keep_alive)
                 return self._launch_embedding(instance, texts, cancelled, timing)
 
             call: ThreadCall[tuple[list[list[float]], int]] = await self._start(
@@ -375,7 +384,14 @@ class ModelManager:
                 cancelled.set()
                 ticket.release_when(call.when_done)  # the model is busy until it stops
                 raise
-            return EmbeddingResult(model=model_id, embeddings=vectors, prompt_tokens=prompt_tokens)
+            (timing,) = timings
+            return EmbeddingResult(
+                model=model_id,
+                embeddings=vectors,
+                prompt_tokens=prompt_tokens,
+                load_ms=timing.load_s * 1000,
+                total_ms=(time.monotonic() - timing.admitted_s) * 1000,
+            )
         finally:
             ticket.release()
             self._admitted -= 1

@@ -9,11 +9,22 @@ from datetime import UTC, datetime
 
 import anyio
 
+from modeld.config import Settings
 from modeld.errors import ModelInvalid, ModelsDirUnavailable
 from modeld.gguf import FileIdentity, GgufMetadata, read_gguf_metadata
 from modeld.registry import FS_TIMEOUT_S, ModelFile
 
-__all__ = ["ModelFacts", "details", "human_count", "iso_time", "modified_at"]
+__all__ = [
+    "CHAT_TEMPLATE_KEY",
+    "ModelFacts",
+    "details",
+    "has_chat_template",
+    "human_count",
+    "iso_time",
+    "modified_at",
+]
+
+CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
 
 _CACHED_FILES = 256
 
@@ -93,3 +104,11 @@ class ModelFacts:
             return await self.of(model)
         except ModelInvalid:
             return None
+
+
+def has_chat_template(settings: Settings, model_id: str, metadata: GgufMetadata | None) -> bool:
+    """Whether chat works for the model: the operator configured a template for it, or
+    its file has one (``tokenizer.chat_template``)."""
+    if settings.model(model_id).chat_template is not None:
+        return True
+    return metadata is not None and isinstance(metadata.values.get(CHAT_TEMPLATE_KEY), str)

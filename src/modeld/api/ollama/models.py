@@ -4,12 +4,21 @@ and the model-management routes modeld does not offer (501)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from modeld.api.bodies import decode_body, read_body
-from modeld.api.ollama.facts import ModelFacts, details, identity_digest, iso_time, modified_at
+from modeld.api.ollama.facts import (
+    CHAT_TEMPLATE_KEY,
+    ModelFacts,
+    details,
+    has_chat_template,
+    identity_digest,
+    iso_time,
+    modified_at,
+)
 from modeld.api.ollama.names import model_id_for, naming, ollama_name
 from modeld.api.ollama.wire import ModelBody, json_response
 from modeld.errors import InvalidRequest, ModeldError, Unsupported
@@ -90,7 +99,7 @@ class ModelListings:
                     "details": details(metadata),
                     "expires_at": iso_time(_expires_at_unix(instance)),
                     "size_vram": size_bytes if on_gpu else 0,
-                    "context_length": _context_length(manager, metadata),
+                    "context_length": _context_length(manager, instance.model_id, metadata),
                 }
             )
         return json_response({"models": models})
@@ -103,21 +112,39 @@ class ModelListings:
         name = body.model_name
         if not name:
             raise InvalidRequest("model is required", field="model")
-        model_id = request.scope["state"]["model"] = model_id_for(name)
+        model_id = request.scope["state"]["model"] = model_id_for(name, settings)
         model = await naming(name, lambda: manager.registry.lookup(model_id))
         metadata = await self._facts.of(model)
-        template = metadata.values.get("tokenizer.chat_template")
+        configured = settings.model(model_id).chat_template
+        own = metadata.values.get(CHAT_TEMPLATE_KEY)
+        template = configured or (own if isinstance(own, str) else "")
+        capabilities = ["completion", "embedding"]
+        if has_chat_template(settings, model_id, metadata):
+            capabilities.append("chat")
         return json_response(
             {
                 "modelfile": "",
-                "parameters": "",
-                "template": template if isinstance(template, str) else "",
+                "parameters": _parameters(settings.model(model_id).defaults),
+                "template": template,
                 "details": details(metadata),
                 "model_info": _model_info(metadata),
-                "capabilities": ["completion"],
+                "capabilities": capabilities,
                 "modified_at": modified_at(model),
             }
         )
+
+
+# modeld's sampling fields by the names Ollama's Modelfile gives them.
+_PARAMETER_NAMES = {"max_tokens": "num_predict"}
+
+
+def _parameters(defaults: Mapping[str, object]) -> str:
+    """The model's configured sampling defaults as Modelfile ``PARAMETER`` lines."""
+    lines = []
+    for field, value in defaults.items():
+        values = value if isinstance(value, list | tuple) else [value]
+        lines += [f"{_PARAMETER_NAMES.get(field, field)} {item}" for item in values]
+    return "\n".join(lines)
 
 
 def _expires_at_unix(instance: InstanceStatistics) -> float:
@@ -130,11 +157,15 @@ def _expires_at_unix(instance: InstanceStatistics) -> float:
     return time.time() + FOREVER_S
 
 
-def _context_length(manager: ModelManager, metadata: GgufMetadata | None) -> int:
+def _context_length(manager: ModelManager, model_id: str, metadata: GgufMetadata | None) -> int:
+    """The instance's context: the model's own ``n_ctx`` setting, else ``--n-ctx``,
+    within what it was trained for (as the loader sizes it)."""
     settings = manager.settings
+    own = settings.model(model_id).n_ctx
+    n_ctx = own if own is not None else settings.n_ctx
     trained = metadata.values.get(f"{metadata.architecture}.context_length") if metadata else None
     n_ctx_train = trained if isinstance(trained, int) and trained > 0 else None
-    return context_sizes(settings.n_ctx, settings.n_batch, n_ctx_train).n_ctx
+    return context_sizes(n_ctx, settings.n_batch, n_ctx_train).n_ctx
 
 
 def _model_info(metadata: GgufMetadata) -> dict[str, object]:

@@ -1,5 +1,6 @@
-"""Ollama model names: ``<id>:latest`` on the way out; the id, ``<id>:latest``, or the
-file's stem (``gemma-3-270m-q4_k_m``, with or without ``:latest``) on the way in.
+"""Ollama model names: ``<id>:latest`` on the way out; the id, ``<id>:latest``, the
+file's stem (``gemma-3-270m-q4_k_m``, with or without ``:latest``), or a configured alias
+(as it is, or with ``:latest`` added) on the way in.
 
 Open WebUI appends ``:latest`` to any name without a tag and looks models up by it, so
 every name modeld lists must be one it accepts back. Any other tag names no model.
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from modeld.config import Settings
 from modeld.errors import InvalidModelId, ModelNotFound
 from modeld.registry import check_model_id
 
@@ -29,7 +31,7 @@ def unknown_model(name: str) -> ModelNotFound:
     return ModelNotFound(f'model "{name}" not found')
 
 
-def model_id_for(name: str) -> str:
+def model_id_for(name: str, settings: Settings) -> str:
     """The model id an Ollama name stands for (the file may still not exist).
 
     Raises :class:`ModelNotFound` for another tag or a name no file could have (Ollama
@@ -38,6 +40,10 @@ def model_id_for(name: str) -> str:
     base, colon, tag = name.rpartition(":")
     if not colon or "/" in tag:
         base, tag = name, LATEST
+    for alias in (name, base) if tag == LATEST else (name,):
+        resolved = settings.resolve_model_name(alias)
+        if resolved != alias:
+            return check_model_id(resolved)
     if tag != LATEST:
         raise unknown_model(name)
     model_id = base if base.endswith(_SUFFIX) else base + _SUFFIX

@@ -26,12 +26,17 @@ from modeld.keep_alive import KeepAlive
 from modeld.types import DoneReason, GenerationResult
 
 __all__ = [
+    "ChatBody",
+    "EmbedBody",
+    "EmbeddingsBody",
     "GenerateBody",
     "ModelBody",
     "as_request",
     "early_end_error",
     "final_fields",
+    "format_of",
     "json_response",
+    "messages_of",
     "refuse_unsupported",
     "sampling_fields",
 ]
@@ -75,6 +80,8 @@ class Options(msgspec.Struct, frozen=True):
     seed: int | None = None
     stop: list[str] | str | None = None
     repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
 
 
 class GenerateBody(msgspec.Struct, frozen=True, kw_only=True):
@@ -94,10 +101,88 @@ class GenerateBody(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: bool | None = None
 
 
+class Message(msgspec.Struct, frozen=True, kw_only=True):
+    """One message of ``/api/chat``; ``tool`` turns and tool calls are refused."""
+
+    role: str
+    content: str = ""
+    images: list[str] | None = None
+    tool_calls: list[Any] | None = None
+    thinking: str | None = None
+
+
+class ChatBody(msgspec.Struct, frozen=True, kw_only=True):
+    model: str = ""
+    messages: list[Message] = []
+    tools: list[Any] | None = None
+    stream: bool = True
+    options: dict[str, Any] | None = None
+    format: str | dict[str, Any] | None = None
+    keep_alive: KeepAlive | None = None
+    think: bool | str | None = None
+    logprobs: bool | None = None
+
+
+class EmbedBody(msgspec.Struct, frozen=True, kw_only=True):
+    """``/api/embed``. ``truncate`` is ignored: an input longer than the context is a
+    400 naming it, never cut silently."""
+
+    model: str = ""
+    input: str | list[str] = []
+    truncate: bool = True
+    options: dict[str, Any] | None = None
+    keep_alive: KeepAlive | None = None
+    dimensions: int | None = None
+
+
+class EmbeddingsBody(msgspec.Struct, frozen=True, kw_only=True):
+    """The legacy ``/api/embeddings``: one ``prompt``, one ``embedding``."""
+
+    model: str = ""
+    prompt: str = ""
+    options: dict[str, Any] | None = None
+    keep_alive: KeepAlive | None = None
+
+
+_CHAT_ROLES = frozenset({"system", "user", "assistant"})
+
+
+def _refuse_common(name: str, think: bool | str | None, logprobs: bool | None) -> None:
+    if think:  # true, or a level ("high"): no model here thinks apart from its answer
+        raise InvalidRequest(f'"{name}" does not support thinking', field="think")
+    if logprobs:
+        raise InvalidRequest("logprobs are not supported", field="logprobs")
+
+
+def messages_of(name: str, body: ChatBody) -> list[dict[str, str]]:
+    """The conversation as :class:`~modeld.types.ChatMessage` fields; images, tools, tool
+    calls and ``tool`` turns are a 400 (modeld's models take text turns only)."""
+    _refuse_common(name, body.think, body.logprobs)
+    if body.tools:
+        raise InvalidRequest(f'"{name}" does not support tools', field="tools")
+    messages: list[dict[str, str]] = []
+    for index, message in enumerate(body.messages):
+        if message.images:
+            raise InvalidRequest(f'"{name}" does not support images', field="messages")
+        if message.tool_calls or message.role not in _CHAT_ROLES:
+            raise InvalidRequest(
+                f"message {index}: role {message.role!r} is not supported "
+                "(system, user and assistant turns of text only)",
+                field="messages",
+            )
+        messages.append({"role": message.role, "content": message.content})
+    return messages
+
+
+def format_of(value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    """Ollama's ``format`` as modeld's: ``"json"`` or a schema, enforced by a grammar
+    (an empty string is none, as in Ollama; any other string is refused later)."""
+    return value or None
+
+
 def refuse_unsupported(name: str, body: GenerateBody) -> None:
     """400 for what modeld's models cannot do, in Ollama's own words where it has them."""
-    if body.think:
-        raise InvalidRequest(f'"{name}" does not support thinking', field="think")
+    _refuse_common(name, body.think, body.logprobs)
     if body.images:
         raise InvalidRequest(f'"{name}" does not support images', field="images")
     if body.suffix:
@@ -106,10 +191,6 @@ def refuse_unsupported(name: str, body: GenerateBody) -> None:
         raise InvalidRequest("a request's own template is not supported", field="template")
     if body.context:
         raise InvalidRequest("context (deprecated in Ollama) is not supported", field="context")
-    if body.logprobs:
-        raise InvalidRequest("logprobs are not supported", field="logprobs")
-    if body.format:
-        raise InvalidRequest("format is not supported yet", field="format")
 
 
 def _options(raw: dict[str, Any] | None) -> Options:
@@ -131,6 +212,12 @@ def _option_path(message: str) -> str:
     return f'"{option}": {text}' if option else text
 
 
+_MAPPED = (
+    "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "presence_penalty",
+    "frequency_penalty",
+)  # fmt: skip
+
+
 def sampling_fields(raw_options: dict[str, Any] | None) -> dict[str, object]:
     """:class:`~modeld.types.SamplingParams` fields for Ollama's ``options``; the bounds
     are checked when the request is built (see :func:`as_request`)."""
@@ -138,7 +225,7 @@ def sampling_fields(raw_options: dict[str, Any] | None) -> dict[str, object]:
     fields: dict[str, object] = {}
     if options.num_predict is not None and options.num_predict > 0:
         fields["max_tokens"] = options.num_predict  # -1, -2 (and 0): no limit of its own
-    for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty"):
+    for name in _MAPPED:
         value = getattr(options, name)
         if value is not None:
             fields[name] = value
@@ -149,7 +236,7 @@ def sampling_fields(raw_options: dict[str, Any] | None) -> dict[str, object]:
     return fields
 
 
-_OPTION_OF_FIELD = {"max_tokens": "num_predict"}
+_OPTION_OF_FIELD = {"max_tokens": "num_predict", "messages": "messages"}
 
 
 def as_request(fields: dict[str, object], kind: type[T]) -> T:
