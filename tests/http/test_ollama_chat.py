@@ -366,10 +366,15 @@ def test_keep_alive_request_beats_model_beats_the_flag(api: ollama.Client) -> No
 
 @pytest.mark.slow
 def test_gemma_chat_system_and_schema(start_server: ServerFactory, gemma_dir: Path) -> None:
-    server = start_server(gemma_dir, *GEMMA_FLAGS)
+    """Gemma's file has no template: the operator's chat_template gives it llama.cpp's."""
+    config = gemma_dir.parent / "gemma.toml"
+    config.write_text(f'[models."{GEMMA}"]\nchat_template = "gemma"\n')
+    server = start_server(gemma_dir, *GEMMA_FLAGS, "--config", str(config))
     greedy = {"temperature": 0, "num_predict": 48}
     with ollama.Client(host=server.base_url, timeout=300) as api:
-        assert "chat" in (api.show("gemma-3-270m-q4_k_m").capabilities or [])
+        shown = api.show("gemma-3-270m-q4_k_m")
+        assert shown.capabilities == ["completion", "embedding", "chat"]
+        assert shown.template == "gemma"
         system = "You answer in one short sentence."
         generated = api.generate(model=GEMMA, system=system, prompt="Name a fruit.", options=greedy)
         chatted = api.chat(
