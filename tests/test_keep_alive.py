@@ -74,3 +74,19 @@ def test_a_request_body_names_the_field() -> None:
         msgspec.json.decode(b'{"prompt": "x", "keep_alive": "soon"}', type=InferRequest)
     with pytest.raises(msgspec.ValidationError, match=r"\$\.keep_alive"):
         msgspec.json.decode(b'{"prompt": "x", "keep_alive": true}', type=InferRequest)
+
+
+def test_a_model_table_takes_its_own(tmp_path: Path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"")
+    config = tmp_path / "modeld.toml"
+    config.write_text(
+        f'[modeld]\nmodels_dir = "{tmp_path}"\n[models."m.gguf"]\nkeep_alive = "30m"\n'
+    )
+    settings = load_settings({"config": str(config)}, env={})
+    assert settings.model("m.gguf").keep_alive == "30m"
+    assert settings.model("other.gguf").keep_alive is None  # --keep-alive applies
+    config.write_text(
+        f'[modeld]\nmodels_dir = "{tmp_path}"\n[models."m.gguf"]\nkeep_alive = "soon"\n'
+    )
+    with pytest.raises(ConfigError, match="keep_alive"):
+        load_settings({"config": str(config)}, env={})
