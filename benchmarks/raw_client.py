@@ -4,6 +4,7 @@ measurement as little as possible."""
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from typing import Any
 import orjson
 
 __all__ = ["Answer", "chat", "infer"]
+
+_FIRST_CONTENT = re.compile(rb'"delta":\{[^}]*"content":"[^"]')  # not the role chunk's ""
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ def chat(base_url: str, body: dict[str, Any]) -> Answer:
         first_s = 0.0
         while data := sock.recv(65536):
             received += data
-            if not first_s and b'"content":"' in received.split(b"\r\n\r\n", 1)[-1]:
+            if not first_s and _FIRST_CONTENT.search(received):
                 first_s = time.perf_counter() - started
         seconds = time.perf_counter() - started
     head_bytes, body_bytes = received.split(b"\r\n\r\n", 1)
