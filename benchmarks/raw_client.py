@@ -4,6 +4,7 @@ measurement as little as possible."""
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -11,7 +12,9 @@ from typing import Any
 
 import orjson
 
-__all__ = ["Answer", "infer"]
+__all__ = ["Answer", "chat", "infer"]
+
+_FIRST_CONTENT = re.compile(rb'"delta":\{[^}]*"content":"[^"]')  # not the role chunk's ""
 
 
 @dataclass(frozen=True)
@@ -81,3 +84,40 @@ def _read_whole(sock: socket.socket, started: float) -> Answer:
         raise ConnectionError(head.decode())
     record = orjson.loads(body)
     return Answer(seconds, 0.0, 0, record["text"], record["metrics"])
+
+
+def chat(base_url: str, body: dict[str, Any]) -> Answer:
+    """POST /v1/chat/completions streamed, with the usage chunk, read to ``[DONE]``;
+    ``metrics`` is OpenAI's ``usage``, ``first_line_s`` the time to the first content."""
+    host, port = base_url.removeprefix("http://").split(":")
+    payload = orjson.dumps({**body, "stream": True, "stream_options": {"include_usage": True}})
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        started = time.perf_counter()
+        sock.sendall(head + payload)
+        received = b""
+        first_s = 0.0
+        while data := sock.recv(65536):
+            received += data
+            if not first_s and _FIRST_CONTENT.search(received):
+                first_s = time.perf_counter() - started
+        seconds = time.perf_counter() - started
+    head_bytes, body_bytes = received.split(b"\r\n\r\n", 1)
+    if b" 200 " not in head_bytes.split(b"\r\n", 1)[0]:
+        raise ConnectionError(head_bytes.decode())
+    events = [
+        orjson.loads(line[len(b"data: ") :])
+        for line in body_bytes.split(b"\n")
+        if line.startswith(b"data: {")
+    ]
+    if b"data: [DONE]" not in body_bytes:
+        raise ConnectionError("the stream ended without [DONE]")
+    text = "".join(
+        event["choices"][0]["delta"].get("content") or "" for event in events if event["choices"]
+    )
+    usage = next(event["usage"] for event in events if event.get("usage"))
+    return Answer(seconds, first_s, len(events), text, usage)

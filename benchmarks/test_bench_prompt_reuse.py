@@ -8,8 +8,11 @@
   ``User:``/``Assistant:`` turns, each resending everything so far with the previous
   answers), sent to a server with reuse and to one with ``--no-prompt-reuse``, turn by
   turn in the same run. The figure is each turn's time to first token; what matters is
-  turn 5 against turn 1. (Chat endpoints render the same kind of prompt; this benchmark
-  uses /infer so that it does not depend on them.)
+  turn 5 against turn 1.
+* Multi-turn chat: the same conversation through ``POST /v1/chat/completions`` (Gemma
+  with llama.cpp's ``gemma`` template, streamed), the client resending its messages each
+  turn as OpenAI clients do; time to the first content chunk, and ``cached_tokens`` from
+  the usage chunk.
 
 Run:
 
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from benchmarks.raw_client import infer
+from benchmarks.raw_client import chat, infer
 from pytest_benchmark.fixture import BenchmarkFixture
 from tests.support.prompts import FOLLOW_UP, long_prompt
 from tests.support.server import RunningServer, start_modeld
@@ -56,9 +59,13 @@ def servers(
     gemma_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, RunningServer]]:
     logs = tmp_path_factory.mktemp("logs")
+    model = next(gemma_dir.glob("*.gguf")).name
+    config = gemma_dir / "modeld.toml"
+    config.write_text(f'[models."{model}"]\nchat_template = "gemma"\n')
+    flags = (*FLAGS, "--config", str(config))
     started = {
-        "reuse": start_modeld(gemma_dir, logs, *FLAGS),
-        "no_reuse": start_modeld(gemma_dir, logs, *FLAGS, "--no-prompt-reuse"),
+        "reuse": start_modeld(gemma_dir, logs, *flags),
+        "no_reuse": start_modeld(gemma_dir, logs, *flags, "--no-prompt-reuse"),
     }
     yield started
     for server in started.values():
@@ -147,6 +154,61 @@ def test_multi_turn_time_to_first_token(
             print(f"  turn {turn}: {figures}")
     print(
         "turn 5 / turn 1 TTFT: "
+        f"reuse {benchmark.extra_info['reuse_turn5_vs_turn1_ttft']}, "
+        f"no reuse {benchmark.extra_info['no_reuse_turn5_vs_turn1_ttft']}"
+    )
+
+
+@pytest.mark.timeout(3600)
+def test_multi_turn_chat_time_to_first_token(
+    benchmark: BenchmarkFixture, servers: dict[str, RunningServer], gemma_dir: Path
+) -> None:
+    model = next(gemma_dir.glob("*.gguf")).name
+    for server in servers.values():
+        _ask(server, model, "warm up", 1)
+    seen: dict[str, list[list[dict[str, float]]]] = {
+        name: [[] for _ in QUESTIONS] for name in servers
+    }
+
+    def measure() -> None:
+        for index in range(CONVERSATIONS):
+            opening = f"Conversation {index + 1}. {long_prompt()}"
+            histories: dict[str, list[dict[str, str]]] = {name: [] for name in servers}
+            for turn, question in enumerate(QUESTIONS):
+                for name, server in servers.items():
+                    content = f"{opening}\n\n{question}" if turn == 0 else question
+                    messages = [*histories[name], {"role": "user", "content": content}]
+                    body = {
+                        "model": model,
+                        "messages": messages,
+                        "max_tokens": ANSWER_TOKENS,
+                        "temperature": 0,
+                    }
+                    answer = chat(server.base_url, body)
+                    histories[name] = [*messages, {"role": "assistant", "content": answer.text}]
+                    seen[name][turn].append(
+                        {
+                            "ttft_ms": answer.first_line_s * 1000,
+                            "cached": answer.metrics["prompt_tokens_details"]["cached_tokens"],
+                            "prompt_tokens": answer.metrics["prompt_tokens"],
+                        }
+                    )
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    for name, turns in seen.items():
+        medians = [
+            {key: round(statistics.median(r[key] for r in runs), 1) for key in runs[0]}
+            for runs in turns
+        ]
+        benchmark.extra_info[name] = medians
+        benchmark.extra_info[f"{name}_turn5_vs_turn1_ttft"] = round(
+            medians[-1]["ttft_ms"] / medians[0]["ttft_ms"], 3
+        )
+        print(f"\nchat, {name}: per turn (medians of {CONVERSATIONS}):")
+        for turn, figures in enumerate(medians, start=1):
+            print(f"  turn {turn}: {figures}")
+    print(
+        "chat, turn 5 / turn 1 TTFT: "
         f"reuse {benchmark.extra_info['reuse_turn5_vs_turn1_ttft']}, "
         f"no reuse {benchmark.extra_info['no_reuse_turn5_vs_turn1_ttft']}"
     )

@@ -1,18 +1,21 @@
 """Read modeld's NDJSON stream with httpx, honouring 429/503 Retry-After.
 
-python examples/http_client.py "The capital of France is"
+python examples/http_client.py "The capital of France is"    # MODELD_URL for another address
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
 import httpx
 
+BASE_URL = os.environ.get("MODELD_URL", "http://127.0.0.1:8080")
 
-def generate(prompt: str, base_url: str = "http://127.0.0.1:8080") -> None:
+
+def generate(prompt: str, base_url: str = BASE_URL) -> None:
     body = {"prompt": prompt, "max_tokens": 64}
     with httpx.Client(base_url=base_url, timeout=None) as client:
         for _attempt in range(5):

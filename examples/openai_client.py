@@ -2,15 +2,18 @@
 structured output with a Pydantic model, and embeddings.
 
     modeld serve --demo &
-    python examples/openai_client.py
+    python examples/openai_client.py          # MODELD_URL for another address
 """
 
 from __future__ import annotations
 
+import os
+
 import pydantic
 from openai import OpenAI
 
-client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused")  # any key is accepted
+base_url = os.environ.get("MODELD_URL", "http://127.0.0.1:8080")
+client = OpenAI(base_url=base_url + "/v1", api_key="unused")  # any key, unless one is configured
 
 stream = client.chat.completions.create(
     model="gemma",

@@ -143,8 +143,18 @@ def test_the_ollama_client_sends_a_key(server: RunningServer) -> None:
 
 def test_an_unknown_route_is_401_not_404(anonymous: httpx.Client) -> None:
     """Without a key nothing about the routes is revealed, not even which exist."""
+    assert anonymous.get("/v9/nothing").status_code == 401
+    assert anonymous.get("/v9/nothing", headers=bearer(KEY)).status_code == 404
+
+
+def test_the_openai_routes_need_the_key_as_the_openai_client_sends_it(
+    anonymous: httpx.Client,
+) -> None:
     assert anonymous.get("/v1/models").status_code == 401
-    assert anonymous.get("/v1/models", headers=bearer(KEY)).status_code == 404
+    assert anonymous.get("/v1/models", headers=bearer("wrong-" + KEY)).status_code == 401
+    listed = anonymous.get("/v1/models", headers=bearer(KEY))
+    assert listed.status_code == 200
+    assert listed.json()["object"] == "list"
 
 
 def test_streams_work_with_a_key_and_the_access_log_names_the_key(

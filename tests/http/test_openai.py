@@ -91,6 +91,28 @@ def test_chat_answers_in_openai_shape(client: openai.OpenAI, server: RunningServ
     assert usage.prompt_tokens_details.cached_tokens == 0
 
 
+def test_a_continued_chat_reports_its_reused_prefix_as_cached_tokens(
+    client: openai.OpenAI,
+) -> None:
+    """The second turn resends the first: prompt reuse evaluates only what is new, and
+    ``usage.prompt_tokens_details.cached_tokens`` says how much was not."""
+    first = client.chat.completions.create(
+        model="tiny-b", messages=HELLO, max_completion_tokens=8, temperature=0
+    )
+    answer = first.choices[0].message.content or ""
+    turn = [*HELLO, {"role": "assistant", "content": answer}, {"role": "user", "content": "More"}]
+    second = client.chat.completions.create(
+        model="tiny-b", messages=turn, max_completion_tokens=8, temperature=0
+    )
+    assert first.usage is not None
+    assert second.usage is not None
+    assert first.usage.prompt_tokens_details is not None
+    assert second.usage.prompt_tokens_details is not None
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached is not None
+    assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens
+
+
 def test_stream_equals_non_stream_under_greedy(client: openai.OpenAI) -> None:
     whole = client.chat.completions.create(
         model=TINY_CHAT, messages=HELLO, max_tokens=24, temperature=0, seed=1

@@ -55,13 +55,22 @@ def decode_body(body: bytes, schema: type[T]) -> T:
 
 def decode_with_defaults(body: bytes, schema: type[T], defaults_for: DefaultsFor) -> T:
     """:func:`decode_body`, with the per-model defaults of the model the body names
-    (``defaults_for(body["model"])``) filling the fields the body does not set."""
-    raw = decode_json(body, Any)
-    model = raw.get("model") if isinstance(raw, dict) else None
+    (``defaults_for(decoded.model)``) filling the fields the body does not set.
+
+    The body is validated against ``schema`` first, so every error names its field as
+    :func:`decode_body`'s do (a body only a generic JSON decode would refuse, such as a
+    number out of range or nesting too deep, is refused in the field that holds it).
+    """
+    decoded = decode_body(body, schema)
+    model = getattr(decoded, "model", None)
     defaults = defaults_for(model if isinstance(model, str) else None)
-    if not defaults or not isinstance(raw, dict):
-        return decode_body(body, schema)
-    return convert_fields({**defaults, **raw}, schema)
+    if not defaults:
+        return decoded
+    given = msgspec.json.decode(body, type=dict[str, msgspec.Raw]).keys()
+    missing = {name: value for name, value in defaults.items() if name not in given}
+    if not missing:
+        return decoded
+    return convert_fields({**msgspec.to_builtins(decoded), **missing}, schema)
 
 
 def convert_fields(fields: Mapping[str, object], schema: type[T]) -> T:
