@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from modeld.engine.base import TokenLoop
+from modeld.model_settings import ModelSettings
 from modeld.scheduling.events import ModelEvicted
 from modeld.scheduling.manager import ModelManager
 from modeld.types import DoneReason, InferRequest
@@ -172,3 +174,30 @@ async def test_expire_waits_for_running_work_and_cancels_nothing(
         assert state(manager) == "unloaded"
         counters = manager.statistics().counters[0]
         assert counters.evictions_total == 0  # idle unloads are not budget evictions
+
+
+async def test_a_model_s_own_keep_alive_and_embeddings_set_it_too(
+    models_dir: Path, token_loop: TokenLoop, clock: ManualClock
+) -> None:
+    """request > the model's [models] keep_alive > --keep-alive; an embedding is a use."""
+    settings = msgspec.structs.replace(
+        make_settings(models_dir, keep_alive="1h"), models={MODEL: ModelSettings(keep_alive="1m")}
+    )
+    manager = ModelManager(settings, token_loop=token_loop, probe=ConstantProbe(), clock=clock)
+    async with manager:
+        await manager.complete(ask())
+        assert manager.statistics().instances[0].keep_alive_seconds == 60
+        await manager.embed(MODEL, ["hello"], keep_alive="2m")
+        assert manager.statistics().instances[0].keep_alive_seconds == 120
+        await manager.embed(MODEL, ["hello"])
+        assert manager.statistics().instances[0].keep_alive_seconds == 60
+        clock.advance(59)
+        await settle()
+        assert state(manager) == "ready"
+        clock.advance(2)
+        await settle()
+        await gone(manager)
+        assert state(manager) == "unloaded"
+        await manager.complete(InferRequest(prompt="hi", model="tiny-b.gguf", max_tokens=2))
+        (other,) = manager.statistics().instances
+        assert other.keep_alive_seconds == 3600  # no table: the flag
