@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from loguru import logger
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -36,6 +37,7 @@ from modeld.api.ollama.wire import (
 from modeld.api.streaming import GenerationResponse, collect_watched, start_watched
 from modeld.errors import InvalidRequest
 from modeld.keep_alive import KeepAlive, keep_alive_seconds
+from modeld.observability.logging import prompt_logging_enabled
 from modeld.scheduling.manager import ModelManager
 from modeld.types import ChatRequest, InferRequest
 
@@ -82,6 +84,9 @@ async def _answer(
     """Start the generation (an error status until it runs), then stream it or answer
     with one object; an unstreamed answer that ends early is an error status."""
     manager = _manager(request)
+    if prompt_logging_enabled():
+        prompt = generate.messages if isinstance(generate, ChatRequest) else generate.prompt
+        logger.debug("prompt", prompt=str(prompt), model=generate.model)
     owner = manager.stream(generate, request_id=str(request.scope["state"]["request_id"]))
     generation = await naming(name, lambda: start_watched(request.receive, owner))
     framing = OllamaFraming(name, chat=chat)
@@ -91,6 +96,8 @@ async def _answer(
     result = generation.result
     assert result is not None
     request.scope["state"]["queue_ms"] = result.metrics.queue_ms
+    if prompt_logging_enabled():
+        logger.debug("completion", text=text)
     error = early_end_error(result)
     if error is not None:
         raise error
