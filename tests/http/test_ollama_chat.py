@@ -246,6 +246,19 @@ def test_a_schema_is_enforced_to_the_end(api: ollama.Client, stream: bool) -> No
             "does not support tools",
         ),
         (
+            lambda api: api.chat(
+                model=TINY_CHAT,
+                messages=[
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [{"function": {"name": "f", "arguments": {}}}],
+                    },
+                ],
+            ),
+            "does not support tools",
+        ),
+        (
             lambda api: api.chat(model=TINY_CHAT, messages=[{"role": "tool", "content": "42"}]),
             "role 'tool'",
         ),

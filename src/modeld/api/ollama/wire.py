@@ -108,7 +108,6 @@ class Message(msgspec.Struct, frozen=True, kw_only=True):
     content: str = ""
     images: list[str] | None = None
     tool_calls: list[Any] | None = None
-    thinking: str | None = None
 
 
 class ChatBody(msgspec.Struct, frozen=True, kw_only=True):
@@ -164,7 +163,9 @@ def messages_of(name: str, body: ChatBody) -> list[dict[str, str]]:
     for index, message in enumerate(body.messages):
         if message.images:
             raise InvalidRequest(f'"{name}" does not support images', field="messages")
-        if message.tool_calls or message.role not in _CHAT_ROLES:
+        if message.tool_calls:
+            raise InvalidRequest(f'"{name}" does not support tools', field="messages")
+        if message.role not in _CHAT_ROLES:
             raise InvalidRequest(
                 f"message {index}: role {message.role!r} is not supported "
                 "(system, user and assistant turns of text only)",
