@@ -115,7 +115,8 @@ def test_a_new_per_model_setting_is_one_field() -> None:
     table's other keys reach it as they are)."""
     fields = {f.name for f in msgspec.structs.fields(ModelSettings)}
     assert fields == {
-        "aliases", "chat_template", "n_ctx", "n_gpu_layers", "threads", "pin", "defaults",
+        "aliases", "chat_template", "n_ctx", "n_gpu_layers", "threads", "pin", "keep_alive",
+        "defaults",
     }  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import msgspec
 
 from modeld.errors import ConfigError
+from modeld.keep_alive import DEFAULT_KEEP_ALIVE, KeepAlive, explain_validation_error
 from modeld.model_settings import (
     NO_MODEL_SETTINGS,
     ContextTokens,
@@ -72,6 +73,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     metrics_need_key: bool = False
     prompt_reuse: bool = True
     models: dict[str, ModelSettings] = {}  # [models."<id>"] tables: file only
+    keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE  # idle instances unload after it
+    # what GET /api/version reports: the Ollama API level modeld speaks (clients check it)
+    ollama_version: Annotated[str, msgspec.Meta(pattern=r"^\d+\.\d+\.\d+$")] = "0.11.0"
 
     def __post_init__(self) -> None:
         check_models_table(self.models)
@@ -185,7 +189,7 @@ def load_settings(
     try:
         return msgspec.convert(merged, Settings, strict=False, dec_hook=_decode_path)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"invalid setting: {exc}") from exc
+        raise ConfigError(f"invalid setting: {explain_validation_error(str(exc))}") from exc
 
 
 def _decode_path(kind: type, value: object) -> object:

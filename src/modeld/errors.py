@@ -32,7 +32,9 @@ string in JSON error bodies). HTTP statuses live in one table in ``modeld.api.er
     ├── InferTimeout              infer_timeout         never started within infer_timeout
     ├── EngineError               engine_error          llama.cpp failed mid-generation
     ├── MemoryProbeError          memory_probe_failed   NVML or /proc cannot measure
-    └── TokenLoopUnavailable      token_loop_unavailable  the C loop cannot load here
+    ├── TokenLoopUnavailable      token_loop_unavailable  the C loop cannot load here
+    ├── Unsupported               not_supported         an operation modeld does not offer
+    └── ModelUnloaded             model_unloaded        unloaded while it generated
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ __all__ = [
     "ModelLoadFailed",
     "ModelNotFound",
     "ModelTooLarge",
+    "ModelUnloaded",
     "ModeldError",
     "ModelsDirUnavailable",
     "NoChatTemplate",
@@ -68,6 +71,7 @@ __all__ = [
     "TokenLoopUnavailable",
     "TooManyInflight",
     "Unauthorized",
+    "Unsupported",
 ]
 
 
@@ -250,3 +254,17 @@ class MemoryProbeError(ModeldError):
     """The memory probe cannot measure (NVML failed, or ``/proc`` is unreadable)."""
 
     code = "memory_probe_failed"
+
+
+class Unsupported(ModeldError):
+    """A compatible API's operation that modeld does not offer (Ollama's ``pull``,
+    ``create``, ``delete``...): models are the GGUF files in ``--models-dir``."""
+
+    code = "not_supported"
+
+
+class ModelUnloaded(ModeldError):
+    """The model was unloaded (evicted, or by an operator) while it generated: for a
+    protocol whose answers have no ``done_reason`` to say so (Ollama's, unstreamed)."""
+
+    code = "model_unloaded"

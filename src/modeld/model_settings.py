@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from modeld.keep_alive import KeepAlive
 from modeld.sizes import MAX_CONTEXT_TOKENS
 from modeld.types import SamplingParams
 
@@ -54,6 +55,7 @@ class ModelSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     n_gpu_layers: GpuLayers | None = None
     threads: Threads | None = None
     pin: bool = False
+    keep_alive: KeepAlive | None = None  # how long it stays loaded idle; else --keep-alive
     defaults: dict[str, Any] = {}
 
     def __post_init__(self) -> None:

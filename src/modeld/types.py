@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from modeld.keep_alive import KeepAlive
 from modeld.sizes import MAX_CONTEXT_TOKENS
 
 __all__ = [
@@ -54,6 +55,7 @@ class DoneReason(enum.StrEnum):
     TIMEOUT = "timeout"
     ERROR = "error"
     SHUTDOWN = "shutdown"
+    IDLE = "idle"  # unloaded when its keep-alive ran out (never while a stream runs)
 
 
 class InstanceState(enum.StrEnum):
@@ -150,6 +152,7 @@ class InferRequest(SamplingParams, forbid_unknown_fields=True, frozen=True, kw_o
     prompt: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
     model: ModelId | None = None
     stream: bool = True
+    keep_alive: KeepAlive | None = None  # how long the model stays loaded after this
     format: ResponseFormat | None = None
 
 
@@ -168,6 +171,7 @@ class ChatRequest(SamplingParams, forbid_unknown_fields=True, frozen=True, kw_on
     messages: Annotated[tuple[ChatMessage, ...], msgspec.Meta(max_length=MAX_CHAT_MESSAGES)]
     model: ModelId | None = None
     stream: bool = True
+    keep_alive: KeepAlive | None = None  # how long the model stays loaded after this
     format: ResponseFormat | None = None
 
     def __post_init__(self) -> None:
@@ -220,3 +224,5 @@ class EmbeddingResult(msgspec.Struct, frozen=True):
     model: str
     embeddings: list[list[float]]
     prompt_tokens: int
+    load_ms: float = 0.0  # waiting for the model to load, if it was not
+    total_ms: float = 0.0  # from admission to the last vector

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -78,3 +79,14 @@ def test_the_openai_client_example(demo_like_server: RunningServer) -> None:
 def test_the_http_client_example(demo_like_server: RunningServer) -> None:
     out = run_example("http_client.py", "The capital of France is", url=demo_like_server.base_url)
     assert "\n[length] {" in out or "\n[stop] {" in out, out
+
+
+@pytest.mark.slow
+def test_the_ollama_client_example(demo_like_server: RunningServer) -> None:
+    out = run_example("ollama_client.py", url=demo_like_server.base_url)
+    lines = out.splitlines()
+    assert lines[0] == f"{GEMMA}:latest gemma3 268.10M Q4_K_M"
+    assert any(re.fullmatch(r"\[(length|stop)\] \d+ tokens in \d+ ns", line) for line in lines), out
+    parsed = next(line for line in lines if line.startswith("{'name': "))
+    assert "'depth_m': " in parsed
+    assert out.rstrip().endswith("640 dimensions")

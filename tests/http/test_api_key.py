@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import ollama
 import pytest
 
 from modeld.api.routes import build_routes
@@ -123,9 +124,21 @@ def test_every_route_but_the_open_ones_needs_the_key(
         assert response.status in {200, 503}, response.body  # readyz: 503 until a model
     elif path == "/":  # the status page's HTML; a JSON client (as here) gets the 404
         assert response.status == 404, response.body
+    elif path.startswith("/api/"):  # Ollama's routes: Ollama's error shape
+        assert response.status == 401, (method, path, response.status)
+        assert response.json() == {"error": "an API key is required: Authorization: Bearer <key>"}
     else:
         assert response.status == 401, (method, path, response.status)
         assert response.error_code() == "unauthorized"
+
+
+def test_the_ollama_client_sends_a_key(server: RunningServer) -> None:
+    with ollama.Client(host=server.base_url, headers=bearer(KEY)) as client:
+        assert client.list().models[0].model == "tiny-a.gguf:latest"
+    with ollama.Client(host=server.base_url) as client, pytest.raises(ollama.ResponseError) as no:
+        client.list()
+    assert no.value.status_code == 401
+    assert no.value.error == "an API key is required: Authorization: Bearer <key>"
 
 
 def test_an_unknown_route_is_401_not_404(anonymous: httpx.Client) -> None:

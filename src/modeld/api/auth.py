@@ -184,6 +184,6 @@ class ApiKeyMiddleware:
         else:
             error = Unauthorized("the API key is not valid")
             challenge = f'{_CHALLENGE}, error="invalid_token"'
-        response = error_response(error, request_id)
+        response = error_response(error, request_id, scope["path"])
         response.headers["WWW-Authenticate"] = challenge
         await response(scope, receive, send)

@@ -11,6 +11,7 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 
 from modeld.errors import ClientDisconnected, InvalidRequest, PayloadTooLarge, RequestBodyTimeout
+from modeld.keep_alive import explain_validation_error
 
 __all__ = ["convert_fields", "decode_body", "decode_json", "decode_with_defaults", "read_body"]
 
@@ -81,7 +82,7 @@ def convert_fields(fields: Mapping[str, object], schema: type[T]) -> T:
 
 
 def _invalid(exc: msgspec.ValidationError) -> InvalidRequest:
-    message = str(exc)
+    message = explain_validation_error(str(exc))
     match = _UNKNOWN_FIELD.search(message) or _FIELD_AT.search(message)
     return InvalidRequest(message, field=match.group(1) if match else None)
 

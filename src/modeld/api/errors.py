@@ -1,5 +1,10 @@
 """Every way an error becomes an HTTP answer: the one table from error to status, the JSON
-error body, and the handlers the app and the middleware use."""
+error body, and the handlers the app and the middleware use.
+
+The body takes the shape of the protocol the path belongs to, with the same status:
+modeld's ``{"error": {"code", "message", "request_id"}}``, or under ``/api/`` Ollama's
+``{"error": "<message>"}`` (its clients read the error as a string).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from modeld import errors
 
 __all__ = [
     "EXCEPTION_HANDLERS",
+    "OLLAMA_PREFIX",
     "STATUS_BY_ERROR",
     "count_rejection",
     "error_body",
@@ -54,11 +60,14 @@ STATUS_BY_ERROR: dict[type[errors.ModeldError], int] = {
     errors.EngineError: 500,
     errors.TokenLoopUnavailable: 500,
     errors.MemoryProbeError: 503,
+    errors.Unsupported: 501,
+    errors.ModelUnloaded: 503,
     errors.ModeldError: 500,
 }
 # Refusals that say "not now" rather than "never": counted by reason in /metrics.
 _REJECTION_STATUSES = frozenset({429, 503, 504})
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+OLLAMA_PREFIX = "/api/"
 
 
 def status_for(error: errors.ModeldError) -> int:
@@ -68,7 +77,11 @@ def status_for(error: errors.ModeldError) -> int:
     return 500
 
 
-def error_body(code: str, message: str, request_id: str, field: str | None = None) -> bytes:
+def error_body(
+    code: str, message: str, request_id: str, field: str | None = None, *, path: str = ""
+) -> bytes:
+    if path.startswith(OLLAMA_PREFIX):
+        return orjson.dumps({"error": message})
     detail: dict[str, str] = {"code": code, "message": message, "request_id": request_id}
     if field:
         detail["field"] = field
@@ -88,13 +101,14 @@ def error_headers(error: errors.ModeldError) -> dict[str, str]:
     return headers
 
 
-def error_response(error: errors.ModeldError, request_id: str) -> Response:
-    body = error_body(error.code, error.message, request_id, getattr(error, "field", None))
+def error_response(error: errors.ModeldError, request_id: str, path: str = "") -> Response:
+    field = getattr(error, "field", None)
+    body = error_body(error.code, error.message, request_id, field, path=path)
     return Response(body, status_for(error), error_headers(error), media_type="application/json")
 
 
-def internal_error_response(request_id: str) -> Response:
-    body = error_body("internal_error", "internal server error", request_id)
+def internal_error_response(request_id: str, path: str = "") -> Response:
+    body = error_body("internal_error", "internal server error", request_id, path=path)
     return Response(body, 500, media_type="application/json")
 
 
@@ -112,13 +126,13 @@ def count_rejection(request: Request, error: errors.ModeldError) -> None:
 async def _modeld_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.ModeldError)
     count_rejection(request, exc)
-    return error_response(exc, _request_id(request))
+    return error_response(exc, _request_id(request), request.url.path)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    body = error_body(code, str(exc.detail), _request_id(request))
+    body = error_body(code, str(exc.detail), _request_id(request), path=request.url.path)
     return Response(body, exc.status_code, exc.headers, media_type="application/json")
 
 

@@ -110,11 +110,13 @@ class RequestContextMiddleware:
                         await self.app(scope, receive, send_with_id)
                     else:
                         forbidden = ForbiddenHost("Host header is not allowed")
-                        await error_response(forbidden, request_id)(scope, receive, send_with_id)
+                        refusal = error_response(forbidden, request_id, scope["path"])
+                        await refusal(scope, receive, send_with_id)
                 except Exception as exc:
                     log_unexpected(exc, str(scope.get("path")))
                     if not started[0]:
-                        await internal_error_response(request_id)(scope, receive, send_with_id)
+                        refusal = internal_error_response(request_id, scope["path"])
+                        await refusal(scope, receive, send_with_id)
         finally:
             if self.observer is not None:
                 duration_s = time.monotonic() - started_s

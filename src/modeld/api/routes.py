@@ -15,6 +15,7 @@ from starlette.routing import Route
 from modeld.api.admin import reload_config
 from modeld.api.bodies import decode_body, decode_with_defaults, read_body
 from modeld.api.events import events, metrics
+from modeld.api.ollama import ollama_routes
 from modeld.api.status_page import status_page
 from modeld.api.streaming import (
     NdjsonGenerationResponse,
@@ -83,6 +84,7 @@ async def status(request: Request) -> Response:
     body = msgspec.to_builtins(stats)
     for instance in body["instances"]:
         instance["last_used"] = instance.pop("last_used_unix")
+        instance["expires_at"] = instance.pop("expires_at_unix")
     return _json(body)
 
 
@@ -104,7 +106,7 @@ async def infer(request: Request) -> Response:
     if prompt_logging_enabled():
         logger.debug("completion", text=text)
     record = terminal_record(generation.result)
-    record["text"] = text or ""
+    record["text"] = text
     return _json(record)
 
 
@@ -128,6 +130,7 @@ async def load_model(request: Request) -> Response:
         stats = await manager.load(model_id, pin=load_request.pin)
     instance = msgspec.to_builtins(stats)
     instance["last_used"] = instance.pop("last_used_unix")
+    instance["expires_at"] = instance.pop("expires_at_unix")
     return _json(instance)
 
 
@@ -152,4 +155,5 @@ def build_routes() -> list[Route]:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/", status_page, methods=["GET"]),
         Route("/admin/reload", reload_config, methods=["POST"]),
+        *ollama_routes(),
     ]

@@ -23,6 +23,7 @@ from modeld.scheduling.generation import Generation
 from modeld.types import Chunk, DoneReason, GenerationResult
 
 __all__ = [
+    "NDJSON",
     "GenerationResponse",
     "NdjsonGenerationResponse",
     "StreamFraming",

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from modeld.scheduling.events import Event, GenerationFinished, ModelReady
+from modeld.scheduling.events import Event, GenerationFinished, ModelEvicted, ModelReady
 from modeld.scheduling.manager import ManagerStatistics
 from modeld.sizes import MIB
 
@@ -136,12 +136,18 @@ class Metrics:
             "modeld_generations", "finished generations", ["model", "done_reason"],
             registry=self.registry,
         )  # fmt: skip
+        self.unloads = Counter(
+            "modeld_unloads", "instances unloaded, by why (evicted, idle, shutdown)",
+            ["model", "reason"], registry=self.registry,
+        )  # fmt: skip
         self.registry.register(_SnapshotCollector(statistics))
 
     def on_event(self, event: Event) -> None:
         """An EventHub listener."""
         if isinstance(event, ModelReady):
             self.load_duration.labels(event.model).observe(event.load_ms / 1000)
+        elif isinstance(event, ModelEvicted):
+            self.unloads.labels(event.model, str(event.reason)).inc()
         elif isinstance(event, GenerationFinished):
             result, metrics = event.result, event.result.metrics
             self.generations.labels(result.model, str(result.done_reason)).inc()

@@ -18,9 +18,10 @@ class FifoSlot:
     it returns is the one thing to release, whether it still waits or already holds.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_idle: Callable[[], None] | None = None) -> None:
         self._busy = False
         self._waiters: deque[anyio.Event] = deque()
+        self._on_idle = on_idle  # called each time the slot goes from held to idle
 
     @property
     def busy(self) -> bool:
@@ -55,6 +56,8 @@ class FifoSlot:
             self._waiters.popleft().set()  # ownership moves; the slot stays busy
         else:
             self._busy = False
+            if self._on_idle is not None:
+                self._on_idle()
 
 
 class SlotTicket:

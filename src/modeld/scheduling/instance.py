@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,8 @@ class InstanceStatistics:
     last_tokens_per_second: float = 0.0
     load_stage: str | None = None  # while loading: the last stage reached
     load_progress: float = 0.0
+    keep_alive_seconds: float | None = None  # None: kept loaded until unloaded or evicted
+    expires_at_unix: float | None = None  # None: not counting down (busy, queued, pinned)
 
 
 @dataclass(eq=False)
@@ -87,6 +90,8 @@ class Instance:
     load_stage: str = "started"  # the loader's last progress stage
     load_progress: float = 0.0
     generations_started: int = 0
+    keep_alive_s: float = math.inf  # how long it may stay idle; set by each request
+    idle_since_s: float = 0.0  # on the pool's clock: when it last became idle
     embedding_bytes: int = 0  # the embedding context's estimate, charged on first use
     embedding_charged: bool = False
 
@@ -102,6 +107,13 @@ class Instance:
     def evictable(self) -> bool:
         return self.state is InstanceState.READY and self.idle and not self.pinned
 
+    def expires_at_s(self) -> float | None:
+        """When its keep-alive runs out, on the pool's clock; None while it is not
+        counting down: busy, a request queued, pinned, not ready, or kept forever."""
+        if not self.evictable or math.isinf(self.keep_alive_s):
+            return None
+        return self.idle_since_s + self.keep_alive_s
+
     def is_ready(self) -> bool:
         """A method, not a comparison at the call site: the state changes across awaits."""
         return self.state is InstanceState.READY
@@ -111,7 +123,13 @@ class Instance:
             raise IllegalTransition(f"{self.model_id}: {self.state} -> {new} is not allowed")
         self.state = new
 
-    def statistics(self, now_s: float, now_unix: float) -> InstanceStatistics:
+    def statistics(
+        self, now_s: float, now_unix: float, clock_now_s: float | None = None
+    ) -> InstanceStatistics:
+        """A snapshot; ``clock_now_s`` is the pool's clock now (keep-alive times are on
+        it), ``now_s`` the monotonic time the other fields are on."""
+        expires_at_s = self.expires_at_s()
+        clock_now_s = now_s if clock_now_s is None else clock_now_s
         return InstanceStatistics(
             model_id=self.model_id,
             state=self.state,
@@ -129,4 +147,8 @@ class Instance:
             last_tokens_per_second=self.counters.last_tokens_per_second,
             load_stage=self.load_stage if self.state is InstanceState.LOADING else None,
             load_progress=self.load_progress if self.state is InstanceState.LOADING else 0.0,
+            keep_alive_seconds=None if math.isinf(self.keep_alive_s) else self.keep_alive_s,
+            expires_at_unix=(
+                None if expires_at_s is None else round(now_unix + expires_at_s - clock_now_s, 3)
+            ),
         )

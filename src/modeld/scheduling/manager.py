@@ -40,6 +40,7 @@ from modeld.live_settings import LiveSettings
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.probe import MemoryProbe, default_budget_mb, detect_probe
 from modeld.registry import ModelFile, Registry, check_model_id
+from modeld.scheduling.clock import Clock
 from modeld.scheduling.events import EventHub, GenerationFinished
 from modeld.scheduling.fifo import SlotTicket
 from modeld.scheduling.file_guard import GuardStatistics
@@ -123,6 +124,7 @@ class ModelManager:
         engine_factory: EngineFactory | None = None,
         registry: Registry | None = None,
         close_timeout_s: float = CLOSE_TIMEOUT_S,
+        clock: Clock | None = None,
     ) -> None:
         # One holder of the settings in force, read per request (a reload swaps it).
         self.live_settings = live = (
@@ -152,6 +154,7 @@ class ModelManager:
             gpu=self._gpu,
             retry_after_s=self._retry_after_s,
             engine_factory=engine_factory,
+            clock=clock,
         )
         self._generations: dict[str, Generation] = {}
         self._admitted = 0
@@ -345,7 +348,12 @@ class ModelManager:
         return await self.complete(request, request_id=request_id)
 
     async def embed(
-        self, model: str | None, inputs: Sequence[str], *, request_id: str | None = None
+        self,
+        model: str | None,
+        inputs: Sequence[str],
+        *,
+        request_id: str | None = None,
+        keep_alive: str | float | None = None,
     ) -> EmbeddingResult:
         """L2-normalised embeddings of ``inputs``, in order, computed in a second context
         on the model's loaded weights (its memory charged to the budget on first use).
@@ -353,14 +361,18 @@ class ModelManager:
         Queued in the model's line like a generation. Raises :class:`InvalidRequest`
         (field ``input``: no input, too many, an empty or too long one), and what
         :meth:`stream` raises before yielding. Cancelled, it stops between inputs.
+        ``keep_alive`` is how long the model stays loaded afterwards, as for a generation.
         """
         texts = _embedding_inputs(inputs)
         model_id = self.model_id(model)
         ticket = self._admit(model_id)
         cancelled = threading.Event()
+        timings: list[RequestTiming] = []
         try:
 
             def launch(instance: Instance, timing: RequestTiming) -> Awaitable[Any]:
+                timings[:] = [timing]
+                self._pool.idle.used(instance, keep_alive)
                 return self._launch_embedding(instance, texts, cancelled, timing)
 
             call: ThreadCall[tuple[list[list[float]], int]] = await self._start(
@@ -372,7 +384,14 @@ class ModelManager:
                 cancelled.set()
                 ticket.release_when(call.when_done)  # the model is busy until it stops
                 raise
-            return EmbeddingResult(model=model_id, embeddings=vectors, prompt_tokens=prompt_tokens)
+            (timing,) = timings
+            return EmbeddingResult(
+                model=model_id,
+                embeddings=vectors,
+                prompt_tokens=prompt_tokens,
+                load_ms=timing.load_s * 1000,
+                total_ms=(time.monotonic() - timing.admitted_s) * 1000,
+            )
         finally:
             ticket.release()
             self._admitted -= 1
@@ -527,6 +546,7 @@ class ModelManager:
         instance.generations_started += 1
         timing.started_s = time.monotonic()
         instance.last_used_s = timing.started_s
+        self._pool.idle.used(instance, request.keep_alive)
         timeout = self.settings.infer_timeout
         generation = Generation(
             request_id=request_id,
@@ -579,10 +599,21 @@ class ModelManager:
 
     # ----------------------------------------------------------------- instances
 
-    async def load(self, model_id: str, *, pin: bool | None = None) -> InstanceStatistics:
-        """Load (and warm) a model now; optionally pin it against eviction."""
-        instance = await self._pool.load(model_id, pin=pin)
-        return instance.statistics(time.monotonic(), time.time())
+    async def load(
+        self, model_id: str, *, pin: bool | None = None, keep_alive: str | float | None = None
+    ) -> InstanceStatistics:
+        """Load (and warm) a model now, or refresh the keep-alive of a loaded one;
+        optionally pin it against eviction and idle unload, or set its keep-alive
+        (``"5m"``, seconds, ``-1`` for never; the default is ``--keep-alive``)."""
+        instance = await self._pool.load(model_id, pin=pin, keep_alive=keep_alive)
+        return self._pool.snapshot(instance)
+
+    async def expire(self, model_id: str) -> None:
+        """Unload a model as soon as it is idle (now, if it is): its keep-alive becomes
+        0. Unlike :meth:`unload` nothing running or queued is cancelled, and a pinned
+        model stays. Raises :class:`InvalidModelId` for unsafe ids; a model that is not
+        loaded is left as it is."""
+        await self._pool.idle.expire(model_id)
 
     async def unload(self, model_id: str) -> None:
         """Unload a model, cancelling its running generation (done_reason ``evicted``).

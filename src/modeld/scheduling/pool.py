@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TypeVar
 
 import anyio
@@ -32,6 +32,7 @@ from modeld.live_settings import LiveSettings
 from modeld.memory.budget import Candidate, MemoryBudget, choose_victims
 from modeld.memory.probe import MemoryProbe
 from modeld.registry import ModelFile, Registry, check_model_id
+from modeld.scheduling.clock import Clock, MonotonicClock
 from modeld.scheduling.events import (
     EventHub,
     ModelEvicted,
@@ -41,6 +42,7 @@ from modeld.scheduling.events import (
 )
 from modeld.scheduling.fifo import FifoSlot
 from modeld.scheduling.file_guard import FileGuard
+from modeld.scheduling.idle import IdleUnloader
 from modeld.scheduling.instance import Instance, InstanceStatistics, ModelCounters
 from modeld.scheduling.loading import EngineFactory, Loader
 from modeld.sizes import MIB
@@ -70,8 +72,10 @@ class InstancePool:
         gpu: bool,
         retry_after_s: Callable[[int], float],
         engine_factory: EngineFactory | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self._live = settings
+        self.idle = IdleUnloader(self, clock or MonotonicClock())
         self.registry = registry
         self.events = events
         self.budget = budget
@@ -97,8 +101,17 @@ class InstancePool:
         return self._live.current
 
     def start(self, task_group: TaskGroup) -> None:
-        """Loads run in the owner's task group, so a waiter leaving never cancels one."""
+        """Loads run in the owner's task group, so a waiter leaving never cancels one;
+        so does the keep-alive watch, for the owner's life."""
         self._task_group = task_group
+        task_group.start_soon(self.idle.run, name="keep-alive")
+
+    def start_soon(
+        self, work: Callable[[Instance], Coroutine[object, object, None]], instance: Instance
+    ) -> None:
+        """Work on an instance in the owner's task group: it outlives whoever asked."""
+        assert self._task_group is not None, "use ModelManager as an async context manager"
+        self._task_group.start_soon(work, instance)
 
     @property
     def guard(self) -> FileGuard:
@@ -122,7 +135,7 @@ class InstancePool:
         """One FIFO per model, outliving its instances."""
         slot = self._slots.get(model_id)
         if slot is None:
-            slot = self._slots[model_id] = FifoSlot()
+            slot = self._slots[model_id] = FifoSlot(on_idle=lambda: self.idle.became_idle(model_id))
         return slot
 
     def forget_slot_if_unused(self, model_id: str) -> None:
@@ -134,8 +147,12 @@ class InstancePool:
             del self._slots[model_id]
 
     def statistics(self, now_s: float, now_unix: float) -> list[InstanceStatistics]:
-        loaded = [i.statistics(now_s, now_unix) for i in self._instances.values()]
+        clock_now_s = self.idle.clock.now_s()
+        loaded = [i.statistics(now_s, now_unix, clock_now_s) for i in self._instances.values()]
         return sorted(loaded + self._cooling_down(now_s), key=lambda stats: stats.model_id)
+
+    def snapshot(self, instance: Instance) -> InstanceStatistics:
+        return instance.statistics(time.monotonic(), time.time(), self.idle.clock.now_s())
 
     def stalled_loads(self) -> list[str]:
         """Models whose load has run past ``--load-timeout``: the watchdog's signal."""
@@ -146,13 +163,18 @@ class InstancePool:
             if i.state is InstanceState.LOADING and i.loading_since_s < limit_s
         ]
 
-    async def load(self, model_id: str, *, pin: bool | None = None) -> Instance:
-        """Load (and warm) a model now; optionally pin it against eviction."""
+    async def load(
+        self, model_id: str, *, pin: bool | None = None, keep_alive: str | float | None = None
+    ) -> Instance:
+        """Load (and warm) a model now, or refresh its keep-alive if it is loaded;
+        optionally pin it against eviction (and idle unload), or set its keep-alive."""
         model = await self.registry.lookup(model_id)
         deadline_s = time.monotonic() + self.settings.load_timeout
         instance = await self.ready_instance(model, deadline_s)
         if pin is not None:
             instance.pinned = pin
+        self.idle.used(instance, keep_alive)
+        self.idle.touched(instance)
         return instance
 
     async def unload_model(self, model_id: str) -> None:
@@ -280,6 +302,7 @@ class InstancePool:
             slot=self.slot_for(model.id),
             last_used_s=now_s,
             loading_since_s=now_s,
+            keep_alive_s=self.idle.keep_alive_s(model.id, None),
             pinned=self.settings.model(model.id).pin,
         )
         self._instances[model.id] = instance
@@ -302,6 +325,7 @@ class InstancePool:
         else:
             instance.transition(InstanceState.READY)
             instance.ready_at_s = time.monotonic()
+            instance.idle_since_s = self.idle.clock.now_s()
             counters = instance.counters
             counters.loads_total += 1
             counters.consecutive_failures = 0
@@ -389,6 +413,11 @@ class InstancePool:
                     f"{model_id} needs {need_bytes / MIB:.0f} MiB held by busy models",
                     self._retry_after_s(1),
                 )
+
+    @property
+    def changed(self) -> anyio.Event:
+        """Set at the next change (an instance ready or gone, a slot released)."""
+        return self._memory_changed
 
     async def wait_changed(self, deadline_s: float | None) -> bool:
         event = self._memory_changed

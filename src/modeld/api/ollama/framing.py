@@ -1,0 +1,52 @@
+"""Ollama's answers: NDJSON lines of ``response`` (generate) or ``message`` (chat)
+pieces, then one line with the statistics; or the same as one object (``stream: false``).
+
+A stream that modeld ends early (evicted, timeout, shutdown, error) ends with an
+``{"error": ...}`` line instead, which the ollama client raises as ``ResponseError``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from modeld.api.ollama.facts import iso_time
+from modeld.api.ollama.wire import early_end_error, final_fields
+from modeld.api.streaming import NDJSON, ndjson_line
+from modeld.types import Chunk, GenerationResult
+
+__all__ = ["OllamaFraming"]
+
+
+class OllamaFraming:
+    """A :class:`~modeld.api.streaming.StreamFraming` for ``/api/generate`` and
+    ``/api/chat``; ``name`` is the model as the client named it."""
+
+    media_type = NDJSON
+
+    def __init__(self, name: str, *, chat: bool) -> None:
+        self._name = name
+        self._chat = chat
+
+    def _piece(self, text: str) -> dict[str, object]:
+        line: dict[str, object] = {"model": self._name, "created_at": iso_time(time.time())}
+        if self._chat:
+            line["message"] = {"role": "assistant", "content": text}
+        else:
+            line["response"] = text
+        return line
+
+    def head(self) -> bytes:
+        return b""
+
+    def chunk(self, chunk: Chunk) -> bytes:
+        return ndjson_line({**self._piece(chunk.text), "done": False})
+
+    def end(self, result: GenerationResult) -> bytes:
+        error = early_end_error(result)
+        if error is not None:
+            return ndjson_line({"error": error.message})
+        return ndjson_line({**self._piece(""), **final_fields(result)})
+
+    def whole(self, text: str, result: GenerationResult) -> dict[str, object]:
+        """The one object of an unstreamed answer (its early end is raised instead)."""
+        return {**self._piece(text), **final_fields(result)}

@@ -1,0 +1,282 @@
+"""Ollama's request bodies and response lines, translated to and from modeld's types.
+
+Bodies ignore fields modeld does not know (Ollama does; ollama-python always sends some,
+Open WebUI more). A field modeld knows but cannot honour gets a 400 naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+import orjson
+from loguru import logger
+from starlette.responses import Response
+
+from modeld.errors import (
+    ClientDisconnected,
+    EngineError,
+    InferTimeout,
+    InvalidRequest,
+    ModeldError,
+    ModelUnloaded,
+    ShuttingDown,
+)
+from modeld.keep_alive import KeepAlive
+from modeld.types import DoneReason, GenerationResult
+
+__all__ = [
+    "ChatBody",
+    "EmbedBody",
+    "EmbeddingsBody",
+    "GenerateBody",
+    "ModelBody",
+    "as_request",
+    "early_end_error",
+    "final_fields",
+    "format_of",
+    "json_response",
+    "messages_of",
+    "refuse_unsupported",
+    "sampling_fields",
+]
+
+T = TypeVar("T")
+# Reasons a stream ends complete; any other ends it early, with an error.
+FINISHED = frozenset({DoneReason.STOP, DoneReason.LENGTH})
+_EARLY_END: dict[DoneReason, type[ModeldError]] = {
+    DoneReason.CANCELLED: ClientDisconnected,
+    DoneReason.EVICTED: ModelUnloaded,
+    DoneReason.IDLE: ModelUnloaded,
+    DoneReason.TIMEOUT: InferTimeout,
+    DoneReason.SHUTDOWN: ShuttingDown,
+    DoneReason.ERROR: EngineError,
+}
+_NS_PER_MS = 1_000_000
+
+
+class ModelBody(msgspec.Struct, frozen=True, kw_only=True):
+    """``/api/show`` (``name`` is what older clients send)."""
+
+    model: str = ""
+    name: str = ""
+    verbose: bool = False
+
+    @property
+    def model_name(self) -> str:
+        return self.model or self.name
+
+
+class Options(msgspec.Struct, frozen=True):
+    """The options modeld maps; every other key is ignored, as Ollama ignores unknown
+    ones (``num_gpu``, ``mirostat``, ``use_mmap``...: they mean nothing here)."""
+
+    num_predict: int | None = None
+    num_ctx: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+class GenerateBody(msgspec.Struct, frozen=True, kw_only=True):
+    model: str = ""
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+    stream: bool = True
+    options: dict[str, Any] | None = None
+    format: str | dict[str, Any] | None = None
+    keep_alive: KeepAlive | None = None
+    images: list[str] | None = None
+    suffix: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    think: bool | str | None = None
+    logprobs: bool | None = None
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True):
+    """One message of ``/api/chat``; ``tool`` turns and tool calls are refused."""
+
+    role: str
+    content: str = ""
+    images: list[str] | None = None
+    tool_calls: list[Any] | None = None
+
+
+class ChatBody(msgspec.Struct, frozen=True, kw_only=True):
+    model: str = ""
+    messages: list[Message] = []
+    tools: list[Any] | None = None
+    stream: bool = True
+    options: dict[str, Any] | None = None
+    format: str | dict[str, Any] | None = None
+    keep_alive: KeepAlive | None = None
+    think: bool | str | None = None
+    logprobs: bool | None = None
+
+
+class EmbedBody(msgspec.Struct, frozen=True, kw_only=True):
+    """``/api/embed``. ``truncate`` is ignored: an input longer than the context is a
+    400 naming it, never cut silently."""
+
+    model: str = ""
+    input: str | list[str] = []
+    truncate: bool = True
+    options: dict[str, Any] | None = None
+    keep_alive: KeepAlive | None = None
+    dimensions: int | None = None
+
+
+class EmbeddingsBody(msgspec.Struct, frozen=True, kw_only=True):
+    """The legacy ``/api/embeddings``: one ``prompt``, one ``embedding``."""
+
+    model: str = ""
+    prompt: str = ""
+    options: dict[str, Any] | None = None
+    keep_alive: KeepAlive | None = None
+
+
+_CHAT_ROLES = frozenset({"system", "user", "assistant"})
+
+
+def _refuse_common(name: str, think: bool | str | None, logprobs: bool | None) -> None:
+    if think:  # true, or a level ("high"): no model here thinks apart from its answer
+        raise InvalidRequest(f'"{name}" does not support thinking', field="think")
+    if logprobs:
+        raise InvalidRequest("logprobs are not supported", field="logprobs")
+
+
+def messages_of(name: str, body: ChatBody) -> list[dict[str, str]]:
+    """The conversation as :class:`~modeld.types.ChatMessage` fields; images, tools, tool
+    calls and ``tool`` turns are a 400 (modeld's models take text turns only)."""
+    _refuse_common(name, body.think, body.logprobs)
+    if body.tools:
+        raise InvalidRequest(f'"{name}" does not support tools', field="tools")
+    messages: list[dict[str, str]] = []
+    for index, message in enumerate(body.messages):
+        if message.images:
+            raise InvalidRequest(f'"{name}" does not support images', field="messages")
+        if message.tool_calls:
+            raise InvalidRequest(f'"{name}" does not support tools', field="messages")
+        if message.role not in _CHAT_ROLES:
+            raise InvalidRequest(
+                f"message {index}: role {message.role!r} is not supported "
+                "(system, user and assistant turns of text only)",
+                field="messages",
+            )
+        messages.append({"role": message.role, "content": message.content})
+    return messages
+
+
+def format_of(value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    """Ollama's ``format`` as modeld's: ``"json"`` or a schema, enforced by a grammar
+    (an empty string is none, as in Ollama; any other string is refused later)."""
+    return value or None
+
+
+def refuse_unsupported(name: str, body: GenerateBody) -> None:
+    """400 for what modeld's models cannot do, in Ollama's own words where it has them."""
+    _refuse_common(name, body.think, body.logprobs)
+    if body.images:
+        raise InvalidRequest(f'"{name}" does not support images', field="images")
+    if body.suffix:
+        raise InvalidRequest(f'"{name}" does not support insert', field="suffix")
+    if body.template:
+        raise InvalidRequest("a request's own template is not supported", field="template")
+    if body.context:
+        raise InvalidRequest("context (deprecated in Ollama) is not supported", field="context")
+
+
+def _options(raw: dict[str, Any] | None) -> Options:
+    if not raw:
+        return Options()
+    ignored = sorted(set(raw) - set(Options.__struct_fields__))
+    if ignored:
+        logger.debug("options ignored", options=ignored)
+    try:
+        return msgspec.convert(raw, Options)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"option {_option_path(str(exc))}", field="options") from None
+
+
+def _option_path(message: str) -> str:
+    """``Expected `float`, got `str` - at `$.temperature``` → ``"temperature": ...``."""
+    text, _, where = message.partition(" - at `$.")
+    option = where.split("`")[0].split("[")[0]
+    return f'"{option}": {text}' if option else text
+
+
+_MAPPED = (
+    "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "presence_penalty",
+    "frequency_penalty",
+)  # fmt: skip
+
+
+def sampling_fields(raw_options: dict[str, Any] | None) -> dict[str, object]:
+    """:class:`~modeld.types.SamplingParams` fields for Ollama's ``options``; the bounds
+    are checked when the request is built (see :func:`as_request`)."""
+    options = _options(raw_options)
+    fields: dict[str, object] = {}
+    if options.num_predict is not None and options.num_predict > 0:
+        fields["max_tokens"] = options.num_predict  # -1, -2 (and 0): no limit of its own
+    for name in _MAPPED:
+        value = getattr(options, name)
+        if value is not None:
+            fields[name] = value
+    if options.seed is not None and options.seed >= 0:
+        fields["seed"] = options.seed  # a negative seed is Ollama's "random"
+    if options.stop is not None:
+        fields["stop"] = [options.stop] if isinstance(options.stop, str) else options.stop
+    return fields
+
+
+_OPTION_OF_FIELD = {"max_tokens": "num_predict", "messages": "messages"}
+
+
+def as_request(fields: dict[str, object], kind: type[T]) -> T:
+    """``kind`` built from ``fields`` with every bound checked; a violation is a 400
+    naming the Ollama option (or field) it came from."""
+    try:
+        return msgspec.convert(fields, kind)
+    except msgspec.ValidationError as exc:
+        text, _, where = str(exc).partition(" - at `$.")
+        field = where.split("`")[0].split("[")[0]
+        option = _OPTION_OF_FIELD.get(field, field)
+        raise InvalidRequest(f'"{option}": {text}', field=option or None) from None
+
+
+def durations(result: GenerationResult) -> dict[str, int]:
+    """Ollama's counters, in integer nanoseconds, from modeld's own measurements."""
+    metrics = result.metrics
+    return {
+        "total_duration": round(metrics.total_ms * _NS_PER_MS),
+        "load_duration": round(metrics.load_ms * _NS_PER_MS),
+        "prompt_eval_count": metrics.prompt_tokens,
+        "prompt_eval_duration": round(metrics.prompt_eval_ms * _NS_PER_MS),
+        "eval_count": metrics.completion_tokens,
+        "eval_duration": round(metrics.eval_ms * _NS_PER_MS),
+    }
+
+
+def early_end_error(result: GenerationResult) -> ModeldError | None:
+    """None for a generation that ended complete; else the error that says why not."""
+    if result.done_reason in FINISHED:
+        return None
+    cause = f": {result.error['message']}" if result.error else ""
+    error_type = _EARLY_END.get(result.done_reason, EngineError)
+    return error_type(f"the generation ended early ({result.done_reason}){cause}")
+
+
+def final_fields(result: GenerationResult) -> dict[str, object]:
+    return {"done": True, "done_reason": str(result.done_reason), **durations(result)}
+
+
+def json_response(data: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status, media_type="application/json")

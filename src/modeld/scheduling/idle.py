@@ -1,0 +1,94 @@
+"""Idle unload: how long each instance may stay loaded with nothing to do, and the watch
+that unloads it when that time has run out.
+
+An instance's keep-alive is set by every use (the request's ``keep_alive``, else the
+model's or ``--keep-alive``); it counts down from the moment the instance becomes idle:
+ready, nothing running, nothing queued, and not pinned. A busy, queued or pinned
+instance never expires. Time is the injected :class:`~modeld.scheduling.clock.Clock`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from modeld.keep_alive import keep_alive_seconds
+from modeld.registry import check_model_id
+from modeld.scheduling.clock import Clock
+from modeld.scheduling.instance import Instance
+from modeld.types import DoneReason
+
+if TYPE_CHECKING:
+    from modeld.scheduling.pool import InstancePool
+
+__all__ = ["IdleUnloader"]
+
+
+class IdleUnloader:
+    """The keep-alive of a pool's instances, on ``clock``."""
+
+    def __init__(self, pool: InstancePool, clock: Clock) -> None:
+        self._pool = pool
+        self.clock = clock
+
+    def keep_alive_s(self, model_id: str, requested: str | float | None) -> float:
+        """Seconds for a use of ``model_id`` that asked for ``requested``; None: the
+        model's own ``keep_alive`` (its ``[models."<id>"]`` table), else ``--keep-alive``.
+        ``math.inf`` for never."""
+        if requested is None:
+            settings = self._pool.settings
+            own = settings.model(model_id).keep_alive
+            requested = settings.keep_alive if own is None else own
+        return keep_alive_seconds(requested)
+
+    def used(self, instance: Instance, requested: str | float | None) -> None:
+        """A request runs on ``instance``: the last use decides how long it stays
+        loaded after it."""
+        instance.keep_alive_s = self.keep_alive_s(instance.model_id, requested)
+
+    def touched(self, instance: Instance) -> None:
+        """A use that holds no slot (a load, a pin): the countdown starts again."""
+        instance.idle_since_s = self.clock.now_s()
+        self._pool.notify_changed()
+
+    def became_idle(self, model_id: str) -> None:
+        """The model's slot was released with nobody waiting: its countdown starts."""
+        instance = self._pool.get(model_id)
+        if instance is not None:
+            instance.idle_since_s = self.clock.now_s()
+        self._pool.notify_changed()
+
+    async def expire(self, model_id: str) -> None:
+        """Keep-alive 0 for a loaded model: unloaded now if it is idle, otherwise as soon
+        as its running and queued requests are done (none is cancelled); a pinned one
+        stays. Raises :class:`InvalidModelId` for unsafe ids; a model that is not loaded
+        is left as it is."""
+        instance = self._pool.get(check_model_id(model_id))
+        if instance is not None:
+            instance.keep_alive_s = 0.0
+            await self._unload_if_expired(instance)
+
+    async def run(self) -> None:
+        """Unload each instance whose keep-alive has run out, until cancelled.
+
+        Wakes at the next expiry or when anything changes (a request finishes, a load
+        ends, an instance goes). Each unload re-checks and moves the instance to
+        ``unloading`` in one step, so a request that joined the line first keeps it.
+        """
+        while True:
+            changed = self._pool.changed
+            now_s = self.clock.now_s()
+            next_s = math.inf
+            for instance in self._pool.all():
+                expires_s = instance.expires_at_s()
+                if expires_s is not None and expires_s <= now_s:
+                    self._pool.start_soon(self._unload_if_expired, instance)
+                elif expires_s is not None:
+                    next_s = min(next_s, expires_s)
+            with self.clock.cancel_at(next_s):
+                await changed.wait()
+
+    async def _unload_if_expired(self, instance: Instance) -> None:
+        expires_s = instance.expires_at_s()
+        if expires_s is not None and expires_s <= self.clock.now_s():
+            await self._pool.unload(instance, DoneReason.IDLE, cause="idle")
