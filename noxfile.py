@@ -49,7 +49,7 @@ def sanitize(session: nox.Session) -> None:
 def soak(session: nox.Session) -> None:
     """About ten minutes of concurrent clients abusing a real server; not in CI's run."""
     session.install("-e", ".[test]")
-    session.run("python", "benchmarks/soak.py", *session.posargs)
+    session.run("python", "benchmarks/soak.py", *session.posargs, env={"PYTHONPATH": "."})
 
 
 @nox.session

@@ -2,9 +2,12 @@
 
 Several models (three tiny ones and the real Gemma 3 270M), concurrent clients that read
 streams to the end, leave mid-stream, leave at once (FIN and RST), cancel by id, reset
-HTTP/2 streams, ask without streaming, and unload models under load. At the end: every
-stream read to its end had exactly one terminal line, nothing is left admitted or
-running, and RSS, threads and file descriptors are back near where they started.
+HTTP/2 streams, ask without streaming, and unload models under load, in every protocol
+modeld speaks: ``/infer``, OpenAI's ``/v1/completions`` and ``/v1/chat/completions``
+(SSE), Ollama's ``/api/generate`` and ``/api/chat`` (NDJSON). At the end: every stream
+read to its end had exactly one terminal line (NDJSON ``done: true``; SSE ``[DONE]`` or an
+error event) and it came last, nothing is left admitted or running, and RSS, threads and
+file descriptors are back near where they started.
 
 Run it with ``nox -s soak`` (about ten minutes) or ``python benchmarks/soak.py
 --seconds 60``. Exit status 1 when an account does not balance.
@@ -38,6 +41,62 @@ CLIENTS = 12
 SLACK_FDS = 8
 SLACK_THREADS = 4
 SLACK_RSS_MB = 64.0
+
+
+PROTOCOLS = ["infer", "v1_completions", "v1_chat", "api_generate", "api_chat"]
+PATHS = {
+    "infer": "/infer",
+    "v1_completions": "/v1/completions",
+    "v1_chat": "/v1/chat/completions",
+    "api_generate": "/api/generate",
+    "api_chat": "/api/chat",
+}
+# Chat needs a template: the tiny models get llama.cpp's chatml, Gemma its gemma.
+CONFIG = "".join(
+    f'[models."{name}"]\nchat_template = "{"gemma" if name == GEMMA else "chatml"}"\n'
+    for name in [*TINY, GEMMA]
+)
+
+
+def protocol_body(protocol: str, body: dict[str, object]) -> dict[str, object]:
+    """``/infer``'s body in another protocol's words."""
+    model, prompt, stream = body["model"], body["prompt"], body["stream"]
+    messages = [{"role": "user", "content": prompt}]
+    if protocol == "infer":
+        return body
+    if protocol.startswith("v1_"):
+        sampling = {"max_tokens": body["max_tokens"], "temperature": body["temperature"]}
+        text = {"messages": messages} if protocol == "v1_chat" else {"prompt": prompt}
+        return {"model": model, **text, **sampling, "stream": stream}
+    options = {"num_predict": body["max_tokens"], "temperature": body["temperature"]}
+    text = {"messages": messages} if protocol == "api_chat" else {"prompt": prompt}
+    return {"model": model, **text, "options": options, "stream": stream}
+
+
+def stream_record(protocol: str, line: str) -> dict[str, object] | None:
+    """One streamed line as ``{"done": ..., "done_reason": ...}`` (None: not a record,
+    such as SSE's blank separators); raises ValueError for a broken one."""
+    if not protocol.startswith("v1_"):
+        return dict(json.loads(line))
+    if not line.strip():
+        return None
+    if not line.startswith("data: "):
+        raise ValueError("an SSE line that is not data")
+    data = line.removeprefix("data: ")
+    if data == "[DONE]":
+        return {"done": True, "done_reason": "[DONE]"}
+    event = json.loads(data)
+    if "error" in event:
+        return {"done": True, "done_reason": f"error:{event['error'].get('code')}"}
+    return {"done": False}
+
+
+def whole_done_reason(protocol: str, answer: dict[str, object]) -> str:
+    if protocol.startswith("v1_"):
+        choices = answer["choices"]
+        assert isinstance(choices, list)
+        return f"finish:{choices[0]['finish_reason']}"
+    return str(answer["done_reason"])
 
 
 @dataclass
@@ -138,12 +197,19 @@ class Soak:
                 except httpx.TransportError as exc:
                     self.account.statuses[f"transport:{type(exc).__name__}"] += 1
 
+    def protocol(self) -> str:
+        return self.random.choice(PROTOCOLS)
+
     async def stream_lines(
         self, client: httpx.AsyncClient, body: dict[str, object], request_id: str, keep: int
     ) -> list[dict[str, object]] | None:
-        """Up to ``keep`` lines (all of them when keep < 0); None when refused."""
+        """Up to ``keep`` records (all of them when keep < 0), in a random protocol; None
+        when refused."""
+        protocol = self.protocol()
+        self.account.sent[f"protocol:{protocol}"] += 1
         headers = {"X-Request-ID": request_id}
-        async with client.stream("POST", "/infer", json=body, headers=headers) as response:
+        wire = protocol_body(protocol, body)
+        async with client.stream("POST", PATHS[protocol], json=wire, headers=headers) as response:
             self.account.statuses[str(response.status_code)] += 1
             if response.status_code != 200:
                 await response.aread()
@@ -151,10 +217,13 @@ class Soak:
             lines: list[dict[str, object]] = []
             async for line in response.aiter_lines():
                 try:
-                    lines.append(json.loads(line))
-                except json.JSONDecodeError:
+                    record = stream_record(protocol, line)
+                except ValueError:
                     self.account.bad_streams.append(f"{request_id}: a broken line {line!r}")
-                    lines.append({"broken": True})
+                    record = {"broken": True}
+                if record is None:
+                    continue
+                lines.append(record)
                 if 0 <= keep <= len(lines):
                     break
             return lines
@@ -195,16 +264,21 @@ class Soak:
             self.check_terminal(request_id, lines)
 
     async def not_streamed(self, client: httpx.AsyncClient) -> None:
-        response = await client.post("/infer", json=self.body(self.model(), stream=False))
+        protocol = self.protocol()
+        wire = protocol_body(protocol, self.body(self.model(), stream=False))
+        response = await client.post(PATHS[protocol], json=wire)
         self.account.statuses[str(response.status_code)] += 1
         if response.status_code == 200:
-            self.account.done_reasons[str(response.json()["done_reason"])] += 1
+            self.account.done_reasons[whole_done_reason(protocol, response.json())] += 1
 
     async def leave_at_once(self, client: httpx.AsyncClient) -> None:
-        payload = json.dumps(self.body(self.model(), stream=self.random.random() < 0.5)).encode()
+        protocol = self.protocol()
+        body = self.body(self.model(), stream=self.random.random() < 0.5)
+        payload = json.dumps(protocol_body(protocol, body)).encode()
         _reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         writer.write(
-            b"POST /infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"POST {PATHS[protocol]} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
+            + b"Content-Type: application/json\r\n"
             + f"Content-Length: {len(payload)}\r\n\r\n".encode()
             + payload
         )
@@ -311,8 +385,11 @@ def main() -> int:
         make_models(models_dir)
         port = free_port()
         log_path = Path(tmp) / "modeld.log"
+        config = Path(tmp) / "modeld.toml"
+        config.write_text(CONFIG)
         command = [
             sys.executable, "-m", "modeld.cli", "serve", "--models-dir", str(models_dir),
+            "--config", str(config),
             "--host", "127.0.0.1", "--port", str(port), "--threads", "1", "--n-ctx", "2048",
             "--max-queue-depth", "64", "--max-wait-ms", "120000",
             "--token-loop", args.token_loop, "--shutdown-grace", "2",

@@ -9,6 +9,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
+from modeld.api.openai.framing import event
 from modeld.api.streaming import ndjson_line
 
 TRICKY = st.sampled_from(["\u2028", "\u2029", "\x85", "\n", "\r", "\x0b", "\x1c", "é", "🌊", "a"])
@@ -21,3 +22,13 @@ def test_a_line_is_one_line_and_round_trips(text: str) -> None:
     decoded = line.decode()
     assert len(decoded.splitlines()) == 1
     assert json.loads(decoded) == {"text": text, "tokens": 1}
+
+
+@given(text=st.one_of(st.text(), st.lists(TRICKY).map("".join)))
+def test_an_sse_event_is_one_data_line_and_round_trips(text: str) -> None:
+    """OpenAI's streams too (found by the soak: an httpx reader split chat chunks)."""
+    data = {"choices": [{"delta": {"content": text}}]}
+    lines = event(data).decode().splitlines()
+    assert lines[1:] == [""]
+    assert lines[0].startswith("data: ")
+    assert json.loads(lines[0].removeprefix("data: ")) == data

@@ -29,6 +29,7 @@ __all__ = [
     "StreamFraming",
     "collect_watched",
     "ndjson_line",
+    "one_line_json",
     "start_watched",
     "terminal_record",
     "unless_disconnected",
@@ -46,12 +47,18 @@ _LINE_BREAKERS = (
 )
 
 
-def ndjson_line(record: object) -> bytes:
-    """One JSON object and its newline; no character inside it reads as a line end."""
+def one_line_json(record: object) -> bytes:
+    """JSON in which no character reads as a line end, not even to a reader that splits
+    as ``str.splitlines`` does (httpx's ``iter_lines``): for NDJSON lines and SSE data."""
     line = orjson.dumps(record)
     for raw, escaped in _LINE_BREAKERS:
         line = line.replace(raw, escaped)
-    return line + b"\n"
+    return line
+
+
+def ndjson_line(record: object) -> bytes:
+    """One JSON object and its newline."""
+    return one_line_json(record) + b"\n"
 
 
 def terminal_record(result: GenerationResult) -> dict[str, object]:

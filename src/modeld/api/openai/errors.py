@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from modeld import errors
 from modeld.api.errors import count_rejection, error_headers, status_for
+from modeld.api.streaming import one_line_json
 from modeld.types import DoneReason, GenerationResult
 
 __all__ = [
@@ -135,7 +136,7 @@ def error_event(result: GenerationResult) -> bytes:
     code, message = _ended_early(result)
     status = ENDED_EARLY_STATUS[result.done_reason]
     body = openai_error_body(code, message, status, None, result.request_id)
-    return b"data: " + body + b"\n\n"
+    return b"data: " + one_line_json(orjson.loads(body)) + b"\n\n"  # a message may hold U+2028
 
 
 def _ended_early(result: GenerationResult) -> tuple[str, str]:

@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 import modeld
 from modeld.api.openai.errors import error_event
+from modeld.api.streaming import one_line_json
 from modeld.types import Chunk, DoneReason, GenerationResult
 
 __all__ = [
@@ -35,7 +34,7 @@ _DONE = b"data: [DONE]\n\n"
 
 
 def event(data: object) -> bytes:
-    return b"data: " + orjson.dumps(data) + b"\n\n"
+    return b"data: " + one_line_json(data) + b"\n\n"
 
 
 def usage(result: GenerationResult) -> dict[str, object]:

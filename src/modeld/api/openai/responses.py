@@ -31,7 +31,7 @@ from modeld.api.openai.translate import (
     with_defaults,
 )
 from modeld.api.openai.wire import ResponseBody
-from modeld.api.streaming import GenerationResponse, collect_watched, start_watched
+from modeld.api.streaming import GenerationResponse, collect_watched, one_line_json, start_watched
 from modeld.errors import InvalidRequest
 from modeld.scheduling.manager import ModelManager
 from modeld.types import ChatRequest, Chunk, DoneReason, GenerationResult
@@ -156,7 +156,7 @@ class _Response:
     def event(self, kind: str, **fields: Any) -> bytes:
         data = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
-        return f"event: {kind}\ndata: ".encode() + orjson.dumps(data) + b"\n\n"
+        return f"event: {kind}\ndata: ".encode() + one_line_json(data) + b"\n\n"
 
 
 def _usage(result: GenerationResult) -> dict[str, object]:
