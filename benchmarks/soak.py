@@ -77,7 +77,10 @@ def stream_record(protocol: str, line: str) -> dict[str, object] | None:
     """One streamed line as ``{"done": ..., "done_reason": ...}`` (None: not a record,
     such as SSE's blank separators); raises ValueError for a broken one."""
     if not protocol.startswith("v1_"):
-        return dict(json.loads(line))
+        record = dict(json.loads(line))
+        if protocol.startswith("api_") and "error" in record:  # Ollama's early end
+            return {"done": True, "done_reason": f"error:{record['error']}"[:60]}
+        return record
     if not line.strip():
         return None
     if not line.startswith("data: "):
@@ -163,6 +166,7 @@ class Soak:
         self.random = random.Random(seed)
         self.account = Account()
         self.counter = 0
+        self.protocol_of: dict[str, str] = {}
 
     def body(self, model: str, *, stream: bool = True) -> dict[str, object]:
         long = model == GEMMA
@@ -207,6 +211,7 @@ class Soak:
         when refused."""
         protocol = self.protocol()
         self.account.sent[f"protocol:{protocol}"] += 1
+        self.protocol_of[request_id] = protocol
         headers = {"X-Request-ID": request_id}
         wire = protocol_body(protocol, body)
         async with client.stream("POST", PATHS[protocol], json=wire, headers=headers) as response:
@@ -235,7 +240,9 @@ class Soak:
             self.account.streams_with_one_terminal_line += 1
             self.account.done_reasons[str(terminal[0]["done_reason"])] += 1
         else:
-            self.account.bad_streams.append(f"{request_id}: {len(terminal)} terminal lines")
+            where = f"{request_id} ({self.protocol_of.get(request_id)})"
+            last = lines[-1] if lines else None
+            self.account.bad_streams.append(f"{where}: {len(terminal)} terminal lines, last {last}")
 
     def request_id(self) -> str:
         self.counter += 1
