@@ -36,9 +36,14 @@ async def main(models_dir: str) -> None:
                 print(chunk.text, end="", flush=True)
         print(f"\n({generation.result})")
 
-        schema = {"type": "object", "properties": {"sea": {"type": "string"}}, "required": ["sea"]}
+        # The grammar makes the answer this shape; maxLength lets it close within max_tokens
+        # (a base model may otherwise write one endless string, cut off by the length).
+        sea = {"type": "string", "maxLength": 24}
+        schema = {"type": "object", "properties": {"sea": sea}, "required": ["sea"]}
         answer, _ = await manager.chat(
-            ChatRequest(model="gemma", messages=ask.messages, max_tokens=48, format=schema)
+            ChatRequest(
+                model="gemma", messages=ask.messages, max_tokens=64, temperature=0.0, format=schema
+            )
         )
         print("structured:", answer)
 

@@ -19,8 +19,15 @@ import httpx
 import pytest
 
 from modeld.types import LoopKind
+from tests.http.openai_support import close_openai_clients
 from tests.http.support import GEMMA, ServerFactory, link_or_copy
 from tests.support.server import RunningServer, start_modeld
+
+
+@pytest.fixture(scope="session", autouse=True)
+def openai_clients_closed() -> Iterator[None]:
+    yield
+    close_openai_clients()
 
 
 @pytest.fixture(scope="module", params=[LoopKind.C, LoopKind.PYTHON], ids=str)

@@ -22,11 +22,24 @@ __all__ = [
 TINY_CHAT = "tiny-chat.gguf"
 
 
+_OPEN_CLIENTS: list[openai.OpenAI] = []
+
+
 def openai_client(server: RunningServer, max_retries: int = 2) -> openai.OpenAI:
-    """The client as users make it: any key (modeld accepts every Bearer by default)."""
-    return openai.OpenAI(
+    """The client as users make it: any key (modeld accepts every Bearer by default).
+    Kept until the session ends (:func:`close_openai_clients`): a client left to the
+    garbage collector closes its sockets with a ResourceWarning in whichever test runs
+    then, and fixtures of any scope share this helper."""
+    client = openai.OpenAI(
         base_url=server.base_url + "/v1", api_key="sk-anything", max_retries=max_retries
     )
+    _OPEN_CLIENTS.append(client)
+    return client
+
+
+def close_openai_clients() -> None:
+    while _OPEN_CLIENTS:
+        _OPEN_CLIENTS.pop().close()
 
 
 def write_chat_models(directory: Path) -> Path:
