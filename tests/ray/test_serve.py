@@ -205,6 +205,14 @@ def test_backpressure_passes_through_and_a_client_leaving_cancels_on_the_replica
             return any(h["queue_len"] == 1 for h in status["models"].get(model, []))
 
         _wait_until(queued_on_replica, "the second stream to queue behind the first")
+
+        def only_this_replica_holds_it() -> bool:
+            """As the router sees it: a report made before an earlier test's route or
+            unload can rank the other replica first, and then it serves the request."""
+            views = cluster.status()["router"]
+            return all(v["replica"] == replica or model not in v["models"] for v in views)
+
+        _wait_until(only_this_replica_holds_it, "the router to see the model on one replica")
         with cluster.client() as client:
             refused = client.post("/infer", json={**long_body, "max_tokens": 4})
         assert refused.status_code == 429, refused.text
