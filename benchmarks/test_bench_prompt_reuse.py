@@ -140,23 +140,7 @@ def test_multi_turn_time_to_first_token(
                     )
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
-    for name, turns in seen.items():
-        medians = [
-            {key: round(statistics.median(r[key] for r in runs), 1) for key in runs[0]}
-            for runs in turns
-        ]
-        benchmark.extra_info[name] = medians
-        benchmark.extra_info[f"{name}_turn5_vs_turn1_ttft"] = round(
-            medians[-1]["ttft_ms"] / medians[0]["ttft_ms"], 3
-        )
-        print(f"\n{name}: per turn (medians of {CONVERSATIONS}):")
-        for turn, figures in enumerate(medians, start=1):
-            print(f"  turn {turn}: {figures}")
-    print(
-        "turn 5 / turn 1 TTFT: "
-        f"reuse {benchmark.extra_info['reuse_turn5_vs_turn1_ttft']}, "
-        f"no reuse {benchmark.extra_info['no_reuse_turn5_vs_turn1_ttft']}"
-    )
+    _report_turns(benchmark, seen, "/infer")
 
 
 @pytest.mark.timeout(3600)
@@ -195,6 +179,13 @@ def test_multi_turn_chat_time_to_first_token(
                     )
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
+    _report_turns(benchmark, seen, "chat")
+
+
+def _report_turns(
+    benchmark: BenchmarkFixture, seen: dict[str, list[list[dict[str, float]]]], label: str
+) -> None:
+    """Per variant (reuse, no reuse), each turn's medians, and turn 5 against turn 1."""
     for name, turns in seen.items():
         medians = [
             {key: round(statistics.median(r[key] for r in runs), 1) for key in runs[0]}
@@ -204,11 +195,11 @@ def test_multi_turn_chat_time_to_first_token(
         benchmark.extra_info[f"{name}_turn5_vs_turn1_ttft"] = round(
             medians[-1]["ttft_ms"] / medians[0]["ttft_ms"], 3
         )
-        print(f"\nchat, {name}: per turn (medians of {CONVERSATIONS}):")
+        print(f"\n{label}, {name}: per turn (medians of {CONVERSATIONS}):")
         for turn, figures in enumerate(medians, start=1):
             print(f"  turn {turn}: {figures}")
     print(
-        "chat, turn 5 / turn 1 TTFT: "
+        f"{label}, turn 5 / turn 1 TTFT: "
         f"reuse {benchmark.extra_info['reuse_turn5_vs_turn1_ttft']}, "
         f"no reuse {benchmark.extra_info['no_reuse_turn5_vs_turn1_ttft']}"
     )

@@ -13,7 +13,7 @@ unloads it as soon as it is idle (``"unload"``): what Open WebUI's unload button
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from loguru import logger
 from starlette.requests import Request
@@ -113,6 +113,24 @@ def _loaded_line(name: str, reason: str, *, chat: bool) -> Response:
     return json_response({**line, "done": True, "done_reason": reason})
 
 
+NamedBody = TypeVar("NamedBody", GenerateBody, ChatBody)
+
+
+async def _named_body(
+    request: Request, schema: type[NamedBody]
+) -> tuple[ModelManager, NamedBody, str, str]:
+    """The manager, the decoded body, the model as the client named it and its id (also
+    the access log's ``model``). Raises :class:`InvalidRequest` without a model."""
+    manager = _manager(request)
+    settings = manager.settings
+    raw_body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
+    body = decode_body(raw_body, schema)
+    if not body.model:
+        raise InvalidRequest("model is required", field="model")
+    model_id = request.scope["state"]["model"] = model_id_for(body.model, settings)
+    return manager, body, body.model, model_id
+
+
 class Generating:
     """The generation routes, sharing the listings' cache of GGUF facts (whether a model
     has a chat template of its own)."""
@@ -126,14 +144,7 @@ class Generating:
         return has_chat_template(manager.settings, model_id, metadata)
 
     async def generate(self, request: Request) -> Response:
-        manager = _manager(request)
-        settings = manager.settings
-        raw_body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
-        body = decode_body(raw_body, GenerateBody)
-        if not body.model:
-            raise InvalidRequest("model is required", field="model")
-        name = body.model
-        model_id = request.scope["state"]["model"] = model_id_for(name, settings)
+        manager, body, name, model_id = await _named_body(request, GenerateBody)
         refuse_unsupported(name, body)
         if not body.prompt:
             reason = await load_or_unload(manager, name, model_id, body.keep_alive)
@@ -151,14 +162,7 @@ class Generating:
         return await _answer(request, name, generate, chat=False)
 
     async def chat(self, request: Request) -> Response:
-        manager = _manager(request)
-        settings = manager.settings
-        raw_body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
-        body = decode_body(raw_body, ChatBody)
-        if not body.model:
-            raise InvalidRequest("model is required", field="model")
-        name = body.model
-        model_id = request.scope["state"]["model"] = model_id_for(name, settings)
+        manager, body, name, model_id = await _named_body(request, ChatBody)
         messages = messages_of(name, body)
         if not messages:
             reason = await load_or_unload(manager, name, model_id, body.keep_alive)
