@@ -36,9 +36,7 @@ class IdleUnloader:
         model's own ``keep_alive`` (its ``[models."<id>"]`` table), else ``--keep-alive``.
         ``math.inf`` for never."""
         if requested is None:
-            settings = self._pool.settings
-            own = settings.model(model_id).keep_alive
-            requested = settings.keep_alive if own is None else own
+            requested = self._pool.settings.resolve(model_id).keep_alive
         return keep_alive_seconds(requested)
 
     def used(self, instance: Instance, requested: str | float | None) -> None:

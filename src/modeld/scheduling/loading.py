@@ -225,16 +225,14 @@ class Loader:
         )
 
     def _engine_settings(self, model_id: str) -> EngineSettings:
-        """The global settings, with the model's own ``[models."<id>"]`` values on top."""
+        """The model's settings in force (see ``Settings.resolve``)."""
         settings = self.settings
-        own = settings.model(model_id)
+        model = settings.resolve(model_id)
         return EngineSettings(
-            n_ctx=own.n_ctx if own.n_ctx is not None else settings.n_ctx,
+            n_ctx=model.n_ctx,
             n_batch=settings.n_batch,
-            n_threads=own.threads if own.threads is not None else settings.n_threads,
-            n_gpu_layers=own.n_gpu_layers
-            if own.n_gpu_layers is not None
-            else settings.n_gpu_layers,
+            n_threads=model.threads,
+            n_gpu_layers=model.n_gpu_layers,
             use_mmap=not settings.no_mmap,
             prompt_reuse=settings.prompt_reuse,
         )
