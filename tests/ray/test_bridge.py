@@ -15,7 +15,7 @@ import pytest
 from modeld import ModelManager, Settings
 from modeld.api.app import create_app
 from modeld.ray.bridge import ForwardedRequest, Lifespan, ResponseStart, exchange
-from modeld.scheduling.events import Event, GenerationFinished
+from modeld.events import Event, GenerationFinished
 
 from .conftest import FOUR_MODELS, LONG_CONTEXT
 

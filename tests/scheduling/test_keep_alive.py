@@ -16,7 +16,7 @@ import pytest
 
 from modeld.engine.base import TokenLoop
 from modeld.model_settings import ModelSettings
-from modeld.scheduling.events import ModelEvicted
+from modeld.events import ModelEvicted
 from modeld.scheduling.manager import ModelManager
 from modeld.types import DoneReason, InferRequest
 from tests.scheduling.conftest import ConstantProbe, make_settings

@@ -24,7 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from modeld.errors import ModeldError
 from modeld.keep_alive import keep_alive_seconds
-from modeld.scheduling.events import Event, ModelEvicted, ModelReady
+from modeld.events import Event, ModelEvicted, ModelReady
 from modeld.scheduling.manager import ModelManager
 from modeld.sizes import MIB
 from modeld.types import DoneReason, InferRequest

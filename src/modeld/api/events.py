@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from modeld.observability.metrics import CONTENT_TYPE
-from modeld.scheduling.events import ModelEvent
+from modeld.events import ModelEvent
 from modeld.scheduling.manager import ModelManager
 
 __all__ = ["events", "metrics"]

@@ -6,7 +6,7 @@ from loguru import logger
 from starlette.types import Scope
 
 from modeld.observability.metrics import Metrics
-from modeld.scheduling.events import Event, GenerationFinished, ModelEvent, ModelFailed
+from modeld.events import Event, GenerationFinished, ModelEvent, ModelFailed
 
 __all__ = ["AccessObserver", "log_event"]
 

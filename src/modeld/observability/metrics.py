@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from modeld.scheduling.events import Event, GenerationFinished, ModelEvicted, ModelReady
-from modeld.scheduling.manager import ManagerStatistics
+from modeld.events import Event, GenerationFinished, ModelEvicted, ModelReady
+from modeld.statistics import ManagerStatistics
 from modeld.sizes import MIB
 
 __all__ = ["CONTENT_TYPE", "Metrics"]

@@ -32,7 +32,7 @@ from modeld.memory.estimate import (
 from modeld.memory.probe import MemoryProbe
 from modeld.redact import redact_paths
 from modeld.registry import ModelFile
-from modeld.scheduling.events import EventHub, ModelLoadingProgress
+from modeld.events import EventHub, ModelLoadingProgress
 from modeld.scheduling.file_guard import FileGuard
 from modeld.scheduling.instance import Instance
 from modeld.sizes import MIB

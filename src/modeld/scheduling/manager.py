@@ -41,12 +41,12 @@ from modeld.memory.budget import MemoryBudget
 from modeld.memory.probe import MemoryProbe, default_budget_mb, detect_probe
 from modeld.registry import ModelFile, Registry, check_model_id
 from modeld.scheduling.clock import Clock
-from modeld.scheduling.events import EventHub, GenerationFinished
+from modeld.events import EventHub, GenerationFinished
 from modeld.scheduling.fifo import SlotTicket
 from modeld.scheduling.file_guard import GuardStatistics
 from modeld.scheduling.generation import Generation, RequestTiming
 from modeld.scheduling.history import EventHistory, RecentEvent
-from modeld.scheduling.instance import Instance, InstanceStatistics, ModelCounters
+from modeld.scheduling.instance import Instance, ModelCounters
 from modeld.scheduling.model_checks import check_model_settings
 from modeld.scheduling.pool import EngineFactory, InstancePool
 from modeld.sizes import MIB
@@ -69,34 +69,6 @@ Request = InferRequest | ChatRequest
 Launch = Callable[[Instance, RequestTiming], Awaitable[T | None]]
 
 CLOSE_TIMEOUT_S = 5.0  # at shutdown, after the grace: how long instances get to close
-
-
-@dataclass(frozen=True, slots=True)
-class CounterStatistics:
-    """A model's totals, kept after its instance is gone."""
-
-    model_id: str
-    loads_total: int
-    load_failures_total: int
-    evictions_total: int
-
-
-@dataclass(frozen=True, slots=True)
-class ManagerStatistics:
-    budget_mb: int
-    margin_mb: int
-    used_est_mb: float
-    server_time_unix: float
-    uptime_seconds: float
-    token_loop: str
-    memory_probe: str
-    admitted: int
-    running: int
-    accepting: bool
-    instances: tuple[InstanceStatistics, ...]
-    counters: tuple[CounterStatistics, ...]
-    crash_containment: GuardStatistics
-    recent_events: tuple[RecentEvent, ...] = ()
 
 
 class ModelManager:

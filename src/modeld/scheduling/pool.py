@@ -33,7 +33,7 @@ from modeld.memory.budget import Candidate, MemoryBudget, choose_victims
 from modeld.memory.probe import MemoryProbe
 from modeld.registry import ModelFile, Registry, check_model_id
 from modeld.scheduling.clock import Clock, MonotonicClock
-from modeld.scheduling.events import (
+from modeld.events import (
     EventHub,
     ModelEvicted,
     ModelFailed,
@@ -43,7 +43,7 @@ from modeld.scheduling.events import (
 from modeld.scheduling.fifo import FifoSlot
 from modeld.scheduling.file_guard import FileGuard
 from modeld.scheduling.idle import IdleUnloader
-from modeld.scheduling.instance import Instance, InstanceStatistics, ModelCounters
+from modeld.scheduling.instance import Instance, ModelCounters
 from modeld.scheduling.loading import EngineFactory, Loader
 from modeld.sizes import MIB
 from modeld.types import DoneReason, InstanceState
