@@ -15,8 +15,8 @@ import msgspec
 import pytest
 
 from modeld.engine.base import TokenLoop
-from modeld.model_settings import ModelSettings
 from modeld.events import ModelEvicted
+from modeld.model_settings import ModelSettings
 from modeld.scheduling.manager import ModelManager
 from modeld.types import DoneReason, InferRequest
 from tests.scheduling.conftest import ConstantProbe, make_settings

@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from modeld.errors import ModeldError
-from modeld.keep_alive import keep_alive_seconds
 from modeld.events import Event, ModelEvicted, ModelReady
+from modeld.keep_alive import keep_alive_seconds
 from modeld.scheduling.manager import ModelManager
 from modeld.sizes import MIB
 from modeld.types import DoneReason, InferRequest

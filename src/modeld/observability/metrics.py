@@ -14,8 +14,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from modeld.events import Event, GenerationFinished, ModelEvicted, ModelReady
-from modeld.statistics import ManagerStatistics
 from modeld.sizes import MIB
+from modeld.statistics import ManagerStatistics
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 

@@ -47,14 +47,14 @@ class IdleUnloader:
     def touched(self, instance: Instance) -> None:
         """A use that holds no slot (a load, a pin): the countdown starts again."""
         instance.idle_since_s = self.clock.now_s()
-        self._pool.notify_changed()
+        self._pool.changes.notify()
 
     def became_idle(self, model_id: str) -> None:
         """The model's slot was released with nobody waiting: its countdown starts."""
         instance = self._pool.get(model_id)
         if instance is not None:
             instance.idle_since_s = self.clock.now_s()
-        self._pool.notify_changed()
+        self._pool.changes.notify()
 
     async def expire(self, model_id: str) -> None:
         """Keep-alive 0 for a loaded model: unloaded now if it is idle, otherwise as soon
@@ -74,7 +74,7 @@ class IdleUnloader:
         ``unloading`` in one step, so a request that joined the line first keeps it.
         """
         while True:
-            changed = self._pool.changed
+            changed = self._pool.changes.event
             now_s = self.clock.now_s()
             next_s = math.inf
             for instance in self._pool.all():

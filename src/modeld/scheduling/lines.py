@@ -10,7 +10,13 @@ import math
 import time
 from collections.abc import Callable
 
-from modeld.errors import MemoryBusy, ModelCoolingDown, ModeldError, QueueTimeout, ResourcesExhausted
+from modeld.errors import (
+    MemoryBusy,
+    ModelCoolingDown,
+    ModeldError,
+    QueueTimeout,
+    ResourcesExhausted,
+)
 from modeld.scheduling.fifo import FifoSlot
 from modeld.scheduling.instance import ModelCounters
 from modeld.statistics import InstanceStatistics
@@ -76,7 +82,9 @@ class ModelLines:
         counters.last_error = error.message
         if not isinstance(error, MemoryBusy | QueueTimeout | ResourcesExhausted):
             counters.consecutive_failures += 1
-            backoff_s = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (counters.consecutive_failures - 1))
+            backoff_s = min(
+                BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (counters.consecutive_failures - 1)
+            )
             counters.retry_at_s = time.monotonic() + backoff_s
 
     def cooling_down(self, now_s: float) -> list[InstanceStatistics]:

@@ -18,9 +18,11 @@ from loguru import logger
 
 from modeld.config import Settings
 from modeld.engine.base import TokenLoop
+from modeld.engine.contract import Engine
 from modeld.engine.llama_engine import EngineSettings, LlamaEngine
 from modeld.engine.worker import EngineWorker
 from modeld.errors import ModeldError, ModelLoadFailed, ResourcesExhausted
+from modeld.events import EventHub, ModelLoadingProgress
 from modeld.gguf import OpenGguf
 from modeld.live_settings import LiveSettings
 from modeld.memory.budget import MemoryBudget
@@ -32,7 +34,6 @@ from modeld.memory.estimate import (
 from modeld.memory.probe import MemoryProbe
 from modeld.redact import redact_paths
 from modeld.registry import ModelFile
-from modeld.events import EventHub, ModelLoadingProgress
 from modeld.scheduling.file_guard import FileGuard
 from modeld.scheduling.instance import Instance
 from modeld.sizes import MIB
@@ -47,7 +48,7 @@ PROCESS_CHARGE_ID = "(process)"
 # What a failed load may leave behind without being charged for it: allocator slack.
 LEAK_TOLERANCE_BYTES = 32 * MIB
 
-EngineFactory = Callable[[ModelFile, EngineSettings, TokenLoop, int], LlamaEngine]
+EngineFactory = Callable[[ModelFile, EngineSettings, TokenLoop, int], Engine]
 Reserve = Callable[[Instance, int], Awaitable[None]]
 
 
@@ -147,7 +148,7 @@ class Loader:
             self._progress(instance, "probe_loaded", 0.15)
         bound = replace(model, path=Path(opened.load_path))
 
-        def make_engine() -> LlamaEngine:
+        def make_engine() -> Engine:
             return self._engine_factory(bound, engine_settings, self._loop, header.context_length)
 
         if (
@@ -179,7 +180,7 @@ class Loader:
         instance.measured = measured
 
     async def _measure_process_bytes(
-        self, instance: Instance, make_engine: Callable[[], LlamaEngine]
+        self, instance: Instance, make_engine: Callable[[], Engine]
     ) -> None:
         """Charge the device memory this process keeps whatever is loaded: the CUDA
         context and the kernels loaded on first use (586 MiB on an H200 with CUDA 13).
@@ -274,7 +275,7 @@ class Loader:
         self._events.publish(event)
 
     def _charge_after_load(
-        self, measured_bytes: int, estimate: FootprintEstimate, engine: LlamaEngine
+        self, measured_bytes: int, estimate: FootprintEstimate, engine: Engine
     ) -> int:
         """What a loaded instance costs the budget from now on.
 

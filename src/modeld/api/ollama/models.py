@@ -24,9 +24,9 @@ from modeld.api.ollama.wire import ModelBody, json_response
 from modeld.errors import InvalidRequest, ModeldError, Unsupported
 from modeld.gguf import GgufMetadata
 from modeld.keep_alive import FOREVER_S
-from modeld.scheduling.instance import InstanceStatistics
 from modeld.scheduling.manager import ModelManager
 from modeld.sizes import MIB
+from modeld.statistics import InstanceStatistics
 from modeld.types import InstanceState, context_sizes
 
 __all__ = ["ModelListings", "unsupported", "version"]
