@@ -89,4 +89,4 @@ class IdleUnloader:
     async def _unload_if_expired(self, instance: Instance) -> None:
         expires_s = instance.expires_at_s()
         if expires_s is not None and expires_s <= self.clock.now_s():
-            await self._pool.unload(instance, DoneReason.IDLE, cause="idle")
+            await self._pool.unloader.unload(instance, DoneReason.IDLE, cause="idle")

@@ -1,5 +1,6 @@
-"""Starting work on a ready instance: one hand-over of a request to the model's worker
-(prepare there, then generate), or an embedding; and the bookkeeping when it ends.
+"""A request's path from admission to running work: a generation is handed to the
+model's worker once (prepared there, then generated), an embedding likewise; and the
+bookkeeping when it ends.
 
 The scheduler decides *when*; what a request becomes on the worker is the engine's
 (:func:`~modeld.engine.contract.run_request`). Everything here runs on the event loop.
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
 
 from modeld.config import Settings
 from modeld.engine.base import EngineClosed, LoopOutcome, TokenRing
@@ -18,11 +21,12 @@ from modeld.engine.worker import ThreadCall, WorkerStopped
 from modeld.errors import InvalidRequest
 from modeld.events import EventHub, GenerationFinished
 from modeld.live_settings import LiveSettings
+from modeld.scheduling.admission import Admission
 from modeld.scheduling.fifo import SlotTicket
 from modeld.scheduling.generation import Generation, RequestTiming
 from modeld.scheduling.instance import Instance
 from modeld.scheduling.pool import InstancePool
-from modeld.types import MAX_EMBEDDING_INPUTS, MAX_PROMPT_CHARS
+from modeld.types import MAX_EMBEDDING_INPUTS, MAX_PROMPT_CHARS, EmbeddingResult
 
 __all__ = ["Launcher", "embedding_inputs"]
 
@@ -30,28 +34,68 @@ Embedded = tuple[list[list[float]], int]  # the vectors and their token count
 
 
 class Launcher:
-    """Starts generations and embeddings; ``generations`` holds the running ones by
-    request id (the manager's table, shared)."""
+    """Runs generations and embeddings; ``generations`` holds the running ones by
+    request id."""
 
     def __init__(
-        self,
-        settings: LiveSettings,
-        pool: InstancePool,
-        events: EventHub,
-        generations: dict[str, Generation],
-        generation_took: Callable[[float], None],
+        self, settings: LiveSettings, pool: InstancePool, events: EventHub, admission: Admission
     ) -> None:
         self._live = settings
         self._pool = pool
         self._events = events
-        self.generations = generations
-        self._generation_took = generation_took
+        self._admission = admission
+        self.generations: dict[str, Generation] = {}
 
     @property
     def settings(self) -> Settings:
         return self._live.current
 
-    async def generation(
+    @asynccontextmanager
+    async def stream(
+        self, request: Request, model_id: str, recipe: Recipe, request_id: str
+    ) -> AsyncIterator[Generation]:
+        """See ``ModelManager.stream``."""
+        async with self._admission.admit(model_id) as ticket:
+
+            def launch(instance: Instance, timing: RequestTiming) -> Awaitable[Generation | None]:
+                return self._generation(instance, request, recipe, request_id, timing, ticket)
+
+            generation = await self._admission.start(model_id, ticket, launch)
+            try:
+                yield generation
+            finally:
+                await generation.aclose()
+
+    async def embed(
+        self, model_id: str, texts: list[str], keep_alive: str | float | None
+    ) -> EmbeddingResult:
+        """See ``ModelManager.embed``."""
+        cancelled = threading.Event()
+        timings: list[RequestTiming] = []
+        async with self._admission.admit(model_id) as ticket:
+
+            def launch(instance: Instance, timing: RequestTiming) -> Awaitable[Any]:
+                timings[:] = [timing]
+                self._pool.idle.used(instance, keep_alive)
+                return self._embedding(instance, texts, cancelled, timing)
+
+            call: ThreadCall[Embedded] = await self._admission.start(model_id, ticket, launch)
+            try:
+                vectors, prompt_tokens = await call.wait()
+            except BaseException:
+                cancelled.set()
+                ticket.release_when(call.when_done)  # the model is busy until it stops
+                raise
+            (timing,) = timings
+            return EmbeddingResult(
+                model=model_id,
+                embeddings=vectors,
+                prompt_tokens=prompt_tokens,
+                load_ms=timing.load_s * 1000,
+                total_ms=(time.monotonic() - timing.admitted_s) * 1000,
+            )
+
+    async def _generation(
         self,
         instance: Instance,
         request: Request,
@@ -122,7 +166,7 @@ class Launcher:
         self.generations[request_id] = generation
         return generation
 
-    async def embedding(
+    async def _embedding(
         self,
         instance: Instance,
         texts: list[str],
@@ -145,7 +189,7 @@ class Launcher:
         self, instance: Instance, generation: Generation, timing: RequestTiming, ticket: SlotTicket
     ) -> None:
         now_s = time.monotonic()
-        self._generation_took(now_s - timing.started_s)
+        self._admission.generation_took(now_s - timing.started_s)
         instance.last_used_s = now_s
         if instance.active is generation:
             instance.active = None

@@ -19,7 +19,7 @@ from modeld.errors import (
 )
 from modeld.scheduling.fifo import FifoSlot
 from modeld.scheduling.instance import ModelCounters
-from modeld.statistics import InstanceStatistics
+from modeld.statistics import CounterStatistics, InstanceStatistics
 from modeld.types import InstanceState
 
 __all__ = ["BACKOFF_BASE_S", "BACKOFF_MAX_S", "ModelLines"]
@@ -86,6 +86,18 @@ class ModelLines:
                 BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (counters.consecutive_failures - 1)
             )
             counters.retry_at_s = time.monotonic() + backoff_s
+
+    def statistics(self) -> tuple[CounterStatistics, ...]:
+        """Every model's totals, by id."""
+        return tuple(
+            CounterStatistics(
+                model_id=model_id,
+                loads_total=counts.loads_total,
+                load_failures_total=counts.load_failures_total,
+                evictions_total=counts.evictions_total,
+            )
+            for model_id, counts in sorted(self.counters.items())
+        )
 
     def cooling_down(self, now_s: float) -> list[InstanceStatistics]:
         """Models with no instance whose last load failed: shown as ``error`` with the

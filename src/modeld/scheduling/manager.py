@@ -8,13 +8,12 @@ demand inside the budget, :mod:`.room` evicting LRU idle ones), the FIFO slot
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 import anyio
 from anyio.abc import TaskGroup
@@ -25,7 +24,6 @@ from modeld.engine.base import TokenLoop
 from modeld.engine.contract import Recipe, Request
 from modeld.engine.gpu import gpu_offload_available
 from modeld.engine.grammar import grammar_for_format
-from modeld.engine.worker import ThreadCall
 from modeld.errors import InvalidRequest, ModeldError, NoDefaultModel, RequestNotFound
 from modeld.events import EventHub
 from modeld.live_settings import LiveSettings
@@ -35,14 +33,14 @@ from modeld.model_settings import ResolvedModel
 from modeld.registry import ModelFile, Registry, check_model_id
 from modeld.scheduling.admission import Admission
 from modeld.scheduling.clock import Clock
-from modeld.scheduling.generation import Generation, RequestTiming
+from modeld.scheduling.generation import Generation
 from modeld.scheduling.history import EventHistory
-from modeld.scheduling.instance import Instance, ModelCounters
+from modeld.scheduling.instance import ModelCounters
 from modeld.scheduling.launching import Launcher, embedding_inputs
 from modeld.scheduling.model_checks import check_model_settings
 from modeld.scheduling.pool import EngineFactory, InstancePool
 from modeld.sizes import MIB
-from modeld.statistics import CounterStatistics, InstanceStatistics, ManagerStatistics
+from modeld.statistics import InstanceStatistics, ManagerStatistics
 from modeld.types import (
     ChatRequest,
     Chunk,
@@ -94,14 +92,9 @@ class ModelManager:
         self._history = EventHistory()
         self.events.add_listener(self._history)
         self._gpu = settings.n_gpu_layers != 0 and gpu_offload_available()
-        if token_loop is None:
-            from modeld.engine.select import token_loop as select_token_loop
-
-            token_loop = select_token_loop(settings.token_loop)
-        self._loop = token_loop
+        self._loop = token_loop = token_loop or _token_loop(settings)
         self._probe = probe or detect_probe(prefer_gpu=self._gpu)
-        budget_mb = settings.vram_budget_mb or default_budget_mb(self._gpu)
-        self._budget = MemoryBudget(budget_mb, min(settings.vram_margin_mb, budget_mb))
+        self._budget = _budget(settings, self._gpu)
         self._pool = InstancePool(
             live,
             registry=self.registry,
@@ -115,10 +108,8 @@ class ModelManager:
             clock=clock,
         )
         self._admission = Admission(live, self._pool)
-        self._generations: dict[str, Generation] = {}
-        self._launcher = Launcher(
-            live, self._pool, self.events, self._generations, self._admission.generation_took
-        )
+        self._launcher = Launcher(live, self._pool, self.events, self._admission)
+        self._generations = self._launcher.generations  # running, by request id
         self._started_s = time.monotonic()
         self._close_timeout_s = close_timeout_s
         self._task_group: TaskGroup | None = None
@@ -136,15 +127,8 @@ class ModelManager:
         self._pool.start(self._task_group)
         for model_id, own in self.settings.models.items():
             if own.pin:
-                self._task_group.start_soon(self._load_pinned, model_id)
+                self._task_group.start_soon(_load_pinned, self._pool, model_id)
         return self
-
-    async def _load_pinned(self, model_id: str) -> None:
-        """A pinned model loads at start; a failure is logged (and shown in /status)."""
-        try:
-            await self._pool.load(model_id, pin=True)
-        except ModeldError as exc:
-            logger.warning("pinned model did not load", model=model_id, error=exc.message)
 
     async def __aexit__(
         self,
@@ -172,7 +156,7 @@ class ModelManager:
                 await self._pool.changes.wait(None)
         for generation in list(self._generations.values()):
             generation.cancel(DoneReason.SHUTDOWN)
-        abandoned = await self._pool.unload_all(DoneReason.SHUTDOWN, self._close_timeout_s)
+        abandoned = await self._pool.unloader.unload_all(DoneReason.SHUTDOWN, self._close_timeout_s)
         self.events.close()
         return abandoned
 
@@ -222,15 +206,7 @@ class ModelManager:
             running=len(self._generations),
             accepting=self._pool.accepting,
             instances=tuple(self._pool.statistics(now_s, now_unix)),
-            counters=tuple(
-                CounterStatistics(
-                    model_id=model_id,
-                    loads_total=counts.loads_total,
-                    load_failures_total=counts.load_failures_total,
-                    evictions_total=counts.evictions_total,
-                )
-                for model_id, counts in sorted(self._pool.lines.counters.items())
-            ),
+            counters=self._pool.lines.statistics(),
             crash_containment=self._pool.guard.statistics(),
             recent_events=self._history.statistics(),
         )
@@ -258,18 +234,8 @@ class ModelManager:
         grammar = await _grammar_for(request.format)  # before anything is held
         model = self.resolve(request.model)
         recipe = Recipe(grammar=grammar, chat_template=model.chat_template)
-        async with self._admission.admit(model.id) as ticket:
-
-            def launch(instance: Instance, timing: RequestTiming) -> Awaitable[Generation | None]:
-                return self._launcher.generation(
-                    instance, request, recipe, request_id, timing, ticket
-                )
-
-            generation = await self._admission.start(model.id, ticket, launch)
-            try:
-                yield generation
-            finally:
-                await generation.aclose()
+        async with self._launcher.stream(request, model.id, recipe, request_id) as generation:
+            yield generation
 
     def stream_chat(
         self, request: ChatRequest, *, request_id: str | None = None
@@ -321,34 +287,9 @@ class ModelManager:
         :meth:`stream` raises before yielding. Cancelled, it stops between inputs.
         ``keep_alive`` is how long the model stays loaded afterwards, as for a generation.
         """
-        texts = embedding_inputs(inputs)
-        model_id = self.model_id(model)
-        cancelled = threading.Event()
-        timings: list[RequestTiming] = []
-        async with self._admission.admit(model_id) as ticket:
-
-            def launch(instance: Instance, timing: RequestTiming) -> Awaitable[Any]:
-                timings[:] = [timing]
-                self._pool.idle.used(instance, keep_alive)
-                return self._launcher.embedding(instance, texts, cancelled, timing)
-
-            call: ThreadCall[tuple[list[list[float]], int]] = await self._admission.start(
-                model_id, ticket, launch
-            )
-            try:
-                vectors, prompt_tokens = await call.wait()
-            except BaseException:
-                cancelled.set()
-                ticket.release_when(call.when_done)  # the model is busy until it stops
-                raise
-            (timing,) = timings
-            return EmbeddingResult(
-                model=model_id,
-                embeddings=vectors,
-                prompt_tokens=prompt_tokens,
-                load_ms=timing.load_s * 1000,
-                total_ms=(time.monotonic() - timing.admitted_s) * 1000,
-            )
+        return await self._launcher.embed(
+            self.model_id(model), embedding_inputs(inputs), keep_alive
+        )
 
     def cancel_request(self, request_id: str) -> None:
         """Cancel a running generation by id. Raises :class:`RequestNotFound`."""
@@ -405,7 +346,7 @@ class ModelManager:
         Raises :class:`InvalidModelId` for unsafe ids, :class:`ModelNotFound` when it is
         not loaded.
         """
-        await self._pool.unload_model(model_id)
+        await self._pool.unloader.unload_model(model_id)
 
     @property
     def counters(self) -> Mapping[str, ModelCounters]:
@@ -418,3 +359,22 @@ async def _grammar_for(response_format: ResponseFormat | None) -> str | None:
     if response_format is None:
         return None
     return await anyio.to_thread.run_sync(grammar_for_format, response_format)
+
+
+async def _load_pinned(pool: InstancePool, model_id: str) -> None:
+    """A pinned model loads at start; a failure is logged (and shown in /status)."""
+    try:
+        await pool.load(model_id, pin=True)
+    except ModeldError as exc:
+        logger.warning("pinned model did not load", model=model_id, error=exc.message)
+
+
+def _token_loop(settings: Settings) -> TokenLoop:
+    from modeld.engine.select import token_loop
+
+    return token_loop(settings.token_loop)
+
+
+def _budget(settings: Settings, gpu: bool) -> MemoryBudget:
+    budget_mb = settings.vram_budget_mb or default_budget_mb(gpu)
+    return MemoryBudget(budget_mb, min(settings.vram_margin_mb, budget_mb))

@@ -13,16 +13,15 @@ from typing import ParamSpec, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
-from loguru import logger
 
 from modeld.config import Settings
 from modeld.engine.base import TokenLoop
 from modeld.errors import InvalidModelId, ModeldError, ModelNotFound, QueueTimeout, ShuttingDown
-from modeld.events import EventHub, ModelEvicted, ModelFailed, ModelLoadStarted, ModelReady
+from modeld.events import EventHub, ModelFailed, ModelLoadStarted, ModelReady
 from modeld.live_settings import LiveSettings
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.probe import MemoryProbe
-from modeld.registry import ModelFile, Registry, check_model_id
+from modeld.registry import ModelFile, Registry
 from modeld.scheduling.clock import Clock, MonotonicClock
 from modeld.scheduling.fifo import FifoSlot
 from modeld.scheduling.file_guard import FileGuard
@@ -31,6 +30,7 @@ from modeld.scheduling.instance import Instance
 from modeld.scheduling.lines import ModelLines
 from modeld.scheduling.loading import EngineFactory, Loader
 from modeld.scheduling.room import Changes, MemoryRoom
+from modeld.scheduling.unloading import Unloader
 from modeld.statistics import InstanceStatistics
 from modeld.types import DoneReason, InstanceState
 
@@ -75,6 +75,7 @@ class InstancePool:
             engine_factory=engine_factory,
         )
         self._instances: dict[str, Instance] = {}
+        self.unloader = Unloader(self._instances, budget, events, self.changes)
         self.lines = ModelLines(lambda model_id: model_id in self._instances, self.idle.became_idle)
         self.room = MemoryRoom(
             budget,
@@ -163,50 +164,6 @@ class InstancePool:
         self.idle.touched(instance)
         return instance
 
-    async def unload_model(self, model_id: str) -> None:
-        """Unload a model, cancelling its running generation (done_reason ``evicted``).
-
-        Raises :class:`InvalidModelId` for unsafe ids, :class:`ModelNotFound` when it is
-        not loaded.
-        """
-        instance = self._instances.get(check_model_id(model_id))
-        if instance is None:
-            raise ModelNotFound(f"model {model_id!r} is not loaded")
-        await self.unload(instance, DoneReason.EVICTED, cause="unload")
-
-    async def unload_all(self, reason: DoneReason, within_s: float) -> list[str]:
-        """Unload every instance, giving them ``within_s`` together; returns the ids of
-        those abandoned because their worker did not stop (hung in llama.cpp).
-
-        An abandoned instance leaves the table and the budget at once; its thread is
-        left to end on its own (it is a daemon: it cannot keep the process alive).
-        """
-        instances = list(self._instances.values())
-        async with anyio.create_task_group() as unloads:
-            for instance in instances:
-                unloads.start_soon(self.unload, instance, reason)
-            with anyio.move_on_after(within_s):
-                for instance in instances:
-                    await instance.gone.wait()
-            abandoned = [i for i in instances if not i.gone.is_set()]
-            for instance in abandoned:
-                self._abandon(instance, reason)
-            unloads.cancel_scope.cancel()
-        return [i.model_id for i in abandoned]
-
-    def _abandon(self, instance: Instance, reason: DoneReason) -> None:
-        logger.warning(
-            "instance abandoned: its worker did not stop",
-            model=instance.model_id,
-            state=str(instance.state),
-        )
-        if instance.active is not None:
-            instance.active.abandon(reason)
-        if instance.disposal is not None:
-            instance.disposal.cancel()  # its bookkeeping runs in its own finally
-        else:
-            self._forget(instance)
-
     async def ready_instance(self, model: ModelFile, deadline_s: float) -> Instance:
         """A ready instance of ``model``, loading it (once, however many wait) if needed.
 
@@ -226,7 +183,7 @@ class InstancePool:
                 continue
             if instance.state is InstanceState.READY:
                 if await self._file_changed(instance):
-                    await self.unload(instance, DoneReason.EVICTED, cause="file_changed")
+                    await self.unloader.unload(instance, DoneReason.EVICTED, cause="file_changed")
                     continue
                 if not instance.is_ready():  # unloaded while the file was looked at
                     continue
@@ -282,7 +239,7 @@ class InstancePool:
             instance.error = exc
             instance.transition(InstanceState.ERROR)
             self.events.publish(ModelFailed(model=instance.model_id, error=exc.message))
-            await self._dispose(instance)
+            await self.unloader.dispose(instance)
         else:
             instance.transition(InstanceState.READY)
             instance.ready_at_s = time.monotonic()
@@ -295,80 +252,6 @@ class InstancePool:
             self.changes.notify()
 
     async def _evict(self, victim: Instance, for_model: str) -> None:
-        await self.unload(
+        await self.unloader.unload(
             victim, DoneReason.EVICTED, eviction=True, cause="budget", for_model=for_model
         )
-
-    async def unload(
-        self,
-        instance: Instance,
-        reason: DoneReason,
-        *,
-        eviction: bool = False,
-        cause: str | None = None,
-        for_model: str | None = None,
-    ) -> None:
-        """Unload ``instance``; its running generation ends with ``reason``.
-
-        ``cause`` says why for the ``model_evicted`` event (``unload``, ``budget`` to make
-        room ``for_model``, ``file_changed``, ``shutdown``; the reason when not given).
-        """
-        if instance.state is InstanceState.UNLOADING or instance.gone.is_set():
-            await instance.gone.wait()
-            return
-        if instance.state is InstanceState.LOADING:
-            await instance.settled.wait()
-        if not instance.is_ready():  # the load failed: it disposed of itself
-            return
-        instance.transition(InstanceState.UNLOADING)
-        if instance.active is not None:
-            instance.active.cancel(reason)
-        if eviction:
-            instance.counters.evictions_total += 1
-        self.events.publish(
-            ModelEvicted(
-                model=instance.model_id,
-                reason=reason,
-                cause=cause or str(reason),
-                for_model=for_model,
-            )
-        )
-        await self._dispose(instance)
-
-    async def _dispose(self, instance: Instance) -> None:
-        """Close the engine on its own thread (after any running loop), free its charge.
-
-        However the close ends (done, failed, or abandoned by :meth:`unload_all` through
-        ``instance.disposal``), the instance leaves the table and the budget.
-        """
-        with anyio.CancelScope(shield=True) as disposal:
-            instance.disposal = disposal
-            try:
-                await _close_engine(instance)
-            except Exception as exc:
-                logger.error("closing an instance failed", model=instance.model_id, error=repr(exc))
-            finally:
-                instance.disposal = None
-                self._forget(instance)
-
-    def _forget(self, instance: Instance) -> None:
-        instance.engine = None
-        instance.worker = None
-        self.budget.release(instance.model_id)
-        instance.charge_bytes = 0
-        if self._instances.get(instance.model_id) is instance:
-            del self._instances[instance.model_id]
-        instance.gone.set()
-        self.changes.notify()
-
-
-async def _close_engine(instance: Instance) -> None:
-    """``engine.close`` queued behind whatever the worker runs, then the thread's end."""
-    engine, worker = instance.engine, instance.worker
-    if worker is None:
-        return
-    try:
-        if engine is not None:
-            await worker.run(engine.close)
-    finally:
-        await worker.shutdown()
