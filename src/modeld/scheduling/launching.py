@@ -10,23 +10,34 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
+
 from modeld.config import Settings
 from modeld.engine.base import EngineClosed, LoopOutcome, TokenRing
 from modeld.engine.contract import Recipe, Request, run_request
+from modeld.engine.grammar import grammar_for_format
 from modeld.engine.worker import ThreadCall, WorkerStopped
-from modeld.errors import InvalidRequest
+from modeld.errors import InvalidRequest, RequestNotFound
 from modeld.events import EventHub, GenerationFinished
 from modeld.live_settings import LiveSettings
+from modeld.model_settings import ResolvedModel
 from modeld.scheduling.admission import Admission
 from modeld.scheduling.fifo import SlotTicket
 from modeld.scheduling.generation import Generation, RequestTiming
 from modeld.scheduling.instance import Instance
 from modeld.scheduling.pool import InstancePool
-from modeld.types import MAX_EMBEDDING_INPUTS, MAX_PROMPT_CHARS, EmbeddingResult
+from modeld.types import (
+    MAX_EMBEDDING_INPUTS,
+    MAX_PROMPT_CHARS,
+    DoneReason,
+    EmbeddingResult,
+    ResponseFormat,
+)
 
 __all__ = ["Launcher", "embedding_inputs"]
 
@@ -52,9 +63,19 @@ class Launcher:
 
     @asynccontextmanager
     async def stream(
-        self, request: Request, model_id: str, recipe: Recipe, request_id: str
+        self,
+        request: Request,
+        request_id: str | None,
+        resolve: Callable[[str | None], ResolvedModel],
     ) -> AsyncIterator[Generation]:
-        """See ``ModelManager.stream``."""
+        """See ``ModelManager.stream``; ``resolve`` names the model a request asks for."""
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.generations:
+            raise InvalidRequest(f"request id {request_id!r} is already running")
+        grammar = await _grammar_for(request.format)  # before anything is held
+        model = resolve(request.model)
+        recipe = Recipe(grammar=grammar, chat_template=model.chat_template)
+        model_id = model.id
         async with self._admission.admit(model_id) as ticket:
 
             def launch(instance: Instance, timing: RequestTiming) -> Awaitable[Generation | None]:
@@ -94,6 +115,22 @@ class Launcher:
                 load_ms=timing.load_s * 1000,
                 total_ms=(time.monotonic() - timing.admitted_s) * 1000,
             )
+
+    def cancel(self, request_id: str, reason: DoneReason = DoneReason.CANCELLED) -> None:
+        """Cancel a running generation by id. Raises :class:`RequestNotFound`."""
+        generation = self.generations.get(request_id)
+        if generation is None:
+            raise RequestNotFound(f"no running request {request_id!r}")
+        generation.cancel(reason)
+
+    async def drain(self, grace_s: float) -> None:
+        """Let running generations finish for ``grace_s``, then cancel the rest (done
+        reason ``shutdown``)."""
+        with anyio.move_on_after(grace_s):
+            while self.generations:
+                await self._pool.changes.wait(None)
+        for generation in list(self.generations.values()):
+            generation.cancel(DoneReason.SHUTDOWN)
 
     async def _generation(
         self,
@@ -201,6 +238,14 @@ class Launcher:
                 rate = generation.result.metrics.tokens_per_second
                 instance.counters.last_tokens_per_second = rate
             self._events.publish(GenerationFinished(result=generation.result))
+
+
+async def _grammar_for(response_format: ResponseFormat | None) -> str | None:
+    """The grammar enforcing ``response_format``, converted off the event loop (a schema
+    may be large). Raises :class:`InvalidRequest` naming ``format``."""
+    if response_format is None:
+        return None
+    return await anyio.to_thread.run_sync(grammar_for_format, response_format)
 
 
 def embedding_inputs(inputs: Sequence[str]) -> list[str]:

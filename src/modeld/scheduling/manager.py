@@ -9,7 +9,6 @@ demand inside the budget, :mod:`.room` evicting LRU idle ones), the FIFO slot
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
@@ -21,10 +20,9 @@ from loguru import logger
 
 from modeld.config import Settings
 from modeld.engine.base import TokenLoop
-from modeld.engine.contract import Recipe, Request
+from modeld.engine.contract import Request
 from modeld.engine.gpu import gpu_offload_available
-from modeld.engine.grammar import grammar_for_format
-from modeld.errors import InvalidRequest, ModeldError, NoDefaultModel, RequestNotFound
+from modeld.errors import ModeldError, NoDefaultModel
 from modeld.events import EventHub
 from modeld.live_settings import LiveSettings
 from modeld.memory.budget import MemoryBudget
@@ -47,7 +45,6 @@ from modeld.types import (
     DoneReason,
     EmbeddingResult,
     GenerationResult,
-    ResponseFormat,
 )
 
 __all__ = ["CLOSE_TIMEOUT_S", "ManagerStatistics", "ModelManager"]
@@ -114,8 +111,6 @@ class ModelManager:
         self._close_timeout_s = close_timeout_s
         self._task_group: TaskGroup | None = None
 
-    # ----------------------------------------------------------------- lifecycle
-
     async def __aenter__(self) -> Self:
         """Raises :class:`ConfigError` naming a bad ``[models."<id>"]`` table."""
         if self.settings.models:
@@ -151,11 +146,7 @@ class ModelManager:
         Idempotent.
         """
         self._pool.accepting = False
-        with anyio.move_on_after(grace_s):
-            while self._generations:
-                await self._pool.changes.wait(None)
-        for generation in list(self._generations.values()):
-            generation.cancel(DoneReason.SHUTDOWN)
+        await self._launcher.drain(grace_s)
         abandoned = await self._pool.unloader.unload_all(DoneReason.SHUTDOWN, self._close_timeout_s)
         self.events.close()
         return abandoned
@@ -169,8 +160,6 @@ class ModelManager:
     def accepting(self) -> bool:
         return self._pool.accepting
 
-    # ----------------------------------------------------------------- queries
-
     async def models(self) -> list[ModelFile]:
         """Rescan the models dir (files added later are found without a restart).
 
@@ -183,35 +172,15 @@ class ModelManager:
         return str(instance.state) if instance else "unloaded"
 
     def is_ready(self, model_id: str | None = None) -> bool:
-        if model_id is not None:
-            instance = self._pool.get(model_id)
-            return instance is not None and instance.is_ready()
-        return any(i.is_ready() for i in self._pool.all())
+        instances = self._pool.all() if model_id is None else [self._pool.get(model_id)]
+        return any(i is not None and i.is_ready() for i in instances)
 
     def stalled_loads(self) -> list[str]:
         """Models whose load has run past ``--load-timeout``: the watchdog's signal."""
         return self._pool.stalled_loads()
 
     def statistics(self) -> ManagerStatistics:
-        now_s, now_unix = time.monotonic(), time.time()
-        return ManagerStatistics(
-            budget_mb=self._budget.budget_mb,
-            margin_mb=self._budget.margin_mb,
-            used_est_mb=round(self._budget.used_bytes / MIB, 3),
-            server_time_unix=now_unix,
-            uptime_seconds=round(now_s - self._started_s, 3),
-            token_loop=str(self._loop.kind),
-            memory_probe=self._probe.kind,
-            admitted=self._admission.admitted,
-            running=len(self._generations),
-            accepting=self._pool.accepting,
-            instances=tuple(self._pool.statistics(now_s, now_unix)),
-            counters=self._pool.lines.statistics(),
-            crash_containment=self._pool.guard.statistics(),
-            recent_events=self._history.statistics(),
-        )
-
-    # ----------------------------------------------------------------- generation
+        return _statistics(self)
 
     @asynccontextmanager
     async def stream(
@@ -228,13 +197,7 @@ class ModelManager:
         Leaving the block early cancels the generation. Cancelled at any await, it leaves
         nothing behind: no admission, no place in the queue, no held slot.
         """
-        request_id = request_id or uuid.uuid4().hex
-        if request_id in self._generations:
-            raise InvalidRequest(f"request id {request_id!r} is already running")
-        grammar = await _grammar_for(request.format)  # before anything is held
-        model = self.resolve(request.model)
-        recipe = Recipe(grammar=grammar, chat_template=model.chat_template)
-        async with self._launcher.stream(request, model.id, recipe, request_id) as generation:
+        async with self._launcher.stream(request, request_id, self.resolve) as generation:
             yield generation
 
     def stream_chat(
@@ -244,26 +207,17 @@ class ModelManager:
         chat template (its own, or the one configured for it)."""
         return self.stream(request, request_id=request_id)
 
-    async def generate(
+    def generate(
         self, request: Request, *, request_id: str | None = None
     ) -> AsyncIterator[Chunk | GenerationResult]:
         """Chunks as they come, then the one :class:`GenerationResult`."""
-        async with self.stream(request, request_id=request_id) as generation:
-            async for chunk in generation:
-                yield chunk
-        assert generation.result is not None
-        yield generation.result
+        return _chunks_then_result(self.stream(request, request_id=request_id))
 
     async def complete(
         self, request: Request, *, request_id: str | None = None
     ) -> tuple[str, GenerationResult]:
         """The whole text and the result, for callers that do not stream."""
-        parts: list[str] = []
-        async with self.stream(request, request_id=request_id) as generation:
-            async for chunk in generation:
-                parts.append(chunk.text)
-        assert generation.result is not None
-        return "".join(parts), generation.result
+        return await _whole(self.stream(request, request_id=request_id))
 
     async def chat(
         self, request: ChatRequest, *, request_id: str | None = None
@@ -293,10 +247,7 @@ class ModelManager:
 
     def cancel_request(self, request_id: str) -> None:
         """Cancel a running generation by id. Raises :class:`RequestNotFound`."""
-        generation = self._generations.get(request_id)
-        if generation is None:
-            raise RequestNotFound(f"no running request {request_id!r}")
-        generation.cancel(DoneReason.CANCELLED)
+        self._launcher.cancel(request_id)
 
     def resolve(self, name: str | None) -> ResolvedModel:
         """The model a request's ``model`` names (None: the default model; an alias
@@ -321,8 +272,6 @@ class ModelManager:
         a model without a table; never raises (the request's own checks come later)."""
         name = name or self.settings.default_model
         return self.settings.resolve(name).defaults if name else {}
-
-    # ----------------------------------------------------------------- instances
 
     async def load(
         self, model_id: str, *, pin: bool | None = None, keep_alive: str | float | None = None
@@ -353,14 +302,6 @@ class ModelManager:
         return self._pool.lines.counters
 
 
-async def _grammar_for(response_format: ResponseFormat | None) -> str | None:
-    """The grammar enforcing ``response_format``, converted off the event loop (a schema
-    may be large). Raises :class:`InvalidRequest` naming ``format``."""
-    if response_format is None:
-        return None
-    return await anyio.to_thread.run_sync(grammar_for_format, response_format)
-
-
 async def _load_pinned(pool: InstancePool, model_id: str) -> None:
     """A pinned model loads at start; a failure is logged (and shown in /status)."""
     try:
@@ -378,3 +319,42 @@ def _token_loop(settings: Settings) -> TokenLoop:
 def _budget(settings: Settings, gpu: bool) -> MemoryBudget:
     budget_mb = settings.vram_budget_mb or default_budget_mb(gpu)
     return MemoryBudget(budget_mb, min(settings.vram_margin_mb, budget_mb))
+
+
+def _statistics(manager: ModelManager) -> ManagerStatistics:
+    now_s, now_unix = time.monotonic(), time.time()
+    return ManagerStatistics(
+        budget_mb=manager._budget.budget_mb,
+        margin_mb=manager._budget.margin_mb,
+        used_est_mb=round(manager._budget.used_bytes / MIB, 3),
+        server_time_unix=now_unix,
+        uptime_seconds=round(now_s - manager._started_s, 3),
+        token_loop=str(manager._loop.kind),
+        memory_probe=manager._probe.kind,
+        admitted=manager._admission.admitted,
+        running=len(manager._generations),
+        accepting=manager._pool.accepting,
+        instances=tuple(manager._pool.statistics(now_s, now_unix)),
+        counters=manager._pool.lines.statistics(),
+        crash_containment=manager._pool.guard.statistics(),
+        recent_events=manager._history.statistics(),
+    )
+
+
+async def _chunks_then_result(
+    stream: AbstractAsyncContextManager[Generation],
+) -> AsyncIterator[Chunk | GenerationResult]:
+    async with stream as generation:
+        async for chunk in generation:
+            yield chunk
+    assert generation.result is not None
+    yield generation.result
+
+
+async def _whole(stream: AbstractAsyncContextManager[Generation]) -> tuple[str, GenerationResult]:
+    parts: list[str] = []
+    async with stream as generation:
+        async for chunk in generation:
+            parts.append(chunk.text)
+    assert generation.result is not None
+    return "".join(parts), generation.result
