@@ -10,9 +10,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from modeld.config import Settings, add_settings_arguments, load_settings
 from modeld.errors import ConfigError
-from modeld.model_settings import NO_MODEL_SETTINGS, ModelSettings, template_file
+from modeld.settings.config import Settings, add_settings_arguments, load_settings
+from modeld.settings.per_model import NO_MODEL_SETTINGS, ModelSettings, template_file
 
 TABLES = """
 n_ctx = 512

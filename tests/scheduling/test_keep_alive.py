@@ -16,8 +16,8 @@ import pytest
 
 from modeld.engine.base import TokenLoop
 from modeld.events import ModelEvicted
-from modeld.model_settings import ModelSettings
 from modeld.scheduling.manager import ModelManager
+from modeld.settings.per_model import ModelSettings
 from modeld.types import DoneReason, InferRequest
 from tests.scheduling.conftest import ConstantProbe, make_settings
 from tests.support.clock import ManualClock

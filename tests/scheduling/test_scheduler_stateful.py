@@ -24,8 +24,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from modeld.errors import ModeldError
 from modeld.events import Event, ModelEvicted, ModelReady
-from modeld.keep_alive import keep_alive_seconds
 from modeld.scheduling.manager import ModelManager
+from modeld.settings.keep_alive import keep_alive_seconds
 from modeld.sizes import MIB
 from modeld.types import DoneReason, InferRequest
 from tests.scheduling.conftest import ConstantProbe, estimate_bytes, make_settings

@@ -16,13 +16,13 @@ from typing import TypeVar
 
 import anyio
 
-from modeld.config import Settings
 from modeld.errors import InferTimeout, QueueFull, QueueTimeout, ShuttingDown, TooManyInflight
-from modeld.live_settings import LiveSettings
 from modeld.scheduling.fifo import SlotTicket
 from modeld.scheduling.generation import RequestTiming
 from modeld.scheduling.instance import Instance
 from modeld.scheduling.pool import InstancePool
+from modeld.settings.config import Settings
+from modeld.settings.live import LiveSettings
 
 __all__ = ["Admission", "Launch"]
 

@@ -24,13 +24,13 @@ from typing import Protocol, TypeVar
 import anyio
 from loguru import logger
 
-from modeld.config import Settings
 from modeld.engine.probe_load import ProbeOutcome, ProbeStatus, probe_load
 from modeld.errors import ConfigError, ModelInvalid, ModelLoadFailed
 from modeld.gguf import FileIdentity, OpenGguf
-from modeld.live_settings import LiveSettings
 from modeld.observability.audit import audit
 from modeld.redact import redact_paths
+from modeld.settings.config import Settings
+from modeld.settings.live import LiveSettings
 from modeld.state import CrashRecord, FileVerdicts, StageMarkers, StateDir, Verdict, VerdictKind
 from modeld.statistics import GuardStatistics
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from modeld.keep_alive import keep_alive_seconds
 from modeld.registry import check_model_id
 from modeld.scheduling.clock import Clock
 from modeld.scheduling.instance import Instance
+from modeld.settings.keep_alive import keep_alive_seconds
 from modeld.types import DoneReason
 
 if TYPE_CHECKING:

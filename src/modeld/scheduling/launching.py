@@ -17,20 +17,20 @@ from typing import Any
 
 import anyio
 
-from modeld.config import Settings
 from modeld.engine.base import EngineClosed, LoopOutcome, TokenRing
 from modeld.engine.contract import Recipe, Request, run_request
 from modeld.engine.grammar import grammar_for_format
 from modeld.engine.worker import ThreadCall, WorkerStopped
 from modeld.errors import InvalidRequest, RequestNotFound
 from modeld.events import EventHub, GenerationFinished
-from modeld.live_settings import LiveSettings
-from modeld.model_settings import ResolvedModel
 from modeld.scheduling.admission import Admission
 from modeld.scheduling.fifo import SlotTicket
 from modeld.scheduling.generation import Generation, RequestTiming
 from modeld.scheduling.instance import Instance
 from modeld.scheduling.pool import InstancePool
+from modeld.settings.config import Settings
+from modeld.settings.live import LiveSettings
+from modeld.settings.per_model import ResolvedModel
 from modeld.types import (
     MAX_EMBEDDING_INPUTS,
     MAX_PROMPT_CHARS,

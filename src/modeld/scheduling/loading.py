@@ -16,7 +16,6 @@ from pathlib import Path
 import anyio
 from loguru import logger
 
-from modeld.config import Settings
 from modeld.engine.base import TokenLoop
 from modeld.engine.contract import Engine
 from modeld.engine.llama_engine import EngineSettings, LlamaEngine
@@ -24,7 +23,6 @@ from modeld.engine.worker import EngineWorker
 from modeld.errors import ModeldError, ModelLoadFailed, ResourcesExhausted
 from modeld.events import EventHub, ModelLoadingProgress
 from modeld.gguf import OpenGguf
-from modeld.live_settings import LiveSettings
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.estimate import (
     FootprintEstimate,
@@ -36,6 +34,8 @@ from modeld.redact import redact_paths
 from modeld.registry import ModelFile
 from modeld.scheduling.file_guard import FileGuard
 from modeld.scheduling.instance import Instance
+from modeld.settings.config import Settings
+from modeld.settings.live import LiveSettings
 from modeld.sizes import MIB
 from modeld.types import context_sizes, embedding_context_sizes
 

@@ -18,16 +18,13 @@ import anyio
 from anyio.abc import TaskGroup
 from loguru import logger
 
-from modeld.config import Settings
 from modeld.engine.base import TokenLoop
 from modeld.engine.contract import Request
 from modeld.engine.gpu import gpu_offload_available
 from modeld.errors import ModeldError, NoDefaultModel
 from modeld.events import EventHub
-from modeld.live_settings import LiveSettings
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.probe import MemoryProbe, default_budget_mb, detect_probe
-from modeld.model_settings import ResolvedModel
 from modeld.registry import ModelFile, Registry, check_model_id
 from modeld.scheduling.admission import Admission
 from modeld.scheduling.clock import Clock
@@ -37,6 +34,9 @@ from modeld.scheduling.instance import ModelCounters
 from modeld.scheduling.launching import Launcher, embedding_inputs
 from modeld.scheduling.model_checks import check_model_settings
 from modeld.scheduling.pool import EngineFactory, InstancePool
+from modeld.settings.config import Settings
+from modeld.settings.live import LiveSettings
+from modeld.settings.per_model import ResolvedModel
 from modeld.sizes import MIB
 from modeld.statistics import InstanceStatistics, ManagerStatistics
 from modeld.types import (

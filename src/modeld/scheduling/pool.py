@@ -14,11 +14,9 @@ from typing import ParamSpec, TypeVar
 import anyio
 from anyio.abc import TaskGroup
 
-from modeld.config import Settings
 from modeld.engine.base import TokenLoop
 from modeld.errors import InvalidModelId, ModeldError, ModelNotFound, QueueTimeout, ShuttingDown
 from modeld.events import EventHub, ModelFailed, ModelLoadStarted, ModelReady
-from modeld.live_settings import LiveSettings
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.probe import MemoryProbe
 from modeld.registry import ModelFile, Registry
@@ -31,6 +29,8 @@ from modeld.scheduling.lines import ModelLines
 from modeld.scheduling.loading import EngineFactory, Loader
 from modeld.scheduling.room import Changes, MemoryRoom
 from modeld.scheduling.unloading import Unloader
+from modeld.settings.config import Settings
+from modeld.settings.live import LiveSettings
 from modeld.statistics import InstanceStatistics
 from modeld.types import DoneReason, InstanceState
 

@@ -17,8 +17,8 @@ from typing import Annotated, Any
 import msgspec
 
 from modeld.errors import ConfigError
-from modeld.keep_alive import DEFAULT_KEEP_ALIVE, KeepAlive, explain_validation_error
-from modeld.model_settings import (
+from modeld.settings.keep_alive import DEFAULT_KEEP_ALIVE, KeepAlive, explain_validation_error
+from modeld.settings.per_model import (
     NO_MODEL_SETTINGS,
     ContextTokens,
     GpuLayers,

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from modeld.keep_alive import KeepAlive
+from modeld.settings.keep_alive import KeepAlive
 from modeld.sizes import MAX_CONTEXT_TOKENS
 from modeld.types import SamplingParams
 
