@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Self
 
@@ -182,10 +182,9 @@ class ModelManager:
     def statistics(self) -> ManagerStatistics:
         return _statistics(self)
 
-    @asynccontextmanager
-    async def stream(
+    def stream(
         self, request: Request, *, request_id: str | None = None
-    ) -> AsyncIterator[Generation]:
+    ) -> AbstractAsyncContextManager[Generation]:
         """Admit, load, queue and start one generation; yields it once the loop runs.
 
         Raises before yielding: :class:`InvalidRequest` (and, for chat,
@@ -197,8 +196,7 @@ class ModelManager:
         Leaving the block early cancels the generation. Cancelled at any await, it leaves
         nothing behind: no admission, no place in the queue, no held slot.
         """
-        async with self._launcher.stream(request, request_id, self.resolve) as generation:
-            yield generation
+        return self._launcher.stream(request, request_id, self.resolve)
 
     def stream_chat(
         self, request: ChatRequest, *, request_id: str | None = None
