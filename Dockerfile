@@ -85,7 +85,7 @@ RUN if [ "${CUDA}" = "1" ]; then \
         && missing="$(awk '/not found/ && !/libcuda[.]so[.]1 /' /tmp/ldd.txt)" \
         && rm /tmp/ldd.txt \
         && if [ -n "${missing}" ]; then echo "${missing}"; exit 1; fi \
-        && /opt/modeld/bin/python -c "import modeld.engine._tokenloop, modeld.config"; \
+        && /opt/modeld/bin/python -c "import modeld.engine._tokenloop, modeld.settings.config"; \
     else \
         /opt/modeld/bin/python -c "import llama_cpp, modeld.engine._tokenloop, modeld.cli"; \
     fi

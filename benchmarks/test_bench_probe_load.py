@@ -24,8 +24,8 @@ import pytest
 from llama_cpp import Llama
 from tests.support.tiny_gguf import write_tiny_gguf
 
-from modeld.config import Settings
 from modeld.scheduling.manager import ModelManager
+from modeld.settings.config import Settings
 
 ROUNDS = 7
 N_CTX = 512  # the tiny model's own context: both loads create the same context

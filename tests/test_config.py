@@ -8,8 +8,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from modeld.config import Settings, add_settings_arguments, bool_flags, load_settings
 from modeld.errors import ConfigError
+from modeld.settings.config import Settings, add_settings_arguments, bool_flags, load_settings
 from modeld.types import LoopKind
 
 

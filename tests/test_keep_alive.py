@@ -9,9 +9,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from modeld.config import add_settings_arguments, load_settings
 from modeld.errors import ConfigError
-from modeld.keep_alive import KeepAlive, keep_alive_seconds
+from modeld.settings.config import add_settings_arguments, load_settings
+from modeld.settings.keep_alive import KeepAlive, keep_alive_seconds
 from modeld.types import InferRequest
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from modeld.config import Settings, load_settings
 from modeld.errors import ConfigError
-from modeld.live_settings import RESTART_REQUIRED, LiveSettings
 from modeld.observability.logging import prompt_logging_enabled, set_log_level
+from modeld.settings.config import Settings, load_settings
+from modeld.settings.live import RESTART_REQUIRED, LiveSettings
 
 
 def test_every_restart_only_name_is_a_setting() -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from modeld.config import Settings, add_settings_arguments, load_settings
 from modeld.errors import ConfigError
-from modeld.model_settings import NO_MODEL_SETTINGS, ModelSettings, template_file
+from modeld.settings.config import Settings, add_settings_arguments, load_settings
+from modeld.settings.per_model import NO_MODEL_SETTINGS, ModelSettings, template_file
 
 TABLES = """
 n_ctx = 512
@@ -127,3 +127,30 @@ def test_a_new_per_model_setting_is_one_field() -> None:
 )  # fmt: skip
 def test_a_template_value_is_a_file_or_a_builtin_name(value: str, is_file: bool) -> None:
     assert (template_file(value) is not None) is is_file
+
+
+def test_resolve_puts_a_models_own_values_over_the_global_ones() -> None:
+    """``Settings.resolve``: the one place of the "own value, else the global" rule."""
+    own = ModelSettings(
+        aliases=("fast",),
+        chat_template="chatml",
+        n_ctx=512,
+        n_gpu_layers=0,
+        threads=3,
+        pin=True,
+        keep_alive="10m",
+        defaults={"temperature": 0.2},
+    )
+    settings = Settings(
+        n_ctx=2048, n_gpu_layers=-1, threads=2, keep_alive="5m", models={"a.gguf": own}
+    )
+    model = settings.resolve("fast")
+    assert (model.id, model.n_ctx, model.n_gpu_layers, model.threads) == ("a.gguf", 512, 0, 3)
+    assert (model.keep_alive, model.chat_template, model.pin) == ("10m", "chatml", True)
+    assert dict(model.defaults) == {"temperature": 0.2}
+    with pytest.raises(TypeError):
+        model.defaults["temperature"] = 1.0  # type: ignore[index]
+    other = settings.resolve("b.gguf")  # no table: every value the global one
+    assert (other.id, other.n_ctx, other.n_gpu_layers, other.threads) == ("b.gguf", 2048, -1, 2)
+    assert (other.keep_alive, other.chat_template, other.pin) == ("5m", None, False)
+    assert dict(other.defaults) == {}

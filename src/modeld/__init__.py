@@ -7,11 +7,11 @@ imported by whoever serves HTTP.
 from loguru import logger
 
 from modeld import errors
-from modeld.config import Settings, load_settings
 from modeld.errors import ModeldError
-from modeld.model_settings import ModelSettings
 from modeld.scheduling.generation import Generation
 from modeld.scheduling.manager import ManagerStatistics, ModelManager
+from modeld.settings.config import Settings, load_settings
+from modeld.settings.per_model import ModelSettings
 from modeld.types import (
     ChatMessage,
     ChatRequest,

@@ -20,12 +20,12 @@ from loguru import logger
 
 from modeld.api.admin import reload_settings
 from modeld.api.app import create_app
-from modeld.config import Settings
 from modeld.errors import ConfigError
-from modeld.live_settings import LiveSettings
 from modeld.observability.logging import LoopErrorLog
 from modeld.observability.tracing import Tracing, tracing_from_env
 from modeld.scheduling.manager import ModelManager
+from modeld.settings.config import Settings
+from modeld.settings.live import LiveSettings
 
 __all__ = ["hypercorn_config", "run_server"]
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from modeld.keep_alive import KeepAlive
+from modeld.settings.keep_alive import KeepAlive
 from modeld.sizes import MAX_CONTEXT_TOKENS
 
 __all__ = [

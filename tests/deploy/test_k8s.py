@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from modeld.config import Settings, load_settings
+from modeld.settings.config import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"

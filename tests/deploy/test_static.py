@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from modeld.config import load_settings
+from modeld.settings.config import load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"

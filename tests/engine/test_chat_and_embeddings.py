@@ -15,7 +15,7 @@ import llama_cpp
 import pytest
 from llama_cpp import Llama
 
-from modeld.engine import llama_engine
+from modeld.engine import llama_load
 from modeld.engine.base import StopCode, TokenLoop
 from modeld.engine.chat_format import builtin_chat_templates, render_builtin
 from modeld.engine.llama_engine import EngineSettings, LlamaEngine
@@ -110,7 +110,8 @@ def test_embeddings_are_normalised_and_deterministic(plain_engine: LlamaEngine) 
     assert all(math.isclose(math.sqrt(sum(x * x for x in v)), 1.0, abs_tol=1e-6) for v in vectors)
     assert vectors[0] == vectors[2]
     assert vectors[0] != vectors[1]
-    assert tokens == sum(len(plain_engine._tokenize(t.encode(), 64, True, parse_special=False)[1])
+    raw = plain_engine.tokenizer.raw
+    assert tokens == sum(len(raw(t.encode(), 64, True, parse_special=False)[1])
                          for t in ["hello", "the world", "hello"])  # fmt: skip
 
 
@@ -179,7 +180,7 @@ def test_the_budget_charges_what_the_embedding_context_takes(
     try:
         engine.embed(["hello"], lambda: False)
     finally:
-        llama_cpp.llama_log_set(llama_engine._route_llama_log, ctypes.c_void_p(0))
+        llama_cpp.llama_log_set(llama_load.route_llama_log, ctypes.c_void_p(0))
         engine.close()
     log = "".join(lines)
     kv = sum(float(x) for x in re.findall(r"CPU KV buffer size\s*=\s*([\d.]+) MiB", log))

@@ -11,7 +11,7 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from modeld.engine import llama_engine
+from modeld.engine import llama_load
 from modeld.engine.base import EngineClosed, StopCode, TokenLoop
 from modeld.engine.llama_engine import EngineSettings, LlamaEngine
 from modeld.errors import InvalidRequest
@@ -43,7 +43,7 @@ def load_capturing_logs(
         header = read_gguf_header(path)
         engine = LlamaEngine(path, settings, loop, header.context_length)
     finally:
-        llama_cpp.llama_log_set(llama_engine._route_llama_log, ctypes.c_void_p(0))
+        llama_cpp.llama_log_set(llama_load.route_llama_log, ctypes.c_void_p(0))
     return engine, "".join(lines)
 
 

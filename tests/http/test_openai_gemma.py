@@ -197,8 +197,8 @@ def test_429_and_503_are_retried_by_the_client_after_retry_after(
 
 def test_the_demo_chats_with_gemma(gemma_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``modeld serve --demo``'s settings give the bundled model the ``gemma`` template."""
-    from modeld import cli
-    from modeld.config import load_settings
+    from modeld.cli import main as cli
+    from modeld.settings.config import load_settings
 
     monkeypatch.setattr(cli, "DEMO_DIR", gemma_path.parent)  # assembled there already
     settings = cli._prepare_demo(load_settings({}, env={}))

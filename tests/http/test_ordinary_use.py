@@ -21,8 +21,8 @@ import h2.events
 import httpx
 import pytest
 
-from modeld.config import load_settings
 from modeld.server import hypercorn_config
+from modeld.settings.config import load_settings
 from tests.http.support import GEMMA, ServerFactory, connect, instance_of, poll
 from tests.support.server import RunningServer
 

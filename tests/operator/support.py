@@ -12,8 +12,8 @@ import httpx
 from hypercorn.asyncio import serve as hypercorn_serve
 from starlette.types import ASGIApp
 
-from modeld.config import load_settings
 from modeld.server import hypercorn_config
+from modeld.settings.config import load_settings
 from tests.http.support import poll
 from tests.support.server import RunningServer, free_port
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from modeld.client_commands import default_url
+from modeld.cli.commands import default_url
 from tests.http.support import GEMMA, GEMMA_FLAGS, ServerFactory, poll
 from tests.support.server import RunningServer, free_port
 

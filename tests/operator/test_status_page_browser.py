@@ -210,7 +210,7 @@ def test_behind_an_api_key_the_page_asks_once_and_sends_it_as_a_header(
     page: Any, models_dir: Path
 ) -> None:
     from modeld.api.app import create_app
-    from modeld.config import load_settings
+    from modeld.settings.config import load_settings
     from tests.operator.support import serving
 
     flags = {"models_dir": str(models_dir), "threads": "1", "n_ctx": "256"}

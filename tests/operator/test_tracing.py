@@ -28,9 +28,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from modeld.api.app import create_app
-from modeld.config import load_settings
 from modeld.errors import ConfigError
 from modeld.observability.tracing import Tracing, TracingMiddleware, tracing_from_env
+from modeld.settings.config import load_settings
 from tests.http.support import ndjson, poll
 from tests.operator.support import serving
 from tests.support.server import start_modeld

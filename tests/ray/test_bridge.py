@@ -14,8 +14,8 @@ import pytest
 
 from modeld import ModelManager, Settings
 from modeld.api.app import create_app
+from modeld.events import Event, GenerationFinished
 from modeld.ray.bridge import ForwardedRequest, Lifespan, ResponseStart, exchange
-from modeld.scheduling.events import Event, GenerationFinished
 
 from .conftest import FOUR_MODELS, LONG_CONTEXT
 

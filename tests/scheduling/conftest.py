@@ -5,12 +5,12 @@ from typing import Any
 
 import pytest
 
-from modeld.config import Settings, load_settings
 from modeld.engine.base import TokenLoop
 from modeld.engine.gpu import gpu_offload_available
 from modeld.gguf import read_gguf_header
 from modeld.memory.estimate import estimate_footprint
 from modeld.scheduling.manager import ModelManager
+from modeld.settings.config import Settings, load_settings
 
 
 class ConstantProbe:

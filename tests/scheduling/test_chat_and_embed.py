@@ -14,11 +14,11 @@ import pytest
 
 from modeld import errors
 from modeld.engine.base import TokenLoop
+from modeld.events import ModelReady
 from modeld.gguf import read_gguf_header
 from modeld.memory.estimate import embedding_context_bytes, estimate_footprint
-from modeld.model_settings import ModelSettings
-from modeld.scheduling.events import ModelReady
 from modeld.scheduling.manager import ModelManager
+from modeld.settings.per_model import ModelSettings
 from modeld.sizes import MIB
 from modeld.types import (
     ChatMessage,

@@ -15,9 +15,9 @@ import msgspec
 import pytest
 
 from modeld.engine.base import TokenLoop
-from modeld.model_settings import ModelSettings
-from modeld.scheduling.events import ModelEvicted
+from modeld.events import ModelEvicted
 from modeld.scheduling.manager import ModelManager
+from modeld.settings.per_model import ModelSettings
 from modeld.types import DoneReason, InferRequest
 from tests.scheduling.conftest import ConstantProbe, make_settings
 from tests.support.clock import ManualClock

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from anyio.lowlevel import checkpoint
 
@@ -16,6 +17,7 @@ from modeld.engine.base import TokenLoop
 from modeld.engine.llama_engine import EngineSettings, LlamaEngine
 from modeld.registry import ModelFile
 from modeld.scheduling.manager import ModelManager
+from modeld.settings.per_model import ModelSettings
 from modeld.types import Chunk, DoneReason, GenerationResult, InferRequest, InstanceState
 from tests.scheduling.conftest import ConstantProbe, make_settings
 
@@ -311,3 +313,26 @@ async def test_watchdog_reports_a_load_hung_past_the_load_timeout(
         await manager.load("tiny-a.gguf")  # waits for the same load to finish
         assert manager.is_ready("tiny-a.gguf")
         assert manager.stalled_loads() == []
+
+
+async def test_resolve_gives_the_id_and_the_settings_in_force(
+    models_dir: Path, token_loop: TokenLoop
+) -> None:
+    """One call answers what a name means: for the layers that build requests (sampling
+    defaults, the Ollama layer) and for the manager itself."""
+    own = ModelSettings(aliases=("fast",), n_ctx=128, keep_alive="1m", defaults={"top_k": 5})
+    settings = msgspec.structs.replace(
+        make_settings(models_dir, default_model="fast"), models={"tiny-a.gguf": own}
+    )
+    manager = ModelManager(settings, token_loop=token_loop, probe=ConstantProbe())
+    model = manager.resolve(None)  # the default model, through its alias
+    assert (model.id, model.n_ctx, model.keep_alive, model.threads) == ("tiny-a.gguf", 128, "1m", 1)
+    assert manager.model_id("fast") == "tiny-a.gguf"
+    assert manager.sampling_defaults("fast") == model.defaults == {"top_k": 5}
+    assert manager.resolve("tiny-b.gguf").n_ctx == 256  # the global value
+    with pytest.raises(errors.InvalidModelId):
+        manager.resolve("../etc/passwd")
+    no_default = ModelManager(make_settings(models_dir), token_loop=token_loop)
+    with pytest.raises(errors.NoDefaultModel):
+        no_default.resolve(None)
+    assert no_default.sampling_defaults(None) == {}

@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from modeld.errors import ModeldError
-from modeld.keep_alive import keep_alive_seconds
-from modeld.scheduling.events import Event, ModelEvicted, ModelReady
+from modeld.events import Event, ModelEvicted, ModelReady
 from modeld.scheduling.manager import ModelManager
+from modeld.settings.keep_alive import keep_alive_seconds
 from modeld.sizes import MIB
 from modeld.types import DoneReason, InferRequest
 from tests.scheduling.conftest import ConstantProbe, estimate_bytes, make_settings

@@ -13,8 +13,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from modeld.api.auth import load_api_keys
-from modeld.live_settings import LiveSettings, ReloadOutcome
 from modeld.observability.audit import audited
+from modeld.settings.live import LiveSettings, ReloadOutcome
 
 __all__ = ["reload_config", "reload_settings"]
 

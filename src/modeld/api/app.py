@@ -16,11 +16,11 @@ from modeld.api.errors import EXCEPTION_HANDLERS
 from modeld.api.middleware import RequestContextMiddleware, route_template
 from modeld.api.openai import build_openai_routes
 from modeld.api.routes import build_routes
-from modeld.config import Settings
 from modeld.observability.access import AccessObserver, log_event
 from modeld.observability.metrics import Metrics
 from modeld.observability.tracing import Tracing, TracingMiddleware
 from modeld.scheduling.manager import ModelManager
+from modeld.settings.config import Settings
 
 __all__ = ["create_app"]
 

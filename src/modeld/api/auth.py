@@ -37,8 +37,8 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from modeld.api.errors import error_response
-from modeld.config import Settings
 from modeld.errors import ConfigError, Unauthorized
+from modeld.settings.config import Settings
 
 __all__ = ["OPEN_PATHS", "ApiKey", "ApiKeyMiddleware", "load_api_keys", "open_paths"]
 

@@ -11,7 +11,7 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 
 from modeld.errors import ClientDisconnected, InvalidRequest, PayloadTooLarge, RequestBodyTimeout
-from modeld.keep_alive import explain_validation_error
+from modeld.settings.keep_alive import explain_validation_error
 
 __all__ = ["convert_fields", "decode_body", "decode_json", "decode_with_defaults", "read_body"]
 

@@ -9,8 +9,8 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from modeld.events import ModelEvent
 from modeld.observability.metrics import CONTENT_TYPE
-from modeld.scheduling.events import ModelEvent
 from modeld.scheduling.manager import ModelManager
 
 __all__ = ["events", "metrics"]

@@ -19,7 +19,7 @@ import llama_cpp
 
 from modeld.chat import MAX_TEMPLATE_CHARS, ChatTemplate
 from modeld.errors import ChatTemplateError, NoChatTemplate
-from modeld.model_settings import template_file
+from modeld.settings.per_model import template_file
 from modeld.types import ChatMessage
 
 __all__ = ["ChatFormatter", "builtin_chat_templates", "read_template_file", "render_builtin"]

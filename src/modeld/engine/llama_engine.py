@@ -1,24 +1,19 @@
 """The adapter to llama-cpp-python: one model + context, used only from its owner thread.
 
 llama.cpp failures are translated here, once, into modeld errors (``raise ... from``).
+It implements :class:`~modeld.engine.contract.Engine`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import threading
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import jinja2
 import llama_cpp
 import msgspec
-from loguru import logger
 
 from modeld.engine.base import (
     RING_CAPACITY_BYTES,
@@ -30,32 +25,22 @@ from modeld.engine.base import (
     TokenRing,
 )
 from modeld.engine.chat_format import ChatFormatter
+from modeld.engine.contract import PreparedRequest, Recipe, Request
 from modeld.engine.embedding import EmbeddingContext, pooling_for
 from modeld.engine.grammar import check_grammar
 from modeld.engine.kv_prefix import reusable_prefix
-from modeld.errors import ClientDisconnected, InvalidRequest, ModelLoadFailed, ResourcesExhausted
-from modeld.redact import redact_paths
-from modeld.types import ChatMessage, SamplingParams, context_sizes, embedding_context_sizes
+from modeld.engine.llama_load import load_llama, malloc_trim
+from modeld.engine.tokens import Tokenizer
+from modeld.errors import ClientDisconnected, ModelLoadFailed, ResourcesExhausted
+from modeld.types import (
+    ChatMessage,
+    ChatRequest,
+    SamplingParams,
+    context_sizes,
+    embedding_context_sizes,
+)
 
 __all__ = ["EngineSettings", "LlamaEngine"]
-
-# ggml_log_level in the llama.cpp this release vendors (ggml.h): 1 debug, 2 info, 3 warn,
-# 4 error, 5 continuation. (llama-cpp-python's own mapping still follows an older enum.)
-_LLAMA_LOG_LEVELS = {3: "WARNING", 4: "ERROR"}
-
-
-@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
-def _route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-    """llama.cpp's warnings and errors as modeld log records instead of raw stderr text;
-    its info and debug chatter (hundreds of lines per load) is dropped at the source."""
-    name = _LLAMA_LOG_LEVELS.get(level)
-    message = text.decode("utf-8", "replace").strip() if name else ""
-    if name and message:
-        # "{}": llama.cpp text may hold braces, which loguru would take as a format
-        logger.log(name, "{}", redact_paths(message), source="llama.cpp")
-
-
-llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +61,12 @@ class LlamaEngine:
 
     The thread that constructs it owns it: every other method but :meth:`new_ring`
     raises :class:`NotOwnerThread` when called from another thread. A generation is
-    :meth:`prepare` or :meth:`prepare_chat` (tokenize and check against the context;
-    :meth:`check_grammar` for structured output), then :meth:`generate` with a ring from
-    :meth:`new_ring`. Between generations the context keeps its KV cache, and the engine
-    remembers which tokens it holds, so that the next prompt evaluates only what follows
-    their common prefix (``prompt_reuse``). :meth:`embed` runs in a second context on the
-    same weights, made on first use.
+    :meth:`prepare_request` (or its parts: :meth:`prepare`, :meth:`prepare_chat`,
+    :meth:`check_grammar`), then :meth:`generate` with a ring from :meth:`new_ring`.
+    Between generations the context keeps its KV cache, and the engine remembers which
+    tokens it holds, so that the next prompt evaluates only what follows their common
+    prefix (``prompt_reuse``). :meth:`embed` runs in a second context on the same
+    weights, made on first use.
 
     ``path`` is what llama.cpp opens (``/proc/self/fd/N`` for a bound file); ``label``
     names the model in messages (default: the path's last component).
@@ -100,7 +85,7 @@ class LlamaEngine:
         self._loop = loop
         self.label = label or Path(path).name
         self.sizes = context_sizes(settings.n_ctx, settings.n_batch, n_ctx_train)
-        self._llama = _load_llama(
+        self._llama = load_llama(
             str(path),
             self.label,
             model_path=str(path),
@@ -117,20 +102,17 @@ class LlamaEngine:
             swa_full=True,
             verbose=settings.verbose,
         )
-        self._vocab = self._llama._model.vocab
         # llama.cpp's own count of its weight bytes (read once, here, on the owner thread)
         self.model_size_bytes = int(llama_cpp.llama_model_size(self._llama.model))
         self._n_threads = settings.n_threads
+        self.tokenizer = Tokenizer(self._llama._model.vocab, self.sizes.n_ctx)
+        self.max_prompt_bytes = self.tokenizer.max_prompt_bytes
         self._chat = ChatFormatter(
             self._llama.metadata,
             bos_token=self._token_text(self._llama.token_bos()),
             eos_token=self._token_text(self._llama.token_eos()),
         )
         self._embedding: EmbeddingContext | None = None
-        # No token covers more bytes than the longest piece, so a prompt longer than
-        # n_ctx pieces cannot fit the context: refused before the tokenizer (whose cost
-        # grows faster than linearly on some inputs) ever sees it.
-        self.max_prompt_bytes = self.n_ctx * _longest_piece_bytes(self._vocab)
         self._prompt_reuse = settings.prompt_reuse
         # The tokens whose KV the context holds, in position order. Only generate() keeps
         # it true; anything else that uses the context must call forget_kv().
@@ -144,9 +126,30 @@ class LlamaEngine:
                 f"not {threading.get_ident()}"
             )
 
+    def _check_open(self) -> None:
+        """Raises :class:`NotOwnerThread` off the owner thread, :class:`EngineClosed`
+        after :meth:`close`."""
+        self._check_owner()
+        if self._closed:
+            raise EngineClosed("the engine is closed")
+
     @property
     def n_ctx(self) -> int:
         return self.sizes.n_ctx
+
+    def prepare_request(self, request: Request, recipe: Recipe) -> PreparedRequest:
+        """The request's tokens (its prompt, or its messages through ``recipe``'s chat
+        template), checked against the context, and its grammar against the vocabulary.
+
+        Raises what :meth:`prepare`, :meth:`prepare_chat` and :meth:`check_grammar` do.
+        """
+        if isinstance(request, ChatRequest):
+            tokens = self.prepare_chat(request.messages, request.max_tokens, recipe.chat_template)
+        else:
+            tokens = self.prepare(request.prompt, request.max_tokens)
+        if recipe.grammar is not None:
+            self.check_grammar(recipe.grammar)  # refused here, before any byte is sent
+        return PreparedRequest(tokens, request, recipe.grammar)
 
     def prepare(self, prompt: str, max_tokens: int | None) -> list[int]:
         """The prompt's tokens, checked against the context.
@@ -156,11 +159,9 @@ class LlamaEngine:
         plus ``max_tokens`` does not (``None``: the prompt must leave room for one
         token); :class:`EngineClosed` after :meth:`close`.
         """
-        self._check_owner()
-        if self._closed:
-            raise EngineClosed("the engine is closed")
+        self._check_open()
         tokens = self.tokenize(prompt)
-        self._check_room(tokens, max_tokens, "prompt")
+        self.tokenizer.check_room(tokens, max_tokens, "prompt")
         return tokens
 
     def prepare_chat(
@@ -173,82 +174,25 @@ class LlamaEngine:
         the template wrote one. Raises :class:`NoChatTemplate`, :class:`ChatTemplateError`,
         and :class:`InvalidRequest` as :meth:`prepare` does, naming ``messages``.
         """
-        self._check_owner()
-        if self._closed:
-            raise EngineClosed("the engine is closed")
+        self._check_open()
         text = self._chat.render(messages, chat_template, max_chars=self.max_prompt_bytes)
         bos = self._chat.bos_token
-        add_bos = self._add_bos and not (bos and text.startswith(bos))
+        add_bos = self.tokenizer.add_bos and not (bos and text.startswith(bos))
         tokens = self.tokenize(text, add_bos=add_bos, field="messages")
-        self._check_room(tokens, max_tokens, "messages")
+        self.tokenizer.check_room(tokens, max_tokens, "messages")
         return tokens
 
     def check_grammar(self, grammar: str) -> None:
         """Raises :class:`InvalidRequest` (field ``format``) if llama.cpp refuses it."""
-        self._check_owner()
-        if self._closed:
-            raise EngineClosed("the engine is closed")
-        check_grammar(self._vocab, grammar)
-
-    def _check_room(self, tokens: list[int], max_tokens: int | None, field: str) -> None:
-        if max_tokens is None:
-            if len(tokens) >= self.n_ctx:
-                raise InvalidRequest(
-                    f"{field} ({len(tokens)} tokens) leaves no room in the context of "
-                    f"{self.n_ctx} tokens",
-                    field=field,
-                )
-        elif len(tokens) + max_tokens > self.n_ctx:
-            raise InvalidRequest(
-                f"{field} ({len(tokens)} tokens) + max_tokens ({max_tokens}) "
-                f"exceeds the context of {self.n_ctx} tokens",
-                field="max_tokens",
-            )
-
-    @property
-    def _add_bos(self) -> bool:
-        return bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self._check_open()
+        check_grammar(self._llama._model.vocab, grammar)
 
     def tokenize(
         self, prompt: str, *, add_bos: bool | None = None, field: str = "prompt"
     ) -> list[int]:
-        """Tokens of ``prompt`` through a buffer bounded by n_ctx (never by model metadata),
-        control tokens parsed; ``add_bos`` defaults to what the vocabulary asks for.
-
-        Raises :class:`InvalidRequest` (naming ``field``) when the prompt cannot be
-        encoded or is too long.
-        """
+        """:meth:`Tokenizer.tokenize` on the owner thread."""
         self._check_owner()
-        text = self._encoded(prompt, field)
-        if len(text) > self.max_prompt_bytes:
-            raise InvalidRequest(
-                f"{field} is {len(text)} bytes; no {self.n_ctx}-token context holds more "
-                f"than {self.max_prompt_bytes} bytes of this model's tokens",
-                field=field,
-            )
-        add_bos = self._add_bos if add_bos is None else add_bos
-        count, tokens = self._tokenize(text, self.n_ctx, add_bos, parse_special=True)
-        if count < 0:
-            raise InvalidRequest(
-                f"{field} is {-count} tokens; the context holds {self.n_ctx}", field=field
-            )
-        return tokens
-
-    def _tokenize(
-        self, text: bytes, capacity: int, add_special: bool, *, parse_special: bool
-    ) -> tuple[int, list[int]]:
-        buffer = (llama_cpp.llama_token * capacity)()
-        count = llama_cpp.llama_tokenize(
-            self._vocab, text, len(text), buffer, capacity, add_special, parse_special
-        )
-        return count, list(buffer[: max(count, 0)])
-
-    @staticmethod
-    def _encoded(text: str, field: str) -> bytes:
-        try:
-            return text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidRequest(f"{field} is not valid Unicode", field=field) from exc
+        return self.tokenizer.tokenize(prompt, add_bos=add_bos, field=field)
 
     def _token_text(self, token: int) -> str:
         if token < 0:
@@ -278,9 +222,8 @@ class LlamaEngine:
 
         ``max_tokens=None`` runs until the context is full; ``grammar`` (checked by
         :meth:`check_grammar`) constrains every token. Raises only :class:`NotOwnerThread`
-        (before touching anything): a failure comes
-        back as ``StopCode.ERROR`` with its message, so the consumer always sees the
-        stream end with an outcome.
+        (before touching anything): a failure comes back as ``StopCode.ERROR`` with its
+        message, so the consumer always sees the stream end with an outcome.
         """
         self._check_owner()
         cached = reusable_prefix(self._kv_tokens, prompt_tokens) if self._prompt_reuse else 0
@@ -334,11 +277,9 @@ class LlamaEngine:
         empty or too long input, :class:`ClientDisconnected` once ``cancelled()``,
         :class:`ResourcesExhausted` when the context cannot be made, :class:`EngineError`.
         """
-        self._check_owner()
-        if self._closed:
-            raise EngineClosed("the engine is closed")
+        self._check_open()
         limit = self.embedding_tokens
-        inputs = [self._embedding_tokens(text, index, limit) for index, text in enumerate(texts)]
+        inputs = [self.tokenizer.embedding_tokens(text, i, limit) for i, text in enumerate(texts)]
         if self._embedding is None:
             self._embedding = EmbeddingContext(
                 self._llama.model,
@@ -353,26 +294,6 @@ class LlamaEngine:
             vectors.append(self._embedding.embed(tokens))
         return vectors, sum(len(tokens) for tokens in inputs)
 
-    def _embedding_tokens(self, text: str, index: int, limit: int) -> list[int]:
-        """One input's tokens: the vocabulary's own BOS/EOS, its text taken literally."""
-        field = "input"
-        data = self._encoded(text, field)
-        if len(data) > limit * self.max_prompt_bytes // self.n_ctx:
-            raise InvalidRequest(
-                f"input {index} is {len(data)} bytes, more than {limit} tokens can hold",
-                field=field,
-            )
-        count, tokens = self._tokenize(data, limit, True, parse_special=False)
-        if count < 0:
-            raise InvalidRequest(
-                f"input {index} is {-count} tokens; an embedding input holds at most {limit} "
-                "(--n-batch)",
-                field=field,
-            )
-        if count == 0:
-            raise InvalidRequest(f"input {index} is empty", field=field)
-        return tokens
-
     def close(self) -> None:
         """Free the contexts and the weights now, not at garbage collection."""
         self._check_owner()
@@ -383,61 +304,4 @@ class LlamaEngine:
             self._embedding.close()  # it points into the weights freed next
         self._llama.close()
         del self._llama
-        _malloc_trim()
-
-
-def _load_llama(path: str, label: str, **params: Any) -> llama_cpp.Llama:
-    """``Llama(**params)``, and on any failure whatever it allocated is freed now.
-
-    A ``Llama`` whose ``__init__`` raises has often created its model and context
-    already (a ``MemoryError`` from its logits array comes last); the exception's
-    traceback keeps the half-built object alive for as long as the exception lives, so
-    that memory stayed held (about 1 GB of address space for Gemma) while the budget
-    counted it free. Here the object is closed, the traceback dropped (the cause is kept
-    for its type and message), and the heap trimmed.
-    Raises :class:`ModelLoadFailed` (paths in llama.cpp's message become ``label``).
-    """
-    llama = llama_cpp.Llama.__new__(llama_cpp.Llama)
-    try:
-        llama.__init__(**params)  # type: ignore[misc]
-    except (Exception, MemoryError) as exc:
-        message = _failure_message(exc, path, label)
-        if hasattr(llama, "_stack"):
-            with contextlib.suppress(Exception):
-                llama.close()
-        traceback.clear_frames(exc.__traceback__)
-        exc.__traceback__ = None
-        del llama
-        _malloc_trim()
-        raise ModelLoadFailed(message) from exc
-    return llama
-
-
-def _failure_message(error: BaseException, path: str, label: str) -> str:
-    if isinstance(error, MemoryError):
-        return f"{label}: out of memory while llama.cpp loaded it ({error})"
-    if isinstance(error, jinja2.TemplateError):  # llama-cpp-python compiles it (never runs it)
-        return redact_paths(
-            f"{label}: llama-cpp-python cannot compile the file's chat template: {error}"
-        )
-    text = str(error).replace(path, label)
-    return redact_paths(f"llama.cpp could not load {label}: {text}")
-
-
-def _longest_piece_bytes(vocab: object) -> int:
-    """The most bytes any one token stands for (special tokens rendered as text)."""
-    size_bytes = 256
-    buffer = (ctypes.c_char * size_bytes)()
-    longest = 1
-    for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
-        count = llama_cpp.llama_token_to_piece(vocab, token, buffer, size_bytes, 0, True)
-        if count < 0:  # longer than the buffer: -count is its size
-            count = -count
-        longest = max(longest, count)
-    return longest
-
-
-def _malloc_trim() -> None:
-    """Hand freed heap pages back to the OS so RSS reflects what is really held."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        malloc_trim()

@@ -68,6 +68,8 @@ class ThreadCall(Generic[T]):
         self._callbacks: list[Callable[[], None]] = []
         self._value: T | None = None
         self._error: BaseException | None = None
+        self._signalled = False
+        self._woken = anyio.Event()  # at the callable's signal, or at its end
 
     def _run(self) -> None:
         try:
@@ -83,8 +85,18 @@ class ThreadCall(Generic[T]):
         self._done.set()
         self._on_loop(self._settle)
 
+    def signal(self) -> None:
+        """Worker thread: the callable has reached the point :meth:`signalled` waits for
+        (it goes on running)."""
+        self._on_loop(self._on_signal)
+
+    def _on_signal(self) -> None:
+        self._signalled = True
+        self._woken.set()
+
     def _settle(self) -> None:
         self._finished.set()
+        self._woken.set()
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             callback()
@@ -100,6 +112,20 @@ class ThreadCall(Generic[T]):
             callback()
         else:
             self._callbacks.append(callback)
+
+    async def signalled(self) -> bool:
+        """Wait until the callable calls :meth:`signal` or ends: True once it signalled
+        (it may still run); its exception re-raised when it raised first; False when it
+        returned without signalling.
+
+        Cancelling the wait does not stop the callable.
+        """
+        await self._woken.wait()
+        if self._signalled:
+            return True
+        if self._error is not None:
+            raise self._error
+        return False
 
     async def wait(self) -> T:
         """The callable's result, or its exception re-raised.
@@ -126,7 +152,15 @@ class EngineWorker:
         self._thread.start()
 
     def submit(self, fn: Callable[[], T]) -> ThreadCall[T]:
-        call = ThreadCall(fn, self._on_loop)
+        return self._enqueue(ThreadCall(fn, self._on_loop))
+
+    def submit_signalling(self, fn: Callable[[Callable[[], None]], T]) -> ThreadCall[T]:
+        """Run ``fn(signal)``: its call to ``signal()`` wakes whoever awaits
+        :meth:`ThreadCall.signalled` (a request prepared, its generation going on)."""
+        call: ThreadCall[T] = ThreadCall(lambda: fn(call.signal), self._on_loop)
+        return self._enqueue(call)
+
+    def _enqueue(self, call: ThreadCall[T]) -> ThreadCall[T]:
         if self._stopping:
             call._complete(WorkerStopped("the instance's worker has stopped"))
             return call

@@ -5,8 +5,8 @@ from __future__ import annotations
 from loguru import logger
 from starlette.types import Scope
 
+from modeld.events import Event, GenerationFinished, ModelEvent, ModelFailed
 from modeld.observability.metrics import Metrics
-from modeld.scheduling.events import Event, GenerationFinished, ModelEvent, ModelFailed
 
 __all__ = ["AccessObserver", "log_event"]
 

@@ -19,6 +19,14 @@ from typing import Any
 import orjson
 from loguru import logger
 
+from modeld.settings.log_level import (
+    DEBUG_LEVEL_NUMBER,
+    DEFAULT_LEVEL,
+    global_level_number,
+    level_number,
+    set_log_level,
+)
+
 __all__ = [
     "LoopErrorLog",
     "configure_logging",
@@ -28,20 +36,12 @@ __all__ = [
     "set_log_level",
 ]
 
-_LEVELS = {"trace": 5, "debug": 10, "info": 20, "success": 25, "warning": 30, "error": 40}
-_DEFAULT = "info"
-_global_level_no = [_LEVELS[_DEFAULT]]  # set by configure_logging, changed by a reload
 _request_level_no: ContextVar[int | None] = ContextVar("modeld_request_level_no", default=None)
 
 
-def level_number(name: str | None) -> int | None:
-    """The numeric level for a name such as ``debug``; None when unknown."""
-    return _LEVELS.get((name or "").strip().lower())
-
-
 def _effective_level_no() -> int:
-    requested = _request_level_no.get()
-    return min(_global_level_no[0], requested) if requested else _global_level_no[0]
+    requested, global_no = _request_level_no.get(), global_level_number()
+    return min(global_no, requested) if requested else global_no
 
 
 def _filter(record: Any) -> bool:
@@ -50,7 +50,7 @@ def _filter(record: Any) -> bool:
 
 def prompt_logging_enabled() -> bool:
     """Whether the current request may log prompts and generated text."""
-    return _effective_level_no() <= _LEVELS["debug"]
+    return _effective_level_no() <= DEBUG_LEVEL_NUMBER
 
 
 @contextmanager
@@ -92,12 +92,7 @@ class _JsonLineSink:
             payload = payload[os.write(self._fd, payload) :]
 
 
-def set_log_level(level: str) -> None:
-    """The global threshold (an unknown name means ``info``); a config reload calls it."""
-    _global_level_no[0] = level_number(level) or _LEVELS[_DEFAULT]
-
-
-def configure_logging(level: str = _DEFAULT) -> None:
+def configure_logging(level: str = DEFAULT_LEVEL) -> None:
     """Replace loguru's default sink with a JSON-lines one on (a copy of) stderr."""
     set_log_level(level)
     logger.enable("modeld")

@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from modeld.scheduling.events import Event, GenerationFinished, ModelEvicted, ModelReady
-from modeld.scheduling.manager import ManagerStatistics
+from modeld.events import Event, GenerationFinished, ModelEvicted, ModelReady
 from modeld.sizes import MIB
+from modeld.statistics import ManagerStatistics
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from modeld.errors import ConfigError
-from modeld.scheduling.events import Event, GenerationFinished
+from modeld.events import Event, GenerationFinished
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider

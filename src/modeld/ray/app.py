@@ -2,7 +2,7 @@
 
 ``app_builder`` is what Ray's CLI and config files call
 (``serve run modeld.ray:app_builder models_dir=/models num_replicas=2``); ``build_app``
-is the same for Python callers that already hold a :class:`~modeld.config.Settings`.
+is the same for Python callers that already hold a :class:`~modeld.settings.config.Settings`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from modeld.config import Settings, load_settings
 from modeld.errors import ConfigError
 from modeld.ray.ingress import ModelIngress
 from modeld.ray.replica import ModelReplica
 from modeld.ray.router import ResidentModelRouter
+from modeld.settings.config import Settings, load_settings
 
 __all__ = ["INGRESS_DEPLOYMENT", "REPLICA_DEPLOYMENT", "RayOptions", "app_builder", "build_app"]
 

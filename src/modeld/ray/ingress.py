@@ -27,13 +27,13 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from modeld.api.errors import error_body
 from modeld.api.middleware import host_is_allowed
-from modeld.config import Settings
 from modeld.observability.logging import configure_logging
 from modeld.ray.bridge import ForwardedRequest, Message, Receive, ResponseStart, Send
 from modeld.ray.cluster import ReplicaAnswer, cluster_metrics, cluster_status
 from modeld.ray.registry import router_for
 from modeld.ray.replica import REPLICA_HEADER
 from modeld.ray.routing import ReplicaView, routing_key, target_key
+from modeld.settings.config import Settings
 
 __all__ = ["ModelIngress"]
 

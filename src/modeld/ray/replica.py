@@ -17,11 +17,11 @@ from ray import serve
 
 from modeld.api.app import create_app
 from modeld.api.errors import error_body
-from modeld.config import Settings
 from modeld.observability.logging import configure_logging
 from modeld.ray.bridge import ForwardedRequest, Lifespan, ResponseStart, exchange
 from modeld.ray.routing import TARGET_PREFIX, routing_stats, target_key
 from modeld.scheduling.manager import ModelManager
+from modeld.settings.config import Settings
 
 __all__ = ["REPLICA_HEADER", "ModelReplica"]
 

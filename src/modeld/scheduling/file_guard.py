@@ -19,25 +19,24 @@ import importlib.metadata
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import anyio
 from loguru import logger
 
-from modeld.config import Settings
 from modeld.engine.probe_load import ProbeOutcome, ProbeStatus, probe_load
 from modeld.errors import ConfigError, ModelInvalid, ModelLoadFailed
 from modeld.gguf import FileIdentity, OpenGguf
-from modeld.live_settings import LiveSettings
+from modeld.observability.audit import audit
 from modeld.redact import redact_paths
+from modeld.settings.config import Settings
+from modeld.settings.live import LiveSettings
 from modeld.state import CrashRecord, FileVerdicts, StageMarkers, StateDir, Verdict, VerdictKind
+from modeld.statistics import GuardStatistics
 
 __all__ = [
     "QUARANTINE_STAGES",
     "FileGuard",
-    "GuardStatistics",
-    "audit",
     "operator_name",
 ]
 
@@ -49,22 +48,6 @@ _PROBE_PROTOCOL = 1
 # A probe pays for a fresh interpreter and llama.cpp's import before it loads anything:
 # a --load-timeout meant for the load itself is not enough time for it.
 PROBE_MIN_TIMEOUT_S = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class GuardStatistics:
-    probe_load: bool
-    state_dir_ok: bool
-    quarantined_files: int
-    probes: dict[str, int]  # by outcome
-    crashes: tuple[tuple[str, str, int], ...]  # (model, stage, count) found at start-up
-
-
-def audit(action: str, target: str, who: str, outcome: str, **details: object) -> None:
-    """One JSON line at info for an administrative action (the issue-14 audit fields)."""
-    logger.info(
-        "audit", audit=True, action=action, target=target, who=who, outcome=outcome, **details
-    )
 
 
 def operator_name() -> str:

@@ -5,27 +5,19 @@ happened and not only what happens next."""
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 import msgspec
 
-from modeld.scheduling.events import Event, ModelEvent, ModelLoadingProgress
+from modeld.events import Event, ModelEvent, ModelLoadingProgress
+from modeld.statistics import RecentEvent
 
-__all__ = ["EventHistory", "RecentEvent"]
+__all__ = ["EventHistory"]
 
 DEFAULT_CAPACITY = 50
 
 
-@dataclass(frozen=True, slots=True)
-class RecentEvent:
-    kind: str
-    time_unix: float
-    model: str
-    details: dict[str, object]  # the event's own fields besides ``model``
-
-
 class EventHistory:
-    """An :class:`~modeld.scheduling.events.EventHub` listener holding the newest
+    """An :class:`~modeld.events.EventHub` listener holding the newest
     ``capacity`` model events; per-stage load progress is left out (the instance's
     ``load_stage`` shows where a load is)."""
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from modeld.keep_alive import keep_alive_seconds
 from modeld.registry import check_model_id
 from modeld.scheduling.clock import Clock
 from modeld.scheduling.instance import Instance
+from modeld.settings.keep_alive import keep_alive_seconds
 from modeld.types import DoneReason
 
 if TYPE_CHECKING:
@@ -36,9 +36,7 @@ class IdleUnloader:
         model's own ``keep_alive`` (its ``[models."<id>"]`` table), else ``--keep-alive``.
         ``math.inf`` for never."""
         if requested is None:
-            settings = self._pool.settings
-            own = settings.model(model_id).keep_alive
-            requested = settings.keep_alive if own is None else own
+            requested = self._pool.settings.resolve(model_id).keep_alive
         return keep_alive_seconds(requested)
 
     def used(self, instance: Instance, requested: str | float | None) -> None:
@@ -49,14 +47,14 @@ class IdleUnloader:
     def touched(self, instance: Instance) -> None:
         """A use that holds no slot (a load, a pin): the countdown starts again."""
         instance.idle_since_s = self.clock.now_s()
-        self._pool.notify_changed()
+        self._pool.changes.notify()
 
     def became_idle(self, model_id: str) -> None:
         """The model's slot was released with nobody waiting: its countdown starts."""
         instance = self._pool.get(model_id)
         if instance is not None:
             instance.idle_since_s = self.clock.now_s()
-        self._pool.notify_changed()
+        self._pool.changes.notify()
 
     async def expire(self, model_id: str) -> None:
         """Keep-alive 0 for a loaded model: unloaded now if it is idle, otherwise as soon
@@ -76,7 +74,7 @@ class IdleUnloader:
         ``unloading`` in one step, so a request that joined the line first keeps it.
         """
         while True:
-            changed = self._pool.changed
+            changed = self._pool.changes.event
             now_s = self.clock.now_s()
             next_s = math.inf
             for instance in self._pool.all():
@@ -91,4 +89,4 @@ class IdleUnloader:
     async def _unload_if_expired(self, instance: Instance) -> None:
         expires_s = instance.expires_at_s()
         if expires_s is not None and expires_s <= self.clock.now_s():
-            await self._pool.unload(instance, DoneReason.IDLE, cause="idle")
+            await self._pool.unloader.unload(instance, DoneReason.IDLE, cause="idle")

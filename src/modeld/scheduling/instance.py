@@ -12,14 +12,15 @@ from modeld.errors import ModeldError
 from modeld.registry import ModelFile
 from modeld.scheduling.fifo import FifoSlot
 from modeld.sizes import MIB
+from modeld.statistics import InstanceStatistics
 from modeld.types import InstanceState
 
 if TYPE_CHECKING:
-    from modeld.engine.llama_engine import LlamaEngine
+    from modeld.engine.contract import Engine
     from modeld.engine.worker import EngineWorker
     from modeld.scheduling.generation import Generation
 
-__all__ = ["IllegalTransition", "Instance", "InstanceStatistics", "ModelCounters"]
+__all__ = ["IllegalTransition", "Instance", "ModelCounters"]
 
 _ALLOWED = {
     InstanceState.LOADING: {InstanceState.READY, InstanceState.ERROR},
@@ -46,28 +47,6 @@ class ModelCounters:
     last_tokens_per_second: float = 0.0  # decode speed of the last generation with tokens
 
 
-@dataclass(frozen=True, slots=True)
-class InstanceStatistics:
-    model_id: str
-    state: InstanceState
-    last_used_unix: float
-    est_vram_mb: float
-    measured: bool
-    queue_len: int
-    inflight: int
-    loads_total: int
-    evictions_total: int
-    last_error: str | None
-    uptime_seconds: float
-    pinned: bool
-    retry_in_seconds: float
-    last_tokens_per_second: float = 0.0
-    load_stage: str | None = None  # while loading: the last stage reached
-    load_progress: float = 0.0
-    keep_alive_seconds: float | None = None  # None: kept loaded until unloaded or evicted
-    expires_at_unix: float | None = None  # None: not counting down (busy, queued, pinned)
-
-
 @dataclass(eq=False)
 class Instance:
     model: ModelFile
@@ -79,7 +58,7 @@ class Instance:
     last_used_s: float = 0.0
     ready_at_s: float = 0.0
     loading_since_s: float = 0.0
-    engine: LlamaEngine | None = None
+    engine: Engine | None = None
     worker: EngineWorker | None = None
     active: Generation | None = None
     slot: FifoSlot = field(default_factory=FifoSlot)

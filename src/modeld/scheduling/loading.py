@@ -16,13 +16,13 @@ from pathlib import Path
 import anyio
 from loguru import logger
 
-from modeld.config import Settings
 from modeld.engine.base import TokenLoop
+from modeld.engine.contract import Engine
 from modeld.engine.llama_engine import EngineSettings, LlamaEngine
 from modeld.engine.worker import EngineWorker
 from modeld.errors import ModeldError, ModelLoadFailed, ResourcesExhausted
+from modeld.events import EventHub, ModelLoadingProgress
 from modeld.gguf import OpenGguf
-from modeld.live_settings import LiveSettings
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.estimate import (
     FootprintEstimate,
@@ -32,9 +32,10 @@ from modeld.memory.estimate import (
 from modeld.memory.probe import MemoryProbe
 from modeld.redact import redact_paths
 from modeld.registry import ModelFile
-from modeld.scheduling.events import EventHub, ModelLoadingProgress
 from modeld.scheduling.file_guard import FileGuard
 from modeld.scheduling.instance import Instance
+from modeld.settings.config import Settings
+from modeld.settings.live import LiveSettings
 from modeld.sizes import MIB
 from modeld.types import context_sizes, embedding_context_sizes
 
@@ -47,7 +48,7 @@ PROCESS_CHARGE_ID = "(process)"
 # What a failed load may leave behind without being charged for it: allocator slack.
 LEAK_TOLERANCE_BYTES = 32 * MIB
 
-EngineFactory = Callable[[ModelFile, EngineSettings, TokenLoop, int], LlamaEngine]
+EngineFactory = Callable[[ModelFile, EngineSettings, TokenLoop, int], Engine]
 Reserve = Callable[[Instance, int], Awaitable[None]]
 
 
@@ -147,7 +148,7 @@ class Loader:
             self._progress(instance, "probe_loaded", 0.15)
         bound = replace(model, path=Path(opened.load_path))
 
-        def make_engine() -> LlamaEngine:
+        def make_engine() -> Engine:
             return self._engine_factory(bound, engine_settings, self._loop, header.context_length)
 
         if (
@@ -179,7 +180,7 @@ class Loader:
         instance.measured = measured
 
     async def _measure_process_bytes(
-        self, instance: Instance, make_engine: Callable[[], LlamaEngine]
+        self, instance: Instance, make_engine: Callable[[], Engine]
     ) -> None:
         """Charge the device memory this process keeps whatever is loaded: the CUDA
         context and the kernels loaded on first use (586 MiB on an H200 with CUDA 13).
@@ -225,16 +226,14 @@ class Loader:
         )
 
     def _engine_settings(self, model_id: str) -> EngineSettings:
-        """The global settings, with the model's own ``[models."<id>"]`` values on top."""
+        """The model's settings in force (see ``Settings.resolve``)."""
         settings = self.settings
-        own = settings.model(model_id)
+        model = settings.resolve(model_id)
         return EngineSettings(
-            n_ctx=own.n_ctx if own.n_ctx is not None else settings.n_ctx,
+            n_ctx=model.n_ctx,
             n_batch=settings.n_batch,
-            n_threads=own.threads if own.threads is not None else settings.n_threads,
-            n_gpu_layers=own.n_gpu_layers
-            if own.n_gpu_layers is not None
-            else settings.n_gpu_layers,
+            n_threads=model.threads,
+            n_gpu_layers=model.n_gpu_layers,
             use_mmap=not settings.no_mmap,
             prompt_reuse=settings.prompt_reuse,
         )
@@ -276,7 +275,7 @@ class Loader:
         self._events.publish(event)
 
     def _charge_after_load(
-        self, measured_bytes: int, estimate: FootprintEstimate, engine: LlamaEngine
+        self, measured_bytes: int, estimate: FootprintEstimate, engine: Engine
     ) -> int:
         """What a loaded instance costs the budget from now on.
 

@@ -1,102 +1,55 @@
 """``ModelManager``: the scheduler behind every request, usable without HTTP.
 
-Read it top to bottom: admission (global cap, queue depth), the instance (load on demand
-inside the budget, evicting LRU idle ones), the FIFO slot, the generation, the release.
+A façade over its parts, read in the order a request meets them: admission and
+deadlines (:mod:`~modeld.scheduling.admission`), the instance (:mod:`.pool`: loaded on
+demand inside the budget, :mod:`.room` evicting LRU idle ones), the FIFO slot
+(:mod:`.lines`), the hand-over to the worker and the release (:mod:`.launching`).
 """
 
 from __future__ import annotations
 
-import math
-import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Self
 
 import anyio
 from anyio.abc import TaskGroup
 from loguru import logger
 
-from modeld.config import Settings
-from modeld.engine.base import EngineClosed, TokenLoop
+from modeld.engine.base import TokenLoop
+from modeld.engine.contract import Request
 from modeld.engine.gpu import gpu_offload_available
-from modeld.engine.grammar import grammar_for_format
-from modeld.engine.worker import ThreadCall, WorkerStopped
-from modeld.errors import (
-    InferTimeout,
-    InvalidRequest,
-    ModeldError,
-    NoDefaultModel,
-    QueueFull,
-    QueueTimeout,
-    RequestNotFound,
-    ShuttingDown,
-    TooManyInflight,
-)
-from modeld.live_settings import LiveSettings
+from modeld.errors import ModeldError, NoDefaultModel
+from modeld.events import EventHub
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.probe import MemoryProbe, default_budget_mb, detect_probe
 from modeld.registry import ModelFile, Registry, check_model_id
+from modeld.scheduling.admission import Admission
 from modeld.scheduling.clock import Clock
-from modeld.scheduling.events import EventHub, GenerationFinished
-from modeld.scheduling.fifo import SlotTicket
-from modeld.scheduling.file_guard import GuardStatistics
-from modeld.scheduling.generation import Generation, RequestTiming
-from modeld.scheduling.history import EventHistory, RecentEvent
-from modeld.scheduling.instance import Instance, InstanceStatistics, ModelCounters
+from modeld.scheduling.generation import Generation
+from modeld.scheduling.history import EventHistory
+from modeld.scheduling.instance import ModelCounters
+from modeld.scheduling.launching import Launcher, embedding_inputs
 from modeld.scheduling.model_checks import check_model_settings
 from modeld.scheduling.pool import EngineFactory, InstancePool
+from modeld.settings.config import Settings
+from modeld.settings.live import LiveSettings
+from modeld.settings.per_model import ResolvedModel
 from modeld.sizes import MIB
+from modeld.statistics import InstanceStatistics, ManagerStatistics
 from modeld.types import (
-    MAX_EMBEDDING_INPUTS,
-    MAX_PROMPT_CHARS,
     ChatRequest,
     Chunk,
     DoneReason,
     EmbeddingResult,
     GenerationResult,
-    InferRequest,
-    ResponseFormat,
 )
 
-__all__ = ["CLOSE_TIMEOUT_S", "CounterStatistics", "ManagerStatistics", "ModelManager"]
-
-T = TypeVar("T")
-Request = InferRequest | ChatRequest
-Launch = Callable[[Instance, RequestTiming], Awaitable[T | None]]
+__all__ = ["CLOSE_TIMEOUT_S", "ManagerStatistics", "ModelManager"]
 
 CLOSE_TIMEOUT_S = 5.0  # at shutdown, after the grace: how long instances get to close
-
-
-@dataclass(frozen=True, slots=True)
-class CounterStatistics:
-    """A model's totals, kept after its instance is gone."""
-
-    model_id: str
-    loads_total: int
-    load_failures_total: int
-    evictions_total: int
-
-
-@dataclass(frozen=True, slots=True)
-class ManagerStatistics:
-    budget_mb: int
-    margin_mb: int
-    used_est_mb: float
-    server_time_unix: float
-    uptime_seconds: float
-    token_loop: str
-    memory_probe: str
-    admitted: int
-    running: int
-    accepting: bool
-    instances: tuple[InstanceStatistics, ...]
-    counters: tuple[CounterStatistics, ...]
-    crash_containment: GuardStatistics
-    recent_events: tuple[RecentEvent, ...] = ()
 
 
 class ModelManager:
@@ -136,14 +89,9 @@ class ModelManager:
         self._history = EventHistory()
         self.events.add_listener(self._history)
         self._gpu = settings.n_gpu_layers != 0 and gpu_offload_available()
-        if token_loop is None:
-            from modeld.engine.select import token_loop as select_token_loop
-
-            token_loop = select_token_loop(settings.token_loop)
-        self._loop = token_loop
+        self._loop = token_loop = token_loop or _token_loop(settings)
         self._probe = probe or detect_probe(prefer_gpu=self._gpu)
-        budget_mb = settings.vram_budget_mb or default_budget_mb(self._gpu)
-        self._budget = MemoryBudget(budget_mb, min(settings.vram_margin_mb, budget_mb))
+        self._budget = _budget(settings, self._gpu)
         self._pool = InstancePool(
             live,
             registry=self.registry,
@@ -152,18 +100,16 @@ class ModelManager:
             probe=self._probe,
             budget=self._budget,
             gpu=self._gpu,
-            retry_after_s=self._retry_after_s,
+            retry_after_s=lambda ahead: self._admission.retry_after_s(ahead),
             engine_factory=engine_factory,
             clock=clock,
         )
-        self._generations: dict[str, Generation] = {}
-        self._admitted = 0
+        self._admission = Admission(live, self._pool)
+        self._launcher = Launcher(live, self._pool, self.events, self._admission)
+        self._generations = self._launcher.generations  # running, by request id
         self._started_s = time.monotonic()
-        self._generation_s_ewma = 1.0
         self._close_timeout_s = close_timeout_s
         self._task_group: TaskGroup | None = None
-
-    # ----------------------------------------------------------------- lifecycle
 
     async def __aenter__(self) -> Self:
         """Raises :class:`ConfigError` naming a bad ``[models."<id>"]`` table."""
@@ -176,15 +122,8 @@ class ModelManager:
         self._pool.start(self._task_group)
         for model_id, own in self.settings.models.items():
             if own.pin:
-                self._task_group.start_soon(self._load_pinned, model_id)
+                self._task_group.start_soon(_load_pinned, self._pool, model_id)
         return self
-
-    async def _load_pinned(self, model_id: str) -> None:
-        """A pinned model loads at start; a failure is logged (and shown in /status)."""
-        try:
-            await self._pool.load(model_id, pin=True)
-        except ModeldError as exc:
-            logger.warning("pinned model did not load", model=model_id, error=exc.message)
 
     async def __aexit__(
         self,
@@ -207,12 +146,8 @@ class ModelManager:
         Idempotent.
         """
         self._pool.accepting = False
-        with anyio.move_on_after(grace_s):
-            while self._generations:
-                await self._pool.wait_changed(None)
-        for generation in list(self._generations.values()):
-            generation.cancel(DoneReason.SHUTDOWN)
-        abandoned = await self._pool.unload_all(DoneReason.SHUTDOWN, self._close_timeout_s)
+        await self._launcher.drain(grace_s)
+        abandoned = await self._pool.unloader.unload_all(DoneReason.SHUTDOWN, self._close_timeout_s)
         self.events.close()
         return abandoned
 
@@ -224,8 +159,6 @@ class ModelManager:
     @property
     def accepting(self) -> bool:
         return self._pool.accepting
-
-    # ----------------------------------------------------------------- queries
 
     async def models(self) -> list[ModelFile]:
         """Rescan the models dir (files added later are found without a restart).
@@ -239,48 +172,19 @@ class ModelManager:
         return str(instance.state) if instance else "unloaded"
 
     def is_ready(self, model_id: str | None = None) -> bool:
-        if model_id is not None:
-            instance = self._pool.get(model_id)
-            return instance is not None and instance.is_ready()
-        return any(i.is_ready() for i in self._pool.all())
+        instances = self._pool.all() if model_id is None else [self._pool.get(model_id)]
+        return any(i is not None and i.is_ready() for i in instances)
 
     def stalled_loads(self) -> list[str]:
         """Models whose load has run past ``--load-timeout``: the watchdog's signal."""
         return self._pool.stalled_loads()
 
     def statistics(self) -> ManagerStatistics:
-        now_s, now_unix = time.monotonic(), time.time()
-        return ManagerStatistics(
-            budget_mb=self._budget.budget_mb,
-            margin_mb=self._budget.margin_mb,
-            used_est_mb=round(self._budget.used_bytes / MIB, 3),
-            server_time_unix=now_unix,
-            uptime_seconds=round(now_s - self._started_s, 3),
-            token_loop=str(self._loop.kind),
-            memory_probe=self._probe.kind,
-            admitted=self._admitted,
-            running=len(self._generations),
-            accepting=self._pool.accepting,
-            instances=tuple(self._pool.statistics(now_s, now_unix)),
-            counters=tuple(
-                CounterStatistics(
-                    model_id=model_id,
-                    loads_total=counts.loads_total,
-                    load_failures_total=counts.load_failures_total,
-                    evictions_total=counts.evictions_total,
-                )
-                for model_id, counts in sorted(self._pool.counters.items())
-            ),
-            crash_containment=self._pool.guard.statistics(),
-            recent_events=self._history.statistics(),
-        )
+        return _statistics(self)
 
-    # ----------------------------------------------------------------- generation
-
-    @asynccontextmanager
-    async def stream(
+    def stream(
         self, request: Request, *, request_id: str | None = None
-    ) -> AsyncIterator[Generation]:
+    ) -> AbstractAsyncContextManager[Generation]:
         """Admit, load, queue and start one generation; yields it once the loop runs.
 
         Raises before yielding: :class:`InvalidRequest` (and, for chat,
@@ -292,26 +196,7 @@ class ModelManager:
         Leaving the block early cancels the generation. Cancelled at any await, it leaves
         nothing behind: no admission, no place in the queue, no held slot.
         """
-        request_id = request_id or uuid.uuid4().hex
-        if request_id in self._generations:
-            raise InvalidRequest(f"request id {request_id!r} is already running")
-        grammar = await _grammar_for(request.format)  # before anything is held
-        model_id = self.model_id(request.model)
-        ticket = self._admit(model_id)  # a place in the model's line, owned from here
-        try:
-
-            def launch(instance: Instance, timing: RequestTiming) -> Awaitable[Generation | None]:
-                return self._launch(instance, request, grammar, request_id, timing, ticket)
-
-            generation = await self._start(model_id, ticket, launch)
-            try:
-                yield generation
-            finally:
-                await generation.aclose()
-        finally:
-            ticket.release()  # a no-op unless nothing took it over (idempotent)
-            self._admitted -= 1
-            self._pool.forget_slot_if_unused(model_id)
+        return self._launcher.stream(request, request_id, self.resolve)
 
     def stream_chat(
         self, request: ChatRequest, *, request_id: str | None = None
@@ -320,26 +205,17 @@ class ModelManager:
         chat template (its own, or the one configured for it)."""
         return self.stream(request, request_id=request_id)
 
-    async def generate(
+    def generate(
         self, request: Request, *, request_id: str | None = None
     ) -> AsyncIterator[Chunk | GenerationResult]:
         """Chunks as they come, then the one :class:`GenerationResult`."""
-        async with self.stream(request, request_id=request_id) as generation:
-            async for chunk in generation:
-                yield chunk
-        assert generation.result is not None
-        yield generation.result
+        return _chunks_then_result(self.stream(request, request_id=request_id))
 
     async def complete(
         self, request: Request, *, request_id: str | None = None
     ) -> tuple[str, GenerationResult]:
         """The whole text and the result, for callers that do not stream."""
-        parts: list[str] = []
-        async with self.stream(request, request_id=request_id) as generation:
-            async for chunk in generation:
-                parts.append(chunk.text)
-        assert generation.result is not None
-        return "".join(parts), generation.result
+        return await _whole(self.stream(request, request_id=request_id))
 
     async def chat(
         self, request: ChatRequest, *, request_id: str | None = None
@@ -363,54 +239,29 @@ class ModelManager:
         :meth:`stream` raises before yielding. Cancelled, it stops between inputs.
         ``keep_alive`` is how long the model stays loaded afterwards, as for a generation.
         """
-        texts = _embedding_inputs(inputs)
-        model_id = self.model_id(model)
-        ticket = self._admit(model_id)
-        cancelled = threading.Event()
-        timings: list[RequestTiming] = []
-        try:
-
-            def launch(instance: Instance, timing: RequestTiming) -> Awaitable[Any]:
-                timings[:] = [timing]
-                self._pool.idle.used(instance, keep_alive)
-                return self._launch_embedding(instance, texts, cancelled, timing)
-
-            call: ThreadCall[tuple[list[list[float]], int]] = await self._start(
-                model_id, ticket, launch
-            )
-            try:
-                vectors, prompt_tokens = await call.wait()
-            except BaseException:
-                cancelled.set()
-                ticket.release_when(call.when_done)  # the model is busy until it stops
-                raise
-            (timing,) = timings
-            return EmbeddingResult(
-                model=model_id,
-                embeddings=vectors,
-                prompt_tokens=prompt_tokens,
-                load_ms=timing.load_s * 1000,
-                total_ms=(time.monotonic() - timing.admitted_s) * 1000,
-            )
-        finally:
-            ticket.release()
-            self._admitted -= 1
-            self._pool.forget_slot_if_unused(model_id)
+        return await self._launcher.embed(
+            self.model_id(model), embedding_inputs(inputs), keep_alive
+        )
 
     def cancel_request(self, request_id: str) -> None:
         """Cancel a running generation by id. Raises :class:`RequestNotFound`."""
-        generation = self._generations.get(request_id)
-        if generation is None:
-            raise RequestNotFound(f"no running request {request_id!r}")
-        generation.cancel(DoneReason.CANCELLED)
+        self._launcher.cancel(request_id)
 
-    def model_id(self, name: str | None) -> str:
-        """The model id a request's ``model`` names: the default model when None, an
-        alias resolved. Raises :class:`NoDefaultModel`, :class:`InvalidModelId`."""
+    def resolve(self, name: str | None) -> ResolvedModel:
+        """The model a request's ``model`` names (None: the default model; an alias
+        resolved) with its settings in force: id, context, threads, GPU layers,
+        keep-alive, chat template, sampling defaults. Raises :class:`NoDefaultModel`,
+        :class:`InvalidModelId`."""
         name = name or self.settings.default_model
         if not name:
             raise NoDefaultModel("no model given and no --default-model configured")
-        return check_model_id(self.settings.resolve_model_name(name))
+        model = self.settings.resolve(name)
+        check_model_id(model.id)
+        return model
+
+    def model_id(self, name: str | None) -> str:
+        """:meth:`resolve`'s id."""
+        return self.resolve(name).id
 
     def sampling_defaults(self, name: str | None) -> Mapping[str, object]:
         """The configured defaults of :class:`SamplingParams` fields for the model a
@@ -418,186 +269,7 @@ class ModelManager:
         request from what a client sent: they fill the fields it did not set. Empty for
         a model without a table; never raises (the request's own checks come later)."""
         name = name or self.settings.default_model
-        if not name:
-            return {}
-        return self.settings.model(self.settings.resolve_model_name(name)).defaults
-
-    def _admit(self, model_id: str) -> SlotTicket:
-        """Refuse at once past a cap; otherwise join the model's line (no await)."""
-        if not self._pool.accepting:
-            raise ShuttingDown("modeld is shutting down")
-        cap = self.settings.max_inflight
-        if cap is not None and self._admitted >= cap:
-            raise TooManyInflight(
-                f"{self._admitted} requests in flight (cap {cap})", self._retry_after_s(cap)
-            )
-        slot = self._pool.slot_for(model_id)
-        depth = self.settings.max_queue_depth
-        if slot.busy and slot.queue_len >= depth:
-            raise QueueFull(
-                f"{model_id}: {slot.queue_len} requests queued (depth {depth})",
-                self._retry_after_s(slot.queue_len),
-            )
-        self._admitted += 1
-        return slot.join()
-
-    def _retry_after_s(self, ahead: int) -> float:
-        """Requests ahead times the recent mean generation time, at least a second."""
-        return float(max(1, math.ceil(ahead * self._generation_s_ewma)))
-
-    async def _start(self, model_id: str, ticket: SlotTicket, launch: Launch[T]) -> T:
-        """Wait for the ticket's turn and a ready instance, then ``launch`` on it (None:
-        the instance went away meanwhile; it is loaded again, still first in line)."""
-        timing = RequestTiming()
-        deadline_s = timing.admitted_s + self.settings.max_wait_ms / 1000
-        timeout = self.settings.infer_timeout
-        if timeout is not None and timing.admitted_s + timeout < deadline_s:
-            deadline_s = timing.admitted_s + timeout
-            try:
-                with anyio.fail_after(max(0.0, deadline_s - time.monotonic())):
-                    # the inner deadline only bounds the load's memory wait; this scope,
-                    # a moment earlier, is the one that fires
-                    inner_deadline_s = deadline_s + 1.0
-                    return await self._start_within(
-                        model_id, ticket, timing, inner_deadline_s, launch
-                    )
-            except TimeoutError:
-                raise InferTimeout(
-                    f"{model_id}: not started within --infer-timeout ({timeout:g} s)"
-                ) from None
-        return await self._start_within(model_id, ticket, timing, deadline_s, launch)
-
-    async def _start_within(
-        self,
-        model_id: str,
-        ticket: SlotTicket,
-        timing: RequestTiming,
-        deadline_s: float,
-        launch: Launch[T],
-    ) -> T:
-        # The ticket keeps the request's place in the model's line from admission on,
-        # across the file lookup and the load: the order of arrival is the order of
-        # service, whatever happens to the instance meanwhile.
-        try:
-            model = await self.registry.lookup(model_id)  # an unknown model: 404 at once
-            try:
-                await ticket.wait(max(0.0, deadline_s - time.monotonic()))
-            except TimeoutError:
-                queue_len = self._pool.slot_for(model_id).queue_len
-                raise QueueTimeout(
-                    f"{model_id}: waited {self.settings.max_wait_ms} ms in the queue",
-                    self._retry_after_s(queue_len + 1),
-                ) from None
-            while True:
-                load_started_s = time.monotonic()
-                instance = await self._pool.ready_instance(model, deadline_s)
-                timing.load_s += time.monotonic() - load_started_s
-                timing.deadline_s = deadline_s
-                launched = await launch(instance, timing)
-                if launched is not None:
-                    return launched
-                # unloaded between the load and the launch: load it again, still first
-        except BaseException:
-            ticket.release()
-            raise
-
-    async def _launch(
-        self,
-        instance: Instance,
-        request: Request,
-        grammar: str | None,
-        request_id: str,
-        timing: RequestTiming,
-        ticket: SlotTicket,
-    ) -> Generation | None:
-        """Prepare the prompt and start the loop on the instance's worker; None when the
-        instance went away meanwhile. The generation takes over ``ticket``."""
-        engine, worker = instance.engine, instance.worker
-        if engine is None or worker is None:
-            return None
-        chat_template = self.settings.model(instance.model_id).chat_template
-
-        def prepare_on_worker() -> list[int]:
-            if isinstance(request, ChatRequest):
-                tokens = engine.prepare_chat(request.messages, request.max_tokens, chat_template)
-            else:
-                tokens = engine.prepare(request.prompt, request.max_tokens)
-            if grammar is not None:
-                engine.check_grammar(grammar)  # refused here, before any byte is sent
-            return tokens
-
-        first_use = self._pool.first_use  # the first generation runs in a stage marker
-        prepare = worker.submit(first_use(instance, prepare_on_worker))
-        try:
-            prompt_tokens = await prepare.wait()
-        except (WorkerStopped, EngineClosed):
-            return None
-        except BaseException:
-            # The worker may still be tokenizing: the model stays busy (and visibly so)
-            # until it is done, and the next request does not queue behind it unseen.
-            ticket.release_when(prepare.when_done)
-            raise
-        if not instance.is_ready():
-            return None
-        ring = engine.new_ring()
-        call = worker.submit(
-            first_use(instance, lambda: engine.generate(ring, prompt_tokens, request, grammar))
-        )
-        instance.generations_started += 1
-        timing.started_s = time.monotonic()
-        instance.last_used_s = timing.started_s
-        self._pool.idle.used(instance, request.keep_alive)
-        timeout = self.settings.infer_timeout
-        generation = Generation(
-            request_id=request_id,
-            model_id=instance.model_id,
-            ring=ring,
-            call=call,
-            timing=timing,
-            deadline_s=timing.admitted_s + timeout if timeout else None,
-            on_finished=lambda g: self._finished(instance, g, timing, ticket),
-        )
-        instance.active = generation
-        self._generations[request_id] = generation
-        return generation
-
-    async def _launch_embedding(
-        self,
-        instance: Instance,
-        texts: list[str],
-        cancelled: threading.Event,
-        timing: RequestTiming,
-    ) -> ThreadCall[tuple[list[list[float]], int]] | None:
-        """Charge the embedding context (first use) and start the embedding on the
-        instance's worker; None when the instance went away meanwhile."""
-        try:
-            await self._pool.reserve_embedding(instance, timing.deadline_s)
-        except EngineClosed:
-            return None
-        engine, worker = instance.engine, instance.worker
-        if engine is None or worker is None or not instance.is_ready():
-            return None
-        instance.last_used_s = time.monotonic()
-        return worker.submit(lambda: engine.embed(texts, cancelled.is_set))
-
-    def _finished(
-        self, instance: Instance, generation: Generation, timing: RequestTiming, ticket: SlotTicket
-    ) -> None:
-        now_s = time.monotonic()
-        self._generation_s_ewma = 0.8 * self._generation_s_ewma + 0.2 * (now_s - timing.started_s)
-        instance.last_used_s = now_s
-        if instance.active is generation:
-            instance.active = None
-        self._generations.pop(generation.request_id, None)
-        ticket.release()
-        self._pool.notify_changed()
-        if generation.result is not None:
-            if generation.result.metrics.completion_tokens:
-                rate = generation.result.metrics.tokens_per_second
-                instance.counters.last_tokens_per_second = rate
-            self.events.publish(GenerationFinished(result=generation.result))
-
-    # ----------------------------------------------------------------- instances
+        return self.settings.resolve(name).defaults if name else {}
 
     async def load(
         self, model_id: str, *, pin: bool | None = None, keep_alive: str | float | None = None
@@ -621,36 +293,66 @@ class ModelManager:
         Raises :class:`InvalidModelId` for unsafe ids, :class:`ModelNotFound` when it is
         not loaded.
         """
-        await self._pool.unload_model(model_id)
+        await self._pool.unloader.unload_model(model_id)
 
     @property
     def counters(self) -> Mapping[str, ModelCounters]:
-        return self._pool.counters
+        return self._pool.lines.counters
 
 
-async def _grammar_for(response_format: ResponseFormat | None) -> str | None:
-    """The grammar enforcing ``response_format``, converted off the event loop (a schema
-    may be large). Raises :class:`InvalidRequest` naming ``format``."""
-    if response_format is None:
-        return None
-    return await anyio.to_thread.run_sync(grammar_for_format, response_format)
+async def _load_pinned(pool: InstancePool, model_id: str) -> None:
+    """A pinned model loads at start; a failure is logged (and shown in /status)."""
+    try:
+        await pool.load(model_id, pin=True)
+    except ModeldError as exc:
+        logger.warning("pinned model did not load", model=model_id, error=exc.message)
 
 
-def _embedding_inputs(inputs: Sequence[str]) -> list[str]:
-    """Raises :class:`InvalidRequest` (field ``input``) unless 1 to
-    :data:`MAX_EMBEDDING_INPUTS` non-empty strings of at most :data:`MAX_PROMPT_CHARS`."""
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    texts = list(inputs)
-    if not 1 <= len(texts) <= MAX_EMBEDDING_INPUTS:
-        raise InvalidRequest(
-            f"give 1 to {MAX_EMBEDDING_INPUTS} inputs, not {len(texts)}", field="input"
-        )
-    for index, text in enumerate(texts):
-        if not isinstance(text, str) or not text:
-            raise InvalidRequest(f"input {index} is not a non-empty string", field="input")
-        if len(text) > MAX_PROMPT_CHARS:
-            raise InvalidRequest(
-                f"input {index} is over {MAX_PROMPT_CHARS} characters", field="input"
-            )
-    return texts
+def _token_loop(settings: Settings) -> TokenLoop:
+    from modeld.engine.select import token_loop
+
+    return token_loop(settings.token_loop)
+
+
+def _budget(settings: Settings, gpu: bool) -> MemoryBudget:
+    budget_mb = settings.vram_budget_mb or default_budget_mb(gpu)
+    return MemoryBudget(budget_mb, min(settings.vram_margin_mb, budget_mb))
+
+
+def _statistics(manager: ModelManager) -> ManagerStatistics:
+    now_s, now_unix = time.monotonic(), time.time()
+    return ManagerStatistics(
+        budget_mb=manager._budget.budget_mb,
+        margin_mb=manager._budget.margin_mb,
+        used_est_mb=round(manager._budget.used_bytes / MIB, 3),
+        server_time_unix=now_unix,
+        uptime_seconds=round(now_s - manager._started_s, 3),
+        token_loop=str(manager._loop.kind),
+        memory_probe=manager._probe.kind,
+        admitted=manager._admission.admitted,
+        running=len(manager._generations),
+        accepting=manager._pool.accepting,
+        instances=tuple(manager._pool.statistics(now_s, now_unix)),
+        counters=manager._pool.lines.statistics(),
+        crash_containment=manager._pool.guard.statistics(),
+        recent_events=manager._history.statistics(),
+    )
+
+
+async def _chunks_then_result(
+    stream: AbstractAsyncContextManager[Generation],
+) -> AsyncIterator[Chunk | GenerationResult]:
+    async with stream as generation:
+        async for chunk in generation:
+            yield chunk
+    assert generation.result is not None
+    yield generation.result
+
+
+async def _whole(stream: AbstractAsyncContextManager[Generation]) -> tuple[str, GenerationResult]:
+    parts: list[str] = []
+    async with stream as generation:
+        async for chunk in generation:
+            parts.append(chunk.text)
+    assert generation.result is not None
+    return "".join(parts), generation.result

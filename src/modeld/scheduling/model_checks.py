@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from modeld.chat import ChatTemplate
-from modeld.config import Settings
 from modeld.engine.chat_format import builtin_chat_templates, read_template_file
 from modeld.errors import ChatTemplateError, ConfigError
-from modeld.model_settings import template_file
+from modeld.settings.config import Settings
+from modeld.settings.per_model import template_file
 
 __all__ = ["check_model_settings"]
 

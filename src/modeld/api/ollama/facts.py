@@ -9,10 +9,10 @@ from datetime import UTC, datetime
 
 import anyio
 
-from modeld.config import Settings
 from modeld.errors import ModelInvalid, ModelsDirUnavailable
 from modeld.gguf import FileIdentity, GgufMetadata, read_gguf_metadata
 from modeld.registry import FS_TIMEOUT_S, ModelFile
+from modeld.settings.config import Settings
 
 __all__ = [
     "CHAT_TEMPLATE_KEY",

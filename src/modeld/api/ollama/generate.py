@@ -36,9 +36,9 @@ from modeld.api.ollama.wire import (
 )
 from modeld.api.streaming import GenerationResponse, collect_watched, start_watched
 from modeld.errors import InvalidRequest
-from modeld.keep_alive import KeepAlive, keep_alive_seconds
 from modeld.observability.logging import prompt_logging_enabled
 from modeld.scheduling.manager import ModelManager
+from modeld.settings.keep_alive import KeepAlive, keep_alive_seconds
 from modeld.types import ChatRequest, InferRequest
 
 __all__ = ["Generating", "load_or_unload"]

@@ -23,10 +23,10 @@ from modeld.api.ollama.names import model_id_for, naming, ollama_name
 from modeld.api.ollama.wire import ModelBody, json_response
 from modeld.errors import InvalidRequest, ModeldError, Unsupported
 from modeld.gguf import GgufMetadata
-from modeld.keep_alive import FOREVER_S
-from modeld.scheduling.instance import InstanceStatistics
 from modeld.scheduling.manager import ModelManager
+from modeld.settings.keep_alive import FOREVER_S
 from modeld.sizes import MIB
+from modeld.statistics import InstanceStatistics
 from modeld.types import InstanceState, context_sizes
 
 __all__ = ["ModelListings", "unsupported", "version"]

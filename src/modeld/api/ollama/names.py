@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from modeld.config import Settings
 from modeld.errors import InvalidModelId, ModelNotFound
 from modeld.registry import check_model_id
+from modeld.settings.config import Settings
 
 __all__ = ["LATEST", "model_id_for", "naming", "ollama_name", "unknown_model"]
 

@@ -22,7 +22,7 @@ from modeld.errors import (
     ModelUnloaded,
     ShuttingDown,
 )
-from modeld.keep_alive import KeepAlive
+from modeld.settings.keep_alive import KeepAlive
 from modeld.types import DoneReason, GenerationResult
 
 __all__ = [

@@ -17,12 +17,13 @@ from typing import Annotated, Any
 import msgspec
 
 from modeld.errors import ConfigError
-from modeld.keep_alive import DEFAULT_KEEP_ALIVE, KeepAlive, explain_validation_error
-from modeld.model_settings import (
+from modeld.settings.keep_alive import DEFAULT_KEEP_ALIVE, KeepAlive, explain_validation_error
+from modeld.settings.per_model import (
     NO_MODEL_SETTINGS,
     ContextTokens,
     GpuLayers,
     ModelSettings,
+    ResolvedModel,
     Threads,
     check_models_table,
     flatten_table,
@@ -98,6 +99,20 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     def model(self, model_id: str) -> ModelSettings:
         """``model_id``'s own settings (all "as the global setting" when it has none)."""
         return self.models.get(model_id, NO_MODEL_SETTINGS)
+
+    def resolve(self, name: str) -> ResolvedModel:
+        """The model ``name`` (an id or an alias) stands for, with its settings in force.
+
+        No check of the id: the caller decides what an unsafe one means."""
+        model_id = self.resolve_model_name(name)
+        return ResolvedModel.of(
+            model_id,
+            self.model(model_id),
+            n_ctx=self.n_ctx,
+            threads=self.n_threads,
+            n_gpu_layers=self.n_gpu_layers,
+            keep_alive=self.keep_alive,
+        )
 
     def resolve_model_name(self, name: str) -> str:
         """The model id an alias stands for; any other name as it is."""

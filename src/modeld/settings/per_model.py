@@ -8,12 +8,15 @@ is one field of :class:`ModelSettings`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any
 
 import msgspec
 
-from modeld.keep_alive import KeepAlive
+from modeld.settings.keep_alive import KeepAlive
 from modeld.sizes import MAX_CONTEXT_TOKENS
 from modeld.types import SamplingParams
 
@@ -23,6 +26,7 @@ __all__ = [
     "ContextTokens",
     "GpuLayers",
     "ModelSettings",
+    "ResolvedModel",
     "Threads",
     "check_models_table",
     "flatten_table",
@@ -69,6 +73,46 @@ class ModelSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
 
 
 NO_MODEL_SETTINGS = ModelSettings()
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedModel:
+    """What one model runs with: its id (an alias resolved) and each per-model setting
+    in force, its own value else the global one. Made by ``Settings.resolve``, the one
+    place that rule is written; read by loading, idle unload, the manager and the
+    protocol layers."""
+
+    id: str
+    n_ctx: int
+    threads: int
+    n_gpu_layers: int
+    keep_alive: KeepAlive
+    chat_template: str | None
+    pin: bool
+    defaults: Mapping[str, object]  # its SamplingParams defaults (read-only)
+
+    @classmethod
+    def of(
+        cls,
+        model_id: str,
+        own: ModelSettings,
+        *,
+        n_ctx: int,
+        threads: int,
+        n_gpu_layers: int,
+        keep_alive: KeepAlive,
+    ) -> ResolvedModel:
+        """``own`` over the global values given."""
+        return cls(
+            id=model_id,
+            n_ctx=n_ctx if own.n_ctx is None else own.n_ctx,
+            threads=threads if own.threads is None else own.threads,
+            n_gpu_layers=n_gpu_layers if own.n_gpu_layers is None else own.n_gpu_layers,
+            keep_alive=keep_alive if own.keep_alive is None else own.keep_alive,
+            chat_template=own.chat_template,
+            pin=own.pin,
+            defaults=MappingProxyType(dict(own.defaults)),
+        )
 
 
 def template_file(chat_template: str) -> Path | None:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import msgspec
 
-from modeld.config import Settings
-from modeld.observability.logging import set_log_level
+from modeld.settings.config import Settings
+from modeld.settings.log_level import set_log_level
 
 __all__ = ["RESTART_REQUIRED", "LiveSettings", "ReloadOutcome", "SettingChange"]
 

@@ -1,6 +1,6 @@
 """The ``modeld`` command: ``modeld serve``, ``modeld models``, ``modeld quarantine``;
 ``status``, ``ps``, ``load``, ``unload`` and ``run`` talk to a running server
-(modeld.client_commands)."""
+(modeld.cli.commands)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import msgspec
 
-from modeld.client_commands import CLIENT_COMMANDS, add_client_commands, run_client_command
-from modeld.config import Settings, add_settings_arguments, load_settings
+from modeld.cli.commands import CLIENT_COMMANDS, add_client_commands, run_client_command
+from modeld.cli.quarantine import add_quarantine_parser, pop_quarantine_options, run_quarantine
 from modeld.errors import ConfigError
-from modeld.model_settings import ModelSettings
 from modeld.observability.logging import configure_logging
-from modeld.quarantine_cli import add_quarantine_parser, pop_quarantine_options, run_quarantine
+from modeld.settings.config import Settings, add_settings_arguments, load_settings
+from modeld.settings.per_model import ModelSettings
 
 __all__ = ["main"]
 

@@ -13,11 +13,12 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from modeld.config import Settings, add_settings_arguments
 from modeld.errors import InvalidModelId
 from modeld.gguf import FileIdentity
+from modeld.observability.audit import audit
 from modeld.registry import check_model_id
-from modeld.scheduling.file_guard import audit, operator_name
+from modeld.scheduling.file_guard import operator_name
+from modeld.settings.config import Settings, add_settings_arguments
 from modeld.state import FileVerdicts, StateDir, Verdict
 
 __all__ = ["add_quarantine_parser", "pop_quarantine_options", "run_quarantine"]

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
-from modeld.client import ClientError, EventStream, ModeldClient, ServerError
+from modeld.cli.client import ClientError, EventStream, ModeldClient, ServerError
 
 __all__ = ["CLIENT_COMMANDS", "add_client_commands", "default_url", "run_client_command"]
 

@@ -1,0 +1,99 @@
+"""What the scheduler needs of an engine, and the one hand-over of a request to it.
+
+The scheduler hands a request to the model's worker once: :func:`run_request` prepares
+it there (the prompt tokenized, or the conversation rendered through the chat template
+and tokenized; both checked against the context; a grammar checked against the
+vocabulary), says so, and generates from what it prepared. The prepared tokens never
+leave the worker, and nothing above ``engine/`` looks at the request's kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from modeld.engine.base import RING_CAPACITY_BYTES, LoopOutcome, StopCode, TokenRing
+from modeld.types import ChatRequest, ContextSizes, InferRequest, SamplingParams
+
+__all__ = ["Engine", "PreparedRequest", "Recipe", "Request", "run_request"]
+
+Request = InferRequest | ChatRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    """What the scheduler settled for a request before it reached the worker: the
+    grammar its ``format`` converts to, the model's configured chat template."""
+
+    grammar: str | None = None
+    chat_template: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """A request made ready to generate on one engine; it stays on that engine's
+    worker thread."""
+
+    tokens: list[int]
+    params: SamplingParams
+    grammar: str | None
+
+
+class Engine(Protocol):
+    """One loaded model and its context, used only from the thread that made it.
+
+    Every method but :meth:`new_ring` raises ``NotOwnerThread`` from another thread,
+    and ``EngineClosed`` after :meth:`close`.
+    """
+
+    label: str
+    sizes: ContextSizes
+    model_size_bytes: int  # llama.cpp's own count of the weights
+
+    def new_ring(self, capacity_bytes: int = RING_CAPACITY_BYTES) -> TokenRing: ...
+
+    def prepare_request(self, request: Request, recipe: Recipe) -> PreparedRequest:
+        """Tokenize and check; raises ``InvalidRequest`` (naming the field),
+        ``NoChatTemplate``, ``ChatTemplateError``."""
+        ...
+
+    def generate(
+        self,
+        ring: TokenRing,
+        prompt_tokens: Sequence[int],
+        params: SamplingParams,
+        grammar: str | None = None,
+    ) -> LoopOutcome:
+        """Run the token loop into ``ring`` and finish it; failures come back as
+        ``StopCode.ERROR``."""
+        ...
+
+    def embed(
+        self, texts: Sequence[str], cancelled: Callable[[], bool]
+    ) -> tuple[list[list[float]], int]: ...
+
+    def warm_up(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def run_request(
+    engine: Engine,
+    request: Request,
+    recipe: Recipe,
+    ring: TokenRing,
+    prepared: Callable[[], None],
+) -> LoopOutcome:
+    """On the worker: prepare ``request``, call ``prepared()``, then generate into ``ring``.
+
+    A preparation that raises ends here (nothing generated; the ring is left to its
+    owner). A ring cancelled while the request was being prepared (its client left)
+    ends as ``StopCode.CANCELLED`` before anything is evaluated.
+    """
+    work = engine.prepare_request(request, recipe)
+    prepared()
+    if ring.cancelled:
+        ring.finish()
+        return LoopOutcome(StopCode.CANCELLED, len(work.tokens), 0, 0.0, 0.0)
+    return engine.generate(ring, work.tokens, work.params, work.grammar)

@@ -1,0 +1,80 @@
+"""Constructing a ``llama_cpp.Llama`` (and freeing what a failed construction left), and
+routing llama.cpp's own log lines into modeld's log."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import traceback
+from typing import Any
+
+import jinja2
+import llama_cpp
+from loguru import logger
+
+from modeld.errors import ModelLoadFailed
+from modeld.redact import redact_paths
+
+__all__ = ["load_llama", "malloc_trim", "route_llama_log"]
+
+# ggml_log_level in the llama.cpp this release vendors (ggml.h): 1 debug, 2 info, 3 warn,
+# 4 error, 5 continuation. (llama-cpp-python's own mapping still follows an older enum.)
+_LLAMA_LOG_LEVELS = {3: "WARNING", 4: "ERROR"}
+
+
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+def route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    """llama.cpp's warnings and errors as modeld log records instead of raw stderr text;
+    its info and debug chatter (hundreds of lines per load) is dropped at the source."""
+    name = _LLAMA_LOG_LEVELS.get(level)
+    message = text.decode("utf-8", "replace").strip() if name else ""
+    if name and message:
+        # "{}": llama.cpp text may hold braces, which loguru would take as a format
+        logger.log(name, "{}", redact_paths(message), source="llama.cpp")
+
+
+llama_cpp.llama_log_set(route_llama_log, ctypes.c_void_p(0))
+
+
+def load_llama(path: str, label: str, **params: Any) -> llama_cpp.Llama:
+    """``Llama(**params)``, and on any failure whatever it allocated is freed now.
+
+    A ``Llama`` whose ``__init__`` raises has often created its model and context
+    already (a ``MemoryError`` from its logits array comes last); the exception's
+    traceback keeps the half-built object alive for as long as the exception lives, so
+    that memory stayed held (about 1 GB of address space for Gemma) while the budget
+    counted it free. Here the object is closed, the traceback dropped (the cause is kept
+    for its type and message), and the heap trimmed.
+    Raises :class:`ModelLoadFailed` (paths in llama.cpp's message become ``label``).
+    """
+    llama = llama_cpp.Llama.__new__(llama_cpp.Llama)
+    try:
+        llama.__init__(**params)  # type: ignore[misc]
+    except (Exception, MemoryError) as exc:
+        message = _failure_message(exc, path, label)
+        if hasattr(llama, "_stack"):
+            with contextlib.suppress(Exception):
+                llama.close()
+        traceback.clear_frames(exc.__traceback__)
+        exc.__traceback__ = None
+        del llama
+        malloc_trim()
+        raise ModelLoadFailed(message) from exc
+    return llama
+
+
+def _failure_message(error: BaseException, path: str, label: str) -> str:
+    if isinstance(error, MemoryError):
+        return f"{label}: out of memory while llama.cpp loaded it ({error})"
+    if isinstance(error, jinja2.TemplateError):  # llama-cpp-python compiles it (never runs it)
+        return redact_paths(
+            f"{label}: llama-cpp-python cannot compile the file's chat template: {error}"
+        )
+    text = str(error).replace(path, label)
+    return redact_paths(f"llama.cpp could not load {label}: {text}")
+
+
+def malloc_trim() -> None:
+    """Hand freed heap pages back to the OS so RSS reflects what is really held."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -1,0 +1,87 @@
+"""The frozen snapshots the core hands out (``ModelManager.statistics()`` and its
+parts): read by ``/status``, ``/metrics``, the Ollama layer and the Ray router.
+
+A leaf: it imports only :mod:`modeld.types`, so whoever reads a snapshot imports nothing
+of the scheduler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from modeld.types import InstanceState
+
+__all__ = [
+    "CounterStatistics",
+    "GuardStatistics",
+    "InstanceStatistics",
+    "ManagerStatistics",
+    "RecentEvent",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceStatistics:
+    model_id: str
+    state: InstanceState
+    last_used_unix: float
+    est_vram_mb: float
+    measured: bool
+    queue_len: int
+    inflight: int
+    loads_total: int
+    evictions_total: int
+    last_error: str | None
+    uptime_seconds: float
+    pinned: bool
+    retry_in_seconds: float
+    last_tokens_per_second: float = 0.0
+    load_stage: str | None = None  # while loading: the last stage reached
+    load_progress: float = 0.0
+    keep_alive_seconds: float | None = None  # None: kept loaded until unloaded or evicted
+    expires_at_unix: float | None = None  # None: not counting down (busy, queued, pinned)
+
+
+@dataclass(frozen=True, slots=True)
+class GuardStatistics:
+    probe_load: bool
+    state_dir_ok: bool
+    quarantined_files: int
+    probes: dict[str, int]  # by outcome
+    crashes: tuple[tuple[str, str, int], ...]  # (model, stage, count) found at start-up
+
+
+@dataclass(frozen=True, slots=True)
+class RecentEvent:
+    kind: str
+    time_unix: float
+    model: str
+    details: dict[str, object]  # the event's own fields besides ``model``
+
+
+@dataclass(frozen=True, slots=True)
+class CounterStatistics:
+    """A model's totals, kept after its instance is gone."""
+
+    model_id: str
+    loads_total: int
+    load_failures_total: int
+    evictions_total: int
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerStatistics:
+    budget_mb: int
+    margin_mb: int
+    used_est_mb: float
+    server_time_unix: float
+    uptime_seconds: float
+    token_loop: str
+    memory_probe: str
+    admitted: int
+    running: int
+    accepting: bool
+    instances: tuple[InstanceStatistics, ...]
+    counters: tuple[CounterStatistics, ...]
+    crash_containment: GuardStatistics
+    recent_events: tuple[RecentEvent, ...] = ()
