@@ -59,16 +59,35 @@ def _modeld_code(body: dict[str, Any]) -> str | None:
     return str(body["error"]["code"])
 
 
+def _prompt_body(model: str, stream: bool) -> dict[str, Any]:
+    return {"model": model, "prompt": PROMPT, "max_tokens": 64, "stream": stream}
+
+
+def _chat_body(model: str, stream: bool) -> dict[str, Any]:
+    messages = [{"role": "user", "content": PROMPT}]
+    return {"model": model, "messages": messages, "max_tokens": 64, "stream": stream}
+
+
+def _responses_body(model: str, stream: bool) -> dict[str, Any]:
+    return {"model": model, "input": PROMPT, "max_output_tokens": 64, "stream": stream}
+
+
+def _ollama_generate_body(model: str, stream: bool) -> dict[str, Any]:
+    name = model.removesuffix(".gguf")  # Ollama's names: the stem
+    return {"model": name, "prompt": PROMPT, "stream": stream, "options": {"num_predict": 64}}
+
+
+def _ollama_chat_body(model: str, stream: bool) -> dict[str, Any]:
+    name = model.removesuffix(".gguf") + ":latest"
+    messages = [{"role": "user", "content": PROMPT}]
+    return {"model": name, "messages": messages, "stream": stream, "options": {"num_predict": 64}}
+
+
 PROTOCOLS = [
     Wire(
         "infer",
         "/infer",
-        lambda model, stream: {
-            "model": model,
-            "prompt": PROMPT,
-            "max_tokens": 64,
-            "stream": stream,
-        },
+        _prompt_body,
         _ndjson,
         lambda lines: lines[-1]["done"] is True and lines[-1]["done_reason"] in ("stop", "length"),
         lambda lines: str(lines[-1]["done_reason"]),
@@ -79,12 +98,7 @@ PROTOCOLS = [
     Wire(
         "openai-chat",
         "/v1/chat/completions",
-        lambda model, stream: {
-            "model": model,
-            "messages": [{"role": "user", "content": PROMPT}],
-            "max_tokens": 64,
-            "stream": stream,
-        },  # fmt: skip
+        _chat_body,
         _sse_events,
         lambda events: events[-1] == {"[DONE]": True},
         lambda events: str(events[-1]["error"]["code"]),
@@ -94,12 +108,7 @@ PROTOCOLS = [
     Wire(
         "openai-completions",
         "/v1/completions",
-        lambda model, stream: {
-            "model": model,
-            "prompt": PROMPT,
-            "max_tokens": 64,
-            "stream": stream,
-        },
+        _prompt_body,
         _sse_events,
         lambda events: events[-1] == {"[DONE]": True},
         lambda events: str(events[-1]["error"]["code"]),
@@ -109,12 +118,7 @@ PROTOCOLS = [
     Wire(
         "openai-responses",
         "/v1/responses",
-        lambda model, stream: {
-            "model": model,
-            "input": PROMPT,
-            "max_output_tokens": 64,
-            "stream": stream,
-        },  # fmt: skip
+        _responses_body,
         _sse_events,
         lambda events: events[-1]["type"] in ("response.completed", "response.incomplete"),
         lambda events: str(events[-1]["code"]) if events[-1]["type"] == "error" else "",
@@ -124,12 +128,7 @@ PROTOCOLS = [
     Wire(
         "ollama-generate",
         "/api/generate",
-        lambda model, stream: {
-            "model": model.removesuffix(".gguf"),
-            "prompt": PROMPT,
-            "stream": stream,
-            "options": {"num_predict": 64},
-        },  # fmt: skip
+        _ollama_generate_body,
         _ndjson,
         lambda lines: lines[-1].get("done") is True and "error" not in lines[-1],
         lambda lines: str(lines[-1].get("error", "")),
@@ -139,12 +138,7 @@ PROTOCOLS = [
     Wire(
         "ollama-chat",
         "/api/chat",
-        lambda model, stream: {
-            "model": model.removesuffix(".gguf") + ":latest",
-            "messages": [{"role": "user", "content": PROMPT}],
-            "stream": stream,
-            "options": {"num_predict": 64},
-        },  # fmt: skip
+        _ollama_chat_body,
         _ndjson,
         lambda lines: lines[-1].get("done") is True and "error" not in lines[-1],
         lambda lines: str(lines[-1].get("error", "")),
