@@ -39,14 +39,20 @@ def anyio_backend() -> str:
 
 
 class EndingManager(ModelManager):
-    """The real manager; ``end_next`` ends the next generation as soon as it starts."""
+    """The real manager; ``end_next`` ends the next generation as soon as it starts, and
+    ``requests`` keeps every request it was asked to generate (what a protocol decoded)."""
 
     end_next: DoneReason | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.requests: list[InferRequest | ChatRequest] = []
 
     @asynccontextmanager
     async def stream(  # type: ignore[override]
         self, request: InferRequest | ChatRequest, *, request_id: str | None = None
     ) -> AsyncIterator[Generation]:
+        self.requests.append(request)
         async with super().stream(request, request_id=request_id) as generation:
             if self.end_next is not None:
                 generation.cancel(self.end_next)
