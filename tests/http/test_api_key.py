@@ -17,7 +17,7 @@ import pytest
 
 from modeld.api.ollama import OLLAMA
 from modeld.api.routes import NATIVE
-from tests.http.support import GEMMA, ServerFactory, http_request, ndjson, poll, raw_exchange
+from tests.support.http import GEMMA, ServerFactory, http_request, ndjson, poll, raw_exchange
 from tests.support.server import RunningServer
 
 KEY = "mdk-3f9a1c0e5b7d2468ace0-test"

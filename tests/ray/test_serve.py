@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from modeld.errors import ConfigError
 from modeld.gguf import read_gguf_header
 from modeld.memory.estimate import estimate_footprint
+from tests.support.poll import poll
 from tests.support.server import free_port
 
 from .conftest import FOUR_MODELS, LONG_CONTEXT
@@ -88,10 +89,7 @@ class Cluster:
 
 
 def _wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)  # another process must act: a bounded poll, not a synchronisation
+    poll(condition, timeout_s=timeout_s, every_s=0.1, what=what)
 
 
 def _budget_for_two(models_dir: Path) -> int:
