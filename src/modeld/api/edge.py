@@ -2,8 +2,8 @@
 limits, and the only calls the API layer makes to generate or embed.
 
 Every generation and embedding of every protocol goes through :class:`Edge`, so the
-engine-facing contract (``stream``, ``embed``, ``sampling_defaults``, ``model_id``) is
-used from this one module.
+engine-facing contract (``stream``, ``embed``, ``sampling_defaults``) is used from this
+one module.
 """
 
 from __future__ import annotations
@@ -55,10 +55,6 @@ class Edge:
     def defaults_for(self, name: str | None) -> Mapping[str, object]:
         """The configured sampling defaults of the model ``name`` stands for."""
         return self.manager.sampling_defaults(name)
-
-    def model_id(self, name: str | None) -> str:
-        """The model id ``name`` (or the default model) stands for."""
-        return self.manager.model_id(name)
 
     def stream(
         self, generate: InferRequest | ChatRequest
