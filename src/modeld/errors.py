@@ -34,7 +34,10 @@ string in JSON error bodies). HTTP statuses live in one table in ``modeld.api.er
     ├── MemoryProbeError          memory_probe_failed   NVML or /proc cannot measure
     ├── TokenLoopUnavailable      token_loop_unavailable  the C loop cannot load here
     ├── Unsupported               not_supported         an operation modeld does not offer
-    └── ModelUnloaded             model_unloaded        unloaded while it generated
+    ├── ModelUnloaded             model_unloaded        unloaded while it generated
+    └── ReplicaUnavailable        replica_unavailable   (Ray) no replica took the request
+        ├── ReplicaLost           replica_lost          (Ray) the replica died mid-answer
+        └── ReplicaNotFound       replica_not_found     (Ray) the named replica is gone
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ __all__ = [
     "PayloadTooLarge",
     "QueueFull",
     "QueueTimeout",
+    "ReplicaLost",
+    "ReplicaNotFound",
+    "ReplicaUnavailable",
     "RequestBodyTimeout",
     "RequestNotFound",
     "ResourcesExhausted",
@@ -268,3 +274,26 @@ class ModelUnloaded(ModeldError):
     protocol whose answers have no ``done_reason`` to say so (Ollama's, unstreamed)."""
 
     code = "model_unloaded"
+
+
+class ReplicaUnavailable(ModeldError):
+    """Under Ray: no replica could take the request (or the one chosen died before it
+    answered); another may, shortly."""
+
+    code = "replica_unavailable"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ReplicaLost(ReplicaUnavailable):
+    """Under Ray: the replica answering a stream died in the middle of it."""
+
+    code = "replica_lost"
+
+
+class ReplicaNotFound(ReplicaUnavailable):
+    """Under Ray: the replica a request named (``X-Modeld-Replica``) is not serving."""
+
+    code = "replica_not_found"

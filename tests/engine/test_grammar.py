@@ -18,7 +18,7 @@ from modeld.engine.grammar import (
 )
 from modeld.errors import InvalidRequest
 from modeld.types import LoopKind, SamplingParams
-from tests.engine.support import reference_tokens, stream
+from tests.support.engine import reference_tokens, stream
 
 SCHEMA = {
     "type": "object",

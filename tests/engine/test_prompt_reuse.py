@@ -16,7 +16,7 @@ from llama_cpp import Llama
 from modeld.engine.base import LoopOutcome, StopCode, TokenLoop
 from modeld.engine.llama_engine import EngineSettings, LlamaEngine
 from modeld.types import LoopKind, SamplingParams
-from tests.engine.support import run_paused_in_prompt, stream
+from tests.support.engine import run_paused_in_prompt, stream
 from tests.support.prompts import FOLLOW_UP, long_prompt
 from tests.support.tiny_gemma3 import write_tiny_gemma3_gguf
 

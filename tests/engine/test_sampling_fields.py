@@ -10,7 +10,7 @@ from llama_cpp import Llama
 
 from modeld.engine.base import TokenLoop
 from modeld.types import SamplingParams
-from tests.engine.support import stream
+from tests.support.engine import stream
 
 # Every field distinct, and exact in binary floating point.
 DISTINCT = SamplingParams(

@@ -12,7 +12,7 @@ from modeld.engine.base import StopCode, TokenLoop
 from modeld.engine.textstream import utf8_incomplete_tail
 from modeld.types import LoopKind, SamplingParams
 from tests.engine.conftest import TINY_N_CTX
-from tests.engine.support import (
+from tests.support.engine import (
     consume,
     is_eog,
     outcome_of,

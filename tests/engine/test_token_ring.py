@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from modeld.engine.base import TokenRing
 from modeld.engine.pyring import PyTokenRing
 from modeld.types import LoopKind
-from tests.engine.support import wait_until
+from tests.support.engine import wait_until
 
 RingFactory = Callable[[int], TokenRing]
 

@@ -19,8 +19,8 @@ import httpx
 import pytest
 
 from modeld.types import LoopKind
-from tests.http.openai_support import close_openai_clients
-from tests.http.support import GEMMA, ServerFactory, link_or_copy
+from tests.support.http import ServerFactory
+from tests.support.openai_clients import close_openai_clients
 from tests.support.server import RunningServer, start_modeld
 
 
@@ -88,12 +88,3 @@ def client(server: RunningServer) -> Iterator[httpx.Client]:
     """A client of the module's shared ``server`` (a fixture the module defines)."""
     with server.client() as client:
         yield client
-
-
-@pytest.fixture
-def gemma_dir(tmp_path: Path, gemma_path: Path) -> Path:
-    """A models dir holding only the real Gemma (a hard link where possible)."""
-    directory = tmp_path / "gemma-models"
-    directory.mkdir()
-    link_or_copy(gemma_path, directory / GEMMA)
-    return directory

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.http.support import ServerFactory, ndjson
+from tests.support.http import ServerFactory, ndjson
 from tests.support.server import RunningServer
 
 TERMINAL_METRICS = {

@@ -15,8 +15,9 @@ import httpx
 import ollama
 import pytest
 
-from modeld.api.routes import build_routes
-from tests.http.support import GEMMA, ServerFactory, http_request, ndjson, poll, raw_exchange
+from modeld.api.ollama import OLLAMA
+from modeld.api.routes import NATIVE
+from tests.support.http import GEMMA, ServerFactory, http_request, ndjson, poll, raw_exchange
 from tests.support.server import RunningServer
 
 KEY = "mdk-3f9a1c0e5b7d2468ace0-test"
@@ -104,9 +105,14 @@ def test_a_wrong_key_and_a_missing_key_get_different_challenges(anonymous: httpx
 def route_requests() -> list[tuple[str, str]]:
     """One request per route of the app, with path parameters filled in."""
     requests = []
-    for route in build_routes():
-        path = route.path.replace("{model_id}", "tiny-a.gguf").replace("{request_id}", "r1")
-        for method in sorted(route.methods or {"GET"}):
+    routes = [(family.prefix, route) for family in (NATIVE, OLLAMA) for route in family.routes()]
+    for prefix, route in routes:
+        path = (
+            (prefix + getattr(route, "path", ""))
+            .replace("{model_id}", "tiny-a.gguf")
+            .replace("{request_id}", "r1")
+        )
+        for method in sorted(getattr(route, "methods", None) or {"GET"}):
             if method != "HEAD":
                 requests.append((method, path))
     return requests

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.http.support import ServerFactory, http_request, raw_exchange
+from tests.support.http import ServerFactory, http_request, raw_exchange
 from tests.support.server import RunningServer
 
 # (id, body, status, error code or None for a 200, field named or None)

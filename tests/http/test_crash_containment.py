@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.http.support import ServerFactory, poll
 from tests.support.hostile_models import write_hostile
+from tests.support.http import ServerFactory, poll
 from tests.support.server import RunningServer
 from tests.support.tiny_gguf import write_tiny_gguf
 
@@ -141,7 +141,7 @@ def test_a_changed_file_is_probed_again_and_a_cleared_one_too(
         served = poll(
             lambda: client.post("/infer", json={**ACCENTED, "model": HOSTILE}),
             lambda response: response.status_code != 503,  # the failed load's backoff
-            attempts=200,
+            timeout_s=5,
             every_s=0.05,
         )
         assert served.status_code == 200, served.text
@@ -214,7 +214,7 @@ def test_without_a_usable_state_dir_it_serves_and_remembers_in_memory(
         again = poll(
             lambda: client.post("/infer", json={**ACCENTED, "model": HOSTILE}),
             lambda response: response.status_code != 503,
-            attempts=200,
+            timeout_s=5,
             every_s=0.05,
         )
         assert again.status_code == 422

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from tests.gguf.test_hostile_models import WHY
-from tests.http.support import ServerFactory
 from tests.support.hostile_models import HOSTILE_MODELS, write_hostile
+from tests.support.http import ServerFactory
 from tests.support.server import RunningServer
 
 HOSTILE = sorted(HOSTILE_MODELS)

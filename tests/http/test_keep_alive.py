@@ -8,8 +8,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.http.support import ServerFactory, instance_of, poll
 from tests.http.test_observability import sse_events
+from tests.support.http import ServerFactory, instance_of, poll
 
 MODEL = "tiny-a.gguf"
 ASK = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "temperature": 0, "stream": False}

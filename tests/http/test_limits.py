@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.http.support import (
+from tests.support.http import (
     GEMMA,
     GEMMA_FLAGS,
     LONG_STORY,

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.http.support import GEMMA, ServerFactory, link_or_copy, ndjson, poll
+from tests.support.http import GEMMA, ServerFactory, link_or_copy, ndjson, poll
 from tests.support.server import RunningServer
 
 pytestmark = pytest.mark.slow
@@ -45,7 +45,7 @@ def failed_gemma_load(client: httpx.Client) -> httpx.Response:
     return poll(
         lambda: client.post(f"/models/{GEMMA}/load"),
         lambda response: response.status_code != 503,
-        attempts=400,
+        timeout_s=10,
         every_s=0.05,
     )
 

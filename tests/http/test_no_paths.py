@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.http.support import ServerFactory
 from tests.support.gguf_bytes import base_spec, build_gguf
 from tests.support.hostile_models import write_hostile
+from tests.support.http import ServerFactory
 
 INFO_AND_ABOVE = {"info", "success", "warning", "error", "critical"}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.http.support import GEMMA, GEMMA_FLAGS, LONG_STORY, ServerFactory, poll
+from tests.support.http import GEMMA, GEMMA_FLAGS, LONG_STORY, ServerFactory, poll
 from tests.support.server import RunningServer
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\})? (\S+)$')
@@ -213,7 +213,7 @@ def test_log_lines_written_during_a_load_are_not_lost(
     logged = poll(
         lambda: sum(1 for line in server.log().splitlines() if '"route":"/models"' in line),
         lambda count: count >= sent,
-        attempts=100,
+        timeout_s=2.5,
         every_s=0.05,
     )
     assert logged == sent

@@ -14,7 +14,7 @@ import httpx
 import ollama
 import pytest
 
-from tests.http.support import GEMMA, GEMMA_FLAGS, ServerFactory, instance_of, poll
+from tests.support.http import GEMMA, GEMMA_FLAGS, ServerFactory, instance_of, poll
 from tests.support.server import RunningServer
 
 MODEL = "tiny-a.gguf"
@@ -319,7 +319,7 @@ def test_a_stream_ended_by_an_eviction_raises(
             poll(  # generating (not loading, not tokenizing): an eviction now ends it
                 lambda: client.get("/status").json()["running"],
                 lambda running: running == 1,
-                attempts=2400,  # the reload after the eviction above comes first
+                timeout_s=60,  # the reload after the eviction above comes first
             )
             evicted.append(client.delete(f"/models/{GEMMA}/instance").status_code)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import ollama
 import pytest
 
-from tests.http.openai_support import TINY_CHAT
-from tests.http.support import GEMMA, GEMMA_FLAGS, ServerFactory
+from tests.support.http import GEMMA, GEMMA_FLAGS, ServerFactory
+from tests.support.openai_clients import TINY_CHAT
 from tests.support.server import RunningServer
 from tests.support.tiny_gguf import TINY_CHAT_TEMPLATE, TinyModelSpec, write_tiny_gguf
 

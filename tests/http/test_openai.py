@@ -12,8 +12,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.http.openai_support import TINY_CHAT, answered, openai_client, sse_data
-from tests.http.support import ServerFactory
+from tests.support.http import ServerFactory
+from tests.support.openai_clients import TINY_CHAT, answered, openai_client, sse_data
 from tests.support.server import RunningServer
 from tests.support.tiny_gguf import TINY_CHAT_TEMPLATE, TinyModelSpec, write_tiny_gguf
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.http.openai_support import answered, openai_client, write_chat_models
-from tests.http.support import ServerFactory
 from tests.support.gguf_bytes import base_spec, build_gguf
+from tests.support.http import ServerFactory
+from tests.support.openai_clients import answered, openai_client, write_chat_models
 
 HELLO = [{"role": "user", "content": "hello"}]
 

@@ -15,8 +15,8 @@ import pytest
 from modeld.gguf import read_gguf_header
 from modeld.memory.estimate import estimate_footprint
 from modeld.sizes import MIB
-from tests.http.openai_support import TINY_CHAT, answered, openai_client, write_chat_models
-from tests.http.support import GEMMA, GEMMA_FLAGS, LONG_STORY, ServerFactory, instance_of, poll
+from tests.support.http import GEMMA, GEMMA_FLAGS, LONG_STORY, ServerFactory, instance_of, poll
+from tests.support.openai_clients import TINY_CHAT, answered, openai_client, write_chat_models
 from tests.support.server import RunningServer
 
 pytestmark = pytest.mark.slow

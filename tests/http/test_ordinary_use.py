@@ -23,7 +23,7 @@ import pytest
 
 from modeld.server import hypercorn_config
 from modeld.settings.config import load_settings
-from tests.http.support import GEMMA, ServerFactory, connect, instance_of, poll
+from tests.support.http import GEMMA, ServerFactory, connect, instance_of, poll
 from tests.support.server import RunningServer
 
 TINY = ["tiny-a.gguf", "tiny-b.gguf", "tiny-c.gguf"]
@@ -44,7 +44,7 @@ def all_idle(server: RunningServer) -> dict[str, object]:
             busy = [i for i in instances if i["inflight"] or i["queue_len"]]
             return status["admitted"] == 0 and status["running"] == 0 and not busy
 
-        return poll(lambda: dict(client.get("/status").json()), idle, attempts=800)
+        return poll(lambda: dict(client.get("/status").json()), idle, timeout_s=20)
 
 
 def serves(server: RunningServer, model: str) -> None:
@@ -131,7 +131,7 @@ def test_answers_and_waits_longer_than_thirty_seconds_are_not_cut(
     threads = [threading.Thread(target=target) for target in (subscribe, stream)]
     for thread in threads:
         thread.start()
-    poll(lambda: len(stream_lines), lambda n: n > 0, attempts=1200)
+    poll(lambda: len(stream_lines), lambda n: n > 0, timeout_s=30)
     waiter = threading.Thread(target=wait_in_queue)
     waiter.start()
     time.sleep(32)  # past the old limit, with every client silent

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.http.support import ServerFactory, ndjson
 from tests.http.test_observability import metric, scrape
+from tests.support.http import ServerFactory, ndjson
 
 PROMPT = "hello world and the world"
 TINY_A = {"model": "tiny-a.gguf"}

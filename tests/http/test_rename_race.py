@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.http.support import ServerFactory
 from tests.support.gguf_bytes import U32, enc_value, rewrite_gguf
+from tests.support.http import ServerFactory
 
 MODELS = [f"swap-{index}.gguf" for index in range(12)]
 RACE_S = 12.0

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.http.support import GEMMA, GEMMA_FLAGS, LONG_STORY, ServerFactory, poll
+from tests.support.http import GEMMA, GEMMA_FLAGS, LONG_STORY, ServerFactory, poll
 from tests.support.server import RunningServer
 
 

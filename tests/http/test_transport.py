@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.http.support import (
+from tests.support.http import (
     ServerFactory,
     connect,
     http_request,

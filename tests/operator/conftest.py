@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.http.support import GEMMA, ServerFactory, link_or_copy
+from tests.support.http import ServerFactory
 from tests.support.server import RunningServer, start_modeld
 
 DEFAULTS = ("--threads", "1", "--n-ctx", "256", "--token-loop", "c")
@@ -30,12 +30,3 @@ def start_server(tmp_path: Path) -> Iterator[ServerFactory]:
     for server in started:
         with contextlib.suppress(subprocess.TimeoutExpired):
             server.stop()
-
-
-@pytest.fixture
-def gemma_dir(tmp_path: Path, gemma_path: Path) -> Path:
-    """A models dir holding only the real Gemma (a hard link where possible)."""
-    directory = tmp_path / "gemma-models"
-    directory.mkdir()
-    link_or_copy(gemma_path, directory / GEMMA)
-    return directory

@@ -15,8 +15,8 @@ from loguru import logger
 
 from modeld.errors import ModelNotFound
 from modeld.observability.audit import audit, audited, requester
-from tests.http.support import GEMMA, GEMMA_FLAGS, LONG_STORY, ServerFactory, poll
-from tests.operator.support import audit_lines
+from tests.support.http import GEMMA, GEMMA_FLAGS, LONG_STORY, ServerFactory, poll
+from tests.support.operator import audit_lines
 
 
 @pytest.fixture
@@ -131,7 +131,7 @@ def test_cancelling_a_running_request_is_audited(
 
         reader = threading.Thread(target=stream)
         reader.start()
-        poll(lambda: admin.get("/status").json()["running"], lambda n: n == 1, attempts=2400)
+        poll(lambda: admin.get("/status").json()["running"], lambda n: n == 1, timeout_s=60)
         assert admin.delete("/requests/story-1").status_code == 200
         reader.join(60)
     assert '"done_reason":"cancelled"' in ended[0]

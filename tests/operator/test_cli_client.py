@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from modeld.cli.commands import default_url
-from tests.http.support import GEMMA, GEMMA_FLAGS, ServerFactory, poll
+from tests.support.http import GEMMA, GEMMA_FLAGS, ServerFactory, poll
 from tests.support.server import RunningServer, free_port
 
 MODELD = [sys.executable, "-m", "modeld.cli"]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.http.support import poll
-from tests.operator.support import audit_lines, log_records
+from tests.support.http import poll
+from tests.support.operator import audit_lines, log_records
 from tests.support.server import RunningServer, start_modeld
 
 BIG_PROMPT = "x" * 3000  # a ~3 KB body: under the default limit, over 2048 bytes

@@ -13,9 +13,9 @@ import pytest
 from modeld.api.status_page import wants_html
 from modeld.scheduling.manager import ModelManager
 from modeld.types import InstanceState
-from tests.http.support import ServerFactory, ndjson
 from tests.scheduling.conftest import ConstantProbe, make_settings
 from tests.scheduling.test_faults import ask, hanging_load
+from tests.support.http import ServerFactory, ndjson
 
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
 

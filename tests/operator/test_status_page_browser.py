@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.http.support import GEMMA, ServerFactory
+from tests.support.http import GEMMA, ServerFactory
 from tests.support.server import RunningServer, start_modeld
 
 CHROMIUM = Path(os.environ.get("MODELD_CHROMIUM", "/usr/bin/chromium"))
@@ -211,7 +211,7 @@ def test_behind_an_api_key_the_page_asks_once_and_sends_it_as_a_header(
 ) -> None:
     from modeld.api.app import create_app
     from modeld.settings.config import load_settings
-    from tests.operator.support import serving
+    from tests.support.operator import serving
 
     flags = {"models_dir": str(models_dir), "threads": "1", "n_ctx": "256"}
     guarded = RequireKey(create_app(load_settings(flags, env={})), "k-123")

@@ -31,8 +31,8 @@ from modeld.api.app import create_app
 from modeld.errors import ConfigError
 from modeld.observability.tracing import Tracing, TracingMiddleware, tracing_from_env
 from modeld.settings.config import load_settings
-from tests.http.support import ndjson, poll
-from tests.operator.support import serving
+from tests.support.http import ndjson, poll
+from tests.support.operator import serving
 from tests.support.server import start_modeld
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

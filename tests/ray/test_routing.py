@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import random
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import anyio
 import pytest
@@ -15,13 +18,17 @@ from modeld.ray.routing import (
     LocalRoutes,
     ModelLoad,
     ReplicaView,
+    evictable,
     rank_replicas,
     routing_key,
+    routing_model_id,
     routing_stats,
     target_key,
     view_from_stats,
     with_local_routes,
 )
+from modeld.settings.config import load_settings
+from modeld.types import InstanceState
 
 
 def _view(
@@ -31,7 +38,8 @@ def _view(
 
 
 def _ready(waiting: int = 0, est_mb: float = 50.0, pinned: bool = False) -> ModelLoad:
-    return ModelLoad("ready", waiting, est_mb, pinned)
+    """A ready model as a replica reports it (evictable: nothing waits, not pinned)."""
+    return ModelLoad("ready", waiting, est_mb, pinned, evictable=waiting == 0 and not pinned)
 
 
 def _order(model: str, views: list[ReplicaView], spill: int = 4, seed: int = 0) -> list[str]:
@@ -68,6 +76,51 @@ def test_a_client_model_id_can_never_name_a_replica() -> None:
     body = b'{"model": "' + TARGET_PREFIX.encode() + b'abc"}'
     assert routing_key("/infer", body, None) == ""
     assert routing_key("/models/" + target_key("abc") + "/load", b"", None) == ""
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("/infer", "gemma"),
+        ("/v1/chat/completions", "gemma"),
+        ("/api/chat", "gemma:latest"),
+        ("/api/generate", "gemma-3-270m-q4_k_m"),
+        ("/api/generate", "gemma-3-270m-q4_k_m:latest"),
+        ("/infer", "gemma-3-270m-q4_k_m.gguf"),
+        ("/api/show", "gemma-3-270m-q4_k_m.gguf:latest"),
+    ],
+)
+def test_a_models_names_are_one_routing_key(tmp_path: Path, path: str, name: str) -> None:
+    """An alias, ``:latest``, the stem and the file id reach the replica that holds it:
+    the key is the id the replicas report."""
+    config = tmp_path / "modeld.toml"
+    config.write_text('[models."gemma-3-270m-q4_k_m.gguf"]\naliases = ["gemma"]\n')
+    settings = load_settings({"models_dir": str(tmp_path)}, env={}, config_file=config)
+    resolve = partial(routing_model_id, settings=settings)
+    body = b'{"model": "' + name.encode() + b'"}'
+    assert routing_key(path, body, None, resolve) == "gemma-3-270m-q4_k_m.gguf"
+
+
+def test_a_name_that_stands_for_no_id_routes_as_it_is(tmp_path: Path) -> None:
+    settings = load_settings({"models_dir": str(tmp_path)}, env={})
+    assert routing_model_id("other:7b", settings) == "other:7b"  # the replica answers 404
+    assert routing_model_id("../x", settings) == "../x"
+
+
+# ----------------------------------------------------------------- evictable
+
+
+def test_the_report_says_which_instances_could_be_evicted(tmp_path: Path) -> None:
+    def instance(state: InstanceState, queued: int, running: int, pinned: bool) -> Any:
+        return SimpleNamespace(state=state, queue_len=queued, inflight=running, pinned=pinned)
+
+    assert evictable(instance(InstanceState.READY, 0, 0, False))
+    assert not evictable(instance(InstanceState.READY, 1, 0, False))
+    assert not evictable(instance(InstanceState.READY, 0, 1, False))
+    assert not evictable(instance(InstanceState.READY, 0, 0, True))
+    assert not evictable(instance(InstanceState.LOADING, 0, 0, False))
+    view = view_from_stats("r1", {"models": {"a": {"state": "ready", "evictable": True}}})
+    assert view.models["a"].evictable
 
 
 # ----------------------------------------------------------------- rank_replicas

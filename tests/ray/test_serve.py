@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from modeld.errors import ConfigError
 from modeld.gguf import read_gguf_header
 from modeld.memory.estimate import estimate_footprint
+from tests.support.poll import poll
 from tests.support.server import free_port
 
 from .conftest import FOUR_MODELS, LONG_CONTEXT
@@ -88,10 +89,7 @@ class Cluster:
 
 
 def _wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)  # another process must act: a bounded poll, not a synchronisation
+    poll(condition, timeout_s=timeout_s, every_s=0.1, what=what)
 
 
 def _budget_for_two(models_dir: Path) -> int:
@@ -412,11 +410,46 @@ def test_deleting_the_application_drains_running_streams(
     assert httpx.post(base + "/infer", json={"prompt": "hi"}, timeout=10).status_code == 404
 
 
+@dataclass(frozen=True)
+class DyingStream:
+    """A stream in one protocol and how its last line reads."""
+
+    path: str
+    body: dict[str, Any]
+    end_marker: bytes  # in the last line only
+
+    def last_line(self, received: bytes) -> dict[str, Any]:
+        lines = [line for line in received.split(b"\n") if line.startswith(b"{")]
+        last: dict[str, Any] = json.loads(next(ln for ln in lines if self.end_marker in ln))
+        return last
+
+
+_DYING = {
+    "infer": DyingStream(
+        "/infer",
+        {"model": FOUR_MODELS[2], "prompt": "hello", "max_tokens": LONG_CONTEXT - 64},
+        b'"done":true',
+    ),
+    "ollama": DyingStream(
+        "/api/generate",
+        {
+            "model": FOUR_MODELS[2].removesuffix(".gguf") + ":latest",
+            "prompt": "hello",
+            "options": {"num_predict": LONG_CONTEXT - 64},
+        },
+        b'{"error":',
+    ),
+}
+
+
+@pytest.mark.parametrize("protocol", list(_DYING))
 def test_a_replica_dying_mid_stream_ends_the_stream_with_an_error_line(
-    serve_port: int, long_model_dir: Path, tmp_path: Path
+    serve_port: int, long_model_dir: Path, tmp_path: Path, protocol: str
 ) -> None:
     """The abrupt end a native abort in llama.cpp would cause: the replica's process is
-    killed while it streams. The client still gets a terminal line saying so."""
+    killed while it streams. The client still gets a last line saying so, in the
+    stream's own protocol (an Ollama client understands only Ollama's error line)."""
+    dying = _DYING[protocol]
     directory = tmp_path / "one"
     directory.mkdir()
     (directory / FOUR_MODELS[2]).write_bytes((long_model_dir / FOUR_MODELS[2]).read_bytes())
@@ -430,29 +463,29 @@ def test_a_replica_dying_mid_stream_ends_the_stream_with_an_error_line(
         with crash.client() as client:  # the router has heard from the replica
             _wait_until(lambda: client.get("/status").json()["router"][0]["pid"] > 0, "a report")
             pid = client.get("/status").json()["router"][0]["pid"]
-        body = {"model": FOUR_MODELS[2], "prompt": "hello", "max_tokens": LONG_CONTEXT - 64}
         host, port = crash.base_url.removeprefix("http://").split("/")[0].split(":")
-        payload = json.dumps(body).encode()
+        payload = json.dumps(dying.body).encode()
         with socket.create_connection((host, int(port)), timeout=60) as sock:
             sock.sendall(
-                f"POST /crash/infer HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
-                f"\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+                f"POST /crash{dying.path} HTTP/1.1\r\nHost: {host}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
                 + payload
             )
             received = sock.recv(65536)
             assert received.startswith(b"HTTP/1.1 200"), received
             os.kill(pid, signal.SIGKILL)  # this test's own replica, found by its report
-            while b'"done":true' not in received:
+            while dying.end_marker not in received:
                 chunk = sock.recv(65536)
-                assert chunk, "the stream ended without a terminal line"
+                assert chunk, "the stream ended without a last line saying why"
                 received += chunk
-        terminal = next(
-            json.loads(line)
-            for line in received.split(b"\n")
-            if line.startswith(b"{") and b'"done":true' in line
-        )
-        assert terminal["done_reason"] == "error"
-        assert terminal["error"]["code"] == "replica_lost"
-        assert terminal["model"] == FOUR_MODELS[2]
+        last = dying.last_line(received)
+        if protocol == "infer":
+            assert last["done_reason"] == "error"
+            assert last["error"]["code"] == "replica_lost"
+            assert last["model"] == FOUR_MODELS[2]
+        else:
+            assert set(last) == {"error"}  # Ollama's error line, which its client raises
+            assert isinstance(last["error"], str)
+            assert last["error"]
     finally:
         serve.delete("crash")

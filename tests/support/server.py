@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import httpx
 
 import modeld
+from tests.support.poll import poll
 
 __all__ = ["RunningServer", "free_port", "start_modeld"]
 
@@ -103,14 +103,14 @@ def start_modeld(
     return server
 
 
-def _wait_until_listening(server: RunningServer, attempts: int = 600) -> None:
-    for _ in range(attempts):
+def _wait_until_listening(server: RunningServer, timeout_s: float = 60.0) -> None:
+    def answered() -> bool:
         if server.process.poll() is not None:
             raise RuntimeError(f"modeld exited early:\n{server.log()}")
-        try:
-            if httpx.get(server.base_url + "/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.05)  # waiting for the port to open; not a synchronisation sleep
-    server.stop()
-    raise RuntimeError(f"modeld did not start listening:\n{server.log()}")
+        return httpx.get(server.base_url + "/healthz", timeout=1).status_code == 200
+
+    try:
+        poll(answered, timeout_s=timeout_s, every_s=0.05, retry_on=(httpx.TransportError,))
+    except AssertionError:
+        server.stop()
+        raise RuntimeError(f"modeld did not start listening:\n{server.log()}") from None

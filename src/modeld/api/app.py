@@ -12,10 +12,8 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from modeld.api.auth import ApiKeyMiddleware, load_api_keys
-from modeld.api.errors import EXCEPTION_HANDLERS
+from modeld.api.families import error_shape_for, mounted_routes
 from modeld.api.middleware import RequestContextMiddleware, route_template
-from modeld.api.openai import build_openai_routes
-from modeld.api.routes import build_routes
 from modeld.observability.access import AccessObserver, log_event
 from modeld.observability.metrics import Metrics
 from modeld.observability.tracing import Tracing, TracingMiddleware
@@ -47,7 +45,7 @@ def create_app(
     metrics = Metrics(owned_manager.statistics)
     owned_manager.events.add_listener(metrics.on_event)
     owned_manager.events.add_listener(log_event)
-    routes = build_routes() + build_openai_routes()
+    routes = mounted_routes()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -65,6 +63,7 @@ def create_app(
             allowed_hosts=allowed_hosts,
             routes=routes,
             observer=AccessObserver(metrics),
+            error_shape_for=error_shape_for,
         )
     ]
     if tracing is not None:
@@ -92,13 +91,10 @@ def create_app(
     if not keys and not _is_loopback(settings.host):
         logger.warning("no API key configured: every route is open to whoever reaches the port")
     live = owned_manager.live_settings
-    middleware.append(Middleware(ApiKeyMiddleware, settings=lambda: live.current))
-    app = Starlette(
-        routes=routes,
-        middleware=middleware,
-        exception_handlers=dict(EXCEPTION_HANDLERS),
-        lifespan=lifespan,
+    middleware.append(
+        Middleware(ApiKeyMiddleware, settings=lambda: live.current, error_shape_for=error_shape_for)
     )
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.manager = owned_manager
     app.state.metrics = metrics
     return app

@@ -12,8 +12,8 @@ The check is pure ASGI and sits inside the request-context middleware (so a 401 
 has its ``X-Request-ID`` and access log line) and inside CORS (so preflights, which
 carry no credentials, are answered). Routes are protected by default: only
 :data:`OPEN_PATHS` (and ``/metrics`` unless ``--metrics-need-key``) are open, so a
-route added later is covered without an edit here. The key used is recorded in
-``scope["state"]["key_id"]``: its name from the key file, or ``sha256:`` and the first
+route added later is covered without an edit here. The key used is recorded in the
+request's context (``key_id``): its name from the key file, or ``sha256:`` and the first
 eight hex digits of its digest, never the key.
 
 The keys follow the settings in force: after a config reload (which validates the keys
@@ -36,7 +36,8 @@ from loguru import logger
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from modeld.api.errors import error_response
+from modeld.api.context import context_of
+from modeld.api.errors import ErrorShape
 from modeld.errors import ConfigError, Unauthorized
 from modeld.settings.config import Settings
 
@@ -133,9 +134,16 @@ class ApiKeyMiddleware:
     reload validated it), the previous keys stay in force and the failure is logged.
     """
 
-    def __init__(self, app: ASGIApp, *, settings: Callable[[], Settings]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        settings: Callable[[], Settings],
+        error_shape_for: Callable[[str], ErrorShape] = lambda path: ErrorShape(),
+    ) -> None:
         self.app = app
         self._settings = settings
+        self._error_shape_for = error_shape_for
         self._keys_of: Settings | None = None
         self.keys: tuple[ApiKey, ...] = ()
         self.open_paths = OPEN_PATHS
@@ -173,17 +181,19 @@ class ApiKeyMiddleware:
         if key_id is None:
             await self._refuse(scope, receive, send, missing=presented is None)
             return
+        context_of(scope).key_id = key_id
+        # The audit log (modeld.observability.audit.requester) still reads the key id
+        # from scope["state"]: the one string key left, until it reads the context.
         scope.setdefault("state", {})["key_id"] = key_id
         await self.app(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, *, missing: bool) -> None:
-        request_id = str(scope.get("state", {}).get("request_id", ""))
         if missing:
             error = Unauthorized("an API key is required: Authorization: Bearer <key>")
             challenge = _CHALLENGE
         else:
             error = Unauthorized("the API key is not valid")
             challenge = f'{_CHALLENGE}, error="invalid_token"'
-        response = error_response(error, request_id, scope["path"])
+        response = self._error_shape_for(str(scope["path"])).response(error, context_of(scope))
         response.headers["WWW-Authenticate"] = challenge
         await response(scope, receive, send)

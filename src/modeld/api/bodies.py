@@ -8,12 +8,20 @@ from typing import Any, TypeVar
 
 import anyio
 import msgspec
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
+from starlette.types import Receive
 
 from modeld.errors import ClientDisconnected, InvalidRequest, PayloadTooLarge, RequestBodyTimeout
 from modeld.settings.keep_alive import explain_validation_error
 
-__all__ = ["convert_fields", "decode_body", "decode_json", "decode_with_defaults", "read_body"]
+__all__ = [
+    "convert_fields",
+    "decode_body",
+    "decode_json",
+    "decode_with_defaults",
+    "read_body",
+    "read_whole",
+]
 
 DefaultsFor = Callable[[str | None], Mapping[str, object]]
 
@@ -23,28 +31,40 @@ _UNKNOWN_FIELD = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
 
 
 async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
-    """The whole body, refusing early (from Content-Length) when it is too large.
+    """The whole body of a Starlette request (see :func:`read_whole`)."""
+    declared = request.headers.get("content-length", "")
+    return await read_whole(request.receive, max_bytes, timeout_s, declared)
+
+
+async def read_whole(
+    receive: Receive, max_bytes: int, timeout_s: float, declared: str = ""
+) -> bytes:
+    """The whole body of an ASGI request, refusing early (from the declared
+    ``Content-Length``) when it is too large: the one body reader of every edge (the
+    app's routes and the Ray ingress).
 
     Raises :class:`PayloadTooLarge` (413), :class:`RequestBodyTimeout` (408), or
     :class:`ClientDisconnected` (499) when the client leaves mid-body.
     """
-    declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"request body is over {max_bytes} bytes")
     parts: list[bytes] = []
     total = 0
     try:
         with anyio.fail_after(timeout_s):
-            async for part in request.stream():
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnected(f"the client left after {total} bytes of its body")
+                part = bytes(message.get("body", b""))
                 total += len(part)
                 if total > max_bytes:
                     raise PayloadTooLarge(f"request body is over {max_bytes} bytes")
                 parts.append(part)
+                if not message.get("more_body", False):
+                    return b"".join(parts)
     except TimeoutError:
         raise RequestBodyTimeout(f"request body not received within {timeout_s:g} s") from None
-    except ClientDisconnect:
-        raise ClientDisconnected(f"the client left after {total} bytes of its body") from None
-    return b"".join(parts)
 
 
 def decode_body(body: bytes, schema: type[T]) -> T:

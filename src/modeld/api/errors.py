@@ -1,14 +1,16 @@
-"""Every way an error becomes an HTTP answer: the one table from error to status, the JSON
-error body, and the handlers the app and the middleware use.
-
-The body takes the shape of the protocol the path belongs to, with the same status:
-modeld's ``{"error": {"code", "message", "request_id"}}``, or under ``/api/`` Ollama's
-``{"error": "<message>"}`` (its clients read the error as a string).
+"""Every way an error becomes an HTTP answer: the one table from error to status, the one
+table from a generation's early end to its error, and :class:`ErrorShape`, the body a
+protocol family gives any :class:`~modeld.errors.ModeldError` (modeld's own here; OpenAI's
+and Ollama's subclass it). Each family is mounted with its own shape's handlers
+(:func:`exception_handlers`), so no code here looks at the path.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from loguru import logger
@@ -17,16 +19,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from modeld import errors
+from modeld.api.context import RequestContext, context_of
+from modeld.types import DoneReason, GenerationResult
 
 __all__ = [
-    "EXCEPTION_HANDLERS",
-    "OLLAMA_PREFIX",
+    "EARLY_END",
+    "FINISHED",
     "STATUS_BY_ERROR",
+    "ErrorShape",
+    "Failure",
+    "UnsupportedParam",
     "count_rejection",
-    "error_body",
+    "early_end_error",
     "error_headers",
-    "error_response",
-    "internal_error_response",
+    "exception_handlers",
+    "log_unexpected",
     "status_for",
 ]
 
@@ -62,12 +69,33 @@ STATUS_BY_ERROR: dict[type[errors.ModeldError], int] = {
     errors.MemoryProbeError: 503,
     errors.Unsupported: 501,
     errors.ModelUnloaded: 503,
+    errors.ReplicaUnavailable: 503,
+    errors.ReplicaLost: 502,
+    errors.ReplicaNotFound: 404,
     errors.ModeldError: 500,
 }
 # Refusals that say "not now" rather than "never": counted by reason in /metrics.
 _REJECTION_STATUSES = frozenset({429, 503, 504})
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
-OLLAMA_PREFIX = "/api/"
+
+FINISHED = frozenset({DoneReason.STOP, DoneReason.LENGTH})
+"""The end reasons of a generation that ran to its end; any other ended it early."""
+EARLY_END: dict[DoneReason, type[errors.ModeldError]] = {
+    DoneReason.CANCELLED: errors.ClientDisconnected,
+    DoneReason.EVICTED: errors.ModelUnloaded,
+    DoneReason.IDLE: errors.ModelUnloaded,
+    DoneReason.TIMEOUT: errors.InferTimeout,
+    DoneReason.SHUTDOWN: errors.ShuttingDown,
+    DoneReason.ERROR: errors.EngineError,
+}
+"""What an early end means, for every protocol: the error (so the status, through
+:data:`STATUS_BY_ERROR`) an unstreamed answer gets, and the one a stream's last line
+says."""
+
+
+class UnsupportedParam(errors.InvalidRequest):
+    """A 400 whose ``field`` is already the protocol's own parameter name (``n``,
+    ``tools``, ``messages[2].content``), not one of modeld's to translate."""
 
 
 def status_for(error: errors.ModeldError) -> int:
@@ -77,15 +105,19 @@ def status_for(error: errors.ModeldError) -> int:
     return 500
 
 
-def error_body(
-    code: str, message: str, request_id: str, field: str | None = None, *, path: str = ""
-) -> bytes:
-    if path.startswith(OLLAMA_PREFIX):
-        return orjson.dumps({"error": message})
-    detail: dict[str, str] = {"code": code, "message": message, "request_id": request_id}
-    if field:
-        detail["field"] = field
-    return orjson.dumps({"error": detail})
+def early_end_error(result: GenerationResult) -> errors.ModeldError | None:
+    """None for a generation that ran to its end; else the error that says why not. Its
+    ``code`` is the engine's (``result.error``) or the end reason (``evicted``)."""
+    if result.done_reason in FINISHED:
+        return None
+    cause = f": {result.error['message']}" if result.error and result.error.get("message") else ""
+    tokens = result.metrics.completion_tokens
+    error_type = EARLY_END.get(result.done_reason, errors.EngineError)
+    error = error_type(
+        f"the generation ended early ({result.done_reason}) after {tokens} tokens{cause}"
+    )
+    error.code = (result.error or {}).get("code") or str(result.done_reason)
+    return error
 
 
 def error_headers(error: errors.ModeldError) -> dict[str, str]:
@@ -101,19 +133,60 @@ def error_headers(error: errors.ModeldError) -> dict[str, str]:
     return headers
 
 
-def error_response(error: errors.ModeldError, request_id: str, path: str = "") -> Response:
-    field = getattr(error, "field", None)
-    body = error_body(error.code, error.message, request_id, field, path=path)
-    return Response(body, status_for(error), error_headers(error), media_type="application/json")
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """An error as every protocol's body needs it: its code, message, status, the
+    parameter it names (in the request's own protocol) and the request's id."""
+
+    code: str
+    message: str
+    status: int
+    param: str | None
+    request_id: str
 
 
-def internal_error_response(request_id: str, path: str = "") -> Response:
-    body = error_body("internal_error", "internal server error", request_id, path=path)
-    return Response(body, 500, media_type="application/json")
+class ErrorShape:
+    """modeld's own error body, ``{"error": {"code", "message", "request_id", "field"}}``,
+    and the last line of an NDJSON stream cut short. A protocol family with a shape of
+    its own subclasses it and overrides :meth:`body` (and :meth:`stream_end`)."""
 
+    def failure(self, error: errors.ModeldError, context: RequestContext) -> Failure:
+        field = getattr(error, "field", None)
+        param = field if isinstance(error, UnsupportedParam) else context.wire_name(field)
+        return Failure(error.code, error.message, status_for(error), param, context.request_id)
 
-def _request_id(request: Request) -> str:
-    return str(request.scope.get("state", {}).get("request_id", ""))
+    def body(self, failure: Failure) -> bytes:
+        detail = {"code": failure.code, "message": failure.message}
+        detail["request_id"] = failure.request_id
+        if failure.param:
+            detail["field"] = failure.param
+        return orjson.dumps({"error": detail})
+
+    def headers(self, error: errors.ModeldError) -> dict[str, str]:
+        return error_headers(error)
+
+    def stream_end(self, failure: Failure, model: str) -> bytes:
+        """The last line of a stream that could not finish (e.g. its Ray replica died)."""
+        error = {"code": failure.code, "message": failure.message}
+        error["request_id"] = failure.request_id
+        terminal = {"done": True, "done_reason": "error", "model": model}
+        terminal["request_id"] = failure.request_id
+        return orjson.dumps({**terminal, "error": error}) + b"\n"
+
+    def response(self, error: errors.ModeldError, context: RequestContext) -> Response:
+        failure = self.failure(error, context)
+        return Response(
+            self.body(failure), failure.status, self.headers(error), media_type="application/json"
+        )
+
+    def internal_error(self, context: RequestContext) -> Response:
+        failure = Failure("internal_error", "internal server error", 500, None, context.request_id)
+        return Response(self.body(failure), 500, media_type="application/json")
+
+    def http_error(self, exc: HTTPException, context: RequestContext) -> Response:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        failure = Failure(code, str(exc.detail), exc.status_code, None, context.request_id)
+        return Response(self.body(failure), exc.status_code, exc.headers, "application/json")
 
 
 def count_rejection(request: Request, error: errors.ModeldError) -> None:
@@ -123,22 +196,24 @@ def count_rejection(request: Request, error: errors.ModeldError) -> None:
         request.app.state.metrics.rejections.labels(error.code, str(status)).inc()
 
 
-async def _modeld_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, errors.ModeldError)
-    count_rejection(request, exc)
-    return error_response(exc, _request_id(request), request.url.path)
+Handler = Callable[[Request, Exception], Awaitable[Response]]
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    code = _HTTP_CODES.get(exc.status_code, "http_error")
-    body = error_body(code, str(exc.detail), _request_id(request), path=request.url.path)
-    return Response(body, exc.status_code, exc.headers, media_type="application/json")
+def exception_handlers(shape: ErrorShape) -> dict[Any, Handler]:
+    """The handlers of one mounted protocol family: its errors in its own shape."""
+
+    async def modeld_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, errors.ModeldError)
+        count_rejection(request, exc)
+        return shape.response(exc, context_of(request.scope))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return shape.http_error(exc, context_of(request.scope))
+
+    return {errors.ModeldError: modeld_error, HTTPException: http_error}
 
 
 def log_unexpected(exc: BaseException, path: str) -> None:
     """A bug reached the top of a request: one JSON log line with its traceback."""
     logger.opt(exception=exc).error("unhandled error", path=path, error=repr(exc))
-
-
-EXCEPTION_HANDLERS = {errors.ModeldError: _modeld_error, HTTPException: _http_error}

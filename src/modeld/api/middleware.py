@@ -6,18 +6,25 @@ import ipaddress
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from starlette.datastructures import Headers, MutableHeaders, QueryParams
-from starlette.routing import BaseRoute, Match
+from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from modeld.api.errors import error_response, internal_error_response, log_unexpected
+from modeld.api.context import open_context
+from modeld.api.errors import ErrorShape, log_unexpected
 from modeld.errors import ForbiddenHost
 from modeld.observability.logging import level_number, request_logging
 
-__all__ = ["RequestContextMiddleware", "RequestObserver", "host_is_allowed"]
+__all__ = [
+    "RequestContextMiddleware",
+    "RequestObserver",
+    "host_is_allowed",
+    "request_id_from",
+    "route_template",
+]
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
@@ -46,12 +53,22 @@ def host_is_allowed(host_header: str, allowed: frozenset[str]) -> bool:
         return False
 
 
+def request_id_from(given: str) -> str:
+    """The client's ``X-Request-ID`` when it is sane, else a new one."""
+    return given if _SANE_REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
 def route_template(routes: Sequence[BaseRoute], scope: Scope) -> str:
-    """The matched route's path template: bounded label cardinality for metrics."""
+    """The matched route's path template (its mount's prefix included): bounded label
+    cardinality for metrics."""
     for route in routes:
-        match, _ = route.matches(scope)
-        if match is Match.FULL:
-            return str(getattr(route, "path", "other"))
+        match, child = route.matches(scope)
+        if match is not Match.FULL:
+            continue
+        if isinstance(route, Mount):
+            inner = route_template(route.routes, {**scope, **child})
+            return route.path + inner if inner != "other" else "other"
+        return str(getattr(route, "path", "other"))
     return "other"
 
 
@@ -73,21 +90,22 @@ class RequestContextMiddleware:
         allowed_hosts: frozenset[str],
         routes: Sequence[BaseRoute],
         observer: RequestObserver | None = None,
+        error_shape_for: Callable[[str], ErrorShape] = lambda path: ErrorShape(),
     ) -> None:
         self.app = app
         self.allowed_hosts = allowed_hosts
         self.routes = routes
         self.observer = observer
+        self.error_shape_for = error_shape_for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        given = headers.get("x-request-id", "")
-        request_id = given if _SANE_REQUEST_ID.match(given) else uuid.uuid4().hex
-        state = scope.setdefault("state", {})
-        state["request_id"] = request_id
+        request_id = request_id_from(headers.get("x-request-id", ""))
+        context = open_context(scope, request_id)
+        shape = self.error_shape_for(str(scope["path"]))
         path = route_template(self.routes, scope)
         started_s = time.monotonic()
         status_holder = [500]
@@ -110,12 +128,12 @@ class RequestContextMiddleware:
                         await self.app(scope, receive, send_with_id)
                     else:
                         forbidden = ForbiddenHost("Host header is not allowed")
-                        refusal = error_response(forbidden, request_id, scope["path"])
+                        refusal = shape.response(forbidden, context)
                         await refusal(scope, receive, send_with_id)
                 except Exception as exc:
                     log_unexpected(exc, str(scope.get("path")))
                     if not started[0]:
-                        refusal = internal_error_response(request_id, scope["path"])
+                        refusal = shape.internal_error(context)
                         await refusal(scope, receive, send_with_id)
         finally:
             if self.observer is not None:

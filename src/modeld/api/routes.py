@@ -1,5 +1,6 @@
-"""HTTP endpoints. Each handler translates between the wire and ``ModelManager``; nothing
-else lives here."""
+"""modeld's own endpoints (the root family): operations, and ``POST /infer``, the NDJSON
+generation protocol. Each handler translates between the wire and ``ModelManager``;
+nothing else lives here."""
 
 from __future__ import annotations
 
@@ -7,28 +8,24 @@ from typing import Any
 
 import msgspec
 import orjson
-from loguru import logger
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from modeld.api.admin import reload_config
-from modeld.api.bodies import decode_body, decode_with_defaults, read_body
+from modeld.api.bodies import decode_body, decode_with_defaults
+from modeld.api.edge import Edge, manager_of
+from modeld.api.errors import ErrorShape
 from modeld.api.events import events, metrics
-from modeld.api.ollama import ollama_routes
+from modeld.api.protocol import ApiFamily, endpoint
+from modeld.api.sampling import SamplingNames
 from modeld.api.status_page import status_page
-from modeld.api.streaming import (
-    NdjsonGenerationResponse,
-    collect_watched,
-    start_watched,
-    terminal_record,
-)
+from modeld.api.streaming import NdjsonFraming, StreamFraming, terminal_record
 from modeld.observability.audit import audited
-from modeld.observability.logging import prompt_logging_enabled
-from modeld.scheduling.manager import ModelManager
-from modeld.types import InferRequest
+from modeld.scheduling.generation import Generation
+from modeld.types import GenerationResult, InferRequest
 
-__all__ = ["build_routes"]
+__all__ = ["INFER", "NATIVE", "build_routes"]
 
 
 class LoadRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -39,13 +36,7 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status, media_type="application/json")
 
 
-def _request_id(request: Request) -> str:
-    return str(request.scope.get("state", {}).get("request_id", ""))
-
-
-def _manager(request: Request) -> ModelManager:
-    manager: ModelManager = request.app.state.manager
-    return manager
+_manager = manager_of
 
 
 async def healthz(request: Request) -> Response:
@@ -88,26 +79,34 @@ async def status(request: Request) -> Response:
     return _json(body)
 
 
-async def infer(request: Request) -> Response:
-    manager = _manager(request)
-    request_id = _request_id(request)
-    body = await read_body(request, manager.settings.max_body_bytes, manager.settings.body_timeout)
-    infer_request = decode_with_defaults(body, InferRequest, manager.sampling_defaults)
-    request.scope["state"]["model"] = infer_request.model or manager.settings.default_model
-    if prompt_logging_enabled():
-        logger.debug("prompt", prompt=infer_request.prompt, model=infer_request.model)
-    owner = manager.stream(infer_request, request_id=request_id)
-    generation = await start_watched(request.receive, owner)
-    if infer_request.stream:
-        return NdjsonGenerationResponse(owner, generation)
-    text = await collect_watched(request.receive, owner, generation)
-    assert generation.result is not None
-    request.scope["state"]["queue_ms"] = generation.result.metrics.queue_ms
-    if prompt_logging_enabled():
-        logger.debug("completion", text=text)
-    record = terminal_record(generation.result)
-    record["text"] = text
-    return _json(record)
+class _InferCall:
+    """One ``POST /infer``: chunk lines and the terminal record, or the record with the
+    whole text (an early end included: the record's ``done_reason`` says it)."""
+
+    def __init__(self, request: InferRequest) -> None:
+        self.request = request
+
+    def framing(self, generation: Generation) -> StreamFraming:
+        return NdjsonFraming()
+
+    def whole(self, generation: Generation, text: str, result: GenerationResult) -> object:
+        record = terminal_record(result)
+        record["text"] = text
+        return record
+
+
+class InferProtocol:
+    """NDJSON ``POST /infer``: the body *is* an :class:`InferRequest`."""
+
+    errors = ErrorShape()
+    early_end_in_answer = True
+    sampling = SamplingNames("infer")
+
+    async def decode(self, edge: Edge, body: bytes) -> _InferCall:
+        return _InferCall(decode_with_defaults(body, InferRequest, edge.defaults_for))
+
+
+INFER = InferProtocol()
 
 
 async def cancel_request(request: Request) -> Response:
@@ -121,9 +120,7 @@ async def load_model(request: Request) -> Response:
     manager = _manager(request)
     model_id = request.path_params["model_id"]
     with audited("load", model_id, request.scope) as record:
-        body = await read_body(
-            request, manager.settings.max_body_bytes, manager.settings.body_timeout
-        )
+        body = await Edge.of(request).body()
         load_request = decode_body(body, LoadRequest) if body.strip() else LoadRequest()
         if load_request.pin is not None:  # a load that also pins or unpins
             record.action = "pin" if load_request.pin else "unpin"
@@ -147,7 +144,7 @@ def build_routes() -> list[Route]:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/models", list_models, methods=["GET"]),
         Route("/status", status, methods=["GET"]),
-        Route("/infer", infer, methods=["POST"]),
+        Route("/infer", endpoint(INFER), methods=["POST"]),
         Route("/requests/{request_id}", cancel_request, methods=["DELETE"]),
         Route("/models/{model_id}/load", load_model, methods=["POST"]),
         Route("/models/{model_id}/instance", unload_model, methods=["DELETE"]),
@@ -155,5 +152,7 @@ def build_routes() -> list[Route]:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/", status_page, methods=["GET"]),
         Route("/admin/reload", reload_config, methods=["POST"]),
-        *ollama_routes(),
     ]
+
+
+NATIVE = ApiFamily("modeld", "", INFER.errors, build_routes)

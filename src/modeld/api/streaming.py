@@ -18,6 +18,7 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from modeld.api.context import RequestContext
 from modeld.errors import ClientDisconnected
 from modeld.scheduling.generation import Generation
 from modeld.types import Chunk, DoneReason, GenerationResult
@@ -25,7 +26,7 @@ from modeld.types import Chunk, DoneReason, GenerationResult
 __all__ = [
     "NDJSON",
     "GenerationResponse",
-    "NdjsonGenerationResponse",
+    "NdjsonFraming",
     "StreamFraming",
     "collect_watched",
     "ndjson_line",
@@ -179,6 +180,7 @@ class GenerationResponse(Response):
         owner: AbstractAsyncContextManager[Generation],
         generation: Generation,
         framing: StreamFraming,
+        context: RequestContext | None = None,
     ) -> None:
         # Like StreamingResponse: no body attribute, so no Content-Length header.
         self.status_code = 200
@@ -188,6 +190,7 @@ class GenerationResponse(Response):
         self._owner = owner
         self._generation = generation
         self._framing = framing
+        self._context = context
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         generation = self._generation
@@ -210,19 +213,11 @@ class GenerationResponse(Response):
                     line = self._framing.chunk(chunk)
                     await send({"type": "http.response.body", "body": line, "more_body": True})
                 assert generation.result is not None
-                scope.setdefault("state", {})["queue_ms"] = generation.result.metrics.queue_ms
+                if self._context is not None:
+                    self._context.queue_ms = generation.result.metrics.queue_ms
                 last = self._framing.end(generation.result)
                 await send({"type": "http.response.body", "body": last, "more_body": False})
                 tasks.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._owner.__aexit__(None, None, None)
-
-
-class NdjsonGenerationResponse(GenerationResponse):
-    """The streamed answer of ``POST /infer``."""
-
-    def __init__(
-        self, owner: AbstractAsyncContextManager[Generation], generation: Generation
-    ) -> None:
-        super().__init__(owner, generation, NdjsonFraming())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from loguru import logger
 from starlette.types import Scope
 
+from modeld.api.context import context_of
 from modeld.events import Event, GenerationFinished, ModelEvent, ModelFailed
 from modeld.observability.metrics import Metrics
 
@@ -26,19 +27,19 @@ class AccessObserver:
         method = str(scope.get("method", ""))
         self._metrics.http_inflight.labels(path).dec()
         self._metrics.observe_http(path, method, status, duration_s)
-        state = scope.get("state", {})
+        context = context_of(scope)
         log = logger.debug if path in _QUIET_PATHS else logger.info
         log(
             "request",
-            request_id=state.get("request_id"),
+            request_id=context.request_id,
             method=method,
             path=scope.get("path"),
             route=path,
             status=status,
             latency_ms=round(duration_s * 1000, 3),
-            model=state.get("model"),
-            queue_ms=state.get("queue_ms"),
-            key_id=state.get("key_id"),
+            model=context.model,
+            queue_ms=context.queue_ms,
+            key_id=context.key_id,
         )
 
 

@@ -19,6 +19,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
+from modeld.api.context import context_of
 from modeld.errors import ConfigError
 from modeld.events import Event, GenerationFinished
 
@@ -147,8 +148,8 @@ class TracingMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        state = scope.setdefault("state", {})
-        request_id = str(state.get("request_id", ""))
+        context = context_of(scope)
+        request_id = context.request_id
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         method, path = str(scope["method"]), str(scope["path"])
         self.tracing.start_request(request_id, method, path, self.route_of(scope), headers)
@@ -162,7 +163,7 @@ class TracingMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.tracing.end_request(request_id, status[0], state.get("model"))
+            self.tracing.end_request(request_id, status[0], context.model)
 
 
 def tracing_from_env(env: Mapping[str, str] | None = None) -> Tracing | None:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any, cast
 
 import orjson
@@ -25,14 +25,24 @@ from loguru import logger
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from modeld.api.errors import error_body
-from modeld.api.middleware import host_is_allowed
+from modeld.api.bodies import read_whole
+from modeld.api.context import RequestContext
+from modeld.api.errors import ErrorShape
+from modeld.api.families import error_shape_for
+from modeld.api.middleware import host_is_allowed, request_id_from
+from modeld.errors import (
+    ClientDisconnected,
+    ForbiddenHost,
+    ModeldError,
+    ReplicaLost,
+    ReplicaUnavailable,
+)
 from modeld.observability.logging import configure_logging
 from modeld.ray.bridge import ForwardedRequest, Message, Receive, ResponseStart, Send
 from modeld.ray.cluster import ReplicaAnswer, cluster_metrics, cluster_status
 from modeld.ray.registry import router_for
 from modeld.ray.replica import REPLICA_HEADER
-from modeld.ray.routing import ReplicaView, routing_key, target_key
+from modeld.ray.routing import ReplicaView, routing_key, routing_model_id, target_key
 from modeld.settings.config import Settings
 
 __all__ = ["ModelIngress"]
@@ -42,7 +52,6 @@ _FAN_OUT = (  # DELETEs that concern every replica
     re.compile(r"^/requests/[^/]+$"),  # a cancel: only the replica running it knows it
     re.compile(r"^/models/[^/]+/instance$"),  # an unload: every replica holding it
 )
-_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _FAN_OUT_TIMEOUT_S = 10.0
 _METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -71,19 +80,26 @@ class ModelIngress:
         if scope["type"] != "http":
             return
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
-        given = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _SANE_REQUEST_ID.match(given) else uuid.uuid4().hex
-        reply = _Reply(send, request_id)
-        if not host_is_allowed(headers.get(b"host", b"").decode("latin-1"), self._allowed_hosts):
-            await reply.error(403, "forbidden_host", "Host header is not allowed")
-            return
+        request_id = request_id_from(headers.get(b"x-request-id", b"").decode("latin-1"))
         method, path = str(scope["method"]), _app_path(scope)
+        reply = _Reply(send, RequestContext(request_id), error_shape_for(path))
+        if not host_is_allowed(headers.get(b"host", b"").decode("latin-1"), self._allowed_hosts):
+            await reply.error(ForbiddenHost("Host header is not allowed"))
+            return
         target = headers.get(REPLICA_HEADER, b"").decode("latin-1")
         if not target and method == "GET" and path in _OWN_ROUTES:
             await _OWN_ROUTES[path](self, reply)
             return
-        body = await _read_body(receive, reply, self._settings)
-        if body is None:
+        settings = self._settings
+        declared = headers.get(b"content-length", b"").decode("latin-1")
+        try:
+            body = await read_whole(
+                receive, settings.max_body_bytes, settings.body_timeout, declared
+            )
+        except ClientDisconnected:
+            return
+        except ModeldError as error:
+            await reply.error(error)
             return
         request = _forwarded(scope, path, request_id, body)
         if target:
@@ -91,7 +107,8 @@ class ModelIngress:
         elif method == "DELETE" and any(pattern.match(path) for pattern in _FAN_OUT):
             await self._fan_out_first_success(request, reply)
         else:
-            key = routing_key(path, body, self._settings.default_model)
+            resolve = partial(routing_model_id, settings=settings)
+            key = routing_key(path, body, settings.default_model, resolve)
             await self._forward(request, key, receive, reply)
 
     # ------------------------------------------------------------ forwarding
@@ -114,16 +131,16 @@ class ModelIngress:
             if client_gone.done():
                 return
             if start is None:
-                await reply.error(502, "replica_error", "the replica sent no response")
+                await reply.error(ReplicaLost("the replica sent no response"))
             else:
                 await reply.body(b"", more=False)
             finished = True
         except Exception as exc:  # the replica died, or Ray found none to send it to
             logger.opt(exception=exc).warning("forwarding failed", key=key)
             if start is None:
-                await reply.error(503, "replica_unavailable", _describe(exc), retry_after_s=1)
+                await reply.error(ReplicaUnavailable(_describe(exc)))
             else:
-                await reply.body(_stream_error(start, key, reply.request_id, exc), more=False)
+                await reply.body(reply.stream_end(start, key, exc), more=False)
         finally:
             client_gone.cancel()
             if not finished:
@@ -176,7 +193,7 @@ class ModelIngress:
         answered = [a for a in answers if a.error is None]
         chosen = next((a for a in answered if a.ok), answered[0] if answered else None)
         if chosen is None:
-            await reply.error(503, "replica_unavailable", "no replica answered", retry_after_s=1)
+            await reply.error(ReplicaUnavailable("no replica answered"))
             return
         tag = ((REPLICA_HEADER, chosen.replica.encode()),)
         await reply.start(chosen.status, ((b"content-type", b"application/json"), *tag))
@@ -231,11 +248,16 @@ class _AsgiApp:
 
 
 class _Reply:
-    """The response side of one ASGI exchange."""
+    """The response side of one ASGI exchange, in the protocol family of its path."""
 
-    def __init__(self, send: Send, request_id: str) -> None:
+    def __init__(self, send: Send, context: RequestContext, shape: ErrorShape) -> None:
         self._send = send
-        self.request_id = request_id
+        self._context = context
+        self._shape = shape
+
+    @property
+    def request_id(self) -> str:
+        return self._context.request_id
 
     async def start(self, status: int, headers: tuple[tuple[bytes, bytes], ...]) -> None:
         # Ray's proxy adds X-Request-ID itself (the client's, or one it made): not twice.
@@ -249,39 +271,21 @@ class _Reply:
         await self.start(status, ((b"content-type", b"application/json"),))
         await self.body(orjson.dumps(data), more=False)
 
-    async def error(
-        self, status: int, code: str, message: str, *, retry_after_s: int | None = None
-    ) -> None:
-        headers = [(b"content-type", b"application/json")]
-        if retry_after_s is not None:
-            headers.append((b"retry-after", str(retry_after_s).encode()))
-        await self.start(status, tuple(headers))
-        await self.body(error_body(code, message, self.request_id), more=False)
+    async def error(self, error: ModeldError) -> None:
+        """``error`` as the app itself answers it on this path."""
+        response = self._shape.response(error, self._context)
+        await self.start(response.status_code, tuple(response.raw_headers))
+        await self.body(bytes(response.body), more=False)
 
-
-async def _read_body(receive: Receive, reply: _Reply, settings: Settings) -> bytes | None:
-    """The whole body within modeld's limits; None once an error was sent instead."""
-    parts: list[bytes] = []
-    total = 0
-    try:
-        async with asyncio.timeout(settings.body_timeout):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return None
-                part = bytes(message.get("body", b""))
-                total += len(part)
-                if total > settings.max_body_bytes:
-                    message_text = f"request body is over {settings.max_body_bytes} bytes"
-                    await reply.error(413, "payload_too_large", message_text)
-                    return None
-                parts.append(part)
-                if not message.get("more_body", False):
-                    return b"".join(parts)
-    except TimeoutError:
-        text = f"request body not received within {settings.body_timeout:g} s"
-        await reply.error(408, "request_timeout", text)
-        return None
+    def stream_end(self, start: ResponseStart, model: str, exc: Exception) -> bytes:
+        """The last line of a stream the replica could not finish, in its protocol's
+        own words (an Ollama stream ends with Ollama's error line); nothing after a
+        whole JSON answer, which no line could complete."""
+        content_type = (start.header(b"content-type") or b"").split(b";")[0].strip()
+        if content_type == b"application/json":
+            return b""
+        failure = self._shape.failure(ReplicaLost(_describe(exc)), self._context)
+        return self._shape.stream_end(failure, model)
 
 
 def _app_path(scope: Message) -> str:
@@ -348,18 +352,6 @@ def _cancel(parts: DeploymentResponseGenerator[Any]) -> None:
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def _stream_error(start: ResponseStart, model: str, request_id: str, exc: Exception) -> bytes:
-    """The last line of a stream the replica could not finish, in the stream's protocol."""
-    error = {"code": "replica_lost", "message": _describe(exc), "request_id": request_id}
-    content_type = (start.header(b"content-type") or b"").split(b";")[0].strip()
-    if content_type == b"text/event-stream":
-        return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
-    if content_type == b"application/x-ndjson":
-        terminal = {"done": True, "done_reason": "error", "model": model, "request_id": request_id}
-        return orjson.dumps({**terminal, "error": error}) + b"\n"
-    return b""
 
 
 def _describe(exc: BaseException) -> str:

@@ -16,7 +16,9 @@ from collections.abc import AsyncIterator
 from ray import serve
 
 from modeld.api.app import create_app
-from modeld.api.errors import error_body
+from modeld.api.context import RequestContext
+from modeld.api.families import error_shape_for
+from modeld.errors import ReplicaNotFound
 from modeld.observability.logging import configure_logging
 from modeld.ray.bridge import ForwardedRequest, Lifespan, ResponseStart, exchange
 from modeld.ray.routing import TARGET_PREFIX, routing_stats, target_key
@@ -49,10 +51,13 @@ class ModelReplica:
         """
         key = str(serve.get_multiplexed_model_id())
         if key.startswith(TARGET_PREFIX) and key != target_key(self.replica):
-            yield ResponseStart(404, ((b"content-type", b"application/json"), *self._tag))
             message = f"replica {key.removeprefix(TARGET_PREFIX)!r} is not serving"
             request_id = dict(request.headers).get(b"x-request-id", b"").decode("latin-1")
-            yield error_body("replica_not_found", message, request_id)
+            response = error_shape_for(request.path).response(
+                ReplicaNotFound(message), RequestContext(request_id)
+            )
+            yield ResponseStart(response.status_code, (*response.raw_headers, *self._tag))
+            yield bytes(response.body)
             return
         async for part in exchange(self._app, request, self._tag):
             yield part

@@ -18,22 +18,29 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from urllib.parse import unquote
 
 import msgspec
 
+from modeld.api.ollama.names import model_id_for
+from modeld.errors import ModeldError
+from modeld.scheduling.instance import InstanceStatistics
 from modeld.scheduling.manager import ManagerStatistics
+from modeld.settings.config import Settings
+from modeld.types import InstanceState
 
 __all__ = [
     "TARGET_PREFIX",
     "LocalRoutes",
     "ModelLoad",
     "ReplicaView",
+    "evictable",
     "model_size_mb",
     "rank_replicas",
     "routing_key",
+    "routing_model_id",
     "routing_stats",
     "target_key",
     "view_from_stats",
@@ -55,6 +62,7 @@ class ModelLoad:
     waiting: int  # queued + running
     est_mb: float = 0.0
     pinned: bool = False
+    evictable: bool = False  # as the replica reported it (:func:`evictable`)
 
     @property
     def holding(self) -> bool:
@@ -75,9 +83,8 @@ class ReplicaView:
         return sum(
             load.est_mb
             for model, load in self.models.items()
-            if model != except_model and load.state == "ready" and not load.pinned
-            and load.waiting == 0
-        )  # fmt: skip
+            if model != except_model and load.evictable
+        )
 
     def fit(self, model_id: str, size_mb: float) -> int:
         """0: fits in free memory; 1: fits once idle models are evicted; 2: must wait."""
@@ -108,9 +115,37 @@ class _ModelField(msgspec.Struct):
     model: str | None = None
 
 
-def routing_key(path: str, body: bytes, default_model: str | None) -> str:
+def routing_model_id(name: str, settings: Settings) -> str:
+    """The model id a request's model name stands for, whatever protocol spelled it: an
+    alias, ``<name>:latest``, the file's stem and the file id all route to one key (the
+    id the replicas report). A name that stands for no id routes as it is (the replica
+    answers it with the protocol's 404)."""
+    try:
+        return model_id_for(name, settings)
+    except ModeldError:
+        return name
+
+
+def evictable(instance: InstanceStatistics) -> bool:
+    """Whether the replica would evict this instance for another model: ready, nothing
+    queued or running, not pinned (the pool's rule, from its statistics)."""
+    return (
+        instance.state is InstanceState.READY
+        and instance.queue_len == 0
+        and instance.inflight == 0
+        and not instance.pinned
+    )
+
+
+def routing_key(
+    path: str,
+    body: bytes,
+    default_model: str | None,
+    resolve: Callable[[str], str] = str,
+) -> str:
     """The model a request is for: the path's (``/models/{id}/…``, ``/v1/models/{id}``),
-    else the JSON body's ``model``, else the default; "" when there is none.
+    else the JSON body's ``model``, else the default, as ``resolve`` names it (see
+    :func:`routing_model_id`); "" when there is none.
 
     A body that is not JSON, or whose ``model`` is not a string, still routes (to any
     replica): the replica answers it with the same 400 as ``modeld serve``.
@@ -124,7 +159,9 @@ def routing_key(path: str, body: bytes, default_model: str | None) -> str:
         except (msgspec.DecodeError, msgspec.ValidationError):
             model = None
     model = model or default_model or ""
-    return "" if model.startswith(TARGET_PREFIX) else model
+    if not model or model.startswith(TARGET_PREFIX):
+        return ""
+    return resolve(model)
 
 
 def target_key(replica: str) -> str:
@@ -148,6 +185,7 @@ def routing_stats(
                 "waiting": instance.queue_len + instance.inflight,
                 "est_mb": instance.est_vram_mb,
                 "pinned": instance.pinned,
+                "evictable": evictable(instance),
             }
             for instance in stats.instances
         },
@@ -166,6 +204,7 @@ def view_from_stats(replica: str, stats: Mapping[str, object]) -> ReplicaView:
                     waiting=_int(raw.get("waiting")),
                     est_mb=_float(raw.get("est_mb")),
                     pinned=bool(raw.get("pinned", False)),
+                    evictable=bool(raw.get("evictable", False)),
                 )
     return ReplicaView(
         replica=replica,
@@ -190,7 +229,11 @@ def with_local_routes(view: ReplicaView, routes: Mapping[str, LocalRoutes]) -> R
         unseen = local.sent_since(view.at_unix)
         reported = models.get(model)
         if reported is not None and reported.holding:
-            models[model] = replace(reported, waiting=reported.waiting + unseen)
+            models[model] = replace(
+                reported,
+                waiting=reported.waiting + unseen,
+                evictable=reported.evictable and unseen == 0,
+            )
         elif unseen > 0 or local.last_routed_unix >= view.at_unix:
             models[model] = ModelLoad(state=ROUTED, waiting=unseen, est_mb=local.est_mb)
             free_mb -= local.est_mb

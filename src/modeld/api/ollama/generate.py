@@ -15,11 +15,11 @@ from __future__ import annotations
 import time
 from typing import Any, TypeVar
 
-from loguru import logger
-from starlette.requests import Request
 from starlette.responses import Response
 
-from modeld.api.bodies import decode_body, read_body
+from modeld.api.bodies import decode_body
+from modeld.api.edge import Edge
+from modeld.api.ollama.errors import OLLAMA_ERRORS
 from modeld.api.ollama.facts import ModelFacts, has_chat_template, iso_time
 from modeld.api.ollama.framing import OllamaFraming
 from modeld.api.ollama.names import model_id_for, naming
@@ -27,26 +27,20 @@ from modeld.api.ollama.wire import (
     ChatBody,
     GenerateBody,
     as_request,
-    early_end_error,
     format_of,
-    json_response,
     messages_of,
     refuse_unsupported,
     sampling_fields,
 )
-from modeld.api.streaming import GenerationResponse, collect_watched, start_watched
+from modeld.api.protocol import json_response
+from modeld.api.streaming import StreamFraming
 from modeld.errors import InvalidRequest
-from modeld.observability.logging import prompt_logging_enabled
+from modeld.scheduling.generation import Generation
 from modeld.scheduling.manager import ModelManager
 from modeld.settings.keep_alive import KeepAlive, keep_alive_seconds
-from modeld.types import ChatRequest, InferRequest
+from modeld.types import ChatRequest, GenerationResult, InferRequest
 
-__all__ = ["Generating", "load_or_unload"]
-
-
-def _manager(request: Request) -> ModelManager:
-    manager: ModelManager = request.app.state.manager
-    return manager
+__all__ = ["OllamaChat", "OllamaGenerate", "load_or_unload"]
 
 
 async def load_or_unload(
@@ -62,7 +56,7 @@ async def load_or_unload(
 
 
 def _request_fields(
-    manager: ModelManager,
+    edge: Edge,
     model_id: str,
     options: dict[str, Any] | None,
     response_format: str | dict[str, Any] | None,
@@ -71,37 +65,25 @@ def _request_fields(
 ) -> dict[str, object]:
     """What every generation request shares: the model's configured defaults under
     the mapped ``options``, the format, the stream flag and the keep-alive."""
-    fields: dict[str, object] = {**manager.sampling_defaults(model_id), **sampling_fields(options)}
+    fields: dict[str, object] = {**edge.defaults_for(model_id), **sampling_fields(options)}
     fields.update(model=model_id, stream=stream, format=format_of(response_format))
     if keep_alive is not None:
         fields["keep_alive"] = keep_alive
     return fields
 
 
-async def _answer(
-    request: Request, name: str, generate: InferRequest | ChatRequest, *, chat: bool
-) -> Response:
-    """Start the generation (an error status until it runs), then stream it or answer
-    with one object; an unstreamed answer that ends early is an error status."""
-    manager = _manager(request)
-    if prompt_logging_enabled():
-        prompt = generate.messages if isinstance(generate, ChatRequest) else generate.prompt
-        logger.debug("prompt", prompt=str(prompt), model=generate.model)
-    owner = manager.stream(generate, request_id=str(request.scope["state"]["request_id"]))
-    generation = await naming(name, lambda: start_watched(request.receive, owner))
-    framing = OllamaFraming(name, chat=chat)
-    if generate.stream:
-        return GenerationResponse(owner, generation, framing)
-    text = await collect_watched(request.receive, owner, generation)
-    result = generation.result
-    assert result is not None
-    request.scope["state"]["queue_ms"] = result.metrics.queue_ms
-    if prompt_logging_enabled():
-        logger.debug("completion", text=text)
-    error = early_end_error(result)
-    if error is not None:
-        raise error
-    return json_response(framing.whole(text, result))
+class _OllamaCall:
+    """One generate or chat: Ollama's NDJSON lines, or the same as one object."""
+
+    def __init__(self, edge: Edge, request: InferRequest | ChatRequest, *, chat: bool) -> None:
+        self.request = request
+        self._framing = OllamaFraming(edge.context.model_name or "", edge.context, chat=chat)
+
+    def framing(self, generation: Generation) -> StreamFraming:
+        return self._framing
+
+    def whole(self, generation: Generation, text: str, result: GenerationResult) -> object:
+        return self._framing.whole(text, result)
 
 
 def _loaded_line(name: str, reason: str, *, chat: bool) -> Response:
@@ -116,24 +98,24 @@ def _loaded_line(name: str, reason: str, *, chat: bool) -> Response:
 NamedBody = TypeVar("NamedBody", GenerateBody, ChatBody)
 
 
-async def _named_body(
-    request: Request, schema: type[NamedBody]
-) -> tuple[ModelManager, NamedBody, str, str]:
-    """The manager, the decoded body, the model as the client named it and its id (also
-    the access log's ``model``). Raises :class:`InvalidRequest` without a model."""
-    manager = _manager(request)
-    settings = manager.settings
-    raw_body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
+def _named_body(edge: Edge, raw_body: bytes, schema: type[NamedBody]) -> tuple[NamedBody, str]:
+    """The decoded body and its model's id; the model as the client named it goes to
+    the context (the error shape names it so) with the id (the access log's ``model``).
+    Raises :class:`InvalidRequest` without a model."""
     body = decode_body(raw_body, schema)
     if not body.model:
         raise InvalidRequest("model is required", field="model")
-    model_id = request.scope["state"]["model"] = model_id_for(body.model, settings)
-    return manager, body, body.model, model_id
+    edge.context.model_name = body.model
+    model_id = edge.context.model = model_id_for(body.model, edge.settings)
+    return body, model_id
 
 
-class Generating:
-    """The generation routes, sharing the listings' cache of GGUF facts (whether a model
-    has a chat template of its own)."""
+class OllamaGenerate:
+    """``POST /api/generate``, sharing the listings' cache of GGUF facts (whether a
+    model has a chat template of its own)."""
+
+    errors = OLLAMA_ERRORS
+    early_end_in_answer = False
 
     def __init__(self, facts: ModelFacts) -> None:
         self._facts = facts
@@ -143,32 +125,40 @@ class Generating:
         metadata = await self._facts.of_or_none(model)
         return has_chat_template(manager.settings, model_id, metadata)
 
-    async def generate(self, request: Request) -> Response:
-        manager, body, name, model_id = await _named_body(request, GenerateBody)
+    async def decode(self, edge: Edge, raw_body: bytes) -> _OllamaCall | Response:
+        body, model_id = _named_body(edge, raw_body, GenerateBody)
+        name = body.model
         refuse_unsupported(name, body)
         if not body.prompt:
-            reason = await load_or_unload(manager, name, model_id, body.keep_alive)
+            reason = await load_or_unload(edge.manager, name, model_id, body.keep_alive)
             return _loaded_line(name, reason, chat=False)
         fields = _request_fields(
-            manager, model_id, body.options, body.format, body.stream, body.keep_alive
+            edge, model_id, body.options, body.format, body.stream, body.keep_alive
         )
         generate: InferRequest | ChatRequest
-        if not body.raw and await self._templated(manager, name, model_id):
+        if not body.raw and await self._templated(edge.manager, name, model_id):
             turns = [{"role": "system", "content": body.system}] if body.system else []
             turns.append({"role": "user", "content": body.prompt})
             generate = as_request({**fields, "messages": turns}, ChatRequest)
         else:
             generate = as_request({**fields, "prompt": body.prompt}, InferRequest)
-        return await _answer(request, name, generate, chat=False)
+        return _OllamaCall(edge, generate, chat=False)
 
-    async def chat(self, request: Request) -> Response:
-        manager, body, name, model_id = await _named_body(request, ChatBody)
-        messages = messages_of(name, body)
+
+class OllamaChat:
+    """``POST /api/chat``."""
+
+    errors = OLLAMA_ERRORS
+    early_end_in_answer = False
+
+    async def decode(self, edge: Edge, raw_body: bytes) -> _OllamaCall | Response:
+        body, model_id = _named_body(edge, raw_body, ChatBody)
+        messages = messages_of(body.model, body)
         if not messages:
-            reason = await load_or_unload(manager, name, model_id, body.keep_alive)
-            return _loaded_line(name, reason, chat=True)
+            reason = await load_or_unload(edge.manager, body.model, model_id, body.keep_alive)
+            return _loaded_line(body.model, reason, chat=True)
         fields = _request_fields(
-            manager, model_id, body.options, body.format, body.stream, body.keep_alive
+            edge, model_id, body.options, body.format, body.stream, body.keep_alive
         )
         generate = as_request({**fields, "messages": messages}, ChatRequest)
-        return await _answer(request, name, generate, chat=True)
+        return _OllamaCall(edge, generate, chat=True)

@@ -9,7 +9,8 @@ from collections.abc import Mapping
 from starlette.requests import Request
 from starlette.responses import Response
 
-from modeld.api.bodies import decode_body, read_body
+from modeld.api.bodies import decode_body
+from modeld.api.edge import Edge, manager_of
 from modeld.api.ollama.facts import (
     CHAT_TEMPLATE_KEY,
     ModelFacts,
@@ -20,7 +21,8 @@ from modeld.api.ollama.facts import (
     modified_at,
 )
 from modeld.api.ollama.names import model_id_for, naming, ollama_name
-from modeld.api.ollama.wire import ModelBody, json_response
+from modeld.api.ollama.wire import OLLAMA_SAMPLING, ModelBody
+from modeld.api.protocol import json_response
 from modeld.errors import InvalidRequest, ModeldError, Unsupported
 from modeld.gguf import GgufMetadata
 from modeld.scheduling.manager import ModelManager
@@ -35,9 +37,7 @@ __all__ = ["ModelListings", "unsupported", "version"]
 _NOT_MODEL_INFO = ("tokenizer.chat_template",)
 
 
-def _manager(request: Request) -> ModelManager:
-    manager: ModelManager = request.app.state.manager
-    return manager
+_manager = manager_of
 
 
 async def version(request: Request) -> Response:
@@ -105,14 +105,13 @@ class ModelListings:
         return json_response({"models": models})
 
     async def show(self, request: Request) -> Response:
-        manager = _manager(request)
-        settings = manager.settings
-        raw_body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
-        body = decode_body(raw_body, ModelBody)
+        edge = Edge.of(request)
+        manager, settings = edge.manager, edge.settings
+        body = decode_body(await edge.body(), ModelBody)
         name = body.model_name
         if not name:
             raise InvalidRequest("model is required", field="model")
-        model_id = request.scope["state"]["model"] = model_id_for(name, settings)
+        model_id = edge.context.model = model_id_for(name, settings)
         model = await naming(name, lambda: manager.registry.lookup(model_id))
         metadata = await self._facts.of(model)
         configured = settings.model(model_id).chat_template
@@ -134,16 +133,12 @@ class ModelListings:
         )
 
 
-# modeld's sampling fields by the names Ollama's Modelfile gives them.
-_PARAMETER_NAMES = {"max_tokens": "num_predict"}
-
-
 def _parameters(defaults: Mapping[str, object]) -> str:
     """The model's configured sampling defaults as Modelfile ``PARAMETER`` lines."""
     lines = []
     for field, value in defaults.items():
         values = value if isinstance(value, list | tuple) else [value]
-        lines += [f"{_PARAMETER_NAMES.get(field, field)} {item}" for item in values]
+        lines += [f"{OLLAMA_SAMPLING.wire(field)} {item}" for item in values]
     return "\n".join(lines)
 
 

@@ -9,49 +9,29 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import msgspec
-import orjson
 from loguru import logger
-from starlette.responses import Response
 
-from modeld.errors import (
-    ClientDisconnected,
-    EngineError,
-    InferTimeout,
-    InvalidRequest,
-    ModeldError,
-    ModelUnloaded,
-    ShuttingDown,
-)
+from modeld.api.sampling import SamplingNames, stop_list
+from modeld.errors import InvalidRequest
 from modeld.settings.keep_alive import KeepAlive
-from modeld.types import DoneReason, GenerationResult
+from modeld.types import GenerationResult
 
 __all__ = [
+    "OLLAMA_SAMPLING",
     "ChatBody",
     "EmbedBody",
     "EmbeddingsBody",
     "GenerateBody",
     "ModelBody",
     "as_request",
-    "early_end_error",
     "final_fields",
     "format_of",
-    "json_response",
     "messages_of",
     "refuse_unsupported",
     "sampling_fields",
 ]
 
 T = TypeVar("T")
-# Reasons a stream ends complete; any other ends it early, with an error.
-FINISHED = frozenset({DoneReason.STOP, DoneReason.LENGTH})
-_EARLY_END: dict[DoneReason, type[ModeldError]] = {
-    DoneReason.CANCELLED: ClientDisconnected,
-    DoneReason.EVICTED: ModelUnloaded,
-    DoneReason.IDLE: ModelUnloaded,
-    DoneReason.TIMEOUT: InferTimeout,
-    DoneReason.SHUTDOWN: ShuttingDown,
-    DoneReason.ERROR: EngineError,
-}
 _NS_PER_MS = 1_000_000
 
 
@@ -67,21 +47,21 @@ class ModelBody(msgspec.Struct, frozen=True, kw_only=True):
         return self.model or self.name
 
 
-class Options(msgspec.Struct, frozen=True):
-    """The options modeld maps; every other key is ignored, as Ollama ignores unknown
-    ones (``num_gpu``, ``mirostat``, ``use_mmap``...: they mean nothing here)."""
+def _positive(value: int) -> int | None:
+    return value if value > 0 else None  # -1, -2 (and 0): no limit of its own
 
-    num_predict: int | None = None
-    num_ctx: int | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    seed: int | None = None
-    stop: list[str] | str | None = None
-    repeat_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+
+def _seed(value: int) -> int | None:
+    return value if value >= 0 else None  # a negative seed is Ollama's "random"
+
+
+OLLAMA_SAMPLING = SamplingNames(
+    "ollama",
+    renamed={"max_tokens": "num_predict"},
+    adapt={"max_tokens": _positive, "seed": _seed, "stop": stop_list},
+)
+"""The ``options`` modeld maps; every other key is ignored, as Ollama ignores unknown
+ones (``num_gpu``, ``mirostat``, ``use_mmap``...: they mean nothing here)."""
 
 
 class GenerateBody(msgspec.Struct, frozen=True, kw_only=True):
@@ -194,14 +174,14 @@ def refuse_unsupported(name: str, body: GenerateBody) -> None:
         raise InvalidRequest("context (deprecated in Ollama) is not supported", field="context")
 
 
-def _options(raw: dict[str, Any] | None) -> Options:
+def _options(raw: dict[str, Any] | None) -> msgspec.Struct:
     if not raw:
-        return Options()
-    ignored = sorted(set(raw) - set(Options.__struct_fields__))
+        raw = {}
+    ignored = sorted(set(raw) - set(OLLAMA_SAMPLING.struct.__struct_fields__))
     if ignored:
         logger.debug("options ignored", options=ignored)
     try:
-        return msgspec.convert(raw, Options)
+        return OLLAMA_SAMPLING.convert(raw)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(f"option {_option_path(str(exc))}", field="options") from None
 
@@ -213,31 +193,13 @@ def _option_path(message: str) -> str:
     return f'"{option}": {text}' if option else text
 
 
-_MAPPED = (
-    "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "presence_penalty",
-    "frequency_penalty",
-)  # fmt: skip
-
-
 def sampling_fields(raw_options: dict[str, Any] | None) -> dict[str, object]:
     """:class:`~modeld.types.SamplingParams` fields for Ollama's ``options``; the bounds
     are checked when the request is built (see :func:`as_request`)."""
-    options = _options(raw_options)
-    fields: dict[str, object] = {}
-    if options.num_predict is not None and options.num_predict > 0:
-        fields["max_tokens"] = options.num_predict  # -1, -2 (and 0): no limit of its own
-    for name in _MAPPED:
-        value = getattr(options, name)
-        if value is not None:
-            fields[name] = value
-    if options.seed is not None and options.seed >= 0:
-        fields["seed"] = options.seed  # a negative seed is Ollama's "random"
-    if options.stop is not None:
-        fields["stop"] = [options.stop] if isinstance(options.stop, str) else options.stop
-    return fields
+    return OLLAMA_SAMPLING.fields(_options(raw_options))
 
 
-_OPTION_OF_FIELD = {"max_tokens": "num_predict", "messages": "messages"}
+_OPTION_OF_FIELD = {**OLLAMA_SAMPLING.param_names, "messages": "messages"}
 
 
 def as_request(fields: dict[str, object], kind: type[T]) -> T:
@@ -265,18 +227,5 @@ def durations(result: GenerationResult) -> dict[str, int]:
     }
 
 
-def early_end_error(result: GenerationResult) -> ModeldError | None:
-    """None for a generation that ended complete; else the error that says why not."""
-    if result.done_reason in FINISHED:
-        return None
-    cause = f": {result.error['message']}" if result.error else ""
-    error_type = _EARLY_END.get(result.done_reason, EngineError)
-    return error_type(f"the generation ended early ({result.done_reason}){cause}")
-
-
 def final_fields(result: GenerationResult) -> dict[str, object]:
     return {"done": True, "done_reason": str(result.done_reason), **durations(result)}
-
-
-def json_response(data: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status, media_type="application/json")

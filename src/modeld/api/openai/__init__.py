@@ -1,8 +1,7 @@
-"""The OpenAI-compatible API under ``/v1``: a thin translation onto ``ModelManager``.
+"""OpenAI's API under ``/v1`` (docs/compat.md)."""
 
-Read docs/compat.md for every field and what modeld does with it.
-"""
+from __future__ import annotations
 
-from modeld.api.openai.routes import build_openai_routes
+from modeld.api.openai.routes import OPENAI
 
-__all__ = ["build_openai_routes"]
+__all__ = ["OPENAI"]

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import modeld
-from modeld.api.openai.errors import error_event
+from modeld.api.context import RequestContext
+from modeld.api.errors import early_end_error
+from modeld.api.openai.errors import OPENAI_ERRORS
 from modeld.api.streaming import one_line_json
-from modeld.types import Chunk, DoneReason, GenerationResult
+from modeld.types import Chunk, GenerationResult
 
 __all__ = [
-    "FINISHED",
     "SSE",
     "ChatFraming",
     "Completion",
@@ -28,7 +29,6 @@ __all__ = [
 ]
 
 SSE = "text/event-stream"
-FINISHED = frozenset({DoneReason.STOP, DoneReason.LENGTH})  # OpenAI's finish reasons
 FINGERPRINT = f"fp_modeld_{modeld.__version__}"
 _DONE = b"data: [DONE]\n\n"
 
@@ -83,9 +83,12 @@ def _finish(result: GenerationResult) -> str:
 class _Framing:
     media_type = SSE
 
-    def __init__(self, completion: Completion, include_usage: bool) -> None:
+    def __init__(
+        self, completion: Completion, include_usage: bool, context: RequestContext
+    ) -> None:
         self._completion = completion
         self._include_usage = include_usage
+        self._context = context
 
     def _choice(self, choice: dict[str, Any]) -> bytes:
         data = {**self._completion.header(chunked=True), "choices": [{"index": 0, **choice}]}
@@ -100,8 +103,10 @@ class _Framing:
         return self._delta(chunk.text, None)
 
     def end(self, result: GenerationResult) -> bytes:
-        if result.done_reason not in FINISHED:
-            return error_event(result)
+        error = early_end_error(result)
+        if error is not None:
+            failure = OPENAI_ERRORS.failure(error, self._context)
+            return OPENAI_ERRORS.stream_end(failure, result.model)
         last = self._delta("", _finish(result))
         if self._include_usage:
             data = {**self._completion.header(chunked=True), "choices": [], "usage": usage(result)}

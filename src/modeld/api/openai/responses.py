@@ -10,33 +10,35 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import orjson
-from starlette.requests import Request
-from starlette.responses import Response
-
-from modeld.api.bodies import convert_fields, decode_json, read_body
-from modeld.api.openai.errors import (
-    ENDED_EARLY_STATUS,
-    PARAM_NAMES_KEY,
-    UnsupportedParam,
-    ended_early_response,
-    openai_error_body,
-    openai_route,
-)
-from modeld.api.openai.framing import FINISHED, SSE, usage
+from modeld.api.bodies import convert_fields, decode_json
+from modeld.api.context import RequestContext
+from modeld.api.edge import Edge
+from modeld.api.errors import UnsupportedParam, early_end_error
+from modeld.api.openai.errors import OPENAI_ERRORS, error_object
+from modeld.api.openai.framing import SSE, usage
 from modeld.api.openai.translate import (
     messages_from,
     msgspec_message,
     response_format,
+    sampling_of,
     with_defaults,
 )
 from modeld.api.openai.wire import ResponseBody
-from modeld.api.streaming import GenerationResponse, collect_watched, one_line_json, start_watched
+from modeld.api.sampling import SAMPLING_FIELDS, SamplingNames
+from modeld.api.streaming import StreamFraming, one_line_json
 from modeld.errors import InvalidRequest
-from modeld.scheduling.manager import ModelManager
+from modeld.scheduling.generation import Generation
 from modeld.types import ChatRequest, Chunk, DoneReason, GenerationResult
 
-__all__ = ["create_response"]
+__all__ = ["RESPONSES", "RESPONSES_SAMPLING", "ResponsesProtocol"]
+
+RESPONSES_SAMPLING = SamplingNames(
+    "responses",
+    renamed={"max_tokens": "max_output_tokens"},
+    unsupported=frozenset(SAMPLING_FIELDS) - {"max_tokens", "temperature", "top_p"},
+)
+"""The Responses API's sampling parameters: ``max_output_tokens``, ``temperature`` and
+``top_p`` (it has no others; whatever else a body holds is ignored, as OpenAI does)."""
 
 _PART_TYPES = frozenset({"input_text", "output_text", "text"})
 
@@ -74,7 +76,7 @@ def _messages(body: ResponseBody) -> list[dict[str, Any]]:
     return items
 
 
-def _chat_request(body: ResponseBody, manager: ModelManager) -> ChatRequest:
+def _chat_request(body: ResponseBody, sampling: dict[str, object], edge: Edge) -> ChatRequest:
     if body.tools:
         raise _unsupported("tools", "tool calling is not supported for this model")
     if body.previous_response_id:
@@ -85,29 +87,27 @@ def _chat_request(body: ResponseBody, manager: ModelManager) -> ChatRequest:
     if isinstance(text_format, dict) and text_format.get("type") == "json_schema":
         text_format = {"type": "json_schema", "json_schema": text_format}
     fields: dict[str, object] = {
+        **sampling,
         "messages": [msgspec_message(m) for m in messages_from(_messages(body))],
         "model": body.model,
+        "stream": bool(body.stream),
         "format": response_format(text_format),
     }
-    for name, value in (
-        ("max_tokens", body.max_output_tokens),
-        ("temperature", body.temperature),
-        ("top_p", body.top_p),
-    ):
-        if value is not None:
-            fields[name] = value
-    return convert_fields(with_defaults(fields, body.model, manager.sampling_defaults), ChatRequest)
+    return convert_fields(with_defaults(fields, body.model, edge.defaults_for), ChatRequest)
 
 
 class _Response:
     """One response object as it grows: the Responses API repeats it in its events."""
 
-    def __init__(self, response_id: str, model: str, body: ResponseBody) -> None:
+    def __init__(
+        self, response_id: str, model: str, body: ResponseBody, sampling: dict[str, object]
+    ) -> None:
         self.id = response_id
         self.item_id = "msg_" + response_id.removeprefix("resp_")
         self.created_at = int(time.time())
         self.model = model
         self.body = body
+        self.sampling = sampling
         self.text = ""
         self.sequence = 0
 
@@ -138,13 +138,13 @@ class _Response:
             else None,
             "error": None,
             "instructions": self.body.instructions,
-            "max_output_tokens": self.body.max_output_tokens,
+            "max_output_tokens": self.sampling.get("max_tokens"),
             "model": self.model,
             "output": [self.item("completed")] if finished else [],
             "parallel_tool_calls": False,
             "previous_response_id": None,
-            "temperature": self.body.temperature,
-            "top_p": self.body.top_p,
+            "temperature": self.sampling.get("temperature"),
+            "top_p": self.sampling.get("top_p"),
             "tool_choice": "none",
             "tools": [],
             "text": {"format": {"type": "text"}},
@@ -177,8 +177,9 @@ class _ResponseFraming:
 
     media_type = SSE
 
-    def __init__(self, response: _Response) -> None:
+    def __init__(self, response: _Response, context: RequestContext) -> None:
         self._r = response
+        self._context = context
 
     def _where(self) -> dict[str, Any]:
         return {"item_id": self._r.item_id, "output_index": 0, "content_index": 0}
@@ -200,14 +201,11 @@ class _ResponseFraming:
 
     def end(self, result: GenerationResult) -> bytes:
         r = self._r
-        if result.done_reason not in FINISHED:
-            status = ENDED_EARLY_STATUS[result.done_reason]
-            code = (result.error or {}).get("code", str(result.done_reason))
-            message = (result.error or {}).get(
-                "message"
-            ) or f"the generation ended early: {result.done_reason}"
-            error = orjson.loads(openai_error_body(code, message, status, None, result.request_id))
-            return r.event("error", code=code, message=message, param=None, **error)
+        early = early_end_error(result)
+        if early is not None:
+            failure = OPENAI_ERRORS.failure(early, self._context)
+            error = {"error": error_object(failure)}
+            return r.event("error", code=failure.code, message=failure.message, param=None, **error)
         last = (
             "response.completed" if result.done_reason is DoneReason.STOP else "response.incomplete"
         )
@@ -219,31 +217,45 @@ class _ResponseFraming:
         )
 
 
-@openai_route
-async def create_response(request: Request) -> Response:
-    manager: ModelManager = request.app.state.manager
-    settings = manager.settings
-    state: dict[str, Any] = request.scope.setdefault("state", {})
-    body = decode_json(
-        await read_body(request, settings.max_body_bytes, settings.body_timeout), ResponseBody
-    )
-    state[PARAM_NAMES_KEY] = {
-        "prompt": "input",
-        "messages": "input",
-        "format": "text.format",
-        "max_tokens": "max_output_tokens",
-    }
-    generate = _chat_request(body, manager)
-    request_id = str(state.get("request_id", ""))
-    state["model"] = generate.model or settings.default_model
-    owner = manager.stream(generate, request_id=request_id)
-    generation = await start_watched(request.receive, owner)
-    response = _Response("resp_" + request_id, generation.model_id, body)
-    if body.stream:
-        return GenerationResponse(owner, generation, _ResponseFraming(response))
-    response.text = await collect_watched(request.receive, owner, generation)
-    result = generation.result
-    assert result is not None
-    if result.done_reason not in FINISHED:
-        return ended_early_response(result)
-    return Response(orjson.dumps(response.whole(result)), 200, media_type="application/json")
+class _ResponseCall:
+    def __init__(
+        self, edge: Edge, request: ChatRequest, body: ResponseBody, sampling: dict[str, object]
+    ) -> None:
+        self.request = request
+        self._context = edge.context
+        self._body = body
+        self._sampling = sampling
+
+    def _response(self, generation: Generation) -> _Response:
+        response_id = "resp_" + self._context.request_id
+        return _Response(response_id, generation.model_id, self._body, self._sampling)
+
+    def framing(self, generation: Generation) -> StreamFraming:
+        return _ResponseFraming(self._response(generation), self._context)
+
+    def whole(self, generation: Generation, text: str, result: GenerationResult) -> object:
+        response = self._response(generation)
+        response.text = text
+        return response.whole(result)
+
+
+class ResponsesProtocol:
+    """``POST /v1/responses``: the input becomes a :class:`ChatRequest`."""
+
+    errors = OPENAI_ERRORS
+    early_end_in_answer = False
+
+    async def decode(self, edge: Edge, body: bytes) -> _ResponseCall:
+        decoded = decode_json(body, ResponseBody)
+        edge.context.param_names = {
+            "prompt": "input",
+            "messages": "input",
+            "format": "text.format",
+            **RESPONSES_SAMPLING.param_names,
+        }
+        sampling = sampling_of(body, RESPONSES_SAMPLING)
+        generate = _chat_request(decoded, sampling, edge)
+        return _ResponseCall(edge, generate, decoded, sampling)
+
+
+RESPONSES = ResponsesProtocol()

@@ -7,46 +7,35 @@ import array
 import base64
 import sys
 import time
-from typing import Any
 
 import orjson
-from loguru import logger
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
-from modeld.api.bodies import decode_json, read_body
-from modeld.api.openai.errors import PARAM_NAMES_KEY, ended_early_response, openai_route
-from modeld.api.openai.framing import FINISHED, ChatFraming, Completion, CompletionFraming
-from modeld.api.openai.responses import create_response
-from modeld.api.openai.translate import chat_request, completion_request, embedding_inputs
+from modeld.api.bodies import decode_json
+from modeld.api.edge import Edge, manager_of
+from modeld.api.openai.errors import OPENAI_ERRORS
+from modeld.api.openai.framing import ChatFraming, Completion, CompletionFraming
+from modeld.api.openai.responses import RESPONSES
+from modeld.api.openai.translate import (
+    chat_request,
+    completion_request,
+    embedding_inputs,
+    sampling_of,
+)
 from modeld.api.openai.wire import ChatCompletionBody, CompletionBody, EmbeddingBody
-from modeld.api.streaming import GenerationResponse, collect_watched, start_watched
+from modeld.api.protocol import ApiFamily, endpoint, json_response
+from modeld.api.streaming import StreamFraming
 from modeld.errors import InvalidRequest, ModelNotFound
-from modeld.observability.logging import prompt_logging_enabled
+from modeld.scheduling.generation import Generation
 from modeld.scheduling.manager import ModelManager
-from modeld.types import ChatRequest, InferRequest
+from modeld.types import ChatRequest, GenerationResult, InferRequest
 
-__all__ = ["build_openai_routes"]
+__all__ = ["CHAT", "COMPLETIONS", "OPENAI", "build_openai_routes"]
 
-
-def _json(data: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status, media_type="application/json")
-
-
-def _manager(request: Request) -> ModelManager:
-    manager: ModelManager = request.app.state.manager
-    return manager
-
-
-def _state(request: Request) -> dict[str, Any]:
-    state: dict[str, Any] = request.scope.setdefault("state", {})
-    return state
-
-
-async def _body(request: Request) -> bytes:
-    settings = _manager(request).settings
-    return await read_body(request, settings.max_body_bytes, settings.body_timeout)
+_json = json_response
+_manager = manager_of
 
 
 # ------------------------------------------------------------------------------ models
@@ -66,77 +55,83 @@ async def _model_objects(manager: ModelManager) -> list[dict[str, object]]:
     return objects
 
 
-@openai_route
 async def list_models(request: Request) -> Response:
     return _json({"object": "list", "data": await _model_objects(_manager(request))})
 
 
-@openai_route
 async def retrieve_model(request: Request) -> Response:
     name = request.path_params["model_id"]
     for model in await _model_objects(_manager(request)):
         if model["id"] == name:
             return _json(model)
-    _state(request)[PARAM_NAMES_KEY] = {"model": "model"}
     raise ModelNotFound(f"model {name!r} not found")
 
 
 # ------------------------------------------------------------------------------ generation
 
 
-async def _answer(
-    request: Request, generate: ChatRequest | InferRequest, stream: bool, include_usage: bool
-) -> Response:
-    """Start the generation (a 4xx/5xx until it runs), then stream it or answer whole."""
-    manager = _manager(request)
-    chat = isinstance(generate, ChatRequest)
-    request_id = str(_state(request).get("request_id", ""))
-    _state(request)["model"] = generate.model or manager.settings.default_model
-    if prompt_logging_enabled():
-        prompt = generate.messages if isinstance(generate, ChatRequest) else generate.prompt
-        logger.debug("prompt", prompt=str(prompt), model=generate.model)
-    owner = manager.stream(generate, request_id=request_id)
-    generation = await start_watched(request.receive, owner)
-    completion = Completion(
-        id=("chatcmpl-" if chat else "cmpl-") + request_id,
-        created=int(time.time()),
-        model=generation.model_id,
-        chat=chat,
-    )
-    if stream:
-        framing = ChatFraming if chat else CompletionFraming
-        return GenerationResponse(owner, generation, framing(completion, include_usage))
-    text = await collect_watched(request.receive, owner, generation)
-    result = generation.result
-    assert result is not None
-    _state(request)["queue_ms"] = result.metrics.queue_ms
-    if prompt_logging_enabled():
-        logger.debug("completion", text=text)
-    if result.done_reason not in FINISHED:
-        return ended_early_response(result)
-    return _json(completion.whole(text, result))
+class _CompletionCall:
+    """One chat or text completion: SSE chunks, or one ``chat.completion`` object."""
+
+    def __init__(
+        self, edge: Edge, request: ChatRequest | InferRequest, include_usage: bool
+    ) -> None:
+        self.request = request
+        self._context = edge.context
+        self._include_usage = include_usage
+        self._chat = isinstance(request, ChatRequest)
+        self._created = int(time.time())
+
+    def _completion(self, generation: Generation) -> Completion:
+        prefix = "chatcmpl-" if self._chat else "cmpl-"
+        return Completion(
+            prefix + self._context.request_id, self._created, generation.model_id, self._chat
+        )
+
+    def framing(self, generation: Generation) -> StreamFraming:
+        framing = ChatFraming if self._chat else CompletionFraming
+        return framing(self._completion(generation), self._include_usage, self._context)
+
+    def whole(self, generation: Generation, text: str, result: GenerationResult) -> object:
+        return self._completion(generation).whole(text, result)
 
 
-@openai_route
-async def chat_completions(request: Request) -> Response:
-    body = decode_json(await _body(request), ChatCompletionBody)
-    max_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    _state(request)[PARAM_NAMES_KEY] = {
-        "prompt": "messages",
-        "format": "response_format",
-        "max_tokens": max_name,
-    }
-    generate = chat_request(body, _manager(request).sampling_defaults)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _answer(request, generate, bool(body.stream), include_usage)
+class ChatProtocol:
+    """``POST /v1/chat/completions``."""
+
+    errors = OPENAI_ERRORS
+    early_end_in_answer = False
+
+    async def decode(self, edge: Edge, body: bytes) -> _CompletionCall:
+        decoded = decode_json(body, ChatCompletionBody)
+        max_name = (
+            "max_completion_tokens" if decoded.max_completion_tokens is not None else "max_tokens"
+        )
+        edge.context.param_names = {
+            "prompt": "messages",
+            "format": "response_format",
+            "max_tokens": max_name,
+        }
+        generate = chat_request(decoded, sampling_of(body), edge.defaults_for)
+        include_usage = bool(decoded.stream_options and decoded.stream_options.include_usage)
+        return _CompletionCall(edge, generate, include_usage)
 
 
-@openai_route
-async def completions(request: Request) -> Response:
-    body = decode_json(await _body(request), CompletionBody)
-    generate = completion_request(body, _manager(request).sampling_defaults)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _answer(request, generate, bool(body.stream), include_usage)
+class CompletionsProtocol:
+    """``POST /v1/completions``."""
+
+    errors = OPENAI_ERRORS
+    early_end_in_answer = False
+
+    async def decode(self, edge: Edge, body: bytes) -> _CompletionCall:
+        decoded = decode_json(body, CompletionBody)
+        generate = completion_request(decoded, sampling_of(body), edge.defaults_for)
+        include_usage = bool(decoded.stream_options and decoded.stream_options.include_usage)
+        return _CompletionCall(edge, generate, include_usage)
+
+
+CHAT = ChatProtocol()
+COMPLETIONS = CompletionsProtocol()
 
 
 # ------------------------------------------------------------------------------ embeddings
@@ -150,14 +145,10 @@ def _base64_floats(vector: list[float]) -> str:
     return base64.b64encode(packed.tobytes()).decode("ascii")
 
 
-@openai_route
 async def embeddings(request: Request) -> Response:
-    manager = _manager(request)
-    body = decode_json(await _body(request), EmbeddingBody)
-    inputs = embedding_inputs(body)
-    _state(request)["model"] = body.model or manager.settings.default_model
-    request_id = str(_state(request).get("request_id", ""))
-    result = await manager.embed(body.model, inputs, request_id=request_id)
+    edge = Edge.of(request)
+    body = decode_json(await edge.body(), EmbeddingBody)
+    result = await edge.embed(body.model, embedding_inputs(body))
     width = len(result.embeddings[0])
     if body.dimensions is not None and body.dimensions != width:
         raise InvalidRequest(
@@ -179,7 +170,6 @@ async def embeddings(request: Request) -> Response:
     )
 
 
-@openai_route
 async def unknown_route(request: Request) -> Response:
     return Response(
         orjson.dumps(
@@ -197,13 +187,17 @@ async def unknown_route(request: Request) -> Response:
     )
 
 
-def build_openai_routes() -> list[Route]:
+def build_openai_routes() -> list[BaseRoute]:
+    """The routes below ``/v1`` (mounted there with OpenAI's error shape)."""
     return [
-        Route("/v1/models", list_models, methods=["GET"]),
-        Route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/embeddings", embeddings, methods=["POST"]),
-        Route("/v1/responses", create_response, methods=["POST"]),
-        Route("/v1/{path:path}", unknown_route, methods=["GET", "POST", "DELETE", "PUT"]),
+        Route("/models", list_models, methods=["GET"]),
+        Route("/models/{model_id:path}", retrieve_model, methods=["GET"]),
+        Route("/chat/completions", endpoint(CHAT), methods=["POST"]),
+        Route("/completions", endpoint(COMPLETIONS), methods=["POST"]),
+        Route("/embeddings", embeddings, methods=["POST"]),
+        Route("/responses", endpoint(RESPONSES), methods=["POST"]),
+        Route("/{path:path}", unknown_route, methods=["GET", "POST", "DELETE", "PUT"]),
     ]
+
+
+OPENAI = ApiFamily("openai", "/v1", OPENAI_ERRORS, build_openai_routes)

@@ -10,27 +10,37 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from modeld.api.bodies import convert_fields
-from modeld.api.openai.errors import UnsupportedParam
-from modeld.api.openai.wire import ChatCompletionBody, CompletionBody, EmbeddingBody, _Sampling
+from modeld.api.bodies import convert_fields, decode_json
+from modeld.api.errors import UnsupportedParam
+from modeld.api.openai.wire import ChatCompletionBody, Choices, CompletionBody, EmbeddingBody
+from modeld.api.sampling import SamplingNames, stop_list
 from modeld.errors import InvalidRequest
 from modeld.types import SEED_MAX, ChatMessage, ChatRequest, InferRequest, ResponseFormat
 
 __all__ = [
+    "OPENAI_SAMPLING",
     "chat_request",
     "check_unsupported",
     "completion_request",
     "embedding_inputs",
     "messages_from",
     "response_format",
+    "sampling_of",
     "with_defaults",
 ]
 
 DefaultsFor = Callable[[str | None], Mapping[str, object]]
-_SAMPLING_NAMES = (
-    "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
-    "frequency_penalty",
-)  # fmt: skip
+
+
+def _seed(value: int) -> int | None:
+    """OpenAI takes any int; < 0: random."""
+    return value % (SEED_MAX + 1) if value >= 0 else None
+
+
+OPENAI_SAMPLING = SamplingNames("openai", adapt={"stop": stop_list, "seed": _seed})
+"""Chat and completions take every sampling parameter by modeld's own names (``top_k``,
+``min_p``, ``repeat_penalty``: the llama-server/vLLM extensions clients send in
+``extra_body``)."""
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _TOKEN_HINT = (
     "token arrays are not accepted (their ids belong to another tokenizer); send text. "
@@ -42,7 +52,7 @@ def _unsupported(param: str, why: str) -> InvalidRequest:
     return UnsupportedParam(f"{param}: {why}", field=param)
 
 
-def check_unsupported(body: _Sampling) -> None:
+def check_unsupported(body: Choices) -> None:
     """The fields shared by chat and completions that modeld honours at one value only."""
     if body.n is not None and body.n != 1:
         raise _unsupported("n", "modeld generates one choice per request (n=1)")
@@ -50,19 +60,10 @@ def check_unsupported(body: _Sampling) -> None:
         raise _unsupported("logit_bias", "logit_bias is not supported")
 
 
-def _sampling(body: _Sampling, max_tokens: int | None) -> dict[str, object]:
-    """The :class:`SamplingParams` fields the body sets (absent ones are left out, so
-    defaults fill them)."""
-    fields: dict[str, object] = {
-        name: getattr(body, name) for name in _SAMPLING_NAMES if getattr(body, name) is not None
-    }
-    if max_tokens is not None:
-        fields["max_tokens"] = max_tokens
-    if body.stop is not None:
-        fields["stop"] = [body.stop] if isinstance(body.stop, str) else body.stop
-    if body.seed is not None and body.seed >= 0:  # OpenAI takes any int; < 0: random
-        fields["seed"] = body.seed % (SEED_MAX + 1)
-    return fields
+def sampling_of(body: bytes, names: SamplingNames = OPENAI_SAMPLING) -> dict[str, object]:
+    """The :class:`SamplingParams` fields the body sets, by modeld's names (absent ones
+    are left out, so defaults fill them). A wrong type is a 400 naming the field."""
+    return names.fields(decode_json(body, names.struct))
 
 
 def with_defaults(
@@ -75,7 +76,9 @@ def with_defaults(
     return merged
 
 
-def chat_request(body: ChatCompletionBody, defaults_for: DefaultsFor) -> ChatRequest:
+def chat_request(
+    body: ChatCompletionBody, sampling: dict[str, object], defaults_for: DefaultsFor
+) -> ChatRequest:
     """Raises :class:`InvalidRequest` naming the OpenAI parameter."""
     check_unsupported(body)
     if body.logprobs or body.top_logprobs:
@@ -93,16 +96,10 @@ def chat_request(body: ChatCompletionBody, defaults_for: DefaultsFor) -> ChatReq
     for name in ("audio", "prediction", "web_search_options"):
         if getattr(body, name) is not None:
             raise _unsupported(name, f"{name} is not supported")
-    if (
-        body.max_tokens is not None
-        and body.max_completion_tokens is not None
-        and body.max_tokens != body.max_completion_tokens
-    ):
+    fields = dict(sampling)
+    wanted = body.max_completion_tokens
+    if wanted is not None and fields.setdefault("max_tokens", wanted) != wanted:
         raise _unsupported("max_tokens", "max_tokens and max_completion_tokens differ")
-    max_tokens = (
-        body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    )
-    fields = _sampling(body, max_tokens)
     fields["messages"] = [msgspec_message(m) for m in messages_from(body.messages)]
     fields["model"] = body.model
     fields["stream"] = bool(body.stream)
@@ -177,7 +174,9 @@ def response_format(value: dict[str, Any] | None) -> ResponseFormat | None:
     raise _unsupported("response_format.type", f"unknown response format type {kind!r}")
 
 
-def completion_request(body: CompletionBody, defaults_for: DefaultsFor) -> InferRequest:
+def completion_request(
+    body: CompletionBody, sampling: dict[str, object], defaults_for: DefaultsFor
+) -> InferRequest:
     """Raises :class:`InvalidRequest` naming the OpenAI parameter."""
     check_unsupported(body)
     if body.echo:
@@ -188,7 +187,7 @@ def completion_request(body: CompletionBody, defaults_for: DefaultsFor) -> Infer
         raise _unsupported("best_of", "modeld generates one choice per request (best_of=1)")
     if body.logprobs:
         raise _unsupported("logprobs", "log probabilities are not reported")
-    fields = _sampling(body, body.max_tokens)
+    fields = dict(sampling)
     fields["prompt"] = _prompt(body.prompt)
     fields["model"] = body.model
     fields["stream"] = bool(body.stream)

@@ -14,6 +14,7 @@ import msgspec
 
 __all__ = [
     "ChatCompletionBody",
+    "Choices",
     "CompletionBody",
     "EmbeddingBody",
     "ResponseBody",
@@ -25,22 +26,13 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool | None = None
 
 
-class _Sampling(msgspec.Struct, kw_only=True):
-    """What chat and completions share: modeld's sampling parameters, by OpenAI's names
-    (``top_k``, ``min_p``, ``repeat_penalty``: the llama-server/vLLM extensions clients
-    send in ``extra_body``), and the fields modeld can only honour at one value."""
+class Choices(msgspec.Struct, kw_only=True):
+    """What chat and completions share besides the sampling parameters (those are read
+    by :data:`modeld.api.openai.translate.OPENAI_SAMPLING`, derived from
+    :class:`~modeld.types.SamplingParams`): the fields modeld can only honour at one
+    value."""
 
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     n: int | None = None
@@ -48,7 +40,7 @@ class _Sampling(msgspec.Struct, kw_only=True):
     user: str | None = None
 
 
-class ChatCompletionBody(_Sampling, kw_only=True):
+class ChatCompletionBody(Choices, kw_only=True):
     messages: list[dict[str, Any]]
     max_completion_tokens: int | None = None
     response_format: dict[str, Any] | None = None
@@ -64,7 +56,7 @@ class ChatCompletionBody(_Sampling, kw_only=True):
     web_search_options: Any = None
 
 
-class CompletionBody(_Sampling, kw_only=True):
+class CompletionBody(Choices, kw_only=True):
     prompt: Any = None  # a string, or a list of one; token arrays are refused by name
     echo: bool | None = None
     suffix: str | None = None
@@ -82,14 +74,12 @@ class EmbeddingBody(msgspec.Struct, kw_only=True):
 
 class ResponseBody(msgspec.Struct, kw_only=True):
     """``POST /v1/responses``, text only: ``input`` (a string or a list of messages),
-    ``instructions`` (a system message), no tools, no stored state."""
+    ``instructions`` (a system message), no tools, no stored state. Its sampling
+    parameters are read by :data:`modeld.api.openai.responses.RESPONSES_SAMPLING`."""
 
     input: Any = None
     model: str | None = None
     instructions: str | None = None
-    max_output_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
     stream: bool | None = None
     text: dict[str, Any] | None = None
     tools: list[Any] | None = None

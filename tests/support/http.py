@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import TypeVar
 
 import httpx
 
+from tests.support.poll import poll
 from tests.support.server import RunningServer
 
 __all__ = [
@@ -137,19 +137,6 @@ def http_request(
 
 def ndjson(text: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in text.splitlines() if line]
-
-
-def poll(
-    probe: Callable[[], T], done: Callable[[T], bool], attempts: int = 400, every_s: float = 0.025
-) -> T:
-    """Call ``probe`` until ``done(value)``; bounded (fails with the last value)."""
-    value = probe()
-    for _ in range(attempts):
-        if done(value):
-            return value
-        time.sleep(every_s)  # polling interval, not synchronisation
-        value = probe()
-    raise AssertionError(f"condition never met; last value: {value!r}")
 
 
 def instance_of(client: httpx.Client, model_id: str) -> dict[str, object] | None:

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp
 
 from modeld.server import hypercorn_config
 from modeld.settings.config import load_settings
-from tests.http.support import poll
+from tests.support.http import poll
 from tests.support.server import RunningServer, free_port
 
 __all__ = ["audit_lines", "log_records", "serving"]

@@ -16,6 +16,7 @@ from llama_cpp.llama_grammar import LlamaGrammar
 from modeld.engine.base import LoopOutcome, TokenLoop, TokenRing
 from modeld.engine.pyring import PyTokenRing
 from modeld.types import LoopKind, SamplingParams
+from tests.support.poll import poll
 
 
 def piece(llama: Llama, token: int) -> bytes:
@@ -203,5 +204,4 @@ def wait_until(predicate: Callable[[], bool]) -> None:
 
     Only for states that have no event to wait on, such as a producer asleep on a full ring.
     """
-    while not predicate():
-        os.sched_yield()
+    poll(predicate, timeout_s=60, every_s=0.0)  # sleep(0) yields the CPU
