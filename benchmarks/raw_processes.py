@@ -15,6 +15,10 @@ from typing import Any, Self
 
 from llama_cpp import Llama
 
+from modeld.engine.cpu_quirks import apply_cpu_quirks
+
+apply_cpu_quirks()  # raw references run the kernels modeld's models run
+
 __all__ = ["RawProcesses", "generate_seconds"]
 
 READY_TIMEOUT_S = 120.0

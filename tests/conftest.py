@@ -9,9 +9,13 @@ from pathlib import Path
 import pytest
 
 from modeld.engine.base import TokenLoop
+from modeld.engine.cpu_quirks import apply_cpu_quirks
 from modeld.types import LoopKind
 from tests.support.http import GEMMA, link_or_copy
 from tests.support.tiny_gguf import TinyModelSpec, write_tiny_gguf
+
+# Raw ``Llama`` references in tests run the kernels modeld's own models run.
+apply_cpu_quirks()
 
 
 @pytest.fixture(scope="session", autouse=True)

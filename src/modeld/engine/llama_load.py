@@ -12,6 +12,7 @@ import jinja2
 import llama_cpp
 from loguru import logger
 
+from modeld.engine.cpu_quirks import apply_cpu_quirks
 from modeld.errors import ModelLoadFailed
 from modeld.redact import redact_paths
 
@@ -34,6 +35,7 @@ def route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> Non
 
 
 llama_cpp.llama_log_set(route_llama_log, ctypes.c_void_p(0))
+apply_cpu_quirks()
 
 
 def load_llama(path: str, label: str, **params: Any) -> llama_cpp.Llama:

@@ -26,9 +26,9 @@ import msgspec
 
 from modeld.api.ollama.names import model_id_for
 from modeld.errors import ModeldError
-from modeld.scheduling.instance import InstanceStatistics
 from modeld.scheduling.manager import ManagerStatistics
 from modeld.settings.config import Settings
+from modeld.statistics import InstanceStatistics
 from modeld.types import InstanceState
 
 __all__ = [
