@@ -134,6 +134,7 @@ async def chat_completions(request: Request) -> Response:
 @openai_route
 async def completions(request: Request) -> Response:
     body = decode_json(await _body(request), CompletionBody)
+    _state(request)[PARAM_NAMES_KEY] = {"format": "response_format"}
     generate = completion_request(body, _manager(request).sampling_defaults)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _answer(request, generate, bool(body.stream), include_usage)
