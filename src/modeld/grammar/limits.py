@@ -11,6 +11,7 @@ in the schema, which the request body limit already bounds.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -54,14 +55,7 @@ def check_schema_bounds(
 ) -> None:
     """Raises :class:`InvalidRequest` (``field=param``) for the first bound ``schema``
     passes; returns None when it is within all of them."""
-    try:
-        size_bytes = len(orjson.dumps(schema))
-    except orjson.JSONEncodeError as exc:
-        if "ecursion" in str(exc):  # orjson stops at 255 levels
-            raise InvalidRequest(
-                f"the JSON schema is nested over {limits.max_depth} levels deep", field=param
-            ) from None
-        raise InvalidRequest(f"the JSON schema is not JSON: {exc}", field=param) from None
+    size_bytes = _size_bytes(schema, param, limits)
     if size_bytes > limits.max_schema_bytes:
         raise InvalidRequest(
             f"the JSON schema is {size_bytes} bytes, over the {limits.max_schema_bytes} bound",
@@ -74,6 +68,22 @@ def check_schema_bounds(
                 field=param,
             )
         _check_node(node, where, param, limits)
+
+
+def _size_bytes(schema: object, param: str, limits: SchemaLimits) -> int:
+    """The schema's size as compact JSON (orjson; the standard library for integers past
+    64 bits). Raises :class:`InvalidRequest` past orjson's 255 levels of nesting."""
+    try:
+        return len(orjson.dumps(schema))
+    except orjson.JSONEncodeError as exc:
+        if "ecursion" in str(exc):
+            raise InvalidRequest(
+                f"the JSON schema is nested over {limits.max_depth} levels deep", field=param
+            ) from None
+    try:
+        return len(json.dumps(schema, separators=(",", ":")))
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(f"the JSON schema is not JSON: {exc}", field=param) from None
 
 
 def _walk(schema: object) -> Iterator[tuple[dict[str, Any], int, str]]:
