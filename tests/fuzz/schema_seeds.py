@@ -37,9 +37,12 @@ def check_schema(data: bytes) -> None:
     except orjson.JSONDecodeError:
         return
     grammar = SchemaGrammar(param="format")
+    refused: InvalidRequest | None = None
     try:
         grammar.add(schema, root="root")
-    except InvalidRequest as refused:
+    except InvalidRequest as exc:
+        refused = exc
+    if refused is not None:
         assert refused.field == "format", refused
         return
     usage = grammar.usage()
