@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import llama_cpp
 import msgspec
 from loguru import logger
@@ -122,7 +121,7 @@ class LlamaEngine:
         self.model_size_bytes = int(llama_cpp.llama_model_size(self._llama.model))
         self._n_threads = settings.n_threads
         self._chat = ChatFormatter(
-            self._llama.metadata,
+            self._llama.file_metadata,
             bos_token=self._token_text(self._llama.token_bos()),
             eos_token=self._token_text(self._llama.token_eos()),
         )
@@ -386,7 +385,37 @@ class LlamaEngine:
         _malloc_trim()
 
 
-def _load_llama(path: str, label: str, **params: Any) -> llama_cpp.Llama:
+_TEMPLATE_KEYS = "tokenizer.chat_template"
+
+
+class _TemplateBlindLlama(llama_cpp.Llama):
+    """A ``Llama`` that never sees the file's chat templates.
+
+    ``Llama.__init__`` compiles every ``tokenizer.chat_template*`` value it finds in
+    ``self.metadata`` with its own Jinja environment, which bounds neither time nor
+    memory, and Jinja folds constant expressions while compiling: a file whose template
+    holds ``{{ 'x'|center(10**9) }}`` would run that at load, in the probe child and in
+    the server. No ``chat_format``/``chat_handler`` argument stops that loop, so the
+    metadata it reads has the template keys taken out as it is assigned;
+    :attr:`file_metadata` keeps them for modeld, which compiles and renders templates
+    only in :mod:`modeld.chat`'s bounded sandbox.
+    """
+
+    file_metadata: dict[str, str]
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self._metadata_without_templates
+
+    @metadata.setter
+    def metadata(self, value: dict[str, str]) -> None:
+        self.file_metadata = dict(value)
+        self._metadata_without_templates = {
+            key: text for key, text in value.items() if not key.startswith(_TEMPLATE_KEYS)
+        }
+
+
+def _load_llama(path: str, label: str, **params: Any) -> _TemplateBlindLlama:
     """``Llama(**params)``, and on any failure whatever it allocated is freed now.
 
     A ``Llama`` whose ``__init__`` raises has often created its model and context
@@ -397,7 +426,7 @@ def _load_llama(path: str, label: str, **params: Any) -> llama_cpp.Llama:
     for its type and message), and the heap trimmed.
     Raises :class:`ModelLoadFailed` (paths in llama.cpp's message become ``label``).
     """
-    llama = llama_cpp.Llama.__new__(llama_cpp.Llama)
+    llama = _TemplateBlindLlama.__new__(_TemplateBlindLlama)
     try:
         llama.__init__(**params)  # type: ignore[misc]
     except (Exception, MemoryError) as exc:
@@ -416,10 +445,6 @@ def _load_llama(path: str, label: str, **params: Any) -> llama_cpp.Llama:
 def _failure_message(error: BaseException, path: str, label: str) -> str:
     if isinstance(error, MemoryError):
         return f"{label}: out of memory while llama.cpp loaded it ({error})"
-    if isinstance(error, jinja2.TemplateError):  # llama-cpp-python compiles it (never runs it)
-        return redact_paths(
-            f"{label}: llama-cpp-python cannot compile the file's chat template: {error}"
-        )
     text = str(error).replace(path, label)
     return redact_paths(f"llama.cpp could not load {label}: {text}")
 
