@@ -188,7 +188,10 @@ class MemoryBusy(Overloaded):
 
 
 class ShuttingDown(ModeldError):
+    """Retryable: another replica, or this one once it has restarted, will answer."""
+
     code = "shutting_down"
+    retry_after_s: float = 5.0
 
 
 class ResourcesExhausted(ModeldError):

@@ -94,6 +94,7 @@ class InstancePool:
         self.counters: dict[str, ModelCounters] = {}
         self._memory_changed = anyio.Event()
         self._task_group: TaskGroup | None = None
+        self._load_scopes: dict[str, anyio.CancelScope] = {}  # by model id
         self.accepting = True
 
     @property
@@ -195,6 +196,8 @@ class InstancePool:
         An abandoned instance leaves the table and the budget at once; its thread is
         left to end on its own (it is a daemon: it cannot keep the process alive).
         """
+        for scope in self._load_scopes.values():  # a load (its probe child too) ends now
+            scope.cancel()
         instances = list(self._instances.values())
         async with anyio.create_task_group() as unloads:
             for instance in instances:
@@ -316,13 +319,21 @@ class InstancePool:
     async def _load(self, instance: Instance, deadline_s: float) -> None:
         started_s = time.monotonic()
         self.events.publish(ModelLoadStarted(model=instance.model_id))
+        scope = self._load_scopes[instance.model_id] = anyio.CancelScope()
         try:
-            await self._loader.load(
-                instance, lambda i, need_bytes: self._reserve(i, need_bytes, deadline_s)
-            )
+            with scope:
+                await self._loader.load(
+                    instance, lambda i, need_bytes: self._reserve(i, need_bytes, deadline_s)
+                )
         except ModeldError as exc:
-            await self._fail_load(instance, exc)
+            if self.accepting:
+                await self._fail_load(instance, exc)
+            else:  # ended by shutdown: nothing is wrong with the file
+                await self._end_load(instance, ShuttingDown("modeld is shutting down"))
         else:
+            if scope.cancel_called:
+                await self._end_load(instance, ShuttingDown("modeld is shutting down"))
+                return
             instance.transition(InstanceState.READY)
             instance.ready_at_s = time.monotonic()
             instance.idle_since_s = self.idle.clock.now_s()
@@ -333,6 +344,7 @@ class InstancePool:
             load_ms = round((time.monotonic() - started_s) * 1000)
             self.events.publish(ModelReady(model=instance.model_id, load_ms=load_ms))
         finally:
+            self._load_scopes.pop(instance.model_id, None)
             instance.settled.set()
             self.notify_changed()
 
@@ -346,9 +358,15 @@ class InstancePool:
                 _BACKOFF_MAX_S, _BACKOFF_BASE_S * 2 ** (counters.consecutive_failures - 1)
             )
             counters.retry_at_s = time.monotonic() + backoff_s
+        await self._end_load(instance, error)
+
+    async def _end_load(self, instance: Instance, error: ModeldError) -> None:
+        """The load ended without an engine: its waiters get ``error`` (a shutdown's is
+        no failure of the file: not published as one)."""
         instance.error = error
         instance.transition(InstanceState.ERROR)
-        self.events.publish(ModelFailed(model=instance.model_id, error=error.message))
+        if not isinstance(error, ShuttingDown):
+            self.events.publish(ModelFailed(model=instance.model_id, error=error.message))
         await self._dispose(instance)
 
     async def reserve_embedding(self, instance: Instance, deadline_s: float) -> None:
