@@ -14,10 +14,17 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from modeld.api.errors import error_response, internal_error_response, log_unexpected
-from modeld.errors import ForbiddenHost
+from modeld.errors import ForbiddenHost, HeadersTooLarge
 from modeld.observability.logging import level_number, request_logging
 
-__all__ = ["RequestContextMiddleware", "RequestObserver", "host_is_allowed"]
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "MAX_HEADER_COUNT",
+    "RequestContextMiddleware",
+    "RequestObserver",
+    "header_refusal",
+    "host_is_allowed",
+]
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
@@ -59,6 +66,29 @@ def requested_log_level(scope: Scope, headers: Headers) -> int | None:
     """``X-Log-Level`` or ``?log=``: a per-request logging threshold (e.g. ``debug``)."""
     raw = headers.get("x-log-level") or QueryParams(scope.get("query_string", b"")).get("log")
     return level_number(raw) if raw else None
+
+
+# Hypercorn (h11) caps a header block only while it is incomplete (16 KiB); one that
+# arrives in one piece is parsed whole. These caps hold for every request (vLLM's
+# CVE-2025-48956 was one GET with an enormous header block).
+MAX_HEADER_COUNT = 100
+MAX_HEADER_BYTES = 16 * 1024
+
+
+def header_refusal(scope: Scope) -> HeadersTooLarge | None:
+    """The 431 for a request over :data:`MAX_HEADER_COUNT` header lines or
+    :data:`MAX_HEADER_BYTES` of names and values, else None."""
+    headers = scope.get("headers", ())
+    if len(headers) > MAX_HEADER_COUNT:
+        return HeadersTooLarge(
+            f"{len(headers)} header lines are over the {MAX_HEADER_COUNT} accepted"
+        )
+    size_bytes = sum(len(name) + len(value) for name, value in headers)
+    if size_bytes > MAX_HEADER_BYTES:
+        return HeadersTooLarge(
+            f"{size_bytes} bytes of headers are over the {MAX_HEADER_BYTES} accepted"
+        )
+    return None
 
 
 class RequestContextMiddleware:
@@ -106,7 +136,11 @@ class RequestContextMiddleware:
         try:
             with request_logging(request_id, requested_log_level(scope, headers)):
                 try:
-                    if host_is_allowed(headers.get("host", ""), self.allowed_hosts):
+                    oversized = header_refusal(scope)
+                    if oversized is not None:
+                        refusal = error_response(oversized, request_id, scope["path"])
+                        await refusal(scope, receive, send_with_id)
+                    elif host_is_allowed(headers.get("host", ""), self.allowed_hosts):
                         await self.app(scope, receive, send_with_id)
                     else:
                         forbidden = ForbiddenHost("Host header is not allowed")
