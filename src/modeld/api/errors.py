@@ -93,7 +93,8 @@ def error_headers(error: errors.ModeldError) -> dict[str, str]:
     """``Retry-After`` for "not now" errors, ``Connection: close`` when the body was not
     read: the same on every route, whatever the body's protocol."""
     headers: dict[str, str] = {}
-    if isinstance(error, errors.PayloadTooLarge | errors.RequestBodyTimeout | errors.HeadersTooLarge):
+    unread = errors.PayloadTooLarge | errors.RequestBodyTimeout | errors.HeadersTooLarge
+    if isinstance(error, unread):
         # The body was not read: the connection cannot be reused, so say so.
         headers["Connection"] = "close"
     retry_after_s = getattr(error, "retry_after_s", None)

@@ -95,6 +95,7 @@ class InstancePool:
         self._memory_changed = anyio.Event()
         self._task_group: TaskGroup | None = None
         self._load_scopes: dict[str, anyio.CancelScope] = {}  # by model id
+        self._closing = anyio.Event()  # set by unload_all: waiters for a load stop waiting
         self.accepting = True
 
     @property
@@ -196,6 +197,7 @@ class InstancePool:
         An abandoned instance leaves the table and the budget at once; its thread is
         left to end on its own (it is a daemon: it cannot keep the process alive).
         """
+        self._closing.set()
         for scope in self._load_scopes.values():  # a load (its probe child too) ends now
             scope.cancel()
         instances = list(self._instances.values())
@@ -272,12 +274,26 @@ class InstancePool:
                     continue
                 return instance
             with anyio.move_on_after(max(0.0, deadline_s - time.monotonic())) as scope:
-                await instance.settled.wait()
+                await self._settled_or_closing(instance)
+            if self._closing.is_set() and not instance.settled.is_set():
+                raise ShuttingDown("modeld is shutting down")  # the load may never end
             if scope.cancelled_caught and not instance.settled.is_set():
                 raise QueueTimeout(f"{model.id}: still loading after the request's max wait", 1.0)
             if instance.state is InstanceState.ERROR:
                 assert instance.error is not None
                 raise instance.error
+
+    async def _settled_or_closing(self, instance: Instance) -> None:
+        """Until the load settles, or shutdown closes the pool (a load stuck in the
+        kernel, on a stalled mount, never settles)."""
+        async with anyio.create_task_group() as waits:
+
+            async def first(event: anyio.Event) -> None:
+                await event.wait()
+                waits.cancel_scope.cancel()
+
+            waits.start_soon(first, instance.settled)
+            waits.start_soon(first, self._closing)
 
     async def _file_changed(self, instance: Instance) -> bool:
         """A file rewritten in place under a loaded (mmapped) model must not be used.
