@@ -67,7 +67,7 @@ BOUNDS: list[tuple[str, dict[str, Any], str]] = [
     ("schema-size", {"description": "x" * LIMITS.max_schema_bytes},
      f"over the {LIMITS.max_schema_bytes} bound"),
     ("expansion-budget", _long_strings(), f"expand past {LIMITS.max_expanded_bytes} bytes"),
-    ("unenforceable-not", {"not": {"type": "string"}}, "'not' cannot be enforced"),
+    ("unenforceable-not", {"not": {"type": "string"}}, "cannot be enforced: keyword 'not'"),
 ]  # fmt: skip
 
 

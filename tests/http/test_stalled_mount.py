@@ -53,7 +53,8 @@ def _unmount(mountpoint: Path) -> None:
 @pytest.fixture
 def stalled_models_dir(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Path]:
     """A FUSE mount of one model whose reads never return; ``fuse.log`` beside it gets a
-    ``read`` line as each reader gets stuck."""
+    ``read`` line as each reader gets stuck. Reads by the process whose pid is written to
+    ``allow.pid`` beside it are served."""
     reason = _fuse_unavailable()
     if reason is not None:
         pytest.skip(reason)
@@ -62,7 +63,8 @@ def stalled_models_dir(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Path]:
     shutil.copyfile(tiny_model_dir / "tiny-a.gguf", source / MODEL)
     log = (tmp_path / "fuse.log").open("wb")
     fs = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.stalled_fs", str(source), str(mountpoint)],
+        [sys.executable, "-m", "tests.support.stalled_fs", str(source), str(mountpoint),
+         str(tmp_path / "allow.pid")],
         stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
     )  # fmt: skip
@@ -112,3 +114,57 @@ def test_sigterm_completes_while_a_read_of_a_model_file_hangs_in_the_kernel(
     assert len(deadline) == 1, server.log()[-3000:]
     assert deadline[0]["abandoned"], deadline[0]  # named, with where each thread is
     assert deadline[0]["exit_status"] == 0
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or only its zombie (its parent has exited)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return "\nState:\tZ" in status
+
+
+def test_sigterm_while_the_probe_child_hangs_ends_the_child_and_records_nothing(
+    stalled_models_dir: Path, tmp_path: Path
+) -> None:
+    """The server's own reads work; its probe child's hang. SIGTERM: the child is killed,
+    the waiter gets 503 ``shutting_down``, the orderly shutdown needs no deadline, and
+    nothing is recorded against the file."""
+    state_dir = tmp_path / "state"
+    server = start_modeld(
+        stalled_models_dir, tmp_path, "--threads", "1", "--token-loop", str(LoopKind.C),
+        "--shutdown-grace", str(GRACE_S), "--max-wait-ms", "60000",
+        "--state-dir", str(state_dir),
+    )  # fmt: skip
+    (tmp_path / "allow.pid").write_text(str(server.process.pid))
+    fuse_log = tmp_path / "fuse.log"
+    try:
+        with server.open_infer({"prompt": "hi", "model": MODEL, "stream": False}) as waiting:
+            text = poll(fuse_log.read_text, lambda text: f"read /{MODEL} by " in text)
+            child = int(text.split(f"read /{MODEL} by ")[1].split()[0])
+            assert child != server.process.pid  # the probe child is the one stuck
+            server.process.send_signal(signal.SIGTERM)
+            answer = b""
+            with contextlib.suppress(OSError):
+                while chunk := waiting.recv(65536):
+                    answer += chunk
+        status = server.process.wait(timeout=EXIT_WAIT_S)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+    assert status == 0
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    assert b'"shutting_down"' in answer
+    poll(lambda: _gone(child), bool)
+    log = server.log()
+    assert "shutdown deadline passed" not in log  # nothing was left stuck in the server
+    assert "model_failed" not in log
+    listed = subprocess.run(
+        [sys.executable, "-m", "modeld.cli", "quarantine", "list",
+         "--state-dir", str(state_dir), "--models-dir", str(stalled_models_dir)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout == ""

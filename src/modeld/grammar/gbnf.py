@@ -85,6 +85,10 @@ class RuleSet:
     def refuse(self, message: str) -> InvalidRequest:
         return InvalidRequest(message, field=self.param)
 
+    def unenforceable(self, why: str) -> InvalidRequest:
+        """The refusal of a schema no grammar can enforce; ``why`` names what."""
+        return self.refuse(f"the JSON schema cannot be enforced: {why}")
+
     def reserve(self, name: str, *, fixed: bool = False) -> str:
         """A fresh rule name based on ``name``, to define later (recursive ``$ref``).
         Names starting ``json-`` are kept for the generic JSON rules (``fixed``)."""

@@ -64,9 +64,9 @@ def object_rule(conv: SchemaConverter, schema: dict[str, Any], name: str) -> str
         return rules.define(name, body)
     possible = None if extra_pair is not None else len(wanted) + len(optional)
     if low > len(wanted) or (high is not None and (possible is None or high < possible)):
-        raise rules.refuse(
-            "minProperties/maxProperties beside properties are enforced only when the "
-            "required properties meet them"
+        raise rules.unenforceable(
+            "minProperties/maxProperties beside properties, unless the required "
+            "properties meet them"
         )
     tail_items = [pairs[key] for key in optional]
     if extra_pair is not None:

@@ -51,7 +51,7 @@ class _PatternParser:
         self.depth = 0
 
     def refuse(self, why: str) -> Exception:
-        return self.rules.refuse(f"the pattern {self.text!r} cannot be enforced: {why}")
+        return self.rules.unenforceable(f"the pattern {self.text!r}: {why}")
 
     def peek(self) -> str:
         return self.text[self.pos] if self.pos < len(self.text) else ""

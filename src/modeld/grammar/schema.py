@@ -114,10 +114,10 @@ class SchemaConverter:
             raise self.rules.refuse(f"a schema must be an object, not {_json_text(schema)[:40]}")
         for keyword in _UNENFORCEABLE:
             if keyword in schema:
-                raise self.rules.refuse(f"the JSON schema keyword {keyword!r} cannot be enforced")
+                raise self.rules.unenforceable(f"keyword {keyword!r}")
         present = [key for key in _BRANCHING if key in schema]
         if len(present) > 1:
-            raise self.rules.refuse(f"{' and '.join(present)} in one schema cannot be enforced")
+            raise self.rules.unenforceable(f"{' and '.join(present)} in one schema")
         if "$ref" in schema:
             return self._ref(schema["$ref"])
         if "const" in schema:
@@ -148,7 +148,7 @@ class SchemaConverter:
             return "string"
         unknown = [key for key in schema if key not in _ANNOTATIONS]
         if unknown:
-            raise self.rules.refuse(f"the JSON schema keyword {unknown[0]!r} cannot be enforced")
+            raise self.rules.unenforceable(f"keyword {unknown[0]!r}")
         return None
 
     def _typed(self, schema: dict[str, Any], kind: object, name: str) -> str:
@@ -166,12 +166,12 @@ class SchemaConverter:
             from modeld.grammar.objects import array_rule
 
             return array_rule(self, schema, name)
-        raise self.rules.refuse(f"type {kind!r} cannot be enforced: it is no JSON Schema type")
+        raise self.rules.unenforceable(f"type {kind!r} is no JSON Schema type")
 
     def _ref(self, ref: object) -> str:
         if not isinstance(ref, str) or not ref.startswith("#/"):
-            raise self.rules.refuse(
-                f"$ref {ref!r} cannot be enforced: only local references ('#/...') are"
+            raise self.rules.unenforceable(
+                f"$ref {ref!r}: only local references ('#/...') are followed"
             )
         known = self._refs.get(ref)
         if known is not None:
@@ -180,7 +180,7 @@ class SchemaConverter:
         for part in ref[2:].split("/"):
             part = part.replace("~1", "/").replace("~0", "~")
             if not isinstance(target, dict) or part not in target:
-                raise self.rules.refuse(f"$ref {ref!r} cannot be enforced: it points at nothing")
+                raise self.rules.unenforceable(f"$ref {ref!r} points at nothing")
             target = target[part]
         rule = self.rules.reserve("ref-" + ref[2:].split("/")[-1])
         self._refs[ref] = rule  # before converting: a recursive schema refers to it
@@ -198,12 +198,12 @@ class SchemaConverter:
             raise self.rules.refuse(f"{keyword} must be a non-empty list of schemas")
         siblings = [key for key in schema if key not in _ANNOTATIONS and key != keyword]
         if siblings:
-            raise self.rules.refuse(
-                f"{keyword} beside {siblings[0]!r} cannot be enforced (put it in each branch)"
+            raise self.rules.unenforceable(
+                f"{keyword} beside {siblings[0]!r} (put it in each branch)"
             )
         if keyword == "allOf":
             if len(branches) != 1:
-                raise self.rules.refuse("allOf with more than one schema cannot be enforced")
+                raise self.rules.unenforceable("allOf with more than one schema")
             return self.convert(branches[0], name)
         options = [self.convert(branch, f"{name}-{i}") for i, branch in enumerate(branches)]
         return self.rules.define(name, " | ".join(options))
@@ -215,7 +215,7 @@ class SchemaConverter:
             if not isinstance(pattern, str):
                 raise self.rules.refuse("pattern must be a string")
             if low or high is not None:
-                raise self.rules.refuse("pattern with minLength/maxLength cannot be enforced")
+                raise self.rules.unenforceable("pattern with minLength/maxLength")
             return pattern_rule(pattern, self.rules, name)
         fmt = schema.get("format")
         if isinstance(fmt, str) and fmt in _FORMATS:
@@ -227,7 +227,7 @@ class SchemaConverter:
 
     def _number(self, schema: dict[str, Any], kind: str, name: str) -> str:
         if "maximum" in schema:
-            raise self.rules.refuse("the JSON schema keyword 'maximum' cannot be enforced")
+            raise self.rules.unenforceable("keyword 'maximum'")
         minimum = schema.get("minimum")
         if minimum is None:
             return self.primitive(kind)
@@ -238,9 +238,7 @@ class SchemaConverter:
         elif minimum == 1 and kind == "integer":
             digits = "[1-9] [0-9]{0,15}"
         else:
-            raise self.rules.refuse(
-                f"minimum {minimum} cannot be enforced (only 0, and 1 for an integer)"
-            )
+            raise self.rules.unenforceable(f"minimum {minimum} (only 0, and 1 for an integer)")
         if kind == "number":
             digits += ' ("." [0-9]{1,16})? ([eE] [-+]? [0-9]{1,3})?'
         return self.rules.define(name, digits)
