@@ -4,6 +4,7 @@ grammar is built, and the server goes on serving (docs/bad-inputs.md names these
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -149,11 +150,51 @@ def test_a_schema_over_a_bound_is_a_400_naming_the_field_and_the_bound(
         assert http.get("/healthz").status_code == 200
 
 
-def test_a_schema_within_the_bounds_is_enforced_on_every_protocol(server: RunningServer) -> None:
-    schema = {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2}
+def _text(path: str, answer: dict[str, Any]) -> str:
+    """The generated text, wherever the protocol puts it."""
+    if path == "/infer":
+        return str(answer["text"])
+    if path == "/v1/chat/completions":
+        return str(answer["choices"][0]["message"]["content"])
+    if path == "/v1/completions":
+        return str(answer["choices"][0]["text"])
+    if path == "/v1/responses":
+        return str(answer["output"][0]["content"][0]["text"])
+    if path == "/api/generate":
+        return str(answer["response"])
+    return str(answer["message"]["content"])
+
+
+# minItems without a schema for the items is enforced too (it once answered 200, unbounded)
+ENFORCED = {"type": "array", "items": {"enum": [7, "x"]}, "minItems": 3, "maxItems": 4}
+ENFORCED_BARE = {"type": "array", "minItems": 2, "maxItems": 2, "prefixItems": [{"const": 1}]}
+
+
+@pytest.mark.parametrize("schema", [ENFORCED, ENFORCED_BARE], ids=["items", "prefix-then-any"])
+@pytest.mark.parametrize(("protocol", "make", "field"), PROTOCOLS, ids=[p[0] for p in PROTOCOLS])
+def test_a_schema_within_the_bounds_is_enforced_on_every_protocol(
+    server: RunningServer,
+    protocol: str,
+    make: Callable[[dict[str, Any]], tuple[str, dict[str, Any]]],
+    field: str | None,
+    schema: dict[str, Any],
+) -> None:
+    path, body = make(schema)
+    limit = {"max_tokens": 200, "temperature": 0}
+    if path.startswith("/api/"):
+        body = {**body, "options": {"num_predict": 200, "temperature": 0}}
+    elif path == "/v1/responses":
+        body = {**body, "max_output_tokens": 200, "temperature": 0}
+    else:
+        body = {**body, **limit}
     with server.client() as http:
-        for _, make, _field in PROTOCOLS:
-            path, body = make(schema)
-            body = {**body, "max_tokens": 60} if path.startswith("/v1") else body
-            answer = http.post(path, json=body)
-            assert answer.status_code == 200, (path, answer.text)
+        answer = http.post(path, json=body)
+    assert answer.status_code == 200, (path, answer.text)
+    document = json.loads(_text(path, answer.json()))
+    assert isinstance(document, list)
+    low, high = schema["minItems"], schema["maxItems"]
+    assert low <= len(document) <= high, document
+    if "items" in schema:
+        assert set(document) <= {7, "x"}
+    else:
+        assert document[0] == 1

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from modeld.errors import InvalidRequest
 from modeld.grammar.limits import SchemaLimits
 
-__all__ = ["BudgetUsage", "RuleSet", "char_class", "literal"]
+__all__ = ["BudgetUsage", "RuleSet", "char_class", "class_char", "literal"]
 
 
 def _escape_char(char: str, specials: str) -> str:

@@ -3,7 +3,7 @@
 
 Properties come in the order the schema lists them, the required ones always, each
 optional one at most once (a chain of rules, linear in their number); properties beyond
-those listed only when ``additionalProperties`` asks for them. Arrays repeat one item
+those listed only when ``additionalProperties`` asks for them, or when none are listed. Arrays repeat one item
 rule, so ``maxItems`` costs a rule reference per copy in llama.cpp, not a schema's worth.
 """
 
@@ -33,7 +33,9 @@ def object_rule(conv: SchemaConverter, schema: dict[str, Any], name: str) -> str
     if not isinstance(properties, dict) or not isinstance(required, list):
         raise rules.refuse("properties must be an object and required a list")
     missing = [key for key in required if key not in properties]
-    extra = schema.get("additionalProperties", False)
+    # JSON Schema's default is any further property; with properties listed, the grammar
+    # writes none (fewer documents, all valid); with none listed, any object
+    extra = schema.get("additionalProperties", not properties)
     if missing and extra is False:
         raise rules.refuse(f"required property {missing[0]!r} has no schema in properties")
     ws = conv.primitive("ws")
@@ -106,7 +108,9 @@ def array_rule(conv: SchemaConverter, schema: dict[str, Any], name: str) -> str:
     ws = conv.primitive("ws")
     low, high = schema.get("minItems", 0), schema.get("maxItems")
     prefix = schema.get("prefixItems", [])
-    items = schema.get("items", not prefix)
+    # JSON Schema allows any items after prefixItems; the grammar writes the tuple alone
+    # unless minItems asks for more (fewer documents, all valid)
+    items = schema.get("items", not prefix or low > len(prefix))
     if not isinstance(prefix, list):
         raise rules.refuse("prefixItems must be a list of schemas")
     if isinstance(items, list):  # draft 4's tuple form

@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from modeld.grammar.gbnf import RuleSet, literal
+from modeld.grammar.objects import array_rule, object_rule
 from modeld.grammar.pattern import pattern_rule
 
 __all__ = ["SchemaConverter"]
@@ -159,12 +160,8 @@ class SchemaConverter:
         if kind in ("boolean", "null"):
             return self.primitive(str(kind))
         if kind == "object":
-            from modeld.grammar.objects import object_rule
-
             return object_rule(self, schema, name)
         if kind == "array":
-            from modeld.grammar.objects import array_rule
-
             return array_rule(self, schema, name)
         raise self.rules.unenforceable(f"type {kind!r} is no JSON Schema type")
 
