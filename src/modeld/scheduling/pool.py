@@ -222,9 +222,8 @@ class InstancePool:
         if instance.active is not None:
             instance.active.abandon(reason)
         if instance.disposal is not None:
-            instance.disposal.cancel()  # its bookkeeping runs in its own finally
-        else:
-            self._forget(instance)
+            instance.disposal.cancel()  # its own finally forgets it again: idempotent
+        self._forget(instance)  # now: shutdown reports it gone as it returns
 
     def _cooling_down(self, now_s: float) -> list[InstanceStatistics]:
         """Models with no instance whose last load failed: shown as ``error`` with the
