@@ -32,7 +32,11 @@ LEAVES: st.SearchStrategy[Any] = st.one_of(
 
 
 def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    names = st.text(min_size=1, max_size=6)
+    # property names become rule names: unicode, spaces, dashes and digits included
+    names = st.one_of(
+        st.sampled_from(["a", "日本", "ñ²", "a b", "-", "x-1", "json-value", "root", "é"]),
+        st.text(min_size=1, max_size=6),
+    )
     return st.one_of(
         st.fixed_dictionaries({"type": st.just("array")}, optional={
             "items": inner, "minItems": COUNTS, "maxItems": COUNTS,

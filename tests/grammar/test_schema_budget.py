@@ -4,7 +4,7 @@ Asserted on the budget's own counters and the output's size, not on time."""
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from llama_cpp import Llama
 
 from modeld.engine.grammar import grammar_is_accepted
@@ -35,8 +35,9 @@ def test_a_random_schema_converts_within_the_budget_or_is_refused(schema: object
     assert len(text.encode()) <= usage.grammar_bytes  # counted while it was made
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(schema=SCHEMAS)
+@example(schema={"properties": {"日本": {"maxLength": 3}, "ñ²": {"enum": ["é"]}}})  # rule names
 def test_every_grammar_made_is_one_llama_cpp_parses(schema: object, vocab_llama: Llama) -> None:
     try:
         text = schema_grammar(schema)

@@ -92,7 +92,10 @@ class RuleSet:
     def reserve(self, name: str, *, fixed: bool = False) -> str:
         """A fresh rule name based on ``name``, to define later (recursive ``$ref``).
         Names starting ``json-`` are kept for the generic JSON rules (``fixed``)."""
-        base = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower() or "r"
+        # GBNF names are ASCII letters, digits and '-': a property named "日本" is not one
+        base = "-".join(filter(None, "".join(
+            c if c.isascii() and c.isalnum() else "-" for c in name.lower()
+        ).split("-"))) or "r"  # fmt: skip
         if base.startswith("json-") and not fixed:
             base = "x-" + base
         candidate, counter = base, 0
