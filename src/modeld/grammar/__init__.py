@@ -45,7 +45,7 @@ from modeld.grammar.gbnf import BudgetUsage, RuleSet
 from modeld.grammar.limits import DEFAULT_LIMITS, SchemaLimits, check_schema_bounds
 from modeld.grammar.schema import SchemaConverter
 
-__all__ = ["BudgetUsage", "DEFAULT_LIMITS", "SchemaGrammar", "SchemaLimits", "schema_grammar"]
+__all__ = ["DEFAULT_LIMITS", "BudgetUsage", "SchemaGrammar", "SchemaLimits", "schema_grammar"]
 
 
 class SchemaGrammar:

@@ -3,8 +3,9 @@
 
 Properties come in the order the schema lists them, the required ones always, each
 optional one at most once (a chain of rules, linear in their number); properties beyond
-those listed only when ``additionalProperties`` asks for them, or when none are listed. Arrays repeat one item
-rule, so ``maxItems`` costs a rule reference per copy in llama.cpp, not a schema's worth.
+those listed only when ``additionalProperties`` asks for them, or when none are listed.
+Arrays repeat one item rule, so ``maxItems`` costs a rule reference per copy in
+llama.cpp, not a schema's worth.
 """
 
 from __future__ import annotations
