@@ -129,6 +129,11 @@ class RuleSet:
         (its ``MAX_REPETITION_THRESHOLD``), counting those of any group around it."""
         if max_times is not None and max_times < min_times:
             raise self.refuse(f"a repetition asks for at least {min_times} and at most {max_times}")
+        limit = self.limits.max_repetition
+        if max(min_times, max_times or 0) > limit:  # a count the schema walk did not see
+            raise self.refuse(
+                f"a repetition of {max(min_times, max_times or 0)} is over the {limit} bound"
+            )
         if max_times == 0:
             return '""'
         if not _is_name(item):

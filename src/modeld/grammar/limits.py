@@ -27,7 +27,7 @@ REPETITION_KEYWORDS = (
 )  # fmt: skip
 _BRANCH_KEYWORDS = ("anyOf", "oneOf", "allOf")
 _SCHEMA_MAPS = ("properties", "$defs", "definitions")
-_SCHEMA_VALUES = ("items", "additionalProperties", "not", "contains")
+_SCHEMA_VALUES = ("items", "additionalItems", "additionalProperties", "not", "contains")
 
 
 @dataclass(frozen=True, slots=True)
