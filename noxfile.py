@@ -59,21 +59,36 @@ def ray(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "tests/ray", *session.posargs)
 
 
+_FUZZ_TARGETS = {
+    # target: (harness, seed writer, libFuzzer flags of its own)
+    "gguf": ("tests/fuzz/fuzz_gguf_header.py", "tests.fuzz.seeds", ["-max_len=131072"]),
+    "schema": (
+        "tests/fuzz/fuzz_schema_grammar.py",
+        "tests.fuzz.schema_seeds",
+        ["-max_len=65536"],
+    ),
+}
+
+
 @nox.session
-def fuzz(session: nox.Session) -> None:
-    """atheris on the GGUF header validator for a fixed time (default 300 s; pass
-    libFuzzer flags after --). Crashers land in tests/fuzz/crashers/, which
-    tests/gguf/test_fuzz_crashers.py replays."""
+@nox.parametrize("target", list(_FUZZ_TARGETS), ids=list(_FUZZ_TARGETS))
+def fuzz(session: nox.Session, target: str) -> None:
+    """atheris for a fixed time (default 300 s; pass libFuzzer flags after --) on the GGUF
+    header validator (``nox -s "fuzz(gguf)"``) or the JSON-schema-to-GBNF converter
+    (``nox -s "fuzz(schema)"``); ``nox -s fuzz`` runs both. Crashers land in
+    tests/fuzz/crashers/ (``schema-`` for the converter's), which
+    tests/gguf/test_fuzz_crashers.py and tests/grammar/test_fuzz_crashers.py replay."""
+    harness, seed_module, flags = _FUZZ_TARGETS[target]
     session.install("-e", ".[test,fuzz]")
-    seeds = session.create_tmp() + "/seeds"
-    corpus = session.create_tmp() + "/corpus"
-    session.run("python", "-m", "tests.fuzz.seeds", seeds)
+    seeds = session.create_tmp() + f"/seeds-{target}"
+    corpus = session.create_tmp() + f"/corpus-{target}"
+    prefix = "tests/fuzz/crashers/" + ("schema-" if target == "schema" else "")
+    session.run("python", "-m", seed_module, seeds)
     session.run("mkdir", "-p", corpus, "tests/fuzz/crashers", external=True)
     session.run(
-        "python", "tests/fuzz/fuzz_gguf_header.py", "-max_total_time=300", "-timeout=10",
-        "-rss_limit_mb=2048", "-max_len=131072", "-artifact_prefix=tests/fuzz/crashers/",
-        "-print_final_stats=1", *session.posargs, corpus, seeds,
-        env={"PYTHONPATH": "."},
+        "python", harness, "-max_total_time=300", "-timeout=10", "-rss_limit_mb=2048",
+        *flags, f"-artifact_prefix={prefix}", "-print_final_stats=1", *session.posargs,
+        corpus, seeds, env={"PYTHONPATH": "."},
     )  # fmt: skip
 
 

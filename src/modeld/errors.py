@@ -8,6 +8,7 @@ string in JSON error bodies). HTTP statuses live in one table in ``modeld.api.er
     │   ├── InvalidModelId        invalid_model_id      unsafe or malformed model id
     │   ├── PayloadTooLarge       payload_too_large     body over --max-body-bytes
     │   ├── RequestBodyTimeout    request_timeout       body not received in time
+    │   ├── HeadersTooLarge       headers_too_large     too many header lines, or too long
     │   ├── ConfigError           bad_config            a setting has a bad value
     │   ├── NoChatTemplate        no_chat_template      chat asked of a model without one
     │   └── ChatTemplateError     chat_template_error   the template refused the chat
@@ -48,6 +49,7 @@ __all__ = [
     "ConfigError",
     "EngineError",
     "ForbiddenHost",
+    "HeadersTooLarge",
     "InferTimeout",
     "InvalidModelId",
     "InvalidRequest",
@@ -194,7 +196,10 @@ class MemoryBusy(Overloaded):
 
 
 class ShuttingDown(ModeldError):
+    """Retryable: another replica, or this one once it has restarted, will answer."""
+
     code = "shutting_down"
+    retry_after_s: float = 5.0
 
 
 class ResourcesExhausted(ModeldError):
@@ -242,6 +247,12 @@ class PayloadTooLarge(InvalidRequest):
 
 class RequestBodyTimeout(InvalidRequest):
     code = "request_timeout"
+
+
+class HeadersTooLarge(InvalidRequest):
+    """More header lines, or more header bytes, than modeld reads (HTTP 431)."""
+
+    code = "headers_too_large"
 
 
 class ForbiddenHost(ModeldError):

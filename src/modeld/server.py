@@ -2,7 +2,10 @@
 
 On SIGTERM/SIGINT modeld stops admitting, lets running streams finish for
 ``--shutdown-grace`` (each still ends with its terminal line), closes every instance, and
-only then tells Hypercorn to stop: Hypercorn's own shutdown would cut streams short.
+only then tells Hypercorn to stop: Hypercorn's own shutdown would cut streams short. An
+:class:`~modeld.exit_deadline.ExitDeadline` armed at the signal ends the process at
+``--shutdown-grace`` + :data:`~modeld.scheduling.manager.CLOSE_TIMEOUT_S` whatever a
+thread is stuck in.
 SIGHUP re-reads the configuration (like ``POST /admin/reload``).
 """
 
@@ -21,9 +24,10 @@ from loguru import logger
 from modeld.api.admin import reload_settings
 from modeld.api.app import create_app
 from modeld.errors import ConfigError
+from modeld.exit_deadline import ExitDeadline
 from modeld.observability.logging import LoopErrorLog
 from modeld.observability.tracing import Tracing, tracing_from_env
-from modeld.scheduling.manager import ModelManager
+from modeld.scheduling.manager import CLOSE_TIMEOUT_S, ModelManager
 from modeld.settings.config import Settings
 from modeld.settings.live import LiveSettings
 
@@ -49,7 +53,10 @@ def hypercorn_config(settings: Settings) -> Config:
 
 
 async def _serve(
-    settings: Settings, source: Callable[[], Settings] | None, tracing: Tracing | None
+    settings: Settings,
+    source: Callable[[], Settings] | None,
+    tracing: Tracing | None,
+    deadline: ExitDeadline,
 ) -> None:
     asyncio.get_running_loop().set_exception_handler(LoopErrorLog())
     live = LiveSettings(settings, source)
@@ -67,6 +74,7 @@ async def _serve(
                         await reload_settings(live, None, who="SIGHUP")
                     continue
                 logger.info("shutdown requested", signal=signal.Signals(signum).name)
+                deadline.start(live.current.shutdown_grace + CLOSE_TIMEOUT_S)
                 abandoned = await manager.shutdown(live.current.shutdown_grace)
                 if abandoned:
                     logger.error("instances abandoned at shutdown", models=abandoned)
@@ -99,8 +107,11 @@ def run_server(settings: Settings, source: Callable[[], Settings] | None = None)
     they ask for what cannot be done.
     """
     tracing = tracing_from_env()
+    # Armed by SIGTERM and left armed for the rest of the process: whatever still runs
+    # after serving ends (trace export, interpreter exit) is under the same deadline.
+    deadline = ExitDeadline()
     try:
-        anyio.run(_serve, settings, source, tracing, backend="asyncio")
+        anyio.run(_serve, settings, source, tracing, deadline, backend="asyncio")
     finally:
         if tracing is not None:
             tracing.shutdown()  # export what is still buffered

@@ -128,6 +128,9 @@ def test_every_route_but_the_open_ones_needs_the_key(
     response = raw_exchange(server, request)
     if path in {"/healthz", "/readyz", "/metrics"}:
         assert response.status in {200, 503}, response.body  # readyz: 503 until a model
+    elif path == "/api/version":  # Ollama clients probe it first, without a key
+        assert response.status == 200, response.body
+        assert set(response.json()) == {"version"}
     elif path == "/":  # the status page's HTML; a JSON client (as here) gets the 404
         assert response.status == 404, response.body
     elif path.startswith("/api/"):  # Ollama's routes: Ollama's error shape

@@ -84,6 +84,7 @@ def test_the_probe_load_catches_the_abort_and_quarantines_the_file(
         assert "SIGABRT" in error["message"]
         assert "Index out of array bounds in XCDA array" in error["message"]
         assert "stage: tokenize" in error["message"]
+        assert "Warning" not in error["message"]  # llama.cpp's words only, no Python noise
         assert str(hostile_models_dir) not in refused.text  # no absolute path
         assert_tiny_generates(server, client)
         assert metric(client, "modeld_probe_loads_total", outcome="aborted") == 1
@@ -123,6 +124,7 @@ def test_a_changed_file_is_probed_again_and_a_cleared_one_too(
     model, file_now, _since, cause, reason = listed.stdout.strip().split("\t")
     assert (model, file_now, cause) == (HOSTILE, "current", "probe/tokenize")
     assert "SIGABRT" in reason
+    assert "Warning" not in reason
 
     cleared = quarantine_cli(state_dir, hostile_models_dir, "clear", HOSTILE)
     assert cleared.returncode == 0

@@ -82,3 +82,37 @@ def test_sigterm_when_idle_exits_zero_and_closes_the_port(
     assert server.stop() == 0
     with pytest.raises(httpx.TransportError):
         httpx.get(server.base_url + "/healthz", timeout=2)
+
+
+def test_sigterm_while_a_request_waits_for_its_load_is_a_503_shutting_down(
+    start_server: ServerFactory, medium_model_dir: Path, tmp_path: Path
+) -> None:
+    """The request waits for memory a pinned model holds; SIGTERM ends the load with the
+    shutdown, not as a failed load: 503 ``shutting_down`` with ``Retry-After``, and no
+    ``model_failed`` against the file."""
+    directory = tmp_path / "medium"
+    directory.mkdir()
+    for name in ["med-a.gguf", "med-b.gguf"]:
+        (directory / name).write_bytes((medium_model_dir / name).read_bytes())
+    server = start_server(
+        directory, "--vram-budget-mb", "30", "--vram-margin-mb", "0", "--max-wait-ms", "60000",
+        "--shutdown-grace", "1",
+    )  # fmt: skip
+    with server.client() as client:
+        assert client.post("/models/med-a.gguf/load", json={"pin": True}).status_code == 200
+        waiting = server.open_infer({"prompt": "hi", "model": "med-b.gguf", "stream": False})
+        with waiting:
+            poll(lambda: client.get("/status").json()["admitted"], lambda n: n == 1)
+            server.process.send_signal(signal.SIGTERM)
+            answer = b""
+            while chunk := waiting.recv(65536):
+                answer += chunk
+                if b"\r\n\r\n" in answer and answer.rstrip().endswith(b"}"):
+                    break
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), answer
+    assert b"retry-after:" in head.lower()
+    assert json.loads(body)["error"]["code"] == "shutting_down"
+    assert server.process.wait(timeout=30) == 0
+    assert "model_failed" not in server.log()
+    assert "model_load_failed" not in server.log()

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from modeld.api.middleware import MAX_HEADER_BYTES, MAX_HEADER_COUNT
 from tests.support.http import (
     ServerFactory,
     connect,
@@ -293,3 +294,27 @@ def test_many_idle_connections_do_not_block_a_request(server: RunningServer) -> 
     finally:
         for sock in sockets:
             sock.close()
+
+
+@pytest.mark.parametrize(
+    ("headers", "words"),
+    [
+        ({f"x-h{i}": "v" for i in range(5000)}, "5002 header lines are over the 100"),
+        ({f"x-h{i}": "v" for i in range(MAX_HEADER_COUNT)}, "header lines are over the 100"),
+        ({"x-big": "v" * 60_000}, f"bytes of headers are over the {MAX_HEADER_BYTES}"),
+        ({"x-big": "v" * MAX_HEADER_BYTES}, f"bytes of headers are over the {MAX_HEADER_BYTES}"),
+    ],
+    ids=["5000-small", "just-over-count", "60-kb-in-one-piece", "just-over-size"],
+)
+def test_a_header_block_over_the_caps_is_a_431_even_in_one_piece(
+    server: RunningServer, headers: dict[str, str], words: str
+) -> None:
+    refused = raw_exchange(server, http_request("GET", "/healthz", headers=headers))
+    assert refused.status == 431
+    error = refused.json()["error"]
+    assert isinstance(error, dict)
+    assert error["code"] == "headers_too_large"
+    assert words in str(error["message"])
+    assert refused.headers["connection"] == "close"
+    near = {f"x-h{i}": "v" for i in range(MAX_HEADER_COUNT - 3)}  # Host, Connection: 2 more
+    assert raw_exchange(server, http_request("GET", "/healthz", headers=near)).status == 200

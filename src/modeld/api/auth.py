@@ -43,7 +43,9 @@ from modeld.settings.config import Settings
 
 __all__ = ["OPEN_PATHS", "ApiKey", "ApiKeyMiddleware", "load_api_keys", "open_paths"]
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
+# /api/version: Ollama clients probe it before anything else, often without a key, and
+# it tells nothing but the version string modeld reports (--ollama-version).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", "/api/version"})
 MIN_KEY_CHARS = 16
 MAX_KEY_CHARS = 512
 _KEY = re.compile(r"[!-~]+")  # visible ASCII, no spaces

@@ -42,6 +42,7 @@ STATUS_BY_ERROR: dict[type[errors.ModeldError], int] = {
     errors.InvalidModelId: 400,
     errors.PayloadTooLarge: 413,
     errors.RequestBodyTimeout: 408,
+    errors.HeadersTooLarge: 431,
     errors.ConfigError: 400,
     errors.NoChatTemplate: 400,
     errors.ChatTemplateError: 400,
@@ -124,7 +125,8 @@ def error_headers(error: errors.ModeldError) -> dict[str, str]:
     """``Retry-After`` for "not now" errors, ``Connection: close`` when the body was not
     read: the same on every route, whatever the body's protocol."""
     headers: dict[str, str] = {}
-    if isinstance(error, errors.PayloadTooLarge | errors.RequestBodyTimeout):
+    unread = errors.PayloadTooLarge | errors.RequestBodyTimeout | errors.HeadersTooLarge
+    if isinstance(error, unread):
         # The body was not read: the connection cannot be reused, so say so.
         headers["Connection"] = "close"
     retry_after_s = getattr(error, "retry_after_s", None)

@@ -15,12 +15,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from modeld.api.context import open_context
 from modeld.api.errors import ErrorShape, log_unexpected
-from modeld.errors import ForbiddenHost
+from modeld.errors import ForbiddenHost, HeadersTooLarge
 from modeld.observability.logging import level_number, request_logging
 
 __all__ = [
+    "MAX_HEADER_BYTES",
+    "MAX_HEADER_COUNT",
     "RequestContextMiddleware",
     "RequestObserver",
+    "header_refusal",
     "host_is_allowed",
     "request_id_from",
     "route_template",
@@ -78,6 +81,29 @@ def requested_log_level(scope: Scope, headers: Headers) -> int | None:
     return level_number(raw) if raw else None
 
 
+# Hypercorn (h11) caps a header block only while it is incomplete (16 KiB); one that
+# arrives in one piece is parsed whole. These caps hold for every request (vLLM's
+# CVE-2025-48956 was one GET with an enormous header block).
+MAX_HEADER_COUNT = 100
+MAX_HEADER_BYTES = 16 * 1024
+
+
+def header_refusal(scope: Scope) -> HeadersTooLarge | None:
+    """The 431 for a request over :data:`MAX_HEADER_COUNT` header lines or
+    :data:`MAX_HEADER_BYTES` of names and values, else None."""
+    headers = scope.get("headers", ())
+    if len(headers) > MAX_HEADER_COUNT:
+        return HeadersTooLarge(
+            f"{len(headers)} header lines are over the {MAX_HEADER_COUNT} accepted"
+        )
+    size_bytes = sum(len(name) + len(value) for name, value in headers)
+    if size_bytes > MAX_HEADER_BYTES:
+        return HeadersTooLarge(
+            f"{size_bytes} bytes of headers are over the {MAX_HEADER_BYTES} accepted"
+        )
+    return None
+
+
 class RequestContextMiddleware:
     """Request id (echoed in ``X-Request-ID`` on every response: the only place that sets
     it), Host check, per-request log level, the last word on a bug (a JSON 500 and a log
@@ -124,7 +150,10 @@ class RequestContextMiddleware:
         try:
             with request_logging(request_id, requested_log_level(scope, headers)):
                 try:
-                    if host_is_allowed(headers.get("host", ""), self.allowed_hosts):
+                    oversized = header_refusal(scope)
+                    if oversized is not None:
+                        await shape.response(oversized, context)(scope, receive, send_with_id)
+                    elif host_is_allowed(headers.get("host", ""), self.allowed_hosts):
                         await self.app(scope, receive, send_with_id)
                     else:
                         forbidden = ForbiddenHost("Host header is not allowed")

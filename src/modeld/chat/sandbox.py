@@ -23,6 +23,7 @@ Whatever stops a render is a :class:`TemplateRefused` with a message that says w
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -115,6 +116,8 @@ def _check_growth(name: str, args: tuple[Any, ...]) -> None:
         if isinstance(text, str) and isinstance(old, str) and isinstance(new, str):
             count = text.count(old) if old else len(text) + 1
             _check_weight(len(text) + count * len(new), "replace")
+    elif name == "format" and args and isinstance(args[0], str) and _HUGE_WIDTH.search(args[0]):
+        raise SecurityError("the format filter with a huge or '*' field width")
 
 
 class _IgnoreGenerationTag(jinja2.ext.Extension):
@@ -219,12 +222,23 @@ def _bounded_join(join: Callable[[Any], str]) -> Callable[[Any], str]:
     return bounded
 
 
-def compile_template(source: str) -> jinja2.Template:
+def compile_template(
+    source: str,
+    *,
+    deadline_s: float = RENDER_DEADLINE_S,
+    max_growth_bytes: int = MAX_RENDER_GROWTH_BYTES,
+) -> jinja2.Template:
     """``source`` compiled in a fresh :class:`TemplateSandbox`, its ``~`` bounded.
 
-    Raises ``jinja2.TemplateSyntaxError``.
+    Jinja evaluates constant expressions while it compiles (``{{ 'x'|center(10**9) }}``
+    would run there, not at render), so the compile runs within the same bounds as a
+    render: the sandbox's one-step checks refuse such a fold, and the tracer stops a
+    compile past ``deadline_s`` or ``max_growth_bytes`` of process growth.
+
+    Raises ``jinja2.TemplateSyntaxError``, :class:`TemplateRefused` past a bound.
     """
-    template = TemplateSandbox().from_string(source)
+    with _bounded(deadline_s, max_growth_bytes, "compiling the chat template"):
+        template = TemplateSandbox().from_string(source)
     namespace = template.root_render_func.__globals__  # the compiled module's globals
     for name in ("str_join", "markup_join"):
         if name in namespace:
@@ -275,35 +289,15 @@ def render_bounded(
     ``TemplateError``, the template's own ``raise_exception``) as :class:`TemplateRefused`
     with the template's message.
     """
-    limit_s = time.monotonic() + deadline_s
-    resident = _ResidentSize()
-    rss_limit = resident.bytes() + max_growth_bytes
-    events = 0
-
-    def count(frame: FrameType, event: str, arg: Any) -> Any:
-        nonlocal events
-        events += 1
-        if events % _TRACE_CHECK_EVERY == 0:
-            if time.monotonic() > limit_s:
-                raise TemplateRefused(f"the chat template ran past {deadline_s:g} s")
-            if resident.bytes() > rss_limit:
-                raise TemplateRefused(
-                    f"the chat template grew the process by over {max_growth_bytes >> 20} MiB"
-                )
-        # Lines are counted in the template's own code (its loops may call nothing); in
-        # Jinja's code every call counts (a filter's loop resumes a generator per item).
-        return count if frame.f_code.co_filename == _TEMPLATE_FILENAME else None
-
     parts: list[str] = []
     total = 0
-    previous = sys.gettrace()
-    sys.settrace(count)
     try:
-        for part in chunks():
-            total += len(part)
-            if total > max_chars:
-                raise TemplateRefused(f"the rendered chat is over {max_chars} characters")
-            parts.append(part)
+        with _bounded(deadline_s, max_growth_bytes, "the chat template"):
+            for part in chunks():
+                total += len(part)
+                if total > max_chars:
+                    raise TemplateRefused(f"the rendered chat is over {max_chars} characters")
+                parts.append(part)
     except TemplateRefused:
         raise
     except _RaisedByTemplate as exc:
@@ -318,7 +312,37 @@ def render_bounded(
         raise TemplateRefused("the chat template ran out of memory") from None
     except Exception as exc:  # TemplateError, TypeError, ... from the template's own code
         raise TemplateRefused(f"the chat template failed: {type(exc).__name__}: {exc}") from None
+    return "".join(parts)
+
+
+@contextlib.contextmanager
+def _bounded(deadline_s: float, max_growth_bytes: int, what: str) -> Iterator[None]:
+    """Run the body under a tracer that raises :class:`TemplateRefused` past
+    ``deadline_s`` or once the process has grown by ``max_growth_bytes`` (measured every
+    few traced events: other threads' growth counts too, so the bound is generous)."""
+    limit_s = time.monotonic() + deadline_s
+    resident = _ResidentSize()
+    rss_limit = resident.bytes() + max_growth_bytes
+    events = 0
+
+    def count(frame: FrameType, event: str, arg: Any) -> Any:
+        nonlocal events
+        events += 1
+        if events % _TRACE_CHECK_EVERY == 0:
+            if time.monotonic() > limit_s:
+                raise TemplateRefused(f"{what} ran past {deadline_s:g} s")
+            if resident.bytes() > rss_limit:
+                raise TemplateRefused(
+                    f"{what} grew the process by over {max_growth_bytes >> 20} MiB"
+                )
+        # Lines are counted in the template's own code (its loops may call nothing); in
+        # Jinja's code every call counts (a filter's loop resumes a generator per item).
+        return count if frame.f_code.co_filename == _TEMPLATE_FILENAME else None
+
+    previous = sys.gettrace()
+    sys.settrace(count)
+    try:
+        yield
     finally:
         sys.settrace(previous)
         resident.close()
-    return "".join(parts)

@@ -41,6 +41,8 @@ class ChatTemplate:
             ) from None
         except RecursionError:
             raise ChatTemplateError(f"{where}: the chat template is nested too deeply") from None
+        except TemplateRefused as exc:  # its compile ran past the sandbox's bounds
+            raise ChatTemplateError(f"{where}: {exc}") from None
 
     def render(
         self,

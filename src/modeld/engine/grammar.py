@@ -3,20 +3,20 @@ that llama.cpp's grammar sampler enforces token by token, in both token loops.
 
 Two checks keep llama.cpp from ever being handed a grammar it refuses (its grammar code
 reports errors as C++ exceptions, which from a C caller abort the process):
-:func:`grammar_for_format` turns a schema into GBNF in Python (an unsupported schema is
-an :class:`InvalidRequest` naming ``format``), and :func:`check_grammar` builds and frees
+:func:`grammar_for_format` turns a schema into GBNF with :mod:`modeld.grammar` (bounded
+before and while converting; an unsupported or oversized schema is an
+:class:`InvalidRequest` naming ``format``), and :func:`check_grammar` builds and frees
 the sampler on the model's worker before the answer starts (a grammar llama.cpp refuses
 is a 400, never a stream that ends in an error).
 """
 
 from __future__ import annotations
 
-import json
-
 import llama_cpp
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+from llama_cpp.llama_grammar import JSON_GBNF
 
 from modeld.errors import InvalidRequest
+from modeld.grammar import DEFAULT_LIMITS, schema_grammar
 from modeld.types import ResponseFormat
 
 __all__ = [
@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 # A grammar is parsed on every request and walked on every token: bounded, like a prompt.
-MAX_GRAMMAR_BYTES = 256 * 1024
+MAX_GRAMMAR_BYTES = DEFAULT_LIMITS.max_grammar_bytes
 GRAMMAR_REFUSED = "llama.cpp refused the grammar"
 _ROOT = b"root"
 
@@ -37,28 +37,15 @@ def grammar_for_format(response_format: ResponseFormat) -> str:
     """The GBNF text for ``"json"`` (any JSON object) or a JSON schema.
 
     Pure Python (no model needed), so it runs before the request queues. Raises
-    :class:`InvalidRequest` (field ``format``) for a schema the converter cannot express
-    (remote ``$ref``, ``not``, an unknown ``type``, ...) or a grammar over
-    :data:`MAX_GRAMMAR_BYTES`.
+    :class:`InvalidRequest` (field ``format``) for a schema over one of
+    :class:`~modeld.grammar.SchemaLimits`' bounds or one a grammar cannot enforce
+    (remote ``$ref``, ``not``, an unknown ``type``, ...).
     """
     if response_format == "json":
         return JSON_GBNF
     if not isinstance(response_format, dict):
         raise InvalidRequest('format must be "json" or a JSON schema object', field="format")
-    try:
-        grammar = str(json_schema_to_gbnf(json.dumps(response_format)))
-    except RecursionError:
-        raise InvalidRequest("the JSON schema is nested too deeply", field="format") from None
-    except Exception as exc:  # the converter reports with asserts, KeyError, ValueError ...
-        detail = str(exc) or type(exc).__name__
-        raise InvalidRequest(
-            f"the JSON schema cannot be enforced: {detail}", field="format"
-        ) from None
-    if len(grammar.encode("utf-8")) > MAX_GRAMMAR_BYTES:
-        raise InvalidRequest(
-            f"the JSON schema makes a grammar over {MAX_GRAMMAR_BYTES} bytes", field="format"
-        )
-    return grammar
+    return schema_grammar(response_format, param="format")
 
 
 def grammar_is_accepted(vocab: object, grammar: str) -> bool:

@@ -108,7 +108,7 @@ class LlamaEngine:
         self.tokenizer = Tokenizer(self._llama._model.vocab, self.sizes.n_ctx)
         self.max_prompt_bytes = self.tokenizer.max_prompt_bytes
         self._chat = ChatFormatter(
-            self._llama.metadata,
+            self._llama.file_metadata,
             bos_token=self._token_text(self._llama.token_bos()),
             eos_token=self._token_text(self._llama.token_eos()),
         )

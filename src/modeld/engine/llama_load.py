@@ -8,7 +8,6 @@ import ctypes
 import traceback
 from typing import Any
 
-import jinja2
 import llama_cpp
 from loguru import logger
 
@@ -16,7 +15,7 @@ from modeld.engine.cpu_quirks import apply_cpu_quirks
 from modeld.errors import ModelLoadFailed
 from modeld.redact import redact_paths
 
-__all__ = ["load_llama", "malloc_trim", "route_llama_log"]
+__all__ = ["TemplateBlindLlama", "load_llama", "malloc_trim", "route_llama_log"]
 
 # ggml_log_level in the llama.cpp this release vendors (ggml.h): 1 debug, 2 info, 3 warn,
 # 4 error, 5 continuation. (llama-cpp-python's own mapping still follows an older enum.)
@@ -38,7 +37,37 @@ llama_cpp.llama_log_set(route_llama_log, ctypes.c_void_p(0))
 apply_cpu_quirks()
 
 
-def load_llama(path: str, label: str, **params: Any) -> llama_cpp.Llama:
+_TEMPLATE_KEYS = "tokenizer.chat_template"
+
+
+class TemplateBlindLlama(llama_cpp.Llama):
+    """A ``Llama`` that never sees the file's chat templates.
+
+    ``Llama.__init__`` compiles every ``tokenizer.chat_template*`` value it finds in
+    ``self.metadata`` with its own Jinja environment, which bounds neither time nor
+    memory, and Jinja folds constant expressions while compiling: a file whose template
+    holds ``{{ 'x'|center(10**9) }}`` would run that at load, in the probe child and in
+    the server. No ``chat_format``/``chat_handler`` argument stops that loop, so the
+    metadata it reads has the template keys taken out as it is assigned;
+    :attr:`file_metadata` keeps them for modeld, which compiles and renders templates
+    only in :mod:`modeld.chat`'s bounded sandbox.
+    """
+
+    file_metadata: dict[str, str]
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self._metadata_without_templates
+
+    @metadata.setter
+    def metadata(self, value: dict[str, str]) -> None:
+        self.file_metadata = dict(value)
+        self._metadata_without_templates = {
+            key: text for key, text in value.items() if not key.startswith(_TEMPLATE_KEYS)
+        }
+
+
+def load_llama(path: str, label: str, **params: Any) -> TemplateBlindLlama:
     """``Llama(**params)``, and on any failure whatever it allocated is freed now.
 
     A ``Llama`` whose ``__init__`` raises has often created its model and context
@@ -49,7 +78,7 @@ def load_llama(path: str, label: str, **params: Any) -> llama_cpp.Llama:
     for its type and message), and the heap trimmed.
     Raises :class:`ModelLoadFailed` (paths in llama.cpp's message become ``label``).
     """
-    llama = llama_cpp.Llama.__new__(llama_cpp.Llama)
+    llama = TemplateBlindLlama.__new__(TemplateBlindLlama)
     try:
         llama.__init__(**params)  # type: ignore[misc]
     except (Exception, MemoryError) as exc:
@@ -68,10 +97,6 @@ def load_llama(path: str, label: str, **params: Any) -> llama_cpp.Llama:
 def _failure_message(error: BaseException, path: str, label: str) -> str:
     if isinstance(error, MemoryError):
         return f"{label}: out of memory while llama.cpp loaded it ({error})"
-    if isinstance(error, jinja2.TemplateError):  # llama-cpp-python compiles it (never runs it)
-        return redact_paths(
-            f"{label}: llama-cpp-python cannot compile the file's chat template: {error}"
-        )
     text = str(error).replace(path, label)
     return redact_paths(f"llama.cpp could not load {label}: {text}")
 

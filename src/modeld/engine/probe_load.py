@@ -15,7 +15,9 @@ the OOM killer: says nothing about the file); ``timed_out``. The child reports e
 stage on stdout as it enters it, so an abort is attributed to a stage; its stderr (C
 level only: Python-level prints are discarded) carries llama.cpp's last words.
 
-Run as ``python -m modeld.engine.probe_load --fd N ...`` by :func:`probe_load`.
+Run as ``python -c <_CHILD> --fd N ...`` by :func:`probe_load`: not ``-m``, since
+``import modeld`` imports this module before runpy would run it, and runpy's warning
+about that would stand in the child's stderr ahead of llama.cpp's last words.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ PROBE_N_CTX = 256
 PROBE_N_BATCH = 64
 PROBE_DECODE_TOKENS = 16
 _MAX_DETAIL_CHARS = 400
+_CHILD = "import sys; from modeld.engine.probe_load import main; sys.exit(main())"
 
 
 class ProbeStatus(enum.StrEnum):
@@ -77,7 +80,7 @@ async def probe_load(
     Cancelling the wait kills the child. Raises nothing for anything the child does.
     """
     command = [
-        sys.executable, "-m", "modeld.engine.probe_load", "--fd", str(fd), "--label", label,
+        sys.executable, "-c", _CHILD, "--fd", str(fd), "--label", label,
         "--n-ctx-train", str(n_ctx_train), "--threads", str(threads),
         "--token-loop", str(token_loop),
     ]  # fmt: skip

@@ -147,6 +147,7 @@ class ModelManager:
         """
         self._pool.accepting = False
         await self._launcher.drain(grace_s)
+        self._pool.close_loads()
         abandoned = await self._pool.unloader.unload_all(DoneReason.SHUTDOWN, self._close_timeout_s)
         self.events.close()
         return abandoned

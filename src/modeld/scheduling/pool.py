@@ -86,6 +86,8 @@ class InstancePool:
             retry_after_s=retry_after_s,
         )
         self._task_group: TaskGroup | None = None
+        self._load_scopes: dict[str, anyio.CancelScope] = {}  # by model id
+        self._closing = anyio.Event()  # set by close_loads: waiters for a load stop waiting
         self.accepting = True
 
     @property
@@ -104,6 +106,13 @@ class InstancePool:
         """Work on an instance in the owner's task group: it outlives whoever asked."""
         assert self._task_group is not None, "use ModelManager as an async context manager"
         self._task_group.start_soon(work, instance)
+
+    def close_loads(self) -> None:
+        """At shutdown: every running load (its probe child too) ends now, and whoever
+        waits for one stops waiting (a load stuck in the kernel never settles)."""
+        self._closing.set()
+        for scope in self._load_scopes.values():
+            scope.cancel()
 
     @property
     def guard(self) -> FileGuard:
@@ -189,12 +198,25 @@ class InstancePool:
                     continue
                 return instance
             with anyio.move_on_after(max(0.0, deadline_s - time.monotonic())) as scope:
-                await instance.settled.wait()
+                await self._settled_or_closing(instance)
+            if self._closing.is_set() and not instance.settled.is_set():
+                raise ShuttingDown("modeld is shutting down")  # the load may never end
             if scope.cancelled_caught and not instance.settled.is_set():
                 raise QueueTimeout(f"{model.id}: still loading after the request's max wait", 1.0)
             if instance.state is InstanceState.ERROR:
                 assert instance.error is not None
                 raise instance.error
+
+    async def _settled_or_closing(self, instance: Instance) -> None:
+        """Until the load settles, or shutdown closes the pool."""
+        async with anyio.create_task_group() as waits:
+
+            async def first(event: anyio.Event) -> None:
+                await event.wait()
+                waits.cancel_scope.cancel()
+
+            waits.start_soon(first, instance.settled)
+            waits.start_soon(first, self._closing)
 
     async def _file_changed(self, instance: Instance) -> bool:
         """A file rewritten in place under a loaded (mmapped) model must not be used.
@@ -230,17 +252,22 @@ class InstancePool:
     async def _load(self, instance: Instance, deadline_s: float) -> None:
         started_s = time.monotonic()
         self.events.publish(ModelLoadStarted(model=instance.model_id))
+        scope = self._load_scopes[instance.model_id] = anyio.CancelScope()
         try:
-            await self._loader.load(
-                instance, lambda i, need_bytes: self.room.reserve(i, need_bytes, deadline_s)
-            )
+            with scope:
+                await self._loader.load(
+                    instance, lambda i, need_bytes: self.room.reserve(i, need_bytes, deadline_s)
+                )
         except ModeldError as exc:
-            self.lines.load_failed(instance.counters, exc)
-            instance.error = exc
-            instance.transition(InstanceState.ERROR)
-            self.events.publish(ModelFailed(model=instance.model_id, error=exc.message))
-            await self.unloader.dispose(instance)
+            if self.accepting:
+                self.lines.load_failed(instance.counters, exc)
+                await self._end_load(instance, exc)
+            else:  # ended by shutdown: nothing is wrong with the file
+                await self._end_load(instance, ShuttingDown("modeld is shutting down"))
         else:
+            if scope.cancel_called:
+                await self._end_load(instance, ShuttingDown("modeld is shutting down"))
+                return
             instance.transition(InstanceState.READY)
             instance.ready_at_s = time.monotonic()
             instance.idle_since_s = self.idle.clock.now_s()
@@ -248,8 +275,18 @@ class InstancePool:
             load_ms = round((time.monotonic() - started_s) * 1000)
             self.events.publish(ModelReady(model=instance.model_id, load_ms=load_ms))
         finally:
+            self._load_scopes.pop(instance.model_id, None)
             instance.settled.set()
             self.changes.notify()
+
+    async def _end_load(self, instance: Instance, error: ModeldError) -> None:
+        """The load ended without an engine: its waiters get ``error`` (a shutdown's is
+        no failure of the file: not published as one)."""
+        instance.error = error
+        instance.transition(InstanceState.ERROR)
+        if not isinstance(error, ShuttingDown):
+            self.events.publish(ModelFailed(model=instance.model_id, error=error.message))
+        await self.unloader.dispose(instance)
 
     async def _evict(self, victim: Instance, for_model: str) -> None:
         await self.unloader.unload(

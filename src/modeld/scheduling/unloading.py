@@ -76,9 +76,8 @@ class Unloader:
         if instance.active is not None:
             instance.active.abandon(reason)
         if instance.disposal is not None:
-            instance.disposal.cancel()  # its bookkeeping runs in its own finally
-        else:
-            self._forget(instance)
+            instance.disposal.cancel()  # its own finally forgets it again: idempotent
+        self._forget(instance)  # now: shutdown reports it gone as it returns
 
     async def unload(
         self,

@@ -125,6 +125,7 @@ class CompletionsProtocol:
 
     async def decode(self, edge: Edge, body: bytes) -> _CompletionCall:
         decoded = decode_json(body, CompletionBody)
+        edge.context.param_names = {"format": "response_format"}
         generate = completion_request(decoded, sampling_of(body), edge.defaults_for)
         include_usage = bool(decoded.stream_options and decoded.stream_options.include_usage)
         return _CompletionCall(edge, generate, include_usage)

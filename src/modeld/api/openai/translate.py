@@ -191,6 +191,7 @@ def completion_request(
     fields["prompt"] = _prompt(body.prompt)
     fields["model"] = body.model
     fields["stream"] = bool(body.stream)
+    fields["format"] = response_format(body.response_format)
     return convert_fields(with_defaults(fields, body.model, defaults_for), InferRequest)
 
 

@@ -38,12 +38,12 @@ class Choices(msgspec.Struct, kw_only=True):
     n: int | None = None
     logit_bias: dict[str, Any] | None = None
     user: str | None = None
+    response_format: dict[str, Any] | None = None  # a grammar, on chat and completions
 
 
 class ChatCompletionBody(Choices, kw_only=True):
     messages: list[dict[str, Any]]
     max_completion_tokens: int | None = None
-    response_format: dict[str, Any] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[Any] | None = None
