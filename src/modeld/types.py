@@ -26,11 +26,13 @@ __all__ = [
     "EmbeddingResult",
     "GenerationMetrics",
     "GenerationResult",
+    "GrammarConstraint",
     "InferRequest",
     "InstanceState",
     "LoopKind",
     "ResponseFormat",
     "SamplingParams",
+    "as_constraint",
     "context_sizes",
     "embedding_context_sizes",
 ]
@@ -143,6 +145,38 @@ class SamplingParams(msgspec.Struct, frozen=True):
     def __post_init__(self) -> None:
         if not isinstance(self.stop, tuple):  # a list from a library caller
             msgspec.structs.force_setattr(self, "stop", tuple(self.stop))
+
+
+class GrammarConstraint(msgspec.Struct, frozen=True, kw_only=True):
+    """A grammar for the token loops (both read it by field name).
+
+    ``gbnf`` has a ``root`` rule. Without triggers it holds every token; with trigger
+    patterns (regexes matched against the whole output so far, e.g.
+    ``^[\\s\\S]*?(<tool_call>)[\\s\\S]*$``; the grammar is fed the text from the first
+    group on) or trigger tokens it is *lazy*: free text stays free until a trigger, then
+    the grammar holds the rest (llama.cpp's ``llama_sampler_init_grammar_lazy_patterns``).
+    Trigger patterns are compiled by ``std::regex`` in llama.cpp, where a malformed one
+    aborts the process: only modeld's own code makes them (modeld.tools), never a client.
+    ``full_pass`` forces the grammar onto every candidate at every step, the reference the
+    fast path (docs/c-extension.md) is tested against; output is the same either way.
+    """
+
+    gbnf: str
+    trigger_patterns: tuple[str, ...] = ()
+    trigger_tokens: tuple[int, ...] = ()
+    full_pass: bool = False
+
+    @property
+    def lazy(self) -> bool:
+        return bool(self.trigger_patterns or self.trigger_tokens)
+
+
+def as_constraint(grammar: str | GrammarConstraint | None) -> GrammarConstraint | None:
+    """A loop's ``grammar`` argument as a :class:`GrammarConstraint` (plain GBNF text is
+    one without triggers)."""
+    if grammar is None or isinstance(grammar, GrammarConstraint):
+        return grammar
+    return GrammarConstraint(gbnf=grammar)
 
 
 class InferRequest(SamplingParams, forbid_unknown_fields=True, frozen=True, kw_only=True):
