@@ -1,0 +1,55 @@
+"""Tool calling below the HTTP layer: definitions and their checks, the formats a chat
+template speaks, the grammars that enforce a call, and the streaming parser.
+
+Pure Python and protocol-independent: an API adapter translates its wire shape into
+:class:`Tool`/:data:`ToolChoice`, asks :func:`resolve_format` which format the model
+speaks, passes :func:`forced_grammar` (``required``/a named function) or
+:func:`lazy_grammar` (``auto``) to the engine as the request's grammar, and runs the
+output through a :class:`ToolCallParser`.
+"""
+
+from modeld.tools.definitions import (
+    MAX_TOOLS,
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    ToolFunction,
+    check_tool_messages,
+    check_tools,
+    chosen_tools,
+)
+from modeld.tools.formats import (
+    ToolFormat,
+    detect_format,
+    forced_grammar,
+    lazy_grammar,
+    resolve_format,
+    trigger_matches,
+)
+from modeld.tools.parser import ContentDelta, Delta, ToolCallDelta, ToolCallParser
+from modeld.tools.schema import ArgumentRules, arguments_grammar
+
+__all__ = [
+    "MAX_TOOLS",
+    "ArgumentRules",
+    "ContentDelta",
+    "Delta",
+    "NamedToolChoice",
+    "Tool",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolCallParser",
+    "ToolChoice",
+    "ToolFormat",
+    "ToolFunction",
+    "arguments_grammar",
+    "check_tool_messages",
+    "check_tools",
+    "chosen_tools",
+    "detect_format",
+    "forced_grammar",
+    "lazy_grammar",
+    "resolve_format",
+    "trigger_matches",
+]

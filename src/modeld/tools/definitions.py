@@ -1,0 +1,122 @@
+"""Tool definitions as clients send them (OpenAI's ``tools``/``tool_choice`` shape, which
+Ollama shares), their bounds, and the checks made before any model is touched.
+
+Every check raises :class:`~modeld.errors.InvalidRequest` naming the field (``tools``,
+``tool_choice``, ``messages``), so the API layer answers 400 with ``param``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from modeld.errors import InvalidRequest
+
+__all__ = [
+    "MAX_TOOLS",
+    "MAX_TOOL_DESCRIPTION_CHARS",
+    "NamedToolChoice",
+    "Tool",
+    "ToolCall",
+    "ToolChoice",
+    "ToolFunction",
+    "check_tool_messages",
+    "check_tools",
+    "chosen_tools",
+]
+
+# Every tool's schema becomes grammar rules and prompt text: bounded like a prompt.
+MAX_TOOLS = 128
+MAX_TOOL_DESCRIPTION_CHARS = 8192
+ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+
+
+class ToolFunction(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A function the model may call: ``parameters`` is a JSON schema for its arguments
+    (an object schema; absent means no arguments)."""
+
+    name: ToolName
+    description: Annotated[str, msgspec.Meta(max_length=MAX_TOOL_DESCRIPTION_CHARS)] = ""
+    parameters: dict[str, Any] = msgspec.field(
+        default_factory=lambda: {"type": "object", "properties": {}}
+    )
+    strict: bool | None = None  # OpenAI's flag; arguments are always enforced here
+
+
+class Tool(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: ToolFunction
+
+
+class NamedFunction(msgspec.Struct, frozen=True):
+    name: ToolName
+
+
+class NamedToolChoice(msgspec.Struct, frozen=True):
+    """``{"type": "function", "function": {"name": ...}}``: that function must be called."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class ToolCall(msgspec.Struct, frozen=True):
+    """One call the model made: ``arguments`` is JSON text (OpenAI's wire form)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+def check_tools(tools: Sequence[Tool], tool_choice: ToolChoice | None) -> None:
+    """Refuse too many tools, duplicate names, a parameter schema that is not an object
+    schema, and a ``tool_choice`` naming no tool. Schemas the grammar converter cannot
+    express are refused by :func:`modeld.tools.schema.arguments_grammar`."""
+    if len(tools) > MAX_TOOLS:
+        raise InvalidRequest(f"at most {MAX_TOOLS} tools are accepted", field="tools")
+    seen: set[str] = set()
+    for index, tool in enumerate(tools):
+        name = tool.function.name
+        if name in seen:
+            raise InvalidRequest(f"tools[{index}]: duplicate function name {name!r}", field="tools")
+        seen.add(name)
+        schema_type = tool.function.parameters.get("type", "object")
+        if schema_type != "object":
+            raise InvalidRequest(
+                f"tools[{index}].function.parameters must be an object schema", field="tools"
+            )
+    if isinstance(tool_choice, NamedToolChoice) and tool_choice.function.name not in seen:
+        raise InvalidRequest(
+            f"tool_choice names {tool_choice.function.name!r}, which is not among the tools",
+            field="tool_choice",
+        )
+    if tool_choice == "required" and not tools:
+        raise InvalidRequest('tool_choice "required" needs at least one tool', field="tool_choice")
+
+
+def chosen_tools(tools: Sequence[Tool], tool_choice: ToolChoice | None) -> tuple[Tool, ...]:
+    """The tools a grammar may call under ``tool_choice`` (none for ``"none"``)."""
+    if tool_choice == "none":
+        return ()
+    if isinstance(tool_choice, NamedToolChoice):
+        return tuple(t for t in tools if t.function.name == tool_choice.function.name)
+    return tuple(tools)
+
+
+def check_tool_messages(messages: Sequence[Any]) -> None:
+    """Every ``tool`` message answers a call an earlier ``assistant`` message made
+    (``messages`` are :class:`modeld.types.ChatMessage`)."""
+    called: set[str] = set()
+    for index, message in enumerate(messages):
+        for call in message.tool_calls or ():
+            called.add(call.id)
+        if message.role == "tool" and message.tool_call_id not in called:
+            raise InvalidRequest(
+                f"messages[{index}]: a tool message answers no earlier tool call "
+                f"(tool_call_id {message.tool_call_id!r})",
+                field="messages",
+            )
