@@ -78,7 +78,9 @@ CASES = {
         "", [WEATHER],
     ),
     "llama3-text": (ToolFormat.LLAMA3, 'It is {"sunny"} today.', 'It is {"sunny"} today.', []),
-    "llama3-broken": (ToolFormat.LLAMA3, '{"name": "get_weather", "para', '{"name": "get_weather", "para', []),
+    "llama3-broken": (
+        ToolFormat.LLAMA3, '{"name": "get_weather", "para', '{"name": "get_weather", "para', [],
+    ),
     "mistral-calls": (
         ToolFormat.MISTRAL,
         'Sure.[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
