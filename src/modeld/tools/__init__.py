@@ -10,9 +10,10 @@ output through a :class:`ToolCallParser`.
 
 from modeld.tools.definitions import (
     MAX_TOOLS,
+    FunctionCall,
+    MessageToolCall,
     NamedToolChoice,
     Tool,
-    ToolCall,
     ToolChoice,
     ToolFunction,
     check_tool_messages,
@@ -27,7 +28,8 @@ from modeld.tools.formats import (
     resolve_format,
     trigger_matches,
 )
-from modeld.tools.parser import ContentDelta, Delta, ToolCallDelta, ToolCallParser
+from modeld.tools.parser import ContentDelta, Delta, ToolCallDelta, ToolCallParser, collect
+from modeld.tools.prompt import generic_messages
 from modeld.tools.schema import ArgumentRules, arguments_grammar
 
 __all__ = [
@@ -35,9 +37,10 @@ __all__ = [
     "ArgumentRules",
     "ContentDelta",
     "Delta",
+    "FunctionCall",
+    "MessageToolCall",
     "NamedToolChoice",
     "Tool",
-    "ToolCall",
     "ToolCallDelta",
     "ToolCallParser",
     "ToolChoice",
@@ -47,8 +50,10 @@ __all__ = [
     "check_tool_messages",
     "check_tools",
     "chosen_tools",
+    "collect",
     "detect_format",
     "forced_grammar",
+    "generic_messages",
     "lazy_grammar",
     "resolve_format",
     "trigger_matches",

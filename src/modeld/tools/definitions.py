@@ -1,5 +1,6 @@
 """Tool definitions as clients send them (OpenAI's ``tools``/``tool_choice`` shape, which
-Ollama shares), their bounds, and the checks made before any model is touched.
+Ollama shares; the structs live in :mod:`modeld.types`, the leaf every layer imports) and
+the checks made before any model is touched.
 
 Every check raises :class:`~modeld.errors.InvalidRequest` naming the field (``tools``,
 ``tool_choice``, ``messages``), so the API layer answers 400 with ``param``.
@@ -8,68 +9,31 @@ Every check raises :class:`~modeld.errors.InvalidRequest` naming the field (``to
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
-
-import msgspec
+from typing import Any
 
 from modeld.errors import InvalidRequest
+from modeld.types import (
+    MAX_TOOLS,
+    FunctionCall,
+    MessageToolCall,
+    NamedToolChoice,
+    Tool,
+    ToolChoice,
+    ToolFunction,
+)
 
 __all__ = [
     "MAX_TOOLS",
-    "MAX_TOOL_DESCRIPTION_CHARS",
+    "FunctionCall",
+    "MessageToolCall",
     "NamedToolChoice",
     "Tool",
-    "ToolCall",
     "ToolChoice",
     "ToolFunction",
     "check_tool_messages",
     "check_tools",
     "chosen_tools",
 ]
-
-# Every tool's schema becomes grammar rules and prompt text: bounded like a prompt.
-MAX_TOOLS = 128
-MAX_TOOL_DESCRIPTION_CHARS = 8192
-ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
-
-
-class ToolFunction(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A function the model may call: ``parameters`` is a JSON schema for its arguments
-    (an object schema; absent means no arguments)."""
-
-    name: ToolName
-    description: Annotated[str, msgspec.Meta(max_length=MAX_TOOL_DESCRIPTION_CHARS)] = ""
-    parameters: dict[str, Any] = msgspec.field(
-        default_factory=lambda: {"type": "object", "properties": {}}
-    )
-    strict: bool | None = None  # OpenAI's flag; arguments are always enforced here
-
-
-class Tool(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    type: Literal["function"]
-    function: ToolFunction
-
-
-class NamedFunction(msgspec.Struct, frozen=True):
-    name: ToolName
-
-
-class NamedToolChoice(msgspec.Struct, frozen=True):
-    """``{"type": "function", "function": {"name": ...}}``: that function must be called."""
-
-    type: Literal["function"]
-    function: NamedFunction
-
-
-ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
-
-
-class ToolCall(msgspec.Struct, frozen=True):
-    """One call the model made: ``arguments`` is JSON text (OpenAI's wire form)."""
-
-    id: str
-    name: str
-    arguments: str
 
 
 def check_tools(tools: Sequence[Tool], tool_choice: ToolChoice | None) -> None:

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from modeld.tools.formats import ToolFormat
+from modeld.types import FunctionCall, MessageToolCall
 
-__all__ = ["ContentDelta", "Delta", "ToolCallDelta", "ToolCallParser"]
+__all__ = ["ContentDelta", "Delta", "ToolCallDelta", "ToolCallParser", "collect"]
 
 
 @dataclass(frozen=True)
@@ -190,3 +191,24 @@ def _generic_content(fmt: ToolFormat, body: str) -> str | None:
     if isinstance(value, dict) and set(value) == {"content"} and isinstance(value["content"], str):
         return str(value["content"])
     return None
+
+
+def collect(deltas: list[Delta]) -> tuple[str, tuple[MessageToolCall, ...]]:
+    """A whole answer from its deltas: the content and the calls (a non-streamed reply,
+    or ``ModelManager.chat``)."""
+    content = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
+    heads: dict[int, ToolCallDelta] = {}
+    arguments: dict[int, str] = {}
+    for delta in deltas:
+        if isinstance(delta, ToolCallDelta) and delta.name is not None:
+            heads[delta.index] = delta
+        elif isinstance(delta, ToolCallDelta):
+            arguments[delta.index] = arguments.get(delta.index, "") + delta.arguments
+    calls = tuple(
+        MessageToolCall(
+            id=head.id or "",
+            function=FunctionCall(name=head.name or "", arguments=arguments.get(index, "{}")),
+        )
+        for index, head in sorted(heads.items())
+    )
+    return content, calls
