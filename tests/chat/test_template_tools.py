@@ -98,8 +98,8 @@ def test_generic_messages_describe_the_tools_and_fold_calls_for_plain_templates(
 
 def test_a_library_caller_may_pass_plain_mappings() -> None:
     request = ChatRequest(
-        messages=[{"role": "tool", "content": "x", "tool_call_id": "c1"}],  # type: ignore[list-item]
-        tools=[msgspec.to_builtins(WEATHER)],  # type: ignore[list-item]
+        messages=[{"role": "tool", "content": "x", "tool_call_id": "c1"}],  # type: ignore[arg-type]
+        tools=[msgspec.to_builtins(WEATHER)],  # type: ignore[arg-type]
         tool_choice={"type": "function", "function": {"name": "get_weather"}},  # type: ignore[arg-type]
     )
     assert request.tools == (WEATHER,)
