@@ -31,11 +31,19 @@ from modeld.engine.base import (
 )
 from modeld.engine.chat_format import ChatFormatter
 from modeld.engine.embedding import EmbeddingContext, pooling_for
-from modeld.engine.grammar import check_grammar
+from modeld.engine.fastgrammar import grammar_sampler
+from modeld.engine.grammar import GRAMMAR_REFUSED, check_grammar
 from modeld.engine.kv_prefix import reusable_prefix
 from modeld.errors import ClientDisconnected, InvalidRequest, ModelLoadFailed, ResourcesExhausted
 from modeld.redact import redact_paths
-from modeld.types import ChatMessage, SamplingParams, context_sizes, embedding_context_sizes
+from modeld.types import (
+    ChatMessage,
+    GrammarConstraint,
+    SamplingParams,
+    Tool,
+    context_sizes,
+    embedding_context_sizes,
+)
 
 __all__ = ["EngineSettings", "LlamaEngine"]
 
@@ -164,10 +172,16 @@ class LlamaEngine:
         return tokens
 
     def prepare_chat(
-        self, messages: Sequence[ChatMessage], max_tokens: int | None, chat_template: str | None
+        self,
+        messages: Sequence[ChatMessage],
+        max_tokens: int | None,
+        chat_template: str | None,
+        *,
+        tools: Sequence[Tool] = (),
     ) -> list[int]:
         """:meth:`prepare` for a conversation rendered through the model's chat template
-        (``chat_template``: the operator's override, a built-in name or a Jinja file).
+        (``chat_template``: the operator's override, a built-in name or a Jinja file);
+        ``tools`` are handed to the template (see :mod:`modeld.tools`).
 
         The rendered text is tokenized with control tokens parsed and no second BOS when
         the template wrote one. Raises :class:`NoChatTemplate`, :class:`ChatTemplateError`,
@@ -176,19 +190,34 @@ class LlamaEngine:
         self._check_owner()
         if self._closed:
             raise EngineClosed("the engine is closed")
-        text = self._chat.render(messages, chat_template, max_chars=self.max_prompt_bytes)
+        text = self._chat.render(
+            messages, chat_template, max_chars=self.max_prompt_bytes, tools=tools
+        )
         bos = self._chat.bos_token
         add_bos = self._add_bos and not (bos and text.startswith(bos))
         tokens = self.tokenize(text, add_bos=add_bos, field="messages")
         self._check_room(tokens, max_tokens, "messages")
         return tokens
 
-    def check_grammar(self, grammar: str) -> None:
-        """Raises :class:`InvalidRequest` (field ``format``) if llama.cpp refuses it."""
+    def chat_template_source(self, chat_template: str | None) -> str | None:
+        """The Jinja source :meth:`prepare_chat` renders with ``chat_template`` (None for a
+        llama.cpp built-in): what :func:`modeld.tools.resolve_format` reads."""
+        self._check_owner()
+        return self._chat.template_source(chat_template)
+
+    def check_grammar(self, grammar: str | GrammarConstraint) -> None:
+        """Raises :class:`InvalidRequest` (field ``format``) if llama.cpp refuses it (a
+        lazy grammar is built with its trigger patterns)."""
         self._check_owner()
         if self._closed:
             raise EngineClosed("the engine is closed")
-        check_grammar(self._vocab, grammar)
+        if isinstance(grammar, str):
+            check_grammar(self._vocab, grammar)
+            return
+        sampler = None if "\x00" in grammar.gbnf else grammar_sampler(self._vocab, grammar)
+        if not sampler:
+            raise InvalidRequest(f"{GRAMMAR_REFUSED}; its log line says why", field="format")
+        llama_cpp.llama_sampler_free(sampler)
 
     def _check_room(self, tokens: list[int], max_tokens: int | None, field: str) -> None:
         if max_tokens is None:
@@ -272,7 +301,7 @@ class LlamaEngine:
         ring: TokenRing,
         prompt_tokens: Sequence[int],
         params: SamplingParams,
-        grammar: str | None = None,
+        grammar: str | GrammarConstraint | None = None,
     ) -> LoopOutcome:
         """Run the token loop into ``ring``, then finish the ring, whatever happens.
 
