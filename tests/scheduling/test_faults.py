@@ -177,9 +177,8 @@ async def test_a_stalled_load_does_not_hold_back_other_models(
         async with manager:
             async with anyio.create_task_group() as asking:
                 asking.start_soon(manager.complete, ask())  # tiny-a's load starts and hangs
-                with anyio.fail_after(60):  # however slow the machine: until it loads
-                    while not entered.is_set():  # hung inside the load, holding its turn
-                        await anyio.sleep(0.01)
+                # however slow the machine: until it hangs inside the load, holding its turn
+                assert await anyio.to_thread.run_sync(entered.wait, 60)
                 asking.cancel_scope.cancel()  # the waiter leaves; the load goes on
             with anyio.fail_after(60):
                 _, result = await manager.complete(ask("tiny-b.gguf"))

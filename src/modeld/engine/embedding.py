@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import ctypes
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import llama_cpp
 
-from modeld.errors import EngineError, ResourcesExhausted
+from modeld.errors import ClientDisconnected, EngineError, ResourcesExhausted
 from modeld.types import ContextSizes
 
 __all__ = ["EmbeddingContext", "pooling_for"]
@@ -90,3 +90,31 @@ class EmbeddingContext:
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
+
+
+class LazyEmbedding:
+    """An :class:`EmbeddingContext` made on first use (its memory is charged then) and
+    kept until :meth:`close`."""
+
+    def __init__(self, model: object, sizes: ContextSizes, n_threads: int, pooling: int) -> None:
+        self._args = (model, sizes, n_threads, pooling)
+        self._context: EmbeddingContext | None = None
+
+    def embed_all(
+        self, inputs: Sequence[Sequence[int]], cancelled: Callable[[], bool]
+    ) -> list[list[float]]:
+        """Each input's embedding; ``cancelled`` is asked between inputs (then
+        :class:`ClientDisconnected`)."""
+        if self._context is None:
+            self._context = EmbeddingContext(*self._args)
+        vectors: list[list[float]] = []
+        for tokens in inputs:
+            if cancelled():
+                raise ClientDisconnected("the embedding request was cancelled")
+            vectors.append(self._context.embed(tokens))
+        return vectors
+
+    def close(self) -> None:
+        """Free the context (before the weights it points into). Idempotent."""
+        if self._context is not None:
+            self._context.close()

@@ -26,16 +26,18 @@ from modeld.engine.base import (
 )
 from modeld.engine.chat_format import ChatFormatter
 from modeld.engine.contract import PreparedRequest, Recipe, Request
-from modeld.engine.embedding import EmbeddingContext, pooling_for
+from modeld.engine.embedding import LazyEmbedding, pooling_for
 from modeld.engine.grammar import check_grammar
 from modeld.engine.kv_prefix import reusable_prefix
 from modeld.engine.llama_load import load_llama, malloc_trim
 from modeld.engine.tokens import Tokenizer
-from modeld.errors import ClientDisconnected, ModelLoadFailed, ResourcesExhausted
+from modeld.errors import ModelLoadFailed, ResourcesExhausted
 from modeld.types import (
     ChatMessage,
     ChatRequest,
+    GrammarConstraint,
     SamplingParams,
+    Tool,
     context_sizes,
     embedding_context_sizes,
 )
@@ -104,15 +106,19 @@ class LlamaEngine:
         )
         # llama.cpp's own count of its weight bytes (read once, here, on the owner thread)
         self.model_size_bytes = int(llama_cpp.llama_model_size(self._llama.model))
-        self._n_threads = settings.n_threads
         self.tokenizer = Tokenizer(self._llama._model.vocab, self.sizes.n_ctx)
         self.max_prompt_bytes = self.tokenizer.max_prompt_bytes
         self._chat = ChatFormatter(
             self._llama.file_metadata,
-            bos_token=self._token_text(self._llama.token_bos()),
-            eos_token=self._token_text(self._llama.token_eos()),
+            bos_token=self.tokenizer.token_text(self._llama.token_bos()),
+            eos_token=self.tokenizer.token_text(self._llama.token_eos()),
         )
-        self._embedding: EmbeddingContext | None = None
+        self._embedding = LazyEmbedding(
+            self._llama.model,
+            embedding_context_sizes(self.sizes),
+            settings.n_threads,
+            pooling_for(llama_cpp.llama_pooling_type(self._llama.ctx)),
+        )
         self._prompt_reuse = settings.prompt_reuse
         # The tokens whose KV the context holds, in position order. Only generate() keeps
         # it true; anything else that uses the context must call forget_kv().
@@ -165,25 +171,40 @@ class LlamaEngine:
         return tokens
 
     def prepare_chat(
-        self, messages: Sequence[ChatMessage], max_tokens: int | None, chat_template: str | None
+        self,
+        messages: Sequence[ChatMessage],
+        max_tokens: int | None,
+        chat_template: str | None,
+        *,
+        tools: Sequence[Tool] = (),
     ) -> list[int]:
         """:meth:`prepare` for a conversation rendered through the model's chat template
-        (``chat_template``: the operator's override, a built-in name or a Jinja file).
+        (``chat_template``: the operator's override, a built-in name or a Jinja file);
+        ``tools`` are handed to the template (see :mod:`modeld.tools`).
 
         The rendered text is tokenized with control tokens parsed and no second BOS when
         the template wrote one. Raises :class:`NoChatTemplate`, :class:`ChatTemplateError`,
         and :class:`InvalidRequest` as :meth:`prepare` does, naming ``messages``.
         """
         self._check_open()
-        text = self._chat.render(messages, chat_template, max_chars=self.max_prompt_bytes)
+        text = self._chat.render(
+            messages, chat_template, max_chars=self.max_prompt_bytes, tools=tools
+        )
         bos = self._chat.bos_token
         add_bos = self.tokenizer.add_bos and not (bos and text.startswith(bos))
         tokens = self.tokenize(text, add_bos=add_bos, field="messages")
         self.tokenizer.check_room(tokens, max_tokens, "messages")
         return tokens
 
-    def check_grammar(self, grammar: str) -> None:
-        """Raises :class:`InvalidRequest` (field ``format``) if llama.cpp refuses it."""
+    def chat_template_source(self, chat_template: str | None) -> str | None:
+        """The Jinja source :meth:`prepare_chat` renders with ``chat_template`` (None for a
+        llama.cpp built-in): what :func:`modeld.tools.resolve_format` reads."""
+        self._check_open()
+        return self._chat.template_source(chat_template)
+
+    def check_grammar(self, grammar: str | GrammarConstraint) -> None:
+        """Raises :class:`InvalidRequest` (field ``format``) if llama.cpp refuses it (a
+        lazy grammar is built with its trigger patterns)."""
         self._check_open()
         check_grammar(self._llama._model.vocab, grammar)
 
@@ -193,11 +214,6 @@ class LlamaEngine:
         """:meth:`Tokenizer.tokenize` on the owner thread."""
         self._check_owner()
         return self.tokenizer.tokenize(prompt, add_bos=add_bos, field=field)
-
-    def _token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return str(self._llama._model.token_get_text(token))
 
     def new_ring(self, capacity_bytes: int = RING_CAPACITY_BYTES) -> TokenRing:
         """A ring this engine's loop writes into; any thread (the event loop's, usually).
@@ -216,7 +232,7 @@ class LlamaEngine:
         ring: TokenRing,
         prompt_tokens: Sequence[int],
         params: SamplingParams,
-        grammar: str | None = None,
+        grammar: str | GrammarConstraint | None = None,
     ) -> LoopOutcome:
         """Run the token loop into ``ring``, then finish the ring, whatever happens.
 
@@ -280,19 +296,7 @@ class LlamaEngine:
         self._check_open()
         limit = self.embedding_tokens
         inputs = [self.tokenizer.embedding_tokens(text, i, limit) for i, text in enumerate(texts)]
-        if self._embedding is None:
-            self._embedding = EmbeddingContext(
-                self._llama.model,
-                embedding_context_sizes(self.sizes),
-                self._n_threads,
-                pooling_for(llama_cpp.llama_pooling_type(self._llama.ctx)),
-            )
-        vectors: list[list[float]] = []
-        for tokens in inputs:
-            if cancelled():
-                raise ClientDisconnected("the embedding request was cancelled")
-            vectors.append(self._embedding.embed(tokens))
-        return vectors, sum(len(tokens) for tokens in inputs)
+        return self._embedding.embed_all(inputs, cancelled), sum(len(t) for t in inputs)
 
     def close(self) -> None:
         """Free the contexts and the weights now, not at garbage collection."""
@@ -300,8 +304,7 @@ class LlamaEngine:
         if self._closed:
             return
         self._closed = True
-        if self._embedding is not None:
-            self._embedding.close()  # it points into the weights freed next
+        self._embedding.close()  # it points into the weights freed next
         self._llama.close()
         del self._llama
         malloc_trim()
