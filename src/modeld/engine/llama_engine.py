@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import llama_cpp
@@ -36,6 +36,9 @@ from modeld.engine.kv_prefix import reusable_prefix
 from modeld.errors import ClientDisconnected, InvalidRequest, ModelLoadFailed, ResourcesExhausted
 from modeld.redact import redact_paths
 from modeld.types import ChatMessage, SamplingParams, context_sizes, embedding_context_sizes
+
+if TYPE_CHECKING:
+    from modeld.prompt_cache.cache import ModelPromptCache
 
 __all__ = ["EngineSettings", "LlamaEngine"]
 
@@ -135,6 +138,9 @@ class LlamaEngine:
         # The tokens whose KV the context holds, in position order. Only generate() keeps
         # it true; anything else that uses the context must call forget_kv().
         self._kv_tokens: Sequence[int] = ()
+        # The second tier behind the context's own KV (modeld/prompt_cache): set by the
+        # loader, used only when prompt_reuse is on.
+        self._prompt_cache: ModelPromptCache | None = None
         self._closed = False
 
     def _check_owner(self) -> None:
@@ -147,6 +153,10 @@ class LlamaEngine:
     @property
     def n_ctx(self) -> int:
         return self.sizes.n_ctx
+
+    def attach_prompt_cache(self, cache: ModelPromptCache | None) -> None:
+        """Save and restore sequence states through ``cache`` (None: stop)."""
+        self._prompt_cache = cache
 
     def prepare(self, prompt: str, max_tokens: int | None) -> list[int]:
         """The prompt's tokens, checked against the context.
@@ -283,11 +293,14 @@ class LlamaEngine:
         stream end with an outcome.
         """
         self._check_owner()
-        cached = reusable_prefix(self._kv_tokens, prompt_tokens) if self._prompt_reuse else 0
+        held = self._kv_tokens
+        cached = reusable_prefix(held, prompt_tokens) if self._prompt_reuse else 0
         self.forget_kv()  # unknown until the loop says what it left
         try:
             if self._closed:
                 raise EngineClosed("the engine is closed")
+            if self._prompt_cache is not None and self._prompt_reuse:
+                cached = self._from_prompt_cache(held, prompt_tokens, cached, ring)
             if params.max_tokens is None:
                 room = max(1, self.n_ctx - len(prompt_tokens))
                 params = msgspec.structs.replace(params, max_tokens=room)
@@ -300,6 +313,22 @@ class LlamaEngine:
             return LoopOutcome(StopCode.ERROR, len(prompt_tokens), 0, 0.0, 0.0, error=repr(exc))
         finally:
             ring.finish()
+
+    def _from_prompt_cache(
+        self, held: Sequence[int], prompt_tokens: Sequence[int], live: int, ring: TokenRing
+    ) -> int:
+        """The prefix to keep once the prompt cache has saved what this prompt would
+        discard and restored a longer prefix than the context holds (0 after a failure:
+        the loop then clears the context)."""
+        assert self._prompt_cache is not None
+        try:
+            cached, _ = self._prompt_cache.prepare(
+                self._llama, held, prompt_tokens, live, lambda: ring.cancelled
+            )
+        except Exception as exc:  # the cache is an optimisation: never fail a generation
+            logger.warning("prompt cache failed; evaluating afresh", error=repr(exc))
+            return 0
+        return cached
 
     def forget_kv(self) -> None:
         """The next generation starts from an empty KV cache (its loop clears it)."""
@@ -379,6 +408,11 @@ class LlamaEngine:
         if self._closed:
             return
         self._closed = True
+        if self._prompt_cache is not None and self._prompt_reuse and self._kv_tokens:
+            try:  # the context's prefix outlives the instance (eviction, idle unload)
+                self._prompt_cache.save(self._llama, self._kv_tokens)
+            except Exception as exc:
+                logger.warning("prompt cache: saving at close failed", error=repr(exc))
         if self._embedding is not None:
             self._embedding.close()  # it points into the weights freed next
         self._llama.close()
