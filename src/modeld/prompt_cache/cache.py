@@ -44,6 +44,7 @@ class CacheStatistics:
     """What /status and /metrics show (counters since start, gauges now)."""
 
     enabled: bool
+    in_budget: bool  # the memory tier lives in the budget's free memory (CPU)
     memory_bound_bytes: int
     memory_allowed_bytes: int
     memory_bytes: int
@@ -113,13 +114,14 @@ class PromptCache:
         with c.lock:
             return CacheStatistics(
                 enabled=self.enabled,
+                in_budget=self.memory.in_budget,
                 memory_bound_bytes=self.memory.bound_bytes,
                 memory_allowed_bytes=self.memory.allowed_bytes(),
-                memory_bytes=self.memory.bytes,
+                memory_bytes=self.memory.used_bytes,
                 memory_entries=self.memory.count,
                 disk_enabled=disk is not None,
                 disk_bound_bytes=disk.bound_bytes if disk else 0,
-                disk_bytes=disk.bytes if disk else 0,
+                disk_bytes=disk.used_bytes if disk else 0,
                 disk_entries=disk.count if disk else 0,
                 hits_memory=c.hits_memory,
                 hits_disk=c.hits_disk,

@@ -15,6 +15,7 @@ removed and reported as a miss. Nothing read from a file reaches llama.cpp befor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -62,6 +63,13 @@ class DiskEntry:
     file_bytes: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Header:
+    namespace: dict[str, object]
+    payload_bytes: int
+    blake2b: str
+
+
 class _Invalid(Exception):
     """The file is not an entry this process may use."""
 
@@ -83,7 +91,7 @@ class DiskTier:
         self._scan()
 
     @property
-    def bytes(self) -> int:
+    def used_bytes(self) -> int:
         with self._lock:
             return sum(entry.file_bytes for entry in self._entries.values())
 
@@ -109,9 +117,9 @@ class DiskTier:
                 continue
             try:
                 header, tokens, size_bytes = _read_header(path, None)
-                if header["namespace"].get("build") != build:
+                if header.namespace.get("build") != build:
                     raise _Invalid("written by another llama.cpp build")
-                digest = Namespace(**header["namespace"]).digest()
+                digest = Namespace(**header.namespace).digest()  # type: ignore[arg-type]
                 if not path.name.startswith(digest + "-"):
                     raise _Invalid("its name and its header disagree")
             except (_Invalid, OSError, TypeError, ValueError) as exc:
@@ -128,7 +136,7 @@ class DiskTier:
             header, tokens, _ = _read_header(entry.path, namespace)
             if tokens != entry.tokens:
                 raise _Invalid("its tokens changed since it was indexed")
-            payload_bytes = header["payload_bytes"]
+            payload_bytes = header.payload_bytes
             if payload_bytes > max_payload_bytes:
                 raise _Invalid("its payload is larger than any state this context makes")
             with entry.path.open("rb") as handle:
@@ -136,7 +144,7 @@ class DiskTier:
                 payload = handle.read(payload_bytes + 1)
             if len(payload) != payload_bytes:
                 raise _Invalid("truncated")
-            if _checksum(_token_bytes(tokens), payload) != header["blake2b"]:
+            if _checksum(_token_bytes(tokens), payload) != header.blake2b:
                 raise _Invalid("checksum mismatch")
         except (_Invalid, OSError, KeyError, TypeError, ValueError) as exc:
             self.drop(entry)
@@ -209,15 +217,11 @@ class DiskTier:
 
     @staticmethod
     def _unlink(path: Path) -> None:
-        try:
+        with contextlib.suppress(OSError):
             path.unlink()
-        except OSError:
-            pass
 
 
-def _read_header(
-    path: Path, expected: Namespace | None
-) -> tuple[dict[str, object], tuple[int, ...], int]:
+def _read_header(path: Path, expected: Namespace | None) -> tuple[_Header, tuple[int, ...], int]:
     """The header and tokens, checked for shape and (given ``expected``) for every
     namespace field, and the file's size checked against them. Never reads a payload."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -239,13 +243,14 @@ def _read_header(
         n_ctx = header["namespace"].get("n_ctx")
         if not isinstance(n_ctx, int) or not 0 < n_tokens <= n_ctx or payload_bytes <= 0:
             raise _Invalid("token count or payload size out of range")
-        if not isinstance(header.get("blake2b"), str):
+        checksum = header.get("blake2b")
+        if not isinstance(checksum, str):
             raise _Invalid("malformed header")
         if info.st_size != _PREFIX.size + header_bytes + 4 * n_tokens + payload_bytes:
             raise _Invalid("its size is not what its header says (truncated or padded)")
         raw = array("i")
         raw.frombytes(_exactly(handle.read(4 * n_tokens), 4 * n_tokens))
-    return header, tuple(raw), int(info.st_size)
+    return _Header(header["namespace"], payload_bytes, checksum), tuple(raw), int(info.st_size)
 
 
 def _exactly(data: bytes, size: int) -> bytes:

@@ -37,7 +37,11 @@ class MemoryTier:
         self.given_way_bytes = 0  # dropped to make room for a model (a counter)
 
     @property
-    def bytes(self) -> int:
+    def in_budget(self) -> bool:
+        return self._room is not None
+
+    @property
+    def used_bytes(self) -> int:
         return self._bytes
 
     @property

@@ -39,6 +39,8 @@ from modeld.errors import (
 from modeld.live_settings import LiveSettings
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.probe import MemoryProbe, default_budget_mb, detect_probe
+from modeld.prompt_cache import CacheStatistics
+from modeld.prompt_cache.setup import build_prompt_cache
 from modeld.registry import ModelFile, Registry, check_model_id
 from modeld.scheduling.clock import Clock
 from modeld.scheduling.events import EventHub, GenerationFinished
@@ -97,6 +99,7 @@ class ManagerStatistics:
     counters: tuple[CounterStatistics, ...]
     crash_containment: GuardStatistics
     recent_events: tuple[RecentEvent, ...] = ()
+    prompt_cache: CacheStatistics | None = None
 
 
 class ModelManager:
@@ -144,6 +147,7 @@ class ModelManager:
         self._probe = probe or detect_probe(prefer_gpu=self._gpu)
         budget_mb = settings.vram_budget_mb or default_budget_mb(self._gpu)
         self._budget = MemoryBudget(budget_mb, min(settings.vram_margin_mb, budget_mb))
+        self.prompt_cache = build_prompt_cache(settings, self._budget, gpu=self._gpu)
         self._pool = InstancePool(
             live,
             registry=self.registry,
@@ -155,6 +159,7 @@ class ModelManager:
             retry_after_s=self._retry_after_s,
             engine_factory=engine_factory,
             clock=clock,
+            prompt_cache=self.prompt_cache,
         )
         self._generations: dict[str, Generation] = {}
         self._admitted = 0
@@ -273,6 +278,7 @@ class ModelManager:
             ),
             crash_containment=self._pool.guard.statistics(),
             recent_events=self._history.statistics(),
+            prompt_cache=self.prompt_cache.statistics(),
         )
 
     # ----------------------------------------------------------------- generation

@@ -31,6 +31,7 @@ from modeld.errors import (
 from modeld.live_settings import LiveSettings
 from modeld.memory.budget import Candidate, MemoryBudget, choose_victims
 from modeld.memory.probe import MemoryProbe
+from modeld.prompt_cache import PromptCache
 from modeld.registry import ModelFile, Registry, check_model_id
 from modeld.scheduling.clock import Clock, MonotonicClock
 from modeld.scheduling.events import (
@@ -73,6 +74,7 @@ class InstancePool:
         retry_after_s: Callable[[int], float],
         engine_factory: EngineFactory | None = None,
         clock: Clock | None = None,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         self._live = settings
         self.idle = IdleUnloader(self, clock or MonotonicClock())
@@ -88,6 +90,7 @@ class InstancePool:
             budget=budget,
             gpu=gpu,
             engine_factory=engine_factory,
+            prompt_cache=prompt_cache,
         )
         self._instances: dict[str, Instance] = {}
         self._slots: dict[str, FifoSlot] = {}
