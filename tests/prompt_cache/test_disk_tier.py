@@ -109,7 +109,7 @@ def test_a_damaged_entry_is_removed_and_never_restored(
 def test_an_entry_for_another_context_size_is_not_used(
     tiny_model_path: Path, token_loop: TokenLoop, tmp_path: Path
 ) -> None:
-    resumed, _ = _saved_entry(tiny_model_path, token_loop, tmp_path)
+    _saved_entry(tiny_model_path, token_loop, tmp_path)
     tier = DiskTier(tmp_path, 64 * MIB)
     engine = make_engine(tiny_model_path, token_loop)
     try:
