@@ -100,6 +100,11 @@ class LazyEmbedding:
         self._args = (model, sizes, n_threads, pooling)
         self._context: EmbeddingContext | None = None
 
+    @property
+    def made(self) -> bool:
+        """Whether the context exists (its memory is held)."""
+        return self._context is not None
+
     def embed_all(
         self, inputs: Sequence[Sequence[int]], cancelled: Callable[[], bool]
     ) -> list[list[float]]:

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import llama_cpp
 import msgspec
@@ -24,6 +25,7 @@ from modeld.engine.base import (
     TokenLoop,
     TokenRing,
 )
+from modeld.engine.cache_tier import CacheTier
 from modeld.engine.chat_format import ChatFormatter
 from modeld.engine.contract import PreparedRequest, Recipe, Request
 from modeld.engine.embedding import LazyEmbedding, pooling_for
@@ -41,6 +43,9 @@ from modeld.types import (
     context_sizes,
     embedding_context_sizes,
 )
+
+if TYPE_CHECKING:
+    from modeld.prompt_cache.cache import ModelPromptCache
 
 __all__ = ["EngineSettings", "LlamaEngine"]
 
@@ -123,6 +128,7 @@ class LlamaEngine:
         # The tokens whose KV the context holds, in position order. Only generate() keeps
         # it true; anything else that uses the context must call forget_kv().
         self._kv_tokens: Sequence[int] = ()
+        self._cache_tier = CacheTier(self._llama)  # the second tier, attached by the loader
         self._closed = False
 
     def _check_owner(self) -> None:
@@ -156,6 +162,10 @@ class LlamaEngine:
         if recipe.grammar is not None:
             self.check_grammar(recipe.grammar)  # refused here, before any byte is sent
         return PreparedRequest(tokens, request, recipe.grammar)
+
+    def attach_prompt_cache(self, cache: ModelPromptCache | None) -> None:
+        """Save and restore sequence states through ``cache`` (None: stop)."""
+        self._cache_tier.cache = cache if self._prompt_reuse else None
 
     def prepare(self, prompt: str, max_tokens: int | None) -> list[int]:
         """The prompt's tokens, checked against the context.
@@ -242,11 +252,13 @@ class LlamaEngine:
         message, so the consumer always sees the stream end with an outcome.
         """
         self._check_owner()
-        cached = reusable_prefix(self._kv_tokens, prompt_tokens) if self._prompt_reuse else 0
+        held = self._kv_tokens
+        cached = reusable_prefix(held, prompt_tokens) if self._prompt_reuse else 0
         self.forget_kv()  # unknown until the loop says what it left
         try:
             if self._closed:
                 raise EngineClosed("the engine is closed")
+            cached = self._cache_tier.restore(held, prompt_tokens, cached, ring)
             if params.max_tokens is None:
                 room = max(1, self.n_ctx - len(prompt_tokens))
                 params = msgspec.structs.replace(params, max_tokens=room)
@@ -304,6 +316,7 @@ class LlamaEngine:
         if self._closed:
             return
         self._closed = True
+        self._cache_tier.save_at_close(self._kv_tokens)
         self._embedding.close()  # it points into the weights freed next
         self._llama.close()
         del self._llama

@@ -25,6 +25,7 @@ from modeld.errors import ModeldError, NoDefaultModel
 from modeld.events import EventHub
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.probe import MemoryProbe, default_budget_mb, detect_probe
+from modeld.prompt_cache.setup import build_prompt_cache
 from modeld.registry import ModelFile, Registry, check_model_id
 from modeld.scheduling.admission import Admission
 from modeld.scheduling.clock import Clock
@@ -92,6 +93,7 @@ class ModelManager:
         self._loop = token_loop = token_loop or _token_loop(settings)
         self._probe = probe or detect_probe(prefer_gpu=self._gpu)
         self._budget = _budget(settings, self._gpu)
+        self.prompt_cache = build_prompt_cache(settings, self._budget, gpu=self._gpu)
         self._pool = InstancePool(
             live,
             registry=self.registry,
@@ -103,6 +105,7 @@ class ModelManager:
             retry_after_s=lambda ahead: self._admission.retry_after_s(ahead),
             engine_factory=engine_factory,
             clock=clock,
+            prompt_cache=self.prompt_cache,
         )
         self._admission = Admission(live, self._pool)
         self._launcher = Launcher(live, self._pool, self.events, self._admission)
@@ -337,6 +340,7 @@ def _statistics(manager: ModelManager) -> ManagerStatistics:
         counters=manager._pool.lines.statistics(),
         crash_containment=manager._pool.guard.statistics(),
         recent_events=manager._history.statistics(),
+        prompt_cache=manager.prompt_cache.statistics(),
     )
 
 
