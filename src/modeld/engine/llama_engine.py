@@ -32,6 +32,7 @@ from modeld.engine.kv_prefix import reusable_prefix
 from modeld.engine.llama_load import load_llama, malloc_trim
 from modeld.engine.tokens import Tokenizer
 from modeld.errors import ModelLoadFailed, ResourcesExhausted
+from modeld.tools.plan import plan_tools, touches_tools
 from modeld.types import (
     ChatMessage,
     ChatRequest,
@@ -149,13 +150,22 @@ class LlamaEngine:
 
         Raises what :meth:`prepare`, :meth:`prepare_chat` and :meth:`check_grammar` do.
         """
-        if isinstance(request, ChatRequest):
+        grammar: str | GrammarConstraint | None = recipe.grammar
+        tool_format = None
+        if isinstance(request, ChatRequest) and touches_tools(request):
+            source = self.chat_template_source(recipe.chat_template)
+            plan = plan_tools(request, source, recipe.tool_format)
+            grammar, tool_format = plan.grammar or grammar, plan.format
+            tokens = self.prepare_chat(
+                plan.messages, request.max_tokens, recipe.chat_template, tools=plan.tools
+            )
+        elif isinstance(request, ChatRequest):
             tokens = self.prepare_chat(request.messages, request.max_tokens, recipe.chat_template)
         else:
             tokens = self.prepare(request.prompt, request.max_tokens)
-        if recipe.grammar is not None:
-            self.check_grammar(recipe.grammar)  # refused here, before any byte is sent
-        return PreparedRequest(tokens, request, recipe.grammar)
+        if grammar is not None:
+            self.check_grammar(grammar)  # refused here, before any byte is sent
+        return PreparedRequest(tokens, request, grammar, tool_format)
 
     def prepare(self, prompt: str, max_tokens: int | None) -> list[int]:
         """The prompt's tokens, checked against the context.
