@@ -58,6 +58,21 @@ TIME = {
     },
 }
 TOOLS = [WEATHER, TIME]
+# The ollama client's Tool type keeps only type, items, description and enum of a
+# property (no pattern): its city is one of a few names.
+CITY = {"type": "string", "enum": ["Paris", "Rome"]}
+OLLAMA_WEATHER = {
+    "type": "function",
+    "function": {
+        **WEATHER["function"],  # type: ignore[dict-item]
+        "parameters": {
+            "type": "object",
+            "properties": {"city": CITY, "days": {"type": "integer", "enum": [1, 2, 3]}},
+            "required": ["city", "days"],
+        },
+    },
+}
+OLLAMA_TOOLS = [OLLAMA_WEATHER, TIME]
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 
 
@@ -70,7 +85,9 @@ def anyio_backend() -> str:
 def tool_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("tool-models")
     for file, template in MODELS.values():
-        write_tiny_gguf(directory / file, TinyModelSpec(seed=4, chat_template=template, context_length=4096))
+        write_tiny_gguf(
+            directory / file, TinyModelSpec(seed=4, chat_template=template, context_length=4096)
+        )
     return directory
 
 
@@ -111,7 +128,7 @@ def _valid(name: str, arguments: dict[str, Any]) -> None:
     """A call of one of TOOLS whose arguments match its schema."""
     if name == "get_weather":
         assert set(arguments) == {"city", "days"}, arguments
-        assert re.fullmatch(r"[A-Za-z ]{1,10}", arguments["city"]), arguments
+        assert re.fullmatch(r"[A-Za-z ]{1,10}", arguments["city"]), arguments  # (or enum)
         assert arguments["days"] in (1, 2, 3)
     else:
         assert name == "get_time", name
@@ -197,27 +214,30 @@ async def test_auto_answers_content_or_a_call_never_a_leak_through_ollama(
     kinds = set()
     for seed in range(6):
         for stream in (False, True):
-            options = {"seed": seed, "temperature": 1.0, "num_predict": 120}
+            options = {"seed": seed, "temperature": 1.0, "num_predict": 300}
             if stream:
                 parts = [
                     p
                     async for p in await served.ollama.chat(
-                        model=model, messages=ASK, tools=TOOLS, options=options, stream=True
+                        model=model, messages=ASK, tools=OLLAMA_TOOLS, options=options, stream=True
                     )
                 ]
                 content = "".join(p.message.content or "" for p in parts)
                 calls = [c for p in parts for c in p.message.tool_calls or ()]
                 assert parts[-1].done
+                reason = parts[-1].done_reason
             else:
                 answer = await served.ollama.chat(
-                    model=model, messages=ASK, tools=TOOLS, options=options
+                    model=model, messages=ASK, tools=OLLAMA_TOOLS, options=options
                 )
                 content, calls = answer.message.content or "", list(answer.message.tool_calls or ())
-            assert "<tool_call>" not in content and '"tool_calls"' not in content
+                reason = answer.done_reason
+            if reason == "stop":  # (a call cut short by num_predict is text, as it came)
+                assert "<tool_call>" not in content and '"tool_calls"' not in content
             for call in calls:
                 _valid(call.function.name, dict(call.function.arguments))
             kinds.add("calls" if calls else "content")
-    assert kinds, "no answer"
+    assert "calls" in kinds or family == "hermes", kinds  # generic: JSON either way
 
 
 async def test_ollama_loop_with_a_tool_turn(served: Served) -> None:
@@ -249,7 +269,7 @@ BAD_SCHEMA = {
 BAD_OPENAI: list[tuple[dict[str, Any], str]] = [
     ({"tools": [WEATHER, WEATHER]}, "tools"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-    ({"tools": [BAD_SCHEMA]}, "tools"),
+    ({"tools": [BAD_SCHEMA]}, "tools[0].function.parameters"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]}, "tools"),
     ({"tools": [{**WEATHER, "function": {**WEATHER["function"], "name": f"f{i}"}} for i in range(129)]}, "tools"),
     ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),
@@ -272,27 +292,27 @@ async def test_bad_tool_input_is_a_400_naming_it_on_openai(
     body = {"model": MODELS["hermes"][0], "messages": ASK, **extra}
     answer = await served.http.post("/v1/chat/completions", json=body)
     assert answer.status_code == 400, answer.text
-    assert answer.json()["error"]["param"] == param, answer.text
+    assert answer.json()["error"]["param"].startswith(param), answer.text
     _nothing_loaded(served)
 
 
-BAD_OLLAMA: list[tuple[dict[str, Any], str]] = [
-    ({"tools": [WEATHER, WEATHER]}, "tools"),
-    ({"tools": [BAD_SCHEMA]}, "tools"),
-    ({"tools": [{**TIME, "function": {**TIME["function"], "name": f"t{i}"}} for i in range(129)]}, "tools"),
-    ({"tools": TOOLS, "format": "json"}, "format"),
-    ({"messages": [*ASK, {"role": "tool", "tool_name": "get_time", "content": "?"}]}, "messages"),
+BAD_OLLAMA: list[tuple[dict[str, Any], str]] = [  # (Ollama's errors are a message only)
+    ({"tools": [WEATHER, WEATHER]}, "duplicate function name"),
+    ({"tools": [BAD_SCHEMA]}, "schema cannot be enforced"),
+    ({"tools": [{**TIME, "function": {**TIME["function"], "name": f"t{i}"}} for i in range(129)]}, "128"),
+    ({"tools": TOOLS, "format": "json"}, "cannot be combined with tools"),
+    ({"messages": [*ASK, {"role": "tool", "tool_name": "get_time", "content": "?"}]}, "answers no"),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("extra", "param"), BAD_OLLAMA)
-async def test_bad_tool_input_is_a_400_naming_it_on_ollama(
-    served: Served, extra: dict[str, Any], param: str
+@pytest.mark.parametrize(("extra", "said"), BAD_OLLAMA)
+async def test_bad_tool_input_is_a_400_saying_so_on_ollama(
+    served: Served, extra: dict[str, Any], said: str
 ) -> None:
     body = {"model": MODELS["hermes"][0], "messages": ASK, "stream": False, **extra}
     answer = await served.http.post("/api/chat", json=body)
     assert answer.status_code == 400, answer.text
-    assert param in answer.json()["error"], answer.text
+    assert said in answer.json()["error"], answer.text
     _nothing_loaded(served)
 
 
