@@ -132,7 +132,8 @@ def _valid(name: str, arguments: dict[str, Any]) -> None:
         assert arguments["days"] in (1, 2, 3)
     else:
         assert name == "get_time", name
-        assert arguments == {"zone": arguments["zone"]} and arguments["zone"] in ("UTC", "CET")
+        assert arguments == {"zone": arguments["zone"]}
+        assert arguments["zone"] in ("UTC", "CET")
 
 
 SAMPLE = {"max_tokens": 200, "temperature": 0.9, "seed": 5}
@@ -157,8 +158,10 @@ async def test_required_gives_a_schema_valid_call_through_openai(
         assert message.finish_reason == "tool_calls"
         assert message.message.content is None
         calls = message.message.tool_calls
-        assert calls is not None and len(calls) == 1
-        assert re.fullmatch(r"call_[0-9a-f]+", calls[0].id) and calls[0].type == "function"
+        assert calls is not None
+        assert len(calls) == 1
+        assert re.fullmatch(r"call_[0-9a-f]+", calls[0].id)
+        assert calls[0].type == "function"
         _valid(calls[0].function.name, json.loads(calls[0].function.arguments))
         return
     events = [event async for event in await create(**kwargs, **SAMPLE, stream=True)]
@@ -166,8 +169,11 @@ async def test_required_gives_a_schema_valid_call_through_openai(
     content = "".join(c.delta.content or "" for e in events for c in e.choices)
     assert content == ""
     head, *fragments = [p for piece in pieces for p in piece]
-    assert head.index == 0 and head.id and head.type == "function"
-    assert head.function is not None and head.function.name == "get_time"
+    assert head.index == 0
+    assert head.id
+    assert head.type == "function"
+    assert head.function is not None
+    assert head.function.name == "get_time"
     arguments = "".join(f.function.arguments or "" for f in fragments if f.function)
     assert all(f.index == 0 and f.id is None for f in fragments)
     _valid("get_time", json.loads(arguments))
@@ -233,7 +239,8 @@ async def test_auto_answers_content_or_a_call_never_a_leak_through_ollama(
                 content, calls = answer.message.content or "", list(answer.message.tool_calls or ())
                 reason = answer.done_reason
             if reason == "stop":  # (a call cut short by num_predict is text, as it came)
-                assert "<tool_call>" not in content and '"tool_calls"' not in content
+                assert "<tool_call>" not in content
+                assert '"tool_calls"' not in content
             for call in calls:
                 _valid(call.function.name, dict(call.function.arguments))
             kinds.add("calls" if calls else "content")
@@ -256,7 +263,8 @@ async def test_ollama_loop_with_a_tool_turn(served: Served) -> None:
     answer = await served.ollama.chat(
         model=model, messages=history, tools=TOOLS, options={"num_predict": 8, "seed": 1}
     )
-    assert answer.done and answer.done_reason in ("stop", "length")
+    assert answer.done
+    assert answer.done_reason in ("stop", "length")
 
 
 BAD_SCHEMA = {
@@ -266,12 +274,20 @@ BAD_SCHEMA = {
         "parameters": {"type": "object", "properties": {"x": {"$ref": "#/nowhere"}}},
     },
 }
+NAMED_NOPE = {"type": "function", "function": {"name": "nope"}}
+ARRAY_SCHEMA = {"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}
+
+
+def _many(tool: dict[str, Any], count: int) -> list[dict[str, Any]]:
+    return [{**tool, "function": {**tool["function"], "name": f"f{i}"}} for i in range(count)]
+
+
 BAD_OPENAI: list[tuple[dict[str, Any], str]] = [
     ({"tools": [WEATHER, WEATHER]}, "tools"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": NAMED_NOPE}, "tool_choice"),
     ({"tools": [BAD_SCHEMA]}, "tools[0].function.parameters"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]}, "tools"),
-    ({"tools": [{**WEATHER, "function": {**WEATHER["function"], "name": f"f{i}"}} for i in range(129)]}, "tools"),
+    ({"tools": [ARRAY_SCHEMA]}, "tools"),
+    ({"tools": _many(WEATHER, 129)}, "tools"),
     ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),
     ({"tool_choice": "required"}, "tool_choice"),
     (
@@ -299,7 +315,7 @@ async def test_bad_tool_input_is_a_400_naming_it_on_openai(
 BAD_OLLAMA: list[tuple[dict[str, Any], str]] = [  # (Ollama's errors are a message only)
     ({"tools": [WEATHER, WEATHER]}, "duplicate function name"),
     ({"tools": [BAD_SCHEMA]}, "schema cannot be enforced"),
-    ({"tools": [{**TIME, "function": {**TIME["function"], "name": f"t{i}"}} for i in range(129)]}, "128"),
+    ({"tools": _many(TIME, 129)}, "128"),
     ({"tools": TOOLS, "format": "json"}, "cannot be combined with tools"),
     ({"messages": [*ASK, {"role": "tool", "tool_name": "get_time", "content": "?"}]}, "answers no"),
 ]  # fmt: skip

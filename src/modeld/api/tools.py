@@ -73,7 +73,10 @@ def tool_fields(
 def openai_history_calls(raw: object, where: str) -> tuple[MessageToolCall, ...]:
     """An ``assistant`` message's ``tool_calls`` (``arguments`` as JSON text, which the
     chat template receives as an object)."""
-    return tuple(_convert(raw, tuple[MessageToolCall, ...], f"{where}.tool_calls"))  # type: ignore[no-any-return]
+    calls: tuple[MessageToolCall, ...] = _convert(
+        raw, tuple[MessageToolCall, ...], f"{where}.tool_calls"
+    )
+    return calls
 
 
 def ollama_history_calls(raw: list[Any], first_id: int) -> tuple[MessageToolCall, ...]:
@@ -130,11 +133,13 @@ def ollama_calls(
     """``message.tool_calls`` as Ollama writes them: ``arguments`` an object, and the
     call's ``index``. Deltas (a stream's chunk) hold whole calls: a call's head and its
     arguments come out together."""
-    if calls and isinstance(calls[0], ToolCallDelta):
-        first = calls[0].index
-        calls = collect(list(calls))[1]
+    first = 0
+    whole: tuple[MessageToolCall, ...] = ()
+    deltas = [c for c in calls if isinstance(c, ToolCallDelta)]
+    if deltas:
+        first, whole = deltas[0].index, collect(list(deltas))[1]
     else:
-        first = 0
+        whole = tuple(c for c in calls if isinstance(c, MessageToolCall))
     return [
         {
             "function": {
@@ -143,5 +148,5 @@ def ollama_calls(
                 "arguments": json.loads(c.function.arguments),
             }
         }
-        for offset, c in enumerate(calls)  # type: ignore[arg-type]
+        for offset, c in enumerate(whole)
     ]
