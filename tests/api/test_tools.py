@@ -20,6 +20,8 @@ import pytest
 from modeld.api.app import create_app
 from modeld.scheduling.manager import ModelManager
 from modeld.settings.config import load_settings
+from tests.support.chat_templates import GEMMA3
+from tests.support.http import link_or_copy
 from tests.support.tiny_gguf import TINY_CHAT_TEMPLATE, TinyModelSpec, write_tiny_gguf
 from tests.support.tool_templates import HERMES, LLAMA3, MISTRAL
 
@@ -338,3 +340,48 @@ async def test_show_says_the_tool_format(served: Served) -> None:
         assert "tools" in (shown.capabilities or [])
         answer = await served.http.post("/api/show", json={"model": file})
         assert answer.json()["tool_format"] == family
+
+
+# --- the real Gemma 3 270M: its template has no tool support, so the generic format ---
+
+
+@pytest.fixture(scope="module")
+def gemma_models(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Path:
+    directory = tmp_path_factory.mktemp("gemma-tools")
+    link_or_copy(gemma_path, directory / "gemma.gguf")
+    (directory.parent / "gemma3.jinja").write_text(GEMMA3)
+    return directory
+
+
+async def test_gemma_with_the_generic_format_calls_as_required(gemma_models: Path) -> None:
+    """One manager, one load: a forced call (streamed, through the openai client) and a
+    named one (through the ollama-shaped history loop's first step, not streamed)."""
+    template = gemma_models.parent / "gemma3.jinja"
+    config = gemma_models.parent / "modeld.toml"
+    config.write_text(f'[models."gemma.gguf"]\nchat_template = "{template}"\n')
+    async for served in _serve(gemma_models, n_ctx="2048", config=str(config)):
+        shown = (await served.http.post("/api/show", json={"model": "gemma.gguf"})).json()
+        assert shown["tool_format"] == "generic"
+        ask = [{"role": "user", "content": "What time is it in Berlin?"}]
+        create = served.openai.chat.completions.create
+        events = [
+            e
+            async for e in await create(
+                model="gemma.gguf", messages=ask, tools=TOOLS, tool_choice="required",
+                stream=True, max_tokens=120, temperature=0, parallel_tool_calls=False,
+            )
+        ]  # fmt: skip
+        pieces = [p for e in events for c in e.choices for p in c.delta.tool_calls or ()]
+        assert pieces, events
+        name = pieces[0].function.name if pieces[0].function else None
+        arguments = "".join(p.function.arguments or "" for p in pieces[1:] if p.function)
+        _valid(str(name), json.loads(arguments))
+        assert events[-1].choices[0].finish_reason == "tool_calls"
+        named = await create(
+            model="gemma.gguf", messages=ask, tools=TOOLS, max_tokens=120, temperature=0,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        )  # fmt: skip
+        calls = named.choices[0].message.tool_calls
+        assert calls is not None
+        assert [c.function.name for c in calls] == ["get_weather"]
+        _valid("get_weather", json.loads(calls[0].function.arguments))
