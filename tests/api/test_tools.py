@@ -20,6 +20,7 @@ import pytest
 from modeld.api.app import create_app
 from modeld.scheduling.manager import ModelManager
 from modeld.settings.config import load_settings
+from modeld.types import ChatRequest
 from tests.support.chat_templates import GEMMA3
 from tests.support.http import link_or_copy
 from tests.support.tiny_gguf import TINY_CHAT_TEMPLATE, TinyModelSpec, write_tiny_gguf
@@ -385,3 +386,25 @@ async def test_gemma_with_the_generic_format_calls_as_required(gemma_models: Pat
         assert calls is not None
         assert [c.function.name for c in calls] == ["get_weather"]
         _valid("get_weather", json.loads(calls[0].function.arguments))
+
+
+async def test_the_library_returns_the_calls(tool_models: Path) -> None:
+    """``ModelManager.chat`` with tools: the calls in ``result.tool_calls``, the text
+    content only; streamed, the chunks carry the calls' pieces."""
+    settings = load_settings(
+        {"models_dir": str(tool_models), "threads": "1", "n_ctx": "4096"}, env={}
+    )
+    request = ChatRequest(
+        messages=ASK, model=MODELS["mistral"][0], tools=TOOLS, tool_choice="required", **SAMPLE
+    )
+    async with ModelManager(settings) as manager:
+        text, result = await manager.chat(request)
+        async with manager.stream_chat(request) as generation:
+            pieces = [p async for chunk in generation for p in chunk.tool_calls]
+    assert text == ""
+    assert result.done_reason == "stop"
+    assert len(result.tool_calls) >= 1
+    for call in result.tool_calls:
+        assert call.id.startswith("call_")
+        _valid(call.function.name, json.loads(call.function.arguments))
+    assert pieces[0].name == result.tool_calls[0].function.name  # same seed, same call
