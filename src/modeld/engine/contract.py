@@ -33,7 +33,7 @@ class Recipe:
     grammar its ``format`` converts to, the model's configured chat template and
     tool-call format (None: the template's own, see :func:`modeld.tools.plan_tools`)."""
 
-    grammar: str | None = None
+    grammar: str | GrammarConstraint | None = None
     chat_template: str | None = None
     tool_format: str | None = None
 

@@ -32,7 +32,7 @@ from modeld.engine.kv_prefix import reusable_prefix
 from modeld.engine.llama_load import load_llama, malloc_trim
 from modeld.engine.tokens import Tokenizer
 from modeld.errors import ModelLoadFailed, ResourcesExhausted
-from modeld.tools.plan import plan_tools, touches_tools
+from modeld.tools.plan import plan_chat
 from modeld.types import (
     ChatMessage,
     ChatRequest,
@@ -145,22 +145,14 @@ class LlamaEngine:
         return self.sizes.n_ctx
 
     def prepare_request(self, request: Request, recipe: Recipe) -> PreparedRequest:
-        """The request's tokens (its prompt, or its messages through ``recipe``'s chat
-        template), checked against the context, and its grammar against the vocabulary.
-
-        Raises what :meth:`prepare`, :meth:`prepare_chat` and :meth:`check_grammar` do.
-        """
-        grammar: str | GrammarConstraint | None = recipe.grammar
-        tool_format = None
-        if isinstance(request, ChatRequest) and touches_tools(request):
-            source = self.chat_template_source(recipe.chat_template)
-            plan = plan_tools(request, source, recipe.tool_format)
+        """The request's tokens (its prompt, or its messages and tools through ``recipe``'s
+        chat template and :func:`modeld.tools.plan_chat`), checked, and its grammar. Raises
+        what :meth:`prepare`, :meth:`prepare_chat` and :meth:`check_grammar` do."""
+        grammar, tool_format, template = recipe.grammar, None, recipe.chat_template
+        if isinstance(request, ChatRequest):  # tools: the template's format, the grammar
+            plan = plan_chat(request, lambda: self.chat_template_source(template), recipe)
             grammar, tool_format = plan.grammar or grammar, plan.format
-            tokens = self.prepare_chat(
-                plan.messages, request.max_tokens, recipe.chat_template, tools=plan.tools
-            )
-        elif isinstance(request, ChatRequest):
-            tokens = self.prepare_chat(request.messages, request.max_tokens, recipe.chat_template)
+            tokens = self.prepare_chat(plan.messages, request.max_tokens, template, plan.tools)
         else:
             tokens = self.prepare(request.prompt, request.max_tokens)
         if grammar is not None:
@@ -185,7 +177,6 @@ class LlamaEngine:
         messages: Sequence[ChatMessage],
         max_tokens: int | None,
         chat_template: str | None,
-        *,
         tools: Sequence[Tool] = (),
     ) -> list[int]:
         """:meth:`prepare` for a conversation rendered through the model's chat template

@@ -7,7 +7,9 @@ for every protocol and the library alike.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from modeld.errors import InvalidRequest
 from modeld.tools.definitions import check_tool_messages, check_tools, chosen_tools
@@ -16,7 +18,19 @@ from modeld.tools.prompt import generic_messages
 from modeld.tools.schema import arguments_grammar
 from modeld.types import ChatMessage, ChatRequest, GrammarConstraint, NamedToolChoice, Tool
 
-__all__ = ["ToolPlan", "check_tool_request", "plan_tools", "tools_active", "touches_tools"]
+__all__ = [
+    "ToolPlan",
+    "check_tool_request",
+    "plan_chat",
+    "plan_tools",
+    "tools_active",
+    "touches_tools",
+]
+
+
+class _Configured(Protocol):
+    @property
+    def tool_format(self) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,3 +93,13 @@ def plan_tools(request: ChatRequest, template_source: str | None, override: str 
         messages = generic_messages(request.messages, offered, request.tool_choice)
         return ToolPlan(fmt if active else None, messages, (), grammar)
     return ToolPlan(fmt if active else None, request.messages, offered, grammar)
+
+
+def plan_chat(
+    request: ChatRequest, template_source: Callable[[], str | None], model: _Configured
+) -> ToolPlan:
+    """:func:`plan_tools` for a request whose tools (or history calls) need it; else the
+    messages as they are (the template's source is not even looked up)."""
+    if not touches_tools(request):
+        return ToolPlan(None, request.messages, (), None)
+    return plan_tools(request, template_source(), model.tool_format)
