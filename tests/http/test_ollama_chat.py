@@ -322,11 +322,12 @@ def test_a_format_that_is_neither_json_nor_a_schema_is_a_400(server: RunningServ
 
 
 def test_show_lists_chat_only_where_a_template_exists(api: ollama.Client) -> None:
+    """(Tools go with chat: the generic tool-call format needs no template support.)"""
     own = api.show(TINY_CHAT)
-    assert own.capabilities == ["completion", "embedding", "chat"]
+    assert own.capabilities == ["completion", "embedding", "chat", "tools"]
     assert own.template == TINY_CHAT_TEMPLATE
     configured = api.show("tiny-b")
-    assert configured.capabilities == ["completion", "embedding", "chat"]
+    assert configured.capabilities == ["completion", "embedding", "chat", "tools"]
     assert configured.template == "chatml"
     plain = api.show("tiny-a")
     assert plain.capabilities == ["completion", "embedding"]

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+from loguru import logger
 
 from modeld.engine.base import EngineClosed, LoopOutcome, TokenRing
 from modeld.engine.contract import PreparedRequest, Recipe, Request, run_request
@@ -180,6 +181,8 @@ class Launcher:
             call.when_done(ring.close)
             return None
         tool_format = kept[0].tool_format if kept else None
+        if tool_format is not None:
+            logger.debug("tool calls", model=instance.model_id, tool_format=tool_format)
         generation = self._running(instance, request, request_id, ring, call, timing, ticket)
         generation.parse_tool_calls(tool_format)
         return generation
