@@ -365,7 +365,7 @@ def test_gemma_chat_system_and_schema(start_server: ServerFactory, gemma_dir: Pa
     greedy = {"temperature": 0, "num_predict": 48}
     with ollama.Client(host=server.base_url, timeout=300) as api:
         shown = api.show("gemma-3-270m-q4_k_m")
-        assert shown.capabilities == ["completion", "embedding", "chat"]
+        assert shown.capabilities == ["completion", "embedding", "chat", "tools"]
         assert shown.template == "gemma"
         system = "You answer in one short sentence."
         generated = api.generate(model=GEMMA, system=system, prompt="Name a fruit.", options=greedy)
