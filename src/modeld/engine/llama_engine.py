@@ -25,17 +25,15 @@ from modeld.engine.base import (
     TokenRing,
 )
 from modeld.engine.chat_format import ChatFormatter
-from modeld.engine.contract import PreparedRequest, Recipe, Request
+from modeld.engine.contract import PreparedRequest, Recipe, Request, prepare_from_parts
 from modeld.engine.embedding import LazyEmbedding, pooling_for
 from modeld.engine.grammar import check_grammar
 from modeld.engine.kv_prefix import reusable_prefix
 from modeld.engine.llama_load import load_llama, malloc_trim
 from modeld.engine.tokens import Tokenizer
 from modeld.errors import ModelLoadFailed, ResourcesExhausted
-from modeld.tools.plan import plan_chat
 from modeld.types import (
     ChatMessage,
-    ChatRequest,
     GrammarConstraint,
     SamplingParams,
     Tool,
@@ -145,19 +143,8 @@ class LlamaEngine:
         return self.sizes.n_ctx
 
     def prepare_request(self, request: Request, recipe: Recipe) -> PreparedRequest:
-        """The request's tokens (its prompt, or its messages and tools through ``recipe``'s
-        chat template and :func:`modeld.tools.plan_chat`), checked, and its grammar. Raises
-        what :meth:`prepare`, :meth:`prepare_chat` and :meth:`check_grammar` do."""
-        grammar, tool_format, template = recipe.grammar, None, recipe.chat_template
-        if isinstance(request, ChatRequest):  # tools: the template's format, the grammar
-            plan = plan_chat(request, lambda: self.chat_template_source(template), recipe)
-            grammar, tool_format = plan.grammar or grammar, plan.format
-            tokens = self.prepare_chat(plan.messages, request.max_tokens, template, plan.tools)
-        else:
-            tokens = self.prepare(request.prompt, request.max_tokens)
-        if grammar is not None:
-            self.check_grammar(grammar)  # refused here, before any byte is sent
-        return PreparedRequest(tokens, request, grammar, tool_format)
+        """:func:`~modeld.engine.contract.prepare_from_parts` on this engine."""
+        return prepare_from_parts(self, request, recipe)
 
     def prepare(self, prompt: str, max_tokens: int | None) -> list[int]:
         """The prompt's tokens, checked against the context.
