@@ -14,26 +14,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from modeld.engine.base import RING_CAPACITY_BYTES, LoopOutcome, StopCode, TokenRing
-from modeld.tools.plan import plan_chat
-from modeld.types import (
-    ChatMessage,
-    ChatRequest,
-    ContextSizes,
-    GrammarConstraint,
-    InferRequest,
-    SamplingParams,
-    Tool,
-)
+from modeld.types import ChatRequest, ContextSizes, GrammarConstraint, InferRequest, SamplingParams
 
-__all__ = [
-    "Engine",
-    "EngineParts",
-    "PreparedRequest",
-    "Recipe",
-    "Request",
-    "prepare_from_parts",
-    "run_request",
-]
+__all__ = ["Engine", "PreparedRequest", "Recipe", "Request", "run_request"]
 
 Request = InferRequest | ChatRequest
 
@@ -96,42 +79,6 @@ class Engine(Protocol):
     def warm_up(self) -> None: ...
 
     def close(self) -> None: ...
-
-
-class EngineParts(Protocol):
-    """The steps of a preparation an engine provides (``LlamaEngine``'s methods)."""
-
-    def prepare(self, prompt: str, max_tokens: int | None) -> list[int]: ...
-
-    def prepare_chat(
-        self,
-        messages: Sequence[ChatMessage],
-        max_tokens: int | None,
-        chat_template: str | None,
-        tools: Sequence[Tool] = (),
-    ) -> list[int]: ...
-
-    def chat_template_source(self, chat_template: str | None) -> str | None: ...
-
-    def check_grammar(self, grammar: str | GrammarConstraint) -> None: ...
-
-
-def prepare_from_parts(engine: EngineParts, request: Request, recipe: Recipe) -> PreparedRequest:
-    """The request's tokens (its prompt, or its messages and tools through ``recipe``'s
-    chat template and :func:`modeld.tools.plan_chat`: the template's tool-call format and
-    the grammar that enforces it), checked, and its grammar checked against the
-    vocabulary. Raises what the parts raise (``InvalidRequest`` naming the field,
-    ``NoChatTemplate``, ``ChatTemplateError``)."""
-    grammar, tool_format, template = recipe.grammar, None, recipe.chat_template
-    if isinstance(request, ChatRequest):
-        plan = plan_chat(request, lambda: engine.chat_template_source(template), recipe)
-        grammar, tool_format = plan.grammar or grammar, plan.format
-        tokens = engine.prepare_chat(plan.messages, request.max_tokens, template, plan.tools)
-    else:
-        tokens = engine.prepare(request.prompt, request.max_tokens)
-    if grammar is not None:
-        engine.check_grammar(grammar)  # refused here, before any byte is sent
-    return PreparedRequest(tokens, request, grammar, tool_format)
 
 
 def run_request(

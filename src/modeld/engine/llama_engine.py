@@ -25,11 +25,12 @@ from modeld.engine.base import (
     TokenRing,
 )
 from modeld.engine.chat_format import ChatFormatter
-from modeld.engine.contract import PreparedRequest, Recipe, Request, prepare_from_parts
+from modeld.engine.contract import PreparedRequest, Recipe, Request
 from modeld.engine.embedding import LazyEmbedding, pooling_for
 from modeld.engine.grammar import check_grammar
 from modeld.engine.kv_prefix import reusable_prefix
 from modeld.engine.llama_load import load_llama, malloc_trim
+from modeld.engine.preparation import prepare_from_parts
 from modeld.engine.tokens import Tokenizer
 from modeld.errors import ModelLoadFailed, ResourcesExhausted
 from modeld.types import (
@@ -143,7 +144,7 @@ class LlamaEngine:
         return self.sizes.n_ctx
 
     def prepare_request(self, request: Request, recipe: Recipe) -> PreparedRequest:
-        """:func:`~modeld.engine.contract.prepare_from_parts` on this engine."""
+        """:func:`~modeld.engine.preparation.prepare_from_parts` on this engine."""
         return prepare_from_parts(self, request, recipe)
 
     def prepare(self, prompt: str, max_tokens: int | None) -> list[int]:
