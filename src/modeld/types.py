@@ -38,6 +38,7 @@ __all__ = [
     "ResponseFormat",
     "SamplingParams",
     "Tool",
+    "ToolCallDelta",
     "ToolChoice",
     "ToolFunction",
     "as_constraint",
@@ -297,11 +298,23 @@ class ChatRequest(SamplingParams, forbid_unknown_fields=True, frozen=True, kw_on
             msgspec.structs.force_setattr(self, "tool_choice", choice)
 
 
+class ToolCallDelta(msgspec.Struct, frozen=True, kw_only=True):
+    """Part of tool call ``index`` as it streams: the first delta of a call has ``id`` and
+    ``name``, the next its ``arguments`` (JSON text)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 class Chunk(msgspec.Struct, frozen=True):
-    """Text produced since the last chunk and how many tokens made it."""
+    """Text produced since the last chunk and how many tokens made it; for a request
+    with tools, ``text`` is content only and ``tool_calls`` the calls it completed."""
 
     text: str
     tokens: int
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 class GenerationMetrics(msgspec.Struct, frozen=True):
@@ -325,6 +338,8 @@ class GenerationResult(msgspec.Struct, frozen=True):
     request_id: str
     metrics: GenerationMetrics
     error: dict[str, str] | None = None
+    # the calls the answer made (a request with tools); its text is then content only
+    tool_calls: tuple[MessageToolCall, ...] = ()
 
 
 class EmbeddingResult(msgspec.Struct, frozen=True):

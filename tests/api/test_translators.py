@@ -66,7 +66,8 @@ async def test_openai_chat_whole_answer(app_factory: AppFactory) -> None:
     [
         ({"n": 2}, "n"),
         ({"logprobs": True}, "logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "strict": 1}}]}, "tools"),
         ({"max_tokens": 2, "max_completion_tokens": 3}, "max_tokens"),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
         ({"response_format": {"type": "yaml"}}, "response_format.type"),

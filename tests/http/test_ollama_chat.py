@@ -232,35 +232,13 @@ def test_a_schema_is_enforced_to_the_end(api: ollama.Client, stream: bool) -> No
             lambda api: api.chat(
                 model=TINY_CHAT,
                 messages=HELLO,
-                tools=[
-                    {
-                        "type": "function",
-                        "function": {
-                            "name": "f",
-                            "description": "d",
-                            "parameters": {"type": "object"},
-                        },
-                    }
-                ],
+                tools=[{"type": "function", "function": {"name": "f", "description": "d"}}] * 2,
             ),
-            "does not support tools",
-        ),
-        (
-            lambda api: api.chat(
-                model=TINY_CHAT,
-                messages=[
-                    {
-                        "role": "assistant",
-                        "content": "",
-                        "tool_calls": [{"function": {"name": "f", "arguments": {}}}],
-                    },
-                ],
-            ),
-            "does not support tools",
+            "duplicate function name 'f'",
         ),
         (
             lambda api: api.chat(model=TINY_CHAT, messages=[{"role": "tool", "content": "42"}]),
-            "role 'tool'",
+            "a tool message answers no earlier tool call",
         ),
         (
             lambda api: api.chat(model=TINY_CHAT, messages=HELLO, format={"type": "nope"}),
@@ -344,11 +322,12 @@ def test_a_format_that_is_neither_json_nor_a_schema_is_a_400(server: RunningServ
 
 
 def test_show_lists_chat_only_where_a_template_exists(api: ollama.Client) -> None:
+    """(Tools go with chat: the generic tool-call format needs no template support.)"""
     own = api.show(TINY_CHAT)
-    assert own.capabilities == ["completion", "embedding", "chat"]
+    assert own.capabilities == ["completion", "embedding", "chat", "tools"]
     assert own.template == TINY_CHAT_TEMPLATE
     configured = api.show("tiny-b")
-    assert configured.capabilities == ["completion", "embedding", "chat"]
+    assert configured.capabilities == ["completion", "embedding", "chat", "tools"]
     assert configured.template == "chatml"
     plain = api.show("tiny-a")
     assert plain.capabilities == ["completion", "embedding"]
@@ -386,7 +365,7 @@ def test_gemma_chat_system_and_schema(start_server: ServerFactory, gemma_dir: Pa
     greedy = {"temperature": 0, "num_predict": 48}
     with ollama.Client(host=server.base_url, timeout=300) as api:
         shown = api.show("gemma-3-270m-q4_k_m")
-        assert shown.capabilities == ["completion", "embedding", "chat"]
+        assert shown.capabilities == ["completion", "embedding", "chat", "tools"]
         assert shown.template == "gemma"
         system = "You answer in one short sentence."
         generated = api.generate(model=GEMMA, system=system, prompt="Name a fruit.", options=greedy)

@@ -325,8 +325,9 @@ def test_embeddings_base64_on_the_wire_is_little_endian_float32(server: RunningS
 BAD_CHATS = [
     ({"n": 2}, "n"),
     ({"logprobs": True}, "logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
+    ({"functions": [{"name": "f"}]}, "functions"),
     ({"logit_bias": {"42": -100}}, "logit_bias"),
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
@@ -340,7 +341,7 @@ BAD_CHATS = [
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}, "response_format"),  # noqa: E501
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content"),  # noqa: E501
-    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "a"}]}, "messages[0].role"),
+    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "a"}]}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user", "content": "x" * 20_000}]}, "messages"),

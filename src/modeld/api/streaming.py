@@ -66,6 +66,8 @@ def terminal_record(result: GenerationResult) -> dict[str, object]:
     record: dict[str, object] = {"done": True, **msgspec.to_builtins(result)}
     if record.get("error") is None:
         record.pop("error", None)
+    if not record.get("tool_calls"):
+        record.pop("tool_calls", None)
     return record
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from modeld.engine.base import RING_CAPACITY_BYTES, LoopOutcome, StopCode, TokenRing
-from modeld.types import ChatRequest, ContextSizes, InferRequest, SamplingParams
+from modeld.types import ChatRequest, ContextSizes, GrammarConstraint, InferRequest, SamplingParams
 
 if TYPE_CHECKING:
     from modeld.prompt_cache.cache import ModelPromptCache
@@ -27,10 +27,12 @@ Request = InferRequest | ChatRequest
 @dataclass(frozen=True, slots=True)
 class Recipe:
     """What the scheduler settled for a request before it reached the worker: the
-    grammar its ``format`` converts to, the model's configured chat template."""
+    grammar its ``format`` converts to, the model's configured chat template and
+    tool-call format (None: the template's own, see :func:`modeld.tools.plan_tools`)."""
 
-    grammar: str | None = None
+    grammar: str | GrammarConstraint | None = None
     chat_template: str | None = None
+    tool_format: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +42,8 @@ class PreparedRequest:
 
     tokens: list[int]
     params: SamplingParams
-    grammar: str | None
+    grammar: str | GrammarConstraint | None
+    tool_format: str | None = None  # the answer is parsed for calls in this format
 
 
 class Engine(Protocol):
@@ -66,7 +69,7 @@ class Engine(Protocol):
         ring: TokenRing,
         prompt_tokens: Sequence[int],
         params: SamplingParams,
-        grammar: str | None = None,
+        grammar: str | GrammarConstraint | None = None,
     ) -> LoopOutcome:
         """Run the token loop into ``ring`` and finish it; failures come back as
         ``StopCode.ERROR``."""
@@ -93,14 +96,19 @@ def run_request(
     recipe: Recipe,
     ring: TokenRing,
     prepared: Callable[[], None],
+    keep: Callable[[PreparedRequest], None] | None = None,
 ) -> LoopOutcome:
-    """On the worker: prepare ``request``, call ``prepared()``, then generate into ``ring``.
+    """On the worker: prepare ``request``, hand it to ``keep`` (what the event loop
+    needs of it, e.g. its tool-call format), call ``prepared()``, then generate into
+    ``ring``.
 
     A preparation that raises ends here (nothing generated; the ring is left to its
     owner). A ring cancelled while the request was being prepared (its client left)
     ends as ``StopCode.CANCELLED`` before anything is evaluated.
     """
     work = engine.prepare_request(request, recipe)
+    if keep is not None:
+        keep(work)
     prepared()
     if ring.cancelled:
         ring.finish()

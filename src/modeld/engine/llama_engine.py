@@ -32,11 +32,11 @@ from modeld.engine.embedding import LazyEmbedding, pooling_for
 from modeld.engine.grammar import check_grammar
 from modeld.engine.kv_prefix import reusable_prefix
 from modeld.engine.llama_load import load_llama, malloc_trim
+from modeld.engine.preparation import prepare_from_parts
 from modeld.engine.tokens import Tokenizer
 from modeld.errors import ModelLoadFailed, ResourcesExhausted
 from modeld.types import (
     ChatMessage,
-    ChatRequest,
     GrammarConstraint,
     SamplingParams,
     Tool,
@@ -150,18 +150,8 @@ class LlamaEngine:
         return self.sizes.n_ctx
 
     def prepare_request(self, request: Request, recipe: Recipe) -> PreparedRequest:
-        """The request's tokens (its prompt, or its messages through ``recipe``'s chat
-        template), checked against the context, and its grammar against the vocabulary.
-
-        Raises what :meth:`prepare`, :meth:`prepare_chat` and :meth:`check_grammar` do.
-        """
-        if isinstance(request, ChatRequest):
-            tokens = self.prepare_chat(request.messages, request.max_tokens, recipe.chat_template)
-        else:
-            tokens = self.prepare(request.prompt, request.max_tokens)
-        if recipe.grammar is not None:
-            self.check_grammar(recipe.grammar)  # refused here, before any byte is sent
-        return PreparedRequest(tokens, request, recipe.grammar)
+        """:func:`~modeld.engine.preparation.prepare_from_parts` on this engine."""
+        return prepare_from_parts(self, request, recipe)
 
     def attach_prompt_cache(self, cache: ModelPromptCache | None) -> None:
         """Save and restore sequence states through ``cache`` (None: stop)."""
@@ -185,7 +175,6 @@ class LlamaEngine:
         messages: Sequence[ChatMessage],
         max_tokens: int | None,
         chat_template: str | None,
-        *,
         tools: Sequence[Tool] = (),
     ) -> list[int]:
         """:meth:`prepare` for a conversation rendered through the model's chat template

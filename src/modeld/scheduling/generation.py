@@ -12,7 +12,9 @@ import anyio
 
 from modeld.engine.base import LoopOutcome, StopCode, TokenRing
 from modeld.errors import EngineError
-from modeld.types import Chunk, DoneReason, GenerationMetrics, GenerationResult
+from modeld.tools.formats import ToolFormat
+from modeld.tools.parser import ContentDelta, Delta, ToolCallParser, collect
+from modeld.types import Chunk, DoneReason, GenerationMetrics, GenerationResult, ToolCallDelta
 
 if TYPE_CHECKING:
     from modeld.engine.worker import ThreadCall
@@ -71,6 +73,15 @@ class Generation:
         self._held_tokens = 0
         self._last_chunk_s = 0.0
         self._waiting: anyio.CancelScope | None = None
+        self._parser: ToolCallParser | None = None
+        self._calls: list[Delta] = []
+
+    def parse_tool_calls(self, tool_format: str | None) -> None:
+        """Read the output as ``tool_format`` writes calls (before it is iterated): the
+        chunks then carry content as ``text`` and completed calls as ``tool_calls``,
+        and the result every call. A call never reaches ``text``; what does not parse
+        as a call comes back as text."""
+        self._parser = ToolCallParser(ToolFormat(tool_format)) if tool_format else None
 
     def cancel(self, reason: DoneReason = DoneReason.CANCELLED) -> None:
         """Stop the token loop within one token; the result will say ``reason``."""
@@ -94,13 +105,15 @@ class Generation:
                 self._last_chunk_s = time.monotonic()
                 if not self._timing.first_chunk_s:
                     self._timing.first_chunk_s = self._last_chunk_s
-                chunk = Chunk(data.decode("utf-8", "replace"), tokens + self._held_tokens)
-                self._held_tokens = 0
-                return chunk
+                chunk = self._parsed(data.decode("utf-8", "replace"), tokens, final=False)
+                if chunk is not None:
+                    return chunk
+                continue
             self._held_tokens += tokens  # a token whose text is still held back
             if finished:
+                last = self._parsed("", 0, final=True)
                 await self._finish()
-                return None
+                return last
             timeout_s = None
             if self._deadline_s is not None:
                 timeout_s = self._deadline_s - time.monotonic()
@@ -114,6 +127,22 @@ class Generation:
                 await self._coalesce()
             self._waiting = None
         return None
+
+    def _parsed(self, text: str, tokens: int, *, final: bool) -> Chunk | None:
+        """The chunk ``text`` makes (None while the parser holds it all back: its
+        tokens go with the next chunk)."""
+        tokens += self._held_tokens
+        self._held_tokens = 0
+        if self._parser is None:
+            return Chunk(text, tokens) if text else None
+        deltas = self._parser.finish() if final else self._parser.feed(text)
+        content = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
+        calls = tuple(d for d in deltas if isinstance(d, ToolCallDelta))
+        self._calls += calls
+        if not content and not calls:
+            self._held_tokens = tokens
+            return None
+        return Chunk(content, tokens, calls)
 
     async def _coalesce(self) -> None:
         """Let a fast model's tokens gather for a few ms after the previous chunk.
@@ -173,6 +202,7 @@ class Generation:
             request_id=self.request_id,
             metrics=self._metrics(outcome),
             error={"code": EngineError.code, "message": outcome.error} if outcome.error else None,
+            tool_calls=collect(self._calls)[1],
         )
         self._on_finished(self)
 

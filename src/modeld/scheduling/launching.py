@@ -16,9 +16,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+from loguru import logger
 
 from modeld.engine.base import EngineClosed, LoopOutcome, TokenRing
-from modeld.engine.contract import Recipe, Request, run_request
+from modeld.engine.contract import PreparedRequest, Recipe, Request, run_request
 from modeld.engine.grammar import grammar_for_format
 from modeld.engine.worker import ThreadCall, WorkerStopped
 from modeld.errors import InvalidRequest, RequestNotFound
@@ -31,9 +32,11 @@ from modeld.scheduling.pool import InstancePool
 from modeld.settings.config import Settings
 from modeld.settings.live import LiveSettings
 from modeld.settings.per_model import ResolvedModel
+from modeld.tools.plan import check_tool_request
 from modeld.types import (
     MAX_EMBEDDING_INPUTS,
     MAX_PROMPT_CHARS,
+    ChatRequest,
     DoneReason,
     EmbeddingResult,
     ResponseFormat,
@@ -73,8 +76,10 @@ class Launcher:
         if request_id in self.generations:
             raise InvalidRequest(f"request id {request_id!r} is already running")
         grammar = await _grammar_for(request.format)  # before anything is held
+        if isinstance(request, ChatRequest):  # tools: refused before anything is held
+            await anyio.to_thread.run_sync(check_tool_request, request)
         model = resolve(request.model)
-        recipe = Recipe(grammar=grammar, chat_template=model.chat_template)
+        recipe = Recipe(grammar, model.chat_template, model.tool_format)
         model_id = model.id
         async with self._admission.admit(model_id) as ticket:
 
@@ -154,8 +159,10 @@ class Launcher:
             return None
         ring = engine.new_ring()
 
+        kept: list[PreparedRequest] = []
+
         def prepare_and_generate(prepared: Callable[[], None]) -> LoopOutcome:
-            return run_request(engine, request, recipe, ring, prepared)
+            return run_request(engine, request, recipe, ring, prepared, kept.append)
 
         # the first generation runs in a stage marker
         call = worker.submit_signalling(self._pool.first_use(instance, prepare_and_generate))
@@ -173,7 +180,12 @@ class Launcher:
             ring.cancel()
             call.when_done(ring.close)
             return None
-        return self._running(instance, request, request_id, ring, call, timing, ticket)
+        tool_format = kept[0].tool_format if kept else None
+        if tool_format is not None:
+            logger.debug("tool calls", model=instance.model_id, tool_format=tool_format)
+        generation = self._running(instance, request, request_id, ring, call, timing, ticket)
+        generation.parse_tool_calls(tool_format)
+        return generation
 
     def _running(
         self,

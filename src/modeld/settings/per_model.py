@@ -92,6 +92,7 @@ class ResolvedModel:
     chat_template: str | None
     pin: bool
     defaults: Mapping[str, object]  # its SamplingParams defaults (read-only)
+    tool_format: str | None = None  # the configured tool-call format; None: the template's
 
     @classmethod
     def of(
@@ -114,6 +115,7 @@ class ResolvedModel:
             chat_template=own.chat_template,
             pin=own.pin,
             defaults=MappingProxyType(dict(own.defaults)),
+            tool_format=own.tool_format,
         )
 
 

@@ -28,9 +28,11 @@ from modeld.tools.formats import (
     resolve_format,
     trigger_matches,
 )
-from modeld.tools.parser import ContentDelta, Delta, ToolCallDelta, ToolCallParser, collect
+from modeld.tools.parser import ContentDelta, Delta, ToolCallParser, collect
+from modeld.tools.plan import ToolPlan, check_tool_request, plan_tools, tools_active, touches_tools
 from modeld.tools.prompt import generic_messages
 from modeld.tools.schema import ArgumentRules, arguments_grammar
+from modeld.types import ToolCallDelta
 
 __all__ = [
     "MAX_TOOLS",
@@ -46,8 +48,10 @@ __all__ = [
     "ToolChoice",
     "ToolFormat",
     "ToolFunction",
+    "ToolPlan",
     "arguments_grammar",
     "check_tool_messages",
+    "check_tool_request",
     "check_tools",
     "chosen_tools",
     "collect",
@@ -55,6 +59,9 @@ __all__ = [
     "forced_grammar",
     "generic_messages",
     "lazy_grammar",
+    "plan_tools",
     "resolve_format",
+    "tools_active",
+    "touches_tools",
     "trigger_matches",
 ]

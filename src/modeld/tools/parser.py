@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modeld.tools.formats import ToolFormat
-from modeld.types import FunctionCall, MessageToolCall
+from modeld.types import FunctionCall, MessageToolCall, ToolCallDelta
 
 __all__ = ["ContentDelta", "Delta", "ToolCallDelta", "ToolCallParser", "collect"]
 
@@ -23,17 +23,6 @@ __all__ = ["ContentDelta", "Delta", "ToolCallDelta", "ToolCallParser", "collect"
 @dataclass(frozen=True)
 class ContentDelta:
     text: str
-
-
-@dataclass(frozen=True)
-class ToolCallDelta:
-    """Part of call ``index``: the first delta of a call has ``id`` and ``name``, the
-    next its ``arguments`` (JSON text)."""
-
-    index: int
-    id: str | None = None
-    name: str | None = None
-    arguments: str = ""
 
 
 Delta = ContentDelta | ToolCallDelta

@@ -15,6 +15,7 @@ from modeld.api.ollama.errors import OLLAMA_ERRORS
 from modeld.api.ollama.facts import iso_time
 from modeld.api.ollama.wire import final_fields
 from modeld.api.streaming import NDJSON, ndjson_line
+from modeld.api.tools import ollama_calls
 from modeld.types import Chunk, GenerationResult
 
 __all__ = ["OllamaFraming"]
@@ -43,7 +44,10 @@ class OllamaFraming:
         return b""
 
     def chunk(self, chunk: Chunk) -> bytes:
-        return ndjson_line({**self._piece(chunk.text), "done": False})
+        line = self._piece(chunk.text)
+        if chunk.tool_calls:  # whole calls: a call's pieces come out together
+            line["message"]["tool_calls"] = ollama_calls(chunk.tool_calls)  # type: ignore[index]
+        return ndjson_line({**line, "done": False})
 
     def end(self, result: GenerationResult) -> bytes:
         error = early_end_error(result)
@@ -54,4 +58,7 @@ class OllamaFraming:
     def whole(self, text: str, result: GenerationResult) -> dict[str, object]:
         """The one object of an unstreamed answer (its early end is answered as an
         error instead)."""
-        return {**self._piece(text), **final_fields(result)}
+        line = self._piece(text)
+        if result.tool_calls:
+            line["message"]["tool_calls"] = ollama_calls(result.tool_calls)  # type: ignore[index]
+        return {**line, **final_fields(result)}

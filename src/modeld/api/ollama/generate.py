@@ -34,6 +34,7 @@ from modeld.api.ollama.wire import (
 )
 from modeld.api.protocol import json_response
 from modeld.api.streaming import StreamFraming
+from modeld.api.tools import tool_fields
 from modeld.errors import InvalidRequest
 from modeld.scheduling.generation import Generation
 from modeld.scheduling.manager import ModelManager
@@ -160,5 +161,6 @@ class OllamaChat:
         fields = _request_fields(
             edge, model_id, body.options, body.format, body.stream, body.keep_alive
         )
+        fields.update(tool_fields(body.tools, default_type=True))
         generate = as_request({**fields, "messages": messages}, ChatRequest)
         return _OllamaCall(edge, generate, chat=True)

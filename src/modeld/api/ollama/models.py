@@ -29,6 +29,7 @@ from modeld.scheduling.manager import ModelManager
 from modeld.settings.keep_alive import FOREVER_S
 from modeld.sizes import MIB
 from modeld.statistics import InstanceStatistics
+from modeld.tools.formats import resolve_format
 from modeld.types import InstanceState, context_sizes
 
 __all__ = ["ModelListings", "unsupported", "version"]
@@ -118,10 +119,14 @@ class ModelListings:
         own = metadata.values.get(CHAT_TEMPLATE_KEY)
         template = configured or (own if isinstance(own, str) else "")
         capabilities = ["completion", "embedding"]
+        shown: dict[str, object] = {}
         if has_chat_template(settings, model_id, metadata):
-            capabilities.append("chat")
+            capabilities += ["chat", "tools"]  # every template: "generic" needs none
+            own_format = settings.model(model_id).tool_format
+            shown["tool_format"] = resolve_format(template or None, own_format).value
         return json_response(
             {
+                **shown,
                 "modelfile": "",
                 "parameters": _parameters(settings.model(model_id).defaults),
                 "template": template,

@@ -12,9 +12,10 @@ import msgspec
 from loguru import logger
 
 from modeld.api.sampling import SamplingNames, stop_list
+from modeld.api.tools import ollama_history_calls
 from modeld.errors import InvalidRequest
 from modeld.settings.keep_alive import KeepAlive
-from modeld.types import GenerationResult
+from modeld.types import GenerationResult, MessageToolCall
 
 __all__ = [
     "OLLAMA_SAMPLING",
@@ -82,12 +83,14 @@ class GenerateBody(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True):
-    """One message of ``/api/chat``; ``tool`` turns and tool calls are refused."""
+    """One message of ``/api/chat``: an ``assistant`` turn may carry ``tool_calls``, a
+    ``tool`` turn answers one (``tool_name``, or the next unanswered call)."""
 
     role: str
     content: str = ""
     images: list[str] | None = None
     tool_calls: list[Any] | None = None
+    tool_name: str | None = None
 
 
 class ChatBody(msgspec.Struct, frozen=True, kw_only=True):
@@ -123,7 +126,7 @@ class EmbeddingsBody(msgspec.Struct, frozen=True, kw_only=True):
     keep_alive: KeepAlive | None = None
 
 
-_CHAT_ROLES = frozenset({"system", "user", "assistant"})
+_CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
 def _refuse_common(name: str, think: bool | str | None, logprobs: bool | None) -> None:
@@ -133,26 +136,42 @@ def _refuse_common(name: str, think: bool | str | None, logprobs: bool | None) -
         raise InvalidRequest("logprobs are not supported", field="logprobs")
 
 
-def messages_of(name: str, body: ChatBody) -> list[dict[str, str]]:
-    """The conversation as :class:`~modeld.types.ChatMessage` fields; images, tools, tool
-    calls and ``tool`` turns are a 400 (modeld's models take text turns only)."""
+def messages_of(name: str, body: ChatBody) -> list[dict[str, object]]:
+    """The conversation as :class:`~modeld.types.ChatMessage` fields; images are a 400.
+    Ollama's calls have no ids: they are numbered here, and a ``tool`` turn answers the
+    earliest unanswered call of its ``tool_name`` (or any); one that answers none is
+    refused by the scheduler's checks (``messages``)."""
     _refuse_common(name, body.think, body.logprobs)
-    if body.tools:
-        raise InvalidRequest(f'"{name}" does not support tools', field="tools")
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, object]] = []
+    unanswered: list[MessageToolCall] = []
+    made = 0  # calls so far (their ids)
     for index, message in enumerate(body.messages):
         if message.images:
             raise InvalidRequest(f'"{name}" does not support images', field="messages")
-        if message.tool_calls:
-            raise InvalidRequest(f'"{name}" does not support tools', field="messages")
         if message.role not in _CHAT_ROLES:
             raise InvalidRequest(
                 f"message {index}: role {message.role!r} is not supported "
-                "(system, user and assistant turns of text only)",
+                "(system, user, assistant and tool turns of text only)",
                 field="messages",
             )
-        messages.append({"role": message.role, "content": message.content})
+        turn: dict[str, object] = {"role": message.role, "content": message.content}
+        if message.tool_calls and message.role == "assistant":
+            calls = ollama_history_calls(message.tool_calls, made)
+            made += len(calls)
+            unanswered += calls
+            turn["tool_calls"] = [msgspec.to_builtins(c) for c in calls]
+        elif message.role == "tool":
+            turn["tool_call_id"] = _answered(unanswered, message.tool_name)
+        messages.append(turn)
     return messages
+
+
+def _answered(unanswered: list[MessageToolCall], tool_name: str | None) -> str:
+    """The id of the call a ``tool`` turn answers (taken off ``unanswered``)."""
+    for at, call in enumerate(unanswered):
+        if tool_name is None or call.function.name == tool_name:
+            return unanswered.pop(at).id
+    return "(none)"
 
 
 def format_of(value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:

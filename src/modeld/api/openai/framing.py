@@ -17,6 +17,7 @@ from modeld.api.context import RequestContext
 from modeld.api.errors import early_end_error
 from modeld.api.openai.errors import OPENAI_ERRORS
 from modeld.api.streaming import one_line_json
+from modeld.api.tools import finish_reason, openai_call_delta, openai_calls
 from modeld.types import Chunk, GenerationResult
 
 __all__ = [
@@ -68,16 +69,19 @@ class Completion:
 
     def whole(self, text: str, result: GenerationResult) -> dict[str, Any]:
         """The non-streamed answer."""
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _finish(result)}
+        choice: dict[str, Any] = {
+            "index": 0,
+            "logprobs": None,
+            "finish_reason": finish_reason(result),
+        }
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+            if result.tool_calls:  # content null when the answer is only calls
+                choice["message"]["content"] = text or None
+                choice["message"]["tool_calls"] = openai_calls(result.tool_calls)
         else:
             choice["text"] = text
         return {**self.header(chunked=False), "choices": [choice], "usage": usage(result)}
-
-
-def _finish(result: GenerationResult) -> str:
-    return str(result.done_reason)  # "stop" or "length": the others never get here
 
 
 class _Framing:
@@ -107,7 +111,7 @@ class _Framing:
         if error is not None:
             failure = OPENAI_ERRORS.failure(error, self._context)
             return OPENAI_ERRORS.stream_end(failure, result.model)
-        last = self._delta("", _finish(result))
+        last = self._delta("", finish_reason(result))
         if self._include_usage:
             data = {**self._completion.header(chunked=True), "choices": [], "usage": usage(result)}
             last += event(data)
@@ -124,6 +128,14 @@ class ChatFraming(_Framing):
     def _delta(self, text: str, finish: str | None) -> bytes:
         delta = {"content": text} if finish is None else {}
         return self._choice({"delta": delta, "logprobs": None, "finish_reason": finish})
+
+    def chunk(self, chunk: Chunk) -> bytes:
+        """Content, then each piece of a call (``delta.tool_calls``) as its own event."""
+        out = self._delta(chunk.text, None) if chunk.text or not chunk.tool_calls else b""
+        for piece in chunk.tool_calls:
+            delta = {"tool_calls": [openai_call_delta(piece)]}
+            out += self._choice({"delta": delta, "logprobs": None, "finish_reason": None})
+        return out
 
 
 class CompletionFraming(_Framing):

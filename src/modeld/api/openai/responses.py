@@ -78,7 +78,7 @@ def _messages(body: ResponseBody) -> list[dict[str, Any]]:
 
 def _chat_request(body: ResponseBody, sampling: dict[str, object], edge: Edge) -> ChatRequest:
     if body.tools:
-        raise _unsupported("tools", "tool calling is not supported for this model")
+        raise _unsupported("tools", "/v1/responses takes no tools: use /v1/chat/completions")
     if body.previous_response_id:
         raise _unsupported("previous_response_id", "modeld stores no responses; send the input")
     if body.background:

@@ -10,10 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import msgspec
+
 from modeld.api.bodies import convert_fields, decode_json
 from modeld.api.errors import UnsupportedParam
 from modeld.api.openai.wire import ChatCompletionBody, Choices, CompletionBody, EmbeddingBody
 from modeld.api.sampling import SamplingNames, stop_list
+from modeld.api.tools import openai_history_calls, tool_fields
 from modeld.errors import InvalidRequest
 from modeld.types import SEED_MAX, ChatMessage, ChatRequest, InferRequest, ResponseFormat
 
@@ -24,6 +27,7 @@ __all__ = [
     "completion_request",
     "embedding_inputs",
     "messages_from",
+    "msgspec_message",
     "response_format",
     "sampling_of",
     "with_defaults",
@@ -41,7 +45,13 @@ OPENAI_SAMPLING = SamplingNames("openai", adapt={"stop": stop_list, "seed": _see
 """Chat and completions take every sampling parameter by modeld's own names (``top_k``,
 ``min_p``, ``repeat_penalty``: the llama-server/vLLM extensions clients send in
 ``extra_body``)."""
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 _TOKEN_HINT = (
     "token arrays are not accepted (their ids belong to another tokenizer); send text. "
     "LangChain's OpenAIEmbeddings sends tiktoken ids unless check_embedding_ctx_length=False"
@@ -83,14 +93,10 @@ def chat_request(
     check_unsupported(body)
     if body.logprobs or body.top_logprobs:
         raise _unsupported("logprobs", "log probabilities are not reported")
-    tools_off = body.tool_choice == "none"
-    if (body.tools or body.functions) and not tools_off:
-        param = "tools" if body.tools else "functions"
-        raise _unsupported(param, "tool calling is not supported for this model")
-    if body.tool_choice not in (None, "none", "auto"):
-        raise _unsupported("tool_choice", "tool calling is not supported for this model")
+    if body.functions:
+        raise _unsupported("functions", "the deprecated functions: send tools")
     if body.function_call not in (None, "none", "auto"):
-        raise _unsupported("function_call", "tool calling is not supported for this model")
+        raise _unsupported("function_call", "the deprecated function_call: send tool_choice")
     if body.modalities and set(body.modalities) != {"text"}:
         raise _unsupported("modalities", "only text is generated")
     for name in ("audio", "prediction", "web_search_options"):
@@ -101,6 +107,7 @@ def chat_request(
     if wanted is not None and fields.setdefault("max_tokens", wanted) != wanted:
         raise _unsupported("max_tokens", "max_tokens and max_completion_tokens differ")
     fields["messages"] = [msgspec_message(m) for m in messages_from(body.messages)]
+    fields.update(tool_fields(body.tools, body.tool_choice, body.parallel_tool_calls))
     fields["model"] = body.model
     fields["stream"] = bool(body.stream)
     fields["format"] = response_format(body.response_format)
@@ -108,13 +115,17 @@ def chat_request(
     return request
 
 
-def msgspec_message(message: ChatMessage) -> dict[str, str]:
-    return {"role": message.role, "content": message.content}
+def msgspec_message(message: ChatMessage) -> dict[str, object]:
+    """A message as the plain fields :func:`convert_fields` reads back."""
+    fields: dict[str, object] = msgspec.to_builtins(message)
+    return fields
 
 
 def messages_from(messages: list[dict[str, Any]]) -> list[ChatMessage]:
-    """OpenAI messages as modeld's: ``developer`` is ``system``, text parts are joined;
-    images, audio, files, tool calls and tool results are refused naming the message."""
+    """OpenAI messages as modeld's: ``developer`` is ``system``, text parts are joined,
+    an ``assistant``'s ``tool_calls`` and a ``tool`` turn's ``tool_call_id`` kept;
+    images, audio, files and the deprecated ``function`` role are refused naming the
+    message."""
     if not messages:
         raise _unsupported("messages", "at least one message is needed")
     converted = []
@@ -123,20 +134,31 @@ def messages_from(messages: list[dict[str, Any]]) -> list[ChatMessage]:
         if not isinstance(message, dict):
             raise _unsupported(where, "a message is an object with role and content")
         role = message.get("role")
-        if role in ("tool", "function"):
-            raise _unsupported(f"{where}.role", "tool messages are not supported (no tool calling)")
+        if role == "function":
+            raise _unsupported(f"{where}.role", "the deprecated function role: send tool")
         if role not in _ROLES:
             raise _unsupported(f"{where}.role", f"unknown role {role!r}")
-        if message.get("tool_calls") or message.get("function_call"):
-            raise _unsupported(f"{where}.tool_calls", "tool calling is not supported")
-        converted.append(ChatMessage(_ROLES[role], _content(message.get("content"), where, role)))  # type: ignore[arg-type]
+        if message.get("function_call"):
+            raise _unsupported(f"{where}.function_call", "send tool_calls")
+        content = _content(message.get("content"), where, role)
+        calls = message.get("tool_calls")
+        if role == "tool":
+            answers = message.get("tool_call_id")
+            if not isinstance(answers, str) or not answers:
+                raise _unsupported(f"{where}.tool_call_id", "a tool message needs tool_call_id")
+            converted.append(ChatMessage("tool", content, tool_call_id=answers))
+        elif calls and role == "assistant":
+            history = openai_history_calls(calls, where)
+            converted.append(ChatMessage("assistant", content, tool_calls=history))
+        else:
+            converted.append(ChatMessage(_ROLES[role], content))  # type: ignore[arg-type]
     return converted
 
 
 def _content(content: object, where: str, role: str) -> str:
     if isinstance(content, str):
         return content
-    if content is None and role == "assistant":
+    if content is None and role in ("assistant", "tool"):
         return ""
     if not isinstance(content, list):
         raise _unsupported(f"{where}.content", "content is a string or a list of text parts")
