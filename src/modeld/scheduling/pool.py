@@ -201,7 +201,7 @@ class InstancePool:
                     continue
                 return instance
             with anyio.move_on_after(max(0.0, deadline_s - time.monotonic())) as scope:
-                await self._settled_or_closing(instance)
+                await _first_of(instance.settled, self._closing)  # a stuck load never settles
             if self._closing.is_set() and not instance.settled.is_set():
                 raise ShuttingDown("modeld is shutting down")  # the load may never end
             if scope.cancelled_caught and not instance.settled.is_set():
@@ -209,17 +209,6 @@ class InstancePool:
             if instance.state is InstanceState.ERROR:
                 assert instance.error is not None
                 raise instance.error
-
-    async def _settled_or_closing(self, instance: Instance) -> None:
-        """Until the load settles, or shutdown closes the pool."""
-        async with anyio.create_task_group() as waits:
-
-            async def first(event: anyio.Event) -> None:
-                await event.wait()
-                waits.cancel_scope.cancel()
-
-            waits.start_soon(first, instance.settled)
-            waits.start_soon(first, self._closing)
 
     async def _file_changed(self, instance: Instance) -> bool:
         """A file rewritten in place under a loaded (mmapped) model must not be used.
@@ -295,3 +284,15 @@ class InstancePool:
         await self.unloader.unload(
             victim, DoneReason.EVICTED, eviction=True, cause="budget", for_model=for_model
         )
+
+
+async def _first_of(*events: anyio.Event) -> None:
+    """Until the first of ``events`` is set."""
+    async with anyio.create_task_group() as waits:
+
+        async def first(event: anyio.Event) -> None:
+            await event.wait()
+            waits.cancel_scope.cancel()
+
+        for event in events:
+            waits.start_soon(first, event)
