@@ -48,9 +48,12 @@ async def test_a_restore_after_an_unload_is_published(
                 event = await events.next()
                 if isinstance(event, PromptCacheRestored):
                     seen.append(event)
+        recent = [event.kind for event in manager.statistics().recent_events]
     (restored,) = seen
     assert restored.kind == "prompt_cache_restored"
     assert (restored.model, restored.tier) == (MODEL, "memory")
     assert restored.tokens == result.metrics.cached_tokens > 32
     assert manager.prompt_cache.statistics().hits_memory == 1
+    assert "model_evicted" in recent  # /status keeps loads and unloads, not restores
+    assert "prompt_cache_restored" not in recent
     assert restored.mib == round(saved.memory_bytes / MIB, 2)  # the one entry's size
