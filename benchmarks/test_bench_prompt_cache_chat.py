@@ -176,7 +176,7 @@ def copy_cost(metrics: dict[str, float]) -> dict[str, float]:
         return {}
     entry_mib = held / entries / MIB
     saves = metrics.get("saves_total", 0)
-    restores = metrics.get("hits_memory_total", 0) + metrics.get("hits_disk_total", 0)
+    restores = metrics.get("hits_total_memory", 0) + metrics.get("hits_total_disk", 0)
     cost = {"mean_entry_mib": round(entry_mib, 2)}
     if saves:
         cost["save_ms_per_mib"] = round(metrics["save_seconds_total"] * 1000 / saves / entry_mib, 3)
