@@ -1,5 +1,5 @@
-"""Lifecycle events (load started, progress, ready, evicted, error, generation finished)
-fanned out to listeners and subscribers.
+"""Lifecycle events (load started, progress, ready, evicted, error, a prompt-cache restore,
+generation finished) fanned out to listeners and subscribers.
 
 Each event is a small frozen type; its ``kind`` is the wire name (the SSE ``event:`` and
 the log message). Each subscriber gets a bounded buffer; a subscriber that does not keep
@@ -30,6 +30,7 @@ __all__ = [
     "ModelLoadStarted",
     "ModelLoadingProgress",
     "ModelReady",
+    "PromptCacheRestored",
     "Subscription",
 ]
 
@@ -83,6 +84,18 @@ class ModelEvicted(ModelEvent):
 class ModelFailed(ModelEvent):
     kind: ClassVar[str] = "model_error"
     error: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PromptCacheRestored(ModelEvent):
+    """A prompt's prefix came back from the prompt cache instead of being evaluated:
+    which tier served it, how many tokens and MiB, and how long the copy took."""
+
+    kind: ClassVar[str] = "prompt_cache_restored"
+    tier: str  # "memory" or "disk"
+    tokens: int
+    mib: float
+    ms: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from modeld.engine.seq_state import read_state, sliding_window, usable_prefix, write_state
+from modeld.events import PromptCacheRestored
 from modeld.prompt_cache.disk_tier import DiskEntry, DiskTier
 from modeld.prompt_cache.memory_tier import MemoryEntry, MemoryTier
 from modeld.prompt_cache.namespace import Namespace
@@ -66,6 +67,8 @@ class PromptCache:
         self.memory = MemoryTier(memory_bound_bytes, room)
         self.disk = disk
         self._counters = _Counters()
+        # Called on the restoring engine's thread (the manager posts it to /events).
+        self.on_restore: Callable[[PromptCacheRestored], None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -198,14 +201,16 @@ class ModelPromptCache:
                 counters.hits_disk += 1
             counters.restored_tokens += shared
             counters.restore_seconds += elapsed
-        logger.info(
-            "prompt cache: restored a prefix",
+        restored = PromptCacheRestored(
             model=self.namespace.model_id,
             tier=tier,
             tokens=shared,
             mib=round(len(payload) / MIB, 2),
             ms=round(elapsed * 1000, 2),
         )
+        logger.info("prompt cache: restored a prefix", **restored.fields())
+        if cache.on_restore is not None:
+            cache.on_restore(restored)
         return shared, entry.tokens
 
     def _payload(self, entry: MemoryEntry | DiskEntry) -> bytes | None:

@@ -8,7 +8,7 @@ from collections import deque
 
 import msgspec
 
-from modeld.events import Event, ModelEvent, ModelLoadingProgress
+from modeld.events import Event, ModelEvent, ModelLoadingProgress, PromptCacheRestored
 from modeld.statistics import RecentEvent
 
 __all__ = ["EventHistory"]
@@ -19,13 +19,17 @@ DEFAULT_CAPACITY = 50
 class EventHistory:
     """An :class:`~modeld.events.EventHub` listener holding the newest
     ``capacity`` model events; per-stage load progress is left out (the instance's
-    ``load_stage`` shows where a load is)."""
+    ``load_stage`` shows where a load is), and so are prompt-cache restores (one per
+    request at most, they would push the loads and evictions out; ``/metrics`` counts
+    them)."""
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         self._events: deque[RecentEvent] = deque(maxlen=capacity)
 
     def __call__(self, event: Event) -> None:
-        if not isinstance(event, ModelEvent) or isinstance(event, ModelLoadingProgress):
+        if not isinstance(event, ModelEvent) or isinstance(
+            event, ModelLoadingProgress | PromptCacheRestored
+        ):
             return
         fields = event.fields()
         del fields["model"]

@@ -21,6 +21,7 @@ from loguru import logger
 from modeld.engine.base import TokenLoop
 from modeld.engine.contract import Request
 from modeld.engine.gpu import gpu_offload_available
+from modeld.engine.worker import loop_callback
 from modeld.errors import ModeldError, NoDefaultModel
 from modeld.events import EventHub
 from modeld.memory.budget import MemoryBudget
@@ -120,6 +121,8 @@ class ModelManager:
             known = {model.id for model in await self.registry.rescan()}
             await anyio.to_thread.run_sync(check_model_settings, self.settings, known)
         await self._pool.guard.recover()  # crashes of an earlier process, before any load
+        post = loop_callback()  # restores happen on engine threads; events on this loop
+        self.prompt_cache.on_restore = lambda event: post(lambda: self.events.publish(event))
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._pool.start(self._task_group)
