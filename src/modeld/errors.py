@@ -143,6 +143,7 @@ class ClientDisconnected(ModeldError):
 
 class ModelNotFound(ModeldError):
     code = "model_not_found"
+    field = "model"  # the parameter every protocol's error names
 
 
 class NoDefaultModel(ModeldError):

@@ -92,8 +92,9 @@ INFER_BODIES: list[InferCase] = [
     ("model-absolute", with_prompt(b'"model": "/abs/x.gguf"'), 400, BAD_ID, "model"),
     ("model-backslash", with_prompt(b'"model": "..\\\\x.gguf"'), 400, BAD_ID, "model"),
     ("model-nul", with_prompt(b'"model": "a\\u0000b.gguf"'), 400, BAD_ID, "model"),
-    ("model-not-gguf", with_prompt(b'"model": "notes.txt"'), 400, BAD_ID, "model"),
-    ("model-non-nfc", with_prompt(b'"model": "e\\u0301.gguf"'), 400, BAD_ID, "model"),
+    # A name no file has is a model that is not here (404); only NUL, '/' and '..' are 400.
+    ("model-not-gguf", with_prompt(b'"model": "notes.txt"'), 404, NOT_FOUND, "model"),
+    ("model-non-nfc", with_prompt(b'"model": "e\\u0301.gguf"'), 404, NOT_FOUND, "model"),
     ("model-256-chars", with_prompt(b'"model": "' + b"m" * 251 + b'.gguf"'), 400, BAD, "model"),
     ("model-symlink-outside", with_prompt(b'"model": "escape.gguf"'), 400, BAD_ID, "model"),
     ("model-directory", with_prompt(b'"model": "dir.gguf"'), 404, NOT_FOUND, None),

@@ -332,6 +332,8 @@ async def test_resolve_gives_the_id_and_the_settings_in_force(
     assert manager.resolve("tiny-b.gguf").n_ctx == 256  # the global value
     with pytest.raises(errors.InvalidModelId):
         manager.resolve("../etc/passwd")
+    with pytest.raises(errors.ModelNotFound):  # a name no file has: not here, not unsafe
+        manager.resolve("gpt-4o")
     no_default = ModelManager(make_settings(models_dir), token_loop=token_loop)
     with pytest.raises(errors.NoDefaultModel):
         no_default.resolve(None)

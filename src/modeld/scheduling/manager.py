@@ -25,7 +25,7 @@ from modeld.errors import ModeldError, NoDefaultModel
 from modeld.events import EventHub
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.probe import MemoryProbe, default_budget_mb, detect_probe
-from modeld.registry import ModelFile, Registry, check_model_id
+from modeld.registry import ModelFile, Registry, check_model_name
 from modeld.scheduling.admission import Admission
 from modeld.scheduling.clock import Clock
 from modeld.scheduling.generation import Generation
@@ -252,12 +252,13 @@ class ModelManager:
         """The model a request's ``model`` names (None: the default model; an alias
         resolved) with its settings in force: id, context, threads, GPU layers,
         keep-alive, chat template, sampling defaults. Raises :class:`NoDefaultModel`,
-        :class:`InvalidModelId`."""
+        :class:`ModelNotFound` for a name no model file could have (``gpt-4o``),
+        :class:`InvalidModelId` for one no name can be (a separator, ``..``, NUL)."""
         name = name or self.settings.default_model
         if not name:
             raise NoDefaultModel("no model given and no --default-model configured")
         model = self.settings.resolve(name)
-        check_model_id(model.id)
+        check_model_name(model.id)
         return model
 
     def model_id(self, name: str | None) -> str:
