@@ -79,7 +79,7 @@ def check_model_name(model_id: str) -> str:
     try:
         return check_model_id(model_id)
     except InvalidModelId:
-        shown = model_id if len(model_id) <= _SHOWN_NAME_CHARS else model_id[:_SHOWN_NAME_CHARS] + "…"
+        shown = model_id[:_SHOWN_NAME_CHARS] + ("…" if len(model_id) > _SHOWN_NAME_CHARS else "")
         raise ModelNotFound(f"model {shown!r} not found") from None
 
 

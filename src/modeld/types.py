@@ -4,6 +4,7 @@ msgspec structs that are the single source of truth for request bounds."""
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -23,6 +24,7 @@ __all__ = [
     "Chunk",
     "ContextSizes",
     "DoneReason",
+    "EmbeddingInput",
     "EmbeddingResult",
     "GenerationMetrics",
     "GenerationResult",
@@ -115,6 +117,8 @@ Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 # What the answer must be: "json" (any JSON object) or a JSON schema (a JSON object).
 # Enforced during sampling by a grammar, never merely asked for in the prompt.
 ResponseFormat = Literal["json"] | dict[str, Any]
+EmbeddingInput = str | Sequence[int]
+"""One input to embed: a text, or the model's own token ids."""
 
 
 class SamplingParams(msgspec.Struct, frozen=True):
@@ -154,6 +158,7 @@ class InferRequest(SamplingParams, forbid_unknown_fields=True, frozen=True, kw_o
     stream: bool = True
     keep_alive: KeepAlive | None = None  # how long the model stays loaded after this
     format: ResponseFormat | None = None
+    truncate: bool = False  # a prompt too long for the context keeps its end (Ollama's way)
 
 
 class ChatMessage(msgspec.Struct, frozen=True):
@@ -173,6 +178,7 @@ class ChatRequest(SamplingParams, forbid_unknown_fields=True, frozen=True, kw_on
     stream: bool = True
     keep_alive: KeepAlive | None = None  # how long the model stays loaded after this
     format: ResponseFormat | None = None
+    truncate: bool = False  # too long for the context: the oldest turns go (Ollama's way)
 
     def __post_init__(self) -> None:
         super().__post_init__()

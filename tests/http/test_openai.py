@@ -307,6 +307,34 @@ def test_embeddings_base64_equals_float_and_are_normalised(client: openai.OpenAI
     assert default.usage.prompt_tokens == default.usage.total_tokens > 3
 
 
+def test_embeddings_of_token_ids(client: openai.OpenAI, server: RunningServer) -> None:
+    """What the best-known embedding wrapper sends by default: token ids, one list or a
+    list of lists, each an input of its own, as many tokens as ids."""
+    one = client.embeddings.create(model="tiny-a.gguf", input=[5, 6, 7], encoding_format="float")
+    many = client.embeddings.create(model="tiny-a.gguf", input=[[5, 6, 7], [8, 9]])
+    assert len(one.data) == 1
+    assert [d.index for d in many.data] == [0, 1]
+    assert many.data[0].embedding == pytest.approx(one.data[0].embedding, abs=1e-6)
+    assert many.data[0].embedding != many.data[1].embedding
+    assert (one.usage.prompt_tokens, many.usage.prompt_tokens) == (3, 5)
+    with pytest.raises(openai.BadRequestError) as too_long:  # one batch at most, no cut
+        client.embeddings.create(model="tiny-a.gguf", input=[5] * 5000)
+    assert too_long.value.code == "context_length_exceeded"
+    assert too_long.value.param == "input"
+
+
+def test_max_tokens_past_the_context_is_a_cap(client: openai.OpenAI) -> None:
+    """As llama-server and Ollama: generation stops where the context ends."""
+    chat = client.chat.completions.create(
+        model=TINY_CHAT, messages=HELLO, max_completion_tokens=100_000, temperature=0
+    )
+    assert chat.choices[0].finish_reason == "length"
+    assert chat.usage is not None
+    assert chat.usage.prompt_tokens + chat.usage.completion_tokens == 256  # --n-ctx
+    completion = client.completions.create(model="tiny-a.gguf", prompt="hi", max_tokens=100_000)
+    assert completion.choices[0].finish_reason == "length"
+
+
 def test_embeddings_base64_on_the_wire_is_little_endian_float32(server: RunningServer) -> None:
     body = {"model": "tiny-a.gguf", "input": "hello", "encoding_format": "base64"}
     with server.client() as http:
@@ -336,7 +364,6 @@ BAD_CHATS = [
     ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"stop": ["a"] * 17}, "stop"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
-    ({"max_completion_tokens": 100_000}, "max_completion_tokens"),
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}, "response_format"),  # noqa: E501
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content"),  # noqa: E501
@@ -367,7 +394,9 @@ BAD_OTHERS = [
     ("completions", {"prompt": "a", "suffix": "b"}, "suffix"),
     ("completions", {"prompt": "a", "best_of": 2}, "best_of"),
     ("completions", {"prompt": "a", "logprobs": 2}, "logprobs"),
-    ("embeddings", {"input": [[1, 2, 3]]}, "input"),
+    ("embeddings", {"input": [[1, 2, 10**9]]}, "input"),  # not this vocabulary's
+    ("embeddings", {"input": [[1, 2], "a"]}, "input"),
+    ("embeddings", {"input": [[]]}, "input"),
     ("embeddings", {"input": []}, "input"),
     ("embeddings", {"input": [""]}, "input"),
     ("embeddings", {"input": "a", "encoding_format": "int8"}, "encoding_format"),
@@ -388,8 +417,8 @@ def test_completions_and_embeddings_name_what_they_refuse(
     assert error["param"] == param
     assert error["type"] == "invalid_request_error"
     assert set(error) >= {"message", "type", "param", "code"}
-    if body.get("input") == [[1, 2, 3]]:
-        assert "check_embedding_ctx_length=False" in error["message"]
+    if body.get("input") == [[1, 2, 10**9]]:
+        assert "vocabulary" in error["message"]
 
 
 def test_unknown_fields_are_ignored(server: RunningServer) -> None:

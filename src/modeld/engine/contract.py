@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from modeld.engine.base import RING_CAPACITY_BYTES, LoopOutcome, StopCode, TokenRing
-from modeld.types import ChatRequest, ContextSizes, InferRequest, SamplingParams
+from modeld.types import ChatRequest, ContextSizes, EmbeddingInput, InferRequest, SamplingParams
 
 __all__ = ["Engine", "PreparedRequest", "Recipe", "Request", "run_request"]
 
@@ -70,7 +70,11 @@ class Engine(Protocol):
         ...
 
     def embed(
-        self, texts: Sequence[str], cancelled: Callable[[], bool]
+        self,
+        inputs: Sequence[EmbeddingInput],
+        cancelled: Callable[[], bool],
+        *,
+        truncate: bool = False,
     ) -> tuple[list[list[float]], int]: ...
 
     def warm_up(self) -> None: ...

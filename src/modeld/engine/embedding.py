@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import ctypes
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import llama_cpp
 
-from modeld.errors import EngineError, ResourcesExhausted
-from modeld.types import ContextSizes
+from modeld.engine.tokens import Tokenizer
+from modeld.errors import ClientDisconnected, EngineError, ResourcesExhausted
+from modeld.types import ContextSizes, EmbeddingInput
 
-__all__ = ["EmbeddingContext", "pooling_for"]
+__all__ = ["EmbeddingContext", "embed_inputs", "pooling_for"]
 
 _POOLED = frozenset(
     {llama_cpp.LLAMA_POOLING_TYPE_MEAN, llama_cpp.LLAMA_POOLING_TYPE_CLS,
@@ -90,3 +91,27 @@ class EmbeddingContext:
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
+
+
+def embed_inputs(
+    tokenizer: Tokenizer,
+    context: Callable[[], EmbeddingContext],
+    limit_tokens: int,
+    inputs: Sequence[EmbeddingInput],
+    cancelled: Callable[[], bool],
+    truncate: bool,
+) -> tuple[list[list[float]], int]:
+    """Every input tokenized and checked (``limit_tokens`` at most, or its first that
+    many with ``truncate``) before ``context()`` is even made; ``cancelled`` is asked
+    between inputs. Returns the vectors and their token count."""
+    tokenized = [
+        tokenizer.embedding_tokens(item, index, limit_tokens, truncate=truncate)
+        for index, item in enumerate(inputs)
+    ]
+    embedding = context()
+    vectors: list[list[float]] = []
+    for tokens in tokenized:
+        if cancelled():
+            raise ClientDisconnected("the embedding request was cancelled")
+        vectors.append(embedding.embed(tokens))
+    return vectors, sum(len(tokens) for tokens in tokenized)

@@ -26,15 +26,17 @@ from modeld.engine.base import (
 )
 from modeld.engine.chat_format import ChatFormatter
 from modeld.engine.contract import PreparedRequest, Recipe, Request
-from modeld.engine.embedding import EmbeddingContext, pooling_for
+from modeld.engine.embedding import EmbeddingContext, embed_inputs, pooling_for
+from modeld.engine.fitting import PromptTokens
 from modeld.engine.grammar import check_grammar
 from modeld.engine.kv_prefix import reusable_prefix
 from modeld.engine.llama_load import load_llama, malloc_trim
 from modeld.engine.tokens import Tokenizer
-from modeld.errors import ClientDisconnected, ModelLoadFailed, ResourcesExhausted
+from modeld.errors import ModelLoadFailed, ResourcesExhausted
 from modeld.types import (
     ChatMessage,
     ChatRequest,
+    EmbeddingInput,
     SamplingParams,
     context_sizes,
     embedding_context_sizes,
@@ -112,6 +114,7 @@ class LlamaEngine:
             bos_token=self._token_text(self._llama.token_bos()),
             eos_token=self._token_text(self._llama.token_eos()),
         )
+        self._prompts = PromptTokens(self.tokenizer, self._chat)
         self._embedding: EmbeddingContext | None = None
         self._prompt_reuse = settings.prompt_reuse
         # The tokens whose KV the context holds, in position order. Only generate() keeps
@@ -139,48 +142,49 @@ class LlamaEngine:
 
     def prepare_request(self, request: Request, recipe: Recipe) -> PreparedRequest:
         """The request's tokens (its prompt, or its messages through ``recipe``'s chat
-        template), checked against the context, and its grammar against the vocabulary.
+        template), checked against the context (or, with ``request.truncate``, fitted
+        into it as Ollama does), and its grammar against the vocabulary.
 
         Raises what :meth:`prepare`, :meth:`prepare_chat` and :meth:`check_grammar` do.
         """
         if isinstance(request, ChatRequest):
-            tokens = self.prepare_chat(request.messages, request.max_tokens, recipe.chat_template)
+            tokens = self.prepare_chat(
+                request.messages,
+                request.max_tokens,
+                recipe.chat_template,
+                truncate=request.truncate,
+            )
         else:
-            tokens = self.prepare(request.prompt, request.max_tokens)
+            tokens = self.prepare(request.prompt, request.max_tokens, truncate=request.truncate)
         if recipe.grammar is not None:
             self.check_grammar(recipe.grammar)  # refused here, before any byte is sent
         return PreparedRequest(tokens, request, recipe.grammar)
 
-    def prepare(self, prompt: str, max_tokens: int | None) -> list[int]:
-        """The prompt's tokens, checked against the context.
-
-        Raises :class:`InvalidRequest` (field ``prompt``) when the prompt is not valid
-        Unicode or cannot fit the context, and (field ``max_tokens``) when the prompt
-        plus ``max_tokens`` does not (``None``: the prompt must leave room for one
-        token); :class:`EngineClosed` after :meth:`close`.
-        """
+    def prepare(
+        self, prompt: str, max_tokens: int | None = None, *, truncate: bool = False
+    ) -> list[int]:
+        """The prompt's tokens (:meth:`PromptTokens.of_prompt`: with ``truncate``, its
+        end that leaves ``max_tokens`` room). A ``max_tokens`` beyond the room left is a
+        cap (:meth:`generate`). Raises :class:`ContextLengthExceeded` (field ``prompt``)
+        when the prompt leaves no room for one token, :class:`InvalidRequest` when it is
+        not valid Unicode, :class:`EngineClosed` after :meth:`close`."""
         self._check_open()
-        tokens = self.tokenize(prompt)
-        self.tokenizer.check_room(tokens, max_tokens, "prompt")
-        return tokens
+        return self._prompts.of_prompt(prompt, max_tokens, truncate)
 
     def prepare_chat(
-        self, messages: Sequence[ChatMessage], max_tokens: int | None, chat_template: str | None
+        self,
+        messages: Sequence[ChatMessage],
+        max_tokens: int | None,
+        chat_template: str | None,
+        *,
+        truncate: bool = False,
     ) -> list[int]:
         """:meth:`prepare` for a conversation rendered through the model's chat template
         (``chat_template``: the operator's override, a built-in name or a Jinja file).
-
-        The rendered text is tokenized with control tokens parsed and no second BOS when
-        the template wrote one. Raises :class:`NoChatTemplate`, :class:`ChatTemplateError`,
-        and :class:`InvalidRequest` as :meth:`prepare` does, naming ``messages``.
-        """
+        Raises :class:`NoChatTemplate`, :class:`ChatTemplateError`, and what
+        :meth:`prepare` does, naming ``messages``."""
         self._check_open()
-        text = self._chat.render(messages, chat_template, max_chars=self.max_prompt_bytes)
-        bos = self._chat.bos_token
-        add_bos = self.tokenizer.add_bos and not (bos and text.startswith(bos))
-        tokens = self.tokenize(text, add_bos=add_bos, field="messages")
-        self.tokenizer.check_room(tokens, max_tokens, "messages")
-        return tokens
+        return self._prompts.of_chat(messages, max_tokens, chat_template, truncate)
 
     def check_grammar(self, grammar: str) -> None:
         """Raises :class:`InvalidRequest` (field ``format``) if llama.cpp refuses it."""
@@ -220,7 +224,8 @@ class LlamaEngine:
     ) -> LoopOutcome:
         """Run the token loop into ``ring``, then finish the ring, whatever happens.
 
-        ``max_tokens=None`` runs until the context is full; ``grammar`` (checked by
+        ``max_tokens=None`` (or one beyond the room left) runs until the context is full;
+        ``grammar`` (checked by
         :meth:`check_grammar`) constrains every token. Raises only :class:`NotOwnerThread`
         (before touching anything): a failure comes back as ``StopCode.ERROR`` with its
         message, so the consumer always sees the stream end with an outcome.
@@ -231,8 +236,8 @@ class LlamaEngine:
         try:
             if self._closed:
                 raise EngineClosed("the engine is closed")
-            if params.max_tokens is None:
-                room = max(1, self.n_ctx - len(prompt_tokens))
+            room = self.tokenizer.room(len(prompt_tokens), params.max_tokens)
+            if params.max_tokens != room:  # None, or more than the context has left
                 params = msgspec.structs.replace(params, max_tokens=room)
             outcome = self._loop.run(
                 self._llama, ring, prompt_tokens, params, grammar, cached=cached
@@ -267,19 +272,22 @@ class LlamaEngine:
         return embedding_context_sizes(self.sizes).n_ubatch
 
     def embed(
-        self, texts: Sequence[str], cancelled: Callable[[], bool]
+        self,
+        inputs: Sequence[EmbeddingInput],
+        cancelled: Callable[[], bool],
+        *,
+        truncate: bool = False,
     ) -> tuple[list[list[float]], int]:
-        """L2-normalised embeddings of ``texts`` and their token count, in a second
-        context on these weights (made on first use, kept until :meth:`close`).
-
-        Every input is tokenized and checked before any is computed. ``cancelled`` is
-        asked between inputs. Raises :class:`InvalidRequest` (field ``input``) for an
-        empty or too long input, :class:`ClientDisconnected` once ``cancelled()``,
-        :class:`ResourcesExhausted` when the context cannot be made, :class:`EngineError`.
-        """
+        """L2-normalised embeddings of ``inputs`` (texts, or this model's token ids) and
+        their token count (:func:`embed_inputs`), in a second context on these weights
+        made on first use. Raises :class:`InvalidRequest` (``input``: empty, an id not in
+        the vocabulary), :class:`ContextLengthExceeded`, :class:`ClientDisconnected`
+        once ``cancelled()``, :class:`ResourcesExhausted`, :class:`EngineError`."""
         self._check_open()
         limit = self.embedding_tokens
-        inputs = [self.tokenizer.embedding_tokens(text, i, limit) for i, text in enumerate(texts)]
+        return embed_inputs(self.tokenizer, self._embedder, limit, inputs, cancelled, truncate)
+
+    def _embedder(self) -> EmbeddingContext:
         if self._embedding is None:
             self._embedding = EmbeddingContext(
                 self._llama.model,
@@ -287,12 +295,7 @@ class LlamaEngine:
                 self._n_threads,
                 pooling_for(llama_cpp.llama_pooling_type(self._llama.ctx)),
             )
-        vectors: list[list[float]] = []
-        for tokens in inputs:
-            if cancelled():
-                raise ClientDisconnected("the embedding request was cancelled")
-            vectors.append(self._embedding.embed(tokens))
-        return vectors, sum(len(tokens) for tokens in inputs)
+        return self._embedding
 
     def close(self) -> None:
         """Free the contexts and the weights now, not at garbage collection."""

@@ -35,6 +35,7 @@ from modeld.types import (
     MAX_EMBEDDING_INPUTS,
     MAX_PROMPT_CHARS,
     DoneReason,
+    EmbeddingInput,
     EmbeddingResult,
     ResponseFormat,
 )
@@ -88,7 +89,11 @@ class Launcher:
                 await generation.aclose()
 
     async def embed(
-        self, model_id: str, texts: list[str], keep_alive: str | float | None
+        self,
+        model_id: str,
+        texts: list[EmbeddingInput],
+        keep_alive: str | float | None,
+        truncate: bool = False,
     ) -> EmbeddingResult:
         """See ``ModelManager.embed``."""
         cancelled = threading.Event()
@@ -98,7 +103,7 @@ class Launcher:
             def launch(instance: Instance, timing: RequestTiming) -> Awaitable[Any]:
                 timings[:] = [timing]
                 self._pool.idle.used(instance, keep_alive)
-                return self._embedding(instance, texts, cancelled, timing)
+                return self._embedding(instance, texts, cancelled, timing, truncate)
 
             call: ThreadCall[Embedded] = await self._admission.start(model_id, ticket, launch)
             try:
@@ -206,9 +211,10 @@ class Launcher:
     async def _embedding(
         self,
         instance: Instance,
-        texts: list[str],
+        texts: list[EmbeddingInput],
         cancelled: threading.Event,
         timing: RequestTiming,
+        truncate: bool,
     ) -> ThreadCall[Embedded] | None:
         """Charge the embedding context (first use) and start the embedding on the
         instance's worker; None when the instance went away meanwhile."""
@@ -220,7 +226,7 @@ class Launcher:
         if engine is None or worker is None or not instance.is_ready():
             return None
         instance.last_used_s = time.monotonic()
-        return worker.submit(lambda: engine.embed(texts, cancelled.is_set))
+        return worker.submit(lambda: engine.embed(texts, cancelled.is_set, truncate=truncate))
 
     def _finished(
         self, instance: Instance, generation: Generation, timing: RequestTiming, ticket: SlotTicket
@@ -248,21 +254,31 @@ async def _grammar_for(response_format: ResponseFormat | None) -> str | None:
     return await anyio.to_thread.run_sync(grammar_for_format, response_format)
 
 
-def embedding_inputs(inputs: Sequence[str]) -> list[str]:
+def embedding_inputs(inputs: Sequence[EmbeddingInput]) -> list[EmbeddingInput]:
     """Raises :class:`InvalidRequest` (field ``input``) unless 1 to
-    :data:`MAX_EMBEDDING_INPUTS` non-empty strings of at most :data:`MAX_PROMPT_CHARS`."""
+    :data:`MAX_EMBEDDING_INPUTS` inputs, each a non-empty string of at most
+    :data:`MAX_PROMPT_CHARS` or a non-empty list of at most as many token ids (ints)."""
     if isinstance(inputs, str):
         inputs = [inputs]
-    texts = list(inputs)
-    if not 1 <= len(texts) <= MAX_EMBEDDING_INPUTS:
+    items = list(inputs)
+    if not 1 <= len(items) <= MAX_EMBEDDING_INPUTS:
         raise InvalidRequest(
-            f"give 1 to {MAX_EMBEDDING_INPUTS} inputs, not {len(texts)}", field="input"
+            f"give 1 to {MAX_EMBEDDING_INPUTS} inputs, not {len(items)}", field="input"
         )
-    for index, text in enumerate(texts):
-        if not isinstance(text, str) or not text:
-            raise InvalidRequest(f"input {index} is not a non-empty string", field="input")
-        if len(text) > MAX_PROMPT_CHARS:
+    for index, item in enumerate(items):
+        if isinstance(item, str):
+            if not item:
+                raise InvalidRequest(f"input {index} is not a non-empty string", field="input")
+        elif (
+            not isinstance(item, Sequence)
+            or not item
+            or not all(type(token) is int for token in item)
+        ):
             raise InvalidRequest(
-                f"input {index} is over {MAX_PROMPT_CHARS} characters", field="input"
+                f"input {index} is not a non-empty string or list of token ids", field="input"
             )
-    return texts
+        if len(item) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(
+                f"input {index} is over {MAX_PROMPT_CHARS} characters or tokens", field="input"
+            )
+    return items

@@ -43,6 +43,7 @@ from modeld.types import (
     ChatRequest,
     Chunk,
     DoneReason,
+    EmbeddingInput,
     EmbeddingResult,
     GenerationResult,
 )
@@ -227,10 +228,11 @@ class ModelManager:
     async def embed(
         self,
         model: str | None,
-        inputs: Sequence[str],
+        inputs: Sequence[EmbeddingInput],
         *,
         request_id: str | None = None,
         keep_alive: str | float | None = None,
+        truncate: bool = False,
     ) -> EmbeddingResult:
         """L2-normalised embeddings of ``inputs``, in order, computed in a second context
         on the model's loaded weights (its memory charged to the budget on first use).
@@ -239,9 +241,10 @@ class ModelManager:
         (field ``input``: no input, too many, an empty or too long one), and what
         :meth:`stream` raises before yielding. Cancelled, it stops between inputs.
         ``keep_alive`` is how long the model stays loaded afterwards, as for a generation.
-        """
+        An input is a text or the model's token ids; ``truncate`` keeps the first tokens
+        of one too long for a batch (else :class:`ContextLengthExceeded`)."""
         return await self._launcher.embed(
-            self.model_id(model), embedding_inputs(inputs), keep_alive
+            self.model_id(model), embedding_inputs(inputs), keep_alive, truncate
         )
 
     def cancel_request(self, request_id: str) -> None:
@@ -252,7 +255,7 @@ class ModelManager:
         """The model a request's ``model`` names (None: the default model; an alias
         resolved) with its settings in force: id, context, threads, GPU layers,
         keep-alive, chat template, sampling defaults. Raises :class:`NoDefaultModel`,
-        :class:`ModelNotFound` for a name no model file could have (``gpt-4o``),
+        :class:`ModelNotFound` for a name no file could have (``gpt-4o``),
         :class:`InvalidModelId` for one no name can be (a separator, ``..``, NUL)."""
         name = name or self.settings.default_model
         if not name:

@@ -1,6 +1,6 @@
 """OpenAI request bodies as modeld's own requests (:class:`ChatRequest`,
 :class:`InferRequest`): a field modeld cannot honour at the value sent (``n`` > 1,
-``logprobs``, tools, images, token arrays, ...) is a 400 naming it as OpenAI names it,
+``logprobs``, tools, images, a prompt of token ids, ...) is a 400 naming it as OpenAI names it,
 never silently dropped. Bounds are modeld's own, checked by the same schema as
 ``/infer``; the model's configured defaults fill the fields a body does not set.
 """
@@ -15,7 +15,14 @@ from modeld.api.errors import UnsupportedParam
 from modeld.api.openai.wire import ChatCompletionBody, Choices, CompletionBody, EmbeddingBody
 from modeld.api.sampling import SamplingNames, stop_list
 from modeld.errors import InvalidRequest
-from modeld.types import SEED_MAX, ChatMessage, ChatRequest, InferRequest, ResponseFormat
+from modeld.types import (
+    SEED_MAX,
+    ChatMessage,
+    ChatRequest,
+    EmbeddingInput,
+    InferRequest,
+    ResponseFormat,
+)
 
 __all__ = [
     "OPENAI_SAMPLING",
@@ -207,14 +214,28 @@ def _prompt(prompt: object) -> str:
     raise _unsupported("prompt", "prompt is a string")
 
 
-def embedding_inputs(body: EmbeddingBody) -> list[str]:
-    """Raises :class:`InvalidRequest` naming ``input`` or ``encoding_format``."""
+def _token_ids(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(x) is int for x in value)
+
+
+def embedding_inputs(body: EmbeddingBody) -> list[EmbeddingInput]:
+    """``input`` as modeld's inputs: a string, a list of strings, a list of token ids
+    (one input) or a list of such lists; ids are checked against the model's vocabulary
+    and its batch when the model has them. Raises :class:`InvalidRequest` naming
+    ``input`` or ``encoding_format``."""
     if body.encoding_format not in (None, "float", "base64"):
         raise _unsupported("encoding_format", "encoding_format is 'float' or 'base64'")
     if isinstance(body.input, str):
         return [body.input]
-    if isinstance(body.input, list) and body.input and all(isinstance(x, str) for x in body.input):
-        return list(body.input)
+    if _token_ids(body.input):
+        return [body.input]
     if isinstance(body.input, list) and body.input:
-        raise _unsupported("input", _TOKEN_HINT)
-    raise _unsupported("input", "input is a string or a non-empty list of strings")
+        if all(isinstance(x, str) for x in body.input):
+            return list(body.input)
+        if all(_token_ids(x) for x in body.input):
+            return list(body.input)
+    raise _unsupported(
+        "input",
+        "input is a string, a list of strings, a list of token ids or a list of such lists "
+        "(non-empty)",
+    )

@@ -65,7 +65,7 @@ class CompletionBody(Choices, kw_only=True):
 
 
 class EmbeddingBody(msgspec.Struct, kw_only=True):
-    input: Any = None  # a string or a list of strings; token arrays are refused by name
+    input: Any = None  # a string, strings, token ids, or lists of token ids
     model: str | None = None
     encoding_format: str | None = None
     dimensions: int | None = None
