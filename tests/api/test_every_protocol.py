@@ -280,3 +280,20 @@ async def test_a_full_queue_is_429_in_the_protocols_shape(
     assert int(response.headers["retry-after"]) >= 1
     assert wire.error_code(response.json()) in (None, "queue_full")
     assert wire.error_text(response.json())
+
+
+@pytest.mark.parametrize(
+    "wire", [w for w in PROTOCOLS if w.path.startswith("/v1")], ids=lambda w: w.name
+)
+async def test_a_cancelled_stream_ends_with_a_server_error_event(
+    app_factory: AppFactory, wire: Wire
+) -> None:
+    """docs/compat.md: a stream modeld ends early (a ``DELETE /requests/{id}`` too) ends
+    with an ``error`` whose type is ``server_error``, whatever status an unstreamed answer
+    would have had (499 for a cancel)."""
+    async with app_factory() as app:
+        app.manager.end_next = DoneReason.CANCELLED
+        response = await app.http.post(wire.path, json=wire.body(TINY_CHAT, True))
+    last = wire.stream_lines(response.text)[-1]
+    assert last["error"]["type"] == "server_error", last
+    assert last["error"]["code"] == "cancelled"

@@ -482,6 +482,33 @@ def test_responses_stream_events(client: openai.OpenAI) -> None:
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == events[-4].text  # type: ignore[union-attr]
     assert [e.sequence_number for e in events] == list(range(len(events)))
+    item = events[-2].item  # type: ignore[union-attr]
+    assert item.status == "incomplete"  # as its response is
+
+
+def test_responses_fields_strict_clients_read(server: RunningServer) -> None:
+    """What OpenAI's published schema has and strict SDKs read: ``logprobs`` on output
+    text, ``cache_write_tokens``, the schema asked for echoed in ``text.format``, a
+    message ``incomplete`` in an ``incomplete`` response."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}},
+              "required": ["ok"], "additionalProperties": False}  # fmt: skip
+    text_format = {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}
+    body = {"model": "tiny-chat", "input": "hi", "max_output_tokens": 2,
+            "text": {"format": text_format}}  # fmt: skip
+    with server.client() as http:
+        response = http.post("/v1/responses", json=body).json()
+        plain = http.post("/v1/responses", json={**body, "text": None}).json()
+    assert response["status"] == "incomplete"
+    (message,) = response["output"]
+    assert message["status"] == "incomplete"
+    assert message["content"][0]["logprobs"] == []
+    assert response["text"]["format"] == text_format
+    assert plain["text"]["format"] == {"type": "text"}
+    details = response["usage"]["input_tokens_details"]
+    assert (
+        details["cached_tokens"] + details["cache_write_tokens"]
+        == response["usage"]["input_tokens"]
+    )
 
 
 @pytest.mark.parametrize(
