@@ -582,3 +582,51 @@ def test_infer_takes_the_same_format(server: RunningServer) -> None:
     assert answer["text"].startswith("{")
     assert refused.status_code == 400
     assert refused.json()["error"]["field"] == "format"
+
+
+# ------------------------------------------------------------------ llama-server's fields
+
+
+def test_llama_servers_grammar_fields_are_enforced(client: openai.OpenAI) -> None:
+    """A client moving from llama-server keeps its constraints: a raw GBNF ``grammar``,
+    a top-level ``json_schema``, ``response_format: {type: json_object, schema}``."""
+    yes_no = 'root ::= "yes" | "no"'
+    chat = client.chat.completions.create(
+        model=TINY_CHAT, messages=HELLO, max_tokens=8, extra_body={"grammar": yes_no}
+    )
+    assert chat.choices[0].message.content in ("yes", "no")
+    completion = client.completions.create(
+        model="tiny-a.gguf", prompt="hi", max_tokens=8, extra_body={"grammar": yes_no}
+    )
+    assert completion.choices[0].text in ("yes", "no")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}},
+              "required": ["ok"], "additionalProperties": False}  # fmt: skip
+    for extra in ({"json_schema": schema},
+                  {"response_format": {"type": "json_object", "schema": schema}}):  # fmt: skip
+        answer = client.chat.completions.create(
+            model=TINY_CHAT, messages=HELLO, max_tokens=32, extra_body=extra
+        )
+        assert set(json.loads(answer.choices[0].message.content or "")) == {"ok"}, extra
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"grammar": 'root ::= "a"{5000}'}, "grammar"),  # over the repetition bound
+        ({"grammar": 'root ::= ("a"{2000}){2000}'}, "grammar"),  # expands too far
+        ({"grammar": "root ::= ("}, "grammar"),  # llama.cpp refuses it: checked first
+        ({"grammar": "x" * 300_000}, "grammar"),
+        ({"grammar": 'root ::= "a"', "json_schema": {"type": "object"}}, "grammar"),
+        ({"grammar": 5}, "grammar"),
+    ],
+    ids=["repetition", "expansion", "refused", "size", "two", "type"],
+)
+def test_a_raw_grammar_is_bounded_like_a_schema(
+    client: openai.OpenAI, server: RunningServer, extra: dict[str, object], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=TINY_CHAT, messages=HELLO, max_tokens=4,
+                                       extra_body=extra)  # fmt: skip
+    assert caught.value.param == param, caught.value.message
+    fine = client.chat.completions.create(model=TINY_CHAT, messages=HELLO, max_tokens=2)
+    assert fine.choices[0].finish_reason == "length"  # and the server goes on

@@ -16,7 +16,7 @@ import llama_cpp
 from llama_cpp.llama_grammar import JSON_GBNF
 
 from modeld.errors import InvalidRequest
-from modeld.grammar import DEFAULT_LIMITS, schema_grammar
+from modeld.grammar import DEFAULT_LIMITS, check_grammar_bounds, schema_grammar
 from modeld.types import ResponseFormat
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "MAX_GRAMMAR_BYTES",
     "check_grammar",
     "grammar_for_format",
+    "grammar_for_request",
     "grammar_is_accepted",
 ]
 
@@ -48,6 +49,19 @@ def grammar_for_format(response_format: ResponseFormat) -> str:
     return schema_grammar(response_format, param="format")
 
 
+def grammar_for_request(
+    response_format: ResponseFormat | None, raw_grammar: str | None
+) -> str | None:
+    """The grammar a request asks for: its ``format`` converted, or its own GBNF
+    (``grammar``: llama-server's field) within the same bounds as a converted schema.
+    Both at once is a 400 naming ``grammar``."""
+    if raw_grammar is not None:
+        if response_format is not None:
+            raise InvalidRequest("give a grammar or a format, not both", field="grammar")
+        return check_grammar_bounds(raw_grammar, param="grammar")
+    return None if response_format is None else grammar_for_format(response_format)
+
+
 def grammar_is_accepted(vocab: object, grammar: str) -> bool:
     """Whether llama.cpp parses ``grammar`` for this vocabulary (the sampler is built and
     freed at once). Only on the thread that owns the model."""
@@ -58,8 +72,8 @@ def grammar_is_accepted(vocab: object, grammar: str) -> bool:
     return True
 
 
-def check_grammar(vocab: object, grammar: str) -> None:
-    """Raises :class:`InvalidRequest` (field ``format``) when llama.cpp refuses
+def check_grammar(vocab: object, grammar: str, field: str = "format") -> None:
+    """Raises :class:`InvalidRequest` (naming ``field``) when llama.cpp refuses
     ``grammar``; its reason is in the log (llama.cpp's own error line)."""
     if "\x00" in grammar or not grammar_is_accepted(vocab, grammar):
-        raise InvalidRequest(f"{GRAMMAR_REFUSED}; its log line says why", field="format")
+        raise InvalidRequest(f"{GRAMMAR_REFUSED}; its log line says why", field=field)

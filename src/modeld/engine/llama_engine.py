@@ -157,7 +157,7 @@ class LlamaEngine:
         else:
             tokens = self.prepare(request.prompt, request.max_tokens, truncate=request.truncate)
         if recipe.grammar is not None:
-            self.check_grammar(recipe.grammar)  # refused here, before any byte is sent
+            self.check_grammar(recipe.grammar, "grammar" if request.grammar else "format")
         return PreparedRequest(tokens, request, recipe.grammar)
 
     def prepare(
@@ -186,10 +186,10 @@ class LlamaEngine:
         self._check_open()
         return self._prompts.of_chat(messages, max_tokens, chat_template, truncate)
 
-    def check_grammar(self, grammar: str) -> None:
+    def check_grammar(self, grammar: str, field: str = "format") -> None:
         """Raises :class:`InvalidRequest` (field ``format``) if llama.cpp refuses it."""
         self._check_open()
-        check_grammar(self._llama._model.vocab, grammar)
+        check_grammar(self._llama._model.vocab, grammar, field)
 
     def tokenize(
         self, prompt: str, *, add_bos: bool | None = None, field: str = "prompt"

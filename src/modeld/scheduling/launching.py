@@ -19,7 +19,7 @@ import anyio
 
 from modeld.engine.base import EngineClosed, LoopOutcome, TokenRing
 from modeld.engine.contract import Recipe, Request, run_request
-from modeld.engine.grammar import grammar_for_format
+from modeld.engine.grammar import grammar_for_request
 from modeld.engine.worker import ThreadCall, WorkerStopped
 from modeld.errors import InvalidRequest, RequestNotFound
 from modeld.events import EventHub, GenerationFinished
@@ -37,7 +37,6 @@ from modeld.types import (
     DoneReason,
     EmbeddingInput,
     EmbeddingResult,
-    ResponseFormat,
 )
 
 __all__ = ["Launcher", "embedding_inputs"]
@@ -73,7 +72,7 @@ class Launcher:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.generations:
             raise InvalidRequest(f"request id {request_id!r} is already running")
-        grammar = await _grammar_for(request.format)  # before anything is held
+        grammar = await _grammar_for(request)  # before anything is held
         model = resolve(request.model)
         recipe = Recipe(grammar=grammar, chat_template=model.chat_template)
         model_id = model.id
@@ -246,12 +245,13 @@ class Launcher:
             self._events.publish(GenerationFinished(result=generation.result))
 
 
-async def _grammar_for(response_format: ResponseFormat | None) -> str | None:
-    """The grammar enforcing ``response_format``, converted off the event loop (a schema
-    may be large). Raises :class:`InvalidRequest` naming ``format``."""
-    if response_format is None:
+async def _grammar_for(request: Request) -> str | None:
+    """The grammar enforcing the request's ``format`` (or its own ``grammar``), made
+    off the event loop (a schema may be large). Raises :class:`InvalidRequest` naming
+    ``format`` or ``grammar``."""
+    if request.format is None and request.grammar is None:
         return None
-    return await anyio.to_thread.run_sync(grammar_for_format, response_format)
+    return await anyio.to_thread.run_sync(grammar_for_request, request.format, request.grammar)
 
 
 def embedding_inputs(inputs: Sequence[EmbeddingInput]) -> list[EmbeddingInput]:

@@ -29,6 +29,7 @@ __all__ = [
     "chat_request",
     "check_unsupported",
     "completion_request",
+    "constraint_fields",
     "embedding_inputs",
     "messages_from",
     "response_format",
@@ -110,7 +111,7 @@ def chat_request(
     fields["messages"] = [msgspec_message(m) for m in messages_from(body.messages)]
     fields["model"] = body.model
     fields["stream"] = bool(body.stream)
-    fields["format"] = response_format(body.response_format)
+    fields.update(constraint_fields(body))
     request = convert_fields(with_defaults(fields, body.model, defaults_for), ChatRequest)
     return request
 
@@ -166,8 +167,11 @@ def response_format(value: dict[str, Any] | None) -> ResponseFormat | None:
     kind = value.get("type")
     if kind == "text":
         return None
-    if kind == "json_object":
-        return "json"
+    if kind == "json_object":  # llama-server's extension: a schema beside the type
+        schema = value.get("schema")
+        if schema is not None and not isinstance(schema, dict):
+            raise _unsupported("response_format.schema", "a schema is an object")
+        return schema or "json"
     if kind == "json_schema":
         spec = value.get("json_schema")
         if not isinstance(spec, dict):
@@ -179,6 +183,28 @@ def response_format(value: dict[str, Any] | None) -> ResponseFormat | None:
             raise _unsupported("response_format.json_schema.schema", "a schema is an object")
         return schema
     raise _unsupported("response_format.type", f"unknown response format type {kind!r}")
+
+
+def constraint_fields(body: Choices) -> dict[str, object]:
+    """What constrains the answer: ``response_format``, or llama-server's own fields
+    (a top-level ``json_schema``, a raw GBNF ``grammar``), as modeld's ``format`` or
+    ``grammar`` (both enforced by the same bounded grammar path, never ignored). More
+    than one of them is a 400 naming the later."""
+    chosen = response_format(body.response_format)  # {"type": "text"} is none
+    given = [name for name, value in (("response_format", chosen),
+             ("json_schema", body.json_schema), ("grammar", body.grammar))
+             if value is not None]  # fmt: skip
+    if len(given) > 1:
+        raise _unsupported(given[-1], f"give one of {', '.join(given)}, not several")
+    if body.json_schema is not None:
+        if not isinstance(body.json_schema, dict):
+            raise _unsupported("json_schema", "a schema is an object")
+        return {"format": body.json_schema}
+    if body.grammar is not None:
+        if not isinstance(body.grammar, str):
+            raise _unsupported("grammar", "a grammar is GBNF text")
+        return {"grammar": body.grammar}
+    return {"format": chosen}
 
 
 def completion_request(
@@ -198,7 +224,7 @@ def completion_request(
     fields["prompt"] = _prompt(body.prompt)
     fields["model"] = body.model
     fields["stream"] = bool(body.stream)
-    fields["format"] = response_format(body.response_format)
+    fields.update(constraint_fields(body))
     return convert_fields(with_defaults(fields, body.model, defaults_for), InferRequest)
 
 

@@ -39,6 +39,8 @@ class Choices(msgspec.Struct, kw_only=True):
     logit_bias: dict[str, Any] | None = None
     user: str | None = None
     response_format: dict[str, Any] | None = None  # a grammar, on chat and completions
+    json_schema: dict[str, Any] | None = None  # llama-server's: a schema, enforced
+    grammar: Any = None  # llama-server's: GBNF of the client's own, bounded
 
 
 class ChatCompletionBody(Choices, kw_only=True):
