@@ -351,7 +351,9 @@ def test_embeddings_base64_on_the_wire_is_little_endian_float32(server: RunningS
 
 
 BAD_CHATS = [
-    ({"n": 2}, "n"),
+    ({"n": 9}, "n"),  # at most 8 choices
+    ({"n": 0}, "n"),
+    ({"n": 2, "stream": True}, "n"),  # several choices are answered whole
     ({"logprobs": True}, "logprobs"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
@@ -630,3 +632,23 @@ def test_a_raw_grammar_is_bounded_like_a_schema(
     assert caught.value.param == param, caught.value.message
     fine = client.chat.completions.create(model=TINY_CHAT, messages=HELLO, max_tokens=2)
     assert fine.choices[0].finish_reason == "length"  # and the server goes on
+
+
+def test_n_choices_each_with_its_index_and_finish_reason(client: openai.OpenAI) -> None:
+    """``n`` answers to one prompt, one after another (seed, seed + 1, ...); the usage
+    counts the prompt once and every choice's tokens."""
+    chat = client.chat.completions.create(
+        model=TINY_CHAT, messages=HELLO, max_tokens=6, n=3, seed=7, temperature=1.0
+    )
+    assert [choice.index for choice in chat.choices] == [0, 1, 2]
+    assert all(choice.finish_reason == "length" for choice in chat.choices)
+    assert len({choice.message.content for choice in chat.choices}) > 1  # seeds differ
+    assert chat.usage is not None
+    assert chat.usage.completion_tokens == 18
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + 18
+    again = client.chat.completions.create(
+        model=TINY_CHAT, messages=HELLO, max_tokens=6, n=3, seed=7, temperature=1.0
+    )
+    assert [c.message.content for c in again.choices] == [c.message.content for c in chat.choices]
+    completion = client.completions.create(model="tiny-a.gguf", prompt="hi", max_tokens=4, n=2)
+    assert [choice.index for choice in completion.choices] == [0, 1]

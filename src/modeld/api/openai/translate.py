@@ -13,6 +13,7 @@ from typing import Any
 from modeld.api.bodies import convert_fields, decode_json
 from modeld.api.errors import UnsupportedParam
 from modeld.api.openai.wire import ChatCompletionBody, Choices, CompletionBody, EmbeddingBody
+from modeld.api.protocol import MAX_CHOICES
 from modeld.api.sampling import SamplingNames, stop_list
 from modeld.errors import InvalidRequest
 from modeld.types import (
@@ -62,8 +63,10 @@ def _unsupported(param: str, why: str) -> InvalidRequest:
 
 def check_unsupported(body: Choices) -> None:
     """The fields shared by chat and completions that modeld honours at one value only."""
-    if body.n is not None and body.n != 1:
-        raise _unsupported("n", "modeld generates one choice per request (n=1)")
+    if body.n is not None and not 1 <= body.n <= MAX_CHOICES:
+        raise _unsupported("n", f"n is 1 to {MAX_CHOICES} choices")
+    if body.n is not None and body.n > 1 and body.stream:
+        raise _unsupported("n", "n > 1 is answered whole; stream with n=1")
     if body.logit_bias:
         raise _unsupported("logit_bias", "logit_bias is not supported")
 
