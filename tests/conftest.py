@@ -30,6 +30,9 @@ def shared_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
     root = tmp_path_factory.mktemp("xdg-state")
     previous = os.environ.get("XDG_STATE_HOME")
     os.environ["XDG_STATE_HOME"] = str(root)
+    # No prompt cache disk tier in the shared dir (one test's saved states would be
+    # restored by another's servers): tests of it name a directory of their own.
+    os.environ.setdefault("MODELD_PROMPT_CACHE_DISK_MB", "0")
     yield root / "modeld"
     if previous is None:
         del os.environ["XDG_STATE_HOME"]

@@ -115,9 +115,21 @@ def test_a_new_per_model_setting_is_one_field() -> None:
     table's other keys reach it as they are)."""
     fields = {f.name for f in msgspec.structs.fields(ModelSettings)}
     assert fields == {
-        "aliases", "chat_template", "n_ctx", "n_gpu_layers", "threads", "pin", "keep_alive",
-        "defaults",
+        "aliases", "chat_template", "tool_format", "n_ctx", "n_gpu_layers", "threads", "pin",
+        "keep_alive", "defaults",
     }  # fmt: skip
+
+
+def test_the_tool_format_setting_names_a_known_format() -> None:
+    from modeld.tools import ToolFormat, resolve_format
+
+    assert msgspec.convert({"tool_format": "mistral"}, ModelSettings).tool_format == "mistral"
+    with pytest.raises(msgspec.ValidationError, match="tool_format"):
+        msgspec.convert({"tool_format": "nope"}, ModelSettings)
+    for fmt in ToolFormat:  # every format can be named, and the name wins over the template
+        assert (
+            resolve_format("<tool_call>", ModelSettings(tool_format=fmt.value).tool_format) is fmt
+        )
 
 
 @pytest.mark.parametrize(

@@ -70,6 +70,32 @@ class CounterStatistics:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheStatistics:
+    """What /status and /metrics show (counters since start, gauges now)."""
+
+    enabled: bool
+    in_budget: bool  # the memory tier lives in the budget's free memory (CPU)
+    memory_bound_bytes: int
+    memory_allowed_bytes: int
+    memory_bytes: int
+    memory_entries: int
+    disk_enabled: bool
+    disk_bound_bytes: int
+    disk_bytes: int
+    disk_entries: int
+    hits_memory: int
+    hits_disk: int
+    misses: int
+    saves: int
+    restored_tokens: int
+    restore_failures: int
+    invalid_removed: int
+    given_way_bytes: int
+    restore_seconds: float
+    save_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class ManagerStatistics:
     budget_mb: int
     margin_mb: int
@@ -85,3 +111,4 @@ class ManagerStatistics:
     counters: tuple[CounterStatistics, ...]
     crash_containment: GuardStatistics
     recent_events: tuple[RecentEvent, ...] = ()
+    prompt_cache: CacheStatistics | None = None

@@ -18,6 +18,7 @@ __all__ = [
     "MAX_EMBEDDING_INPUTS",
     "MAX_STOP_STRINGS",
     "MAX_STOP_STRING_CHARS",
+    "MAX_TOOLS",
     "MIN_CONTEXT_TOKENS",
     "ChatMessage",
     "ChatRequest",
@@ -26,13 +27,22 @@ __all__ = [
     "DoneReason",
     "EmbeddingInput",
     "EmbeddingResult",
+    "FunctionCall",
     "GenerationMetrics",
     "GenerationResult",
+    "GrammarConstraint",
     "InferRequest",
     "InstanceState",
     "LoopKind",
+    "MessageToolCall",
+    "NamedFunction",
+    "NamedToolChoice",
     "ResponseFormat",
     "SamplingParams",
+    "Tool",
+    "ToolChoice",
+    "ToolFunction",
+    "as_constraint",
     "context_sizes",
     "embedding_context_sizes",
 ]
@@ -151,6 +161,38 @@ class SamplingParams(msgspec.Struct, frozen=True):
             msgspec.structs.force_setattr(self, "stop", tuple(self.stop))
 
 
+class GrammarConstraint(msgspec.Struct, frozen=True, kw_only=True):
+    """A grammar for the token loops (both read it by field name).
+
+    ``gbnf`` has a ``root`` rule. Without triggers it holds every token; with trigger
+    patterns (regexes matched against the whole output so far, e.g.
+    ``^[\\s\\S]*?(<tool_call>)[\\s\\S]*$``; the grammar is fed the text from the first
+    group on) or trigger tokens it is *lazy*: free text stays free until a trigger, then
+    the grammar holds the rest (llama.cpp's ``llama_sampler_init_grammar_lazy_patterns``).
+    Trigger patterns are compiled by ``std::regex`` in llama.cpp, where a malformed one
+    aborts the process: only modeld's own code makes them (modeld.tools), never a client.
+    ``full_pass`` forces the grammar onto every candidate at every step, the reference the
+    fast path (docs/c-extension.md) is tested against; output is the same either way.
+    """
+
+    gbnf: str
+    trigger_patterns: tuple[str, ...] = ()
+    trigger_tokens: tuple[int, ...] = ()
+    full_pass: bool = False
+
+    @property
+    def lazy(self) -> bool:
+        return bool(self.trigger_patterns or self.trigger_tokens)
+
+
+def as_constraint(grammar: str | GrammarConstraint | None) -> GrammarConstraint | None:
+    """A loop's ``grammar`` argument as a :class:`GrammarConstraint` (plain GBNF text is
+    one without triggers)."""
+    if grammar is None or isinstance(grammar, GrammarConstraint):
+        return grammar
+    return GrammarConstraint(gbnf=grammar)
+
+
 class InferRequest(SamplingParams, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """The body of ``POST /infer`` and the arguments of ``ModelManager.generate``: what to
     generate from, and how (it *is* the request's :class:`SamplingParams`)."""
@@ -164,11 +206,68 @@ class InferRequest(SamplingParams, forbid_unknown_fields=True, frozen=True, kw_o
     truncate: bool = False  # a prompt too long for the context keeps its end (Ollama's way)
 
 
-class ChatMessage(msgspec.Struct, frozen=True):
-    """One turn of a conversation, as every chat template takes it."""
+# ---- tools (checked and turned into grammars by modeld.tools; defined here, the leaf)
+MAX_TOOLS = 128
+MAX_TOOL_DESCRIPTION_CHARS = 8192
+MAX_TOOL_CALL_ID_CHARS = 256
+ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
 
-    role: Literal["system", "user", "assistant"]
-    content: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
+
+class ToolFunction(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A function the model may call; ``parameters`` is a JSON schema for its arguments
+    (an object schema; absent means none)."""
+
+    name: ToolName
+    description: Annotated[str, msgspec.Meta(max_length=MAX_TOOL_DESCRIPTION_CHARS)] = ""
+    parameters: dict[str, Any] = msgspec.field(
+        default_factory=lambda: {"type": "object", "properties": {}}
+    )
+    strict: bool | None = None  # OpenAI's flag; arguments are always enforced here
+
+
+class Tool(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: ToolFunction
+
+
+class NamedFunction(msgspec.Struct, frozen=True):
+    name: ToolName
+
+
+class NamedToolChoice(msgspec.Struct, frozen=True):
+    """``{"type": "function", "function": {"name": ...}}``: that function must be called."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class FunctionCall(msgspec.Struct, frozen=True):
+    name: ToolName
+    arguments: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]  # JSON text
+
+
+class MessageToolCall(msgspec.Struct, frozen=True):
+    """A call an earlier ``assistant`` turn made, as OpenAI sends it back in history."""
+
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TOOL_CALL_ID_CHARS)]
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    """One turn of a conversation, as every chat template takes it: an ``assistant``
+    turn may carry the ``tool_calls`` it made, a ``tool`` turn answers one of them
+    (``tool_call_id``)."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)] = ""
+    tool_calls: Annotated[tuple[MessageToolCall, ...], msgspec.Meta(max_length=MAX_TOOLS)] = ()
+    tool_call_id: (
+        Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TOOL_CALL_ID_CHARS)] | None
+    ) = None
 
 
 class ChatRequest(SamplingParams, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -181,6 +280,11 @@ class ChatRequest(SamplingParams, forbid_unknown_fields=True, frozen=True, kw_on
     stream: bool = True
     keep_alive: KeepAlive | None = None  # how long the model stays loaded after this
     format: ResponseFormat | None = None
+    # Function tools the model may call (modeld.tools checks them and makes the grammar);
+    # tool_choice None means "auto" when there are tools.
+    tools: Annotated[tuple[Tool, ...], msgspec.Meta(max_length=MAX_TOOLS)] = ()
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
     grammar: RawGrammar | None = None  # GBNF of the client's own (llama-server's field)
     truncate: bool = False  # too long for the context: the oldest turns go (Ollama's way)
 
@@ -195,6 +299,12 @@ class ChatRequest(SamplingParams, forbid_unknown_fields=True, frozen=True, kw_on
                 for m in messages
             )
             msgspec.structs.force_setattr(self, "messages", converted)
+        if not isinstance(self.tools, tuple) or not all(isinstance(t, Tool) for t in self.tools):
+            tools = msgspec.convert(list(self.tools), tuple[Tool, ...])  # plain mappings
+            msgspec.structs.force_setattr(self, "tools", tools)
+        if isinstance(self.tool_choice, dict):
+            choice = msgspec.convert(self.tool_choice, NamedToolChoice)
+            msgspec.structs.force_setattr(self, "tool_choice", choice)
 
 
 class Chunk(msgspec.Struct, frozen=True):

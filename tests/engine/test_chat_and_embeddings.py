@@ -156,7 +156,7 @@ def test_an_embedding_input_is_one_batch_at_most(plain_engine: LlamaEngine) -> N
         plain_engine.embed(["ok", "hello " * 100], lambda: False)
     assert caught.value.field == "input"
     assert "input 1" in caught.value.message
-    assert plain_engine._embedding is None  # checked before anything was made
+    assert not plain_engine._embedding.made  # checked before anything was made
 
 
 def test_embedding_inputs_as_token_ids_and_truncated(plain_engine: LlamaEngine) -> None:

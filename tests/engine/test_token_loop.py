@@ -328,9 +328,7 @@ def test_batches_never_end_inside_a_character_on_tiny_model(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "text", ["日本語で短い詩を書いてください。", "Reply with three emoji: 🌊🐙🚀 and more"]
-)
+@pytest.mark.parametrize("text", ["日本語で短い詩を書いてください。", "Repeat these emoji: 🌊🐙🚀"])
 def test_gemma_multibyte_output_arrives_whole(
     loop: TokenLoop, gemma_llama: Llama, text: str
 ) -> None:

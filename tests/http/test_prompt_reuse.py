@@ -1,6 +1,6 @@
 """Prompt-prefix reuse as a client sees it: ``cached_tokens`` in the terminal metrics,
-``modeld_prompt_tokens_cached_total`` in /metrics, nothing kept across an eviction, and
-``--no-prompt-reuse``."""
+``modeld_prompt_tokens_cached_total`` in /metrics, the prompt cache across an eviction,
+``--prompt-cache-mb 0`` and ``--no-prompt-reuse``."""
 
 from __future__ import annotations
 
@@ -39,9 +39,12 @@ def test_a_repeated_prompt_is_reported_as_cached(
         counted = again["cached_tokens"] + grown["cached_tokens"]
         assert metric(scrape(client), "modeld_prompt_tokens_cached_total", **TINY_A) == counted
 
-        # an evicted instance takes its cache with it: the reload starts empty
+        # an evicted instance saved its context in the prompt cache: the reload restores
+        # it, so all but the prompt's last token count as cached again
         assert client.delete("/models/tiny-a.gguf/instance").status_code == 200
-        assert _metrics(client, PROMPT, stream=False)["cached_tokens"] == 0
+        restored = _metrics(client, PROMPT, stream=False)
+        assert restored["cached_tokens"] == restored["prompt_tokens"] - 1
+        counted += restored["cached_tokens"]
         assert metric(scrape(client), "modeld_prompt_tokens_cached_total", **TINY_A) == counted
 
 
@@ -53,3 +56,38 @@ def test_no_prompt_reuse_evaluates_every_prompt_whole(
         for stream in (False, True, True):
             assert _metrics(client, PROMPT, stream=stream)["cached_tokens"] == 0
         assert metric(scrape(client), "modeld_prompt_tokens_cached_total", **TINY_A) == 0
+
+
+def test_an_evicted_conversation_comes_back_from_the_prompt_cache(
+    start_server: ServerFactory, models_dir: Path
+) -> None:
+    """A prompt long enough to keep (>= 32 tokens) is saved when its instance unloads;
+    the reloaded instance restores it, and ``cached_tokens`` counts the restored tokens."""
+    long = " ".join([PROMPT] * 2)
+    server = start_server(models_dir)
+    with server.client() as client:
+        first = _metrics(client, long, stream=False)
+        assert client.delete("/models/tiny-a.gguf/instance").status_code == 200
+        before = client.get("/status").json()["prompt_cache"]
+        assert before["enabled"]
+        assert before["memory_entries"] >= 1
+        grown = _metrics(client, long + " and the hello", stream=True)
+        assert grown["cached_tokens"] >= first["prompt_tokens"]
+        status = client.get("/status").json()["prompt_cache"]
+        assert status["hits_memory"] == before["hits_memory"] + 1
+        assert status["restored_tokens"] - before["restored_tokens"] == grown["cached_tokens"]
+        text = scrape(client)
+        assert metric(text, "modeld_prompt_cache_hits_total", tier="memory") >= 1
+        assert metric(text, "modeld_prompt_cache_bytes", tier="memory") > 0
+
+
+def test_prompt_cache_mb_0_turns_the_cache_off(
+    start_server: ServerFactory, models_dir: Path
+) -> None:
+    long = " ".join([PROMPT] * 2)
+    server = start_server(models_dir, "--prompt-cache-mb", "0")
+    with server.client() as client:
+        _metrics(client, long, stream=False)
+        assert client.delete("/models/tiny-a.gguf/instance").status_code == 200
+        assert _metrics(client, long + " and the hello", stream=False)["cached_tokens"] == 0
+        assert client.get("/status").json()["prompt_cache"]["enabled"] is False

@@ -89,10 +89,10 @@ def test_a_template_bomb_loads_promptly_and_its_chat_is_a_clean_400(
 def test_llama_cpp_python_never_sees_the_template(bomb_dir: Path) -> None:
     """The engine's ``Llama`` has no template in the metadata llama-cpp-python reads (so
     it builds no formatter); modeld's copy keeps it."""
-    from modeld.engine.llama_engine import _load_llama
+    from modeld.engine.llama_load import load_llama
 
     path = str(bomb_dir / "tiny-chat.gguf")
-    llama = _load_llama(path, "tiny-chat.gguf", model_path=path, n_ctx=64, verbose=False)
+    llama = load_llama(path, "tiny-chat.gguf", model_path=path, n_ctx=64, verbose=False)
     try:
         assert "tokenizer.chat_template" not in llama.metadata
         assert llama.file_metadata["tokenizer.chat_template"] == TINY_CHAT_TEMPLATE

@@ -77,14 +77,18 @@ def faulty(**faults: Any) -> Callable[..., LlamaEngine]:
     return factory
 
 
-def hanging_load(release: threading.Event, model_id: str = MODEL) -> Callable[..., LlamaEngine]:
+def hanging_load(
+    release: threading.Event, model_id: str = MODEL, entered: threading.Event | None = None
+) -> Callable[..., LlamaEngine]:
     """A factory whose load of ``model_id`` hangs (inside llama.cpp, as far as modeld can
-    tell) until ``release`` is set."""
+    tell) until ``release`` is set; ``entered`` is set once it hangs."""
 
     def factory(
         model: ModelFile, settings: EngineSettings, loop: TokenLoop, n_ctx_train: int
     ) -> LlamaEngine:
         if model.id == model_id:
+            if entered is not None:
+                entered.set()
             release.wait(HANG_LIMIT_S)
         return LlamaEngine(model.path, settings, loop, n_ctx_train)
 
@@ -162,15 +166,21 @@ async def test_shutdown_abandons_a_load_hung_inside_llama_cpp(
 async def test_a_stalled_load_does_not_hold_back_other_models(
     models_dir: Path, token_loop: TokenLoop
 ) -> None:
-    release = threading.Event()
+    release, entered = threading.Event(), threading.Event()
     manager = manager_with(
-        models_dir, token_loop, hanging_load(release), settings={"load_timeout": 0.3}
+        models_dir,
+        token_loop,
+        hanging_load(release, entered=entered),
+        settings={"load_timeout": 0.3},
     )
     try:
         async with manager:
-            with anyio.move_on_after(0.05):
-                await manager.complete(ask())  # tiny-a's load starts and hangs
-            with anyio.fail_after(20):
+            async with anyio.create_task_group() as asking:
+                asking.start_soon(manager.complete, ask())  # tiny-a's load starts and hangs
+                # however slow the machine: until it hangs inside the load, holding its turn
+                assert await anyio.to_thread.run_sync(entered.wait, 60)
+                asking.cancel_scope.cancel()  # the waiter leaves; the load goes on
+            with anyio.fail_after(60):
                 _, result = await manager.complete(ask("tiny-b.gguf"))
             assert result.done_reason is DoneReason.LENGTH
             assert manager.stalled_loads() == [MODEL]

@@ -15,7 +15,7 @@ from llama_cpp.llama_grammar import LlamaGrammar
 
 from modeld.engine.base import LoopOutcome, TokenLoop, TokenRing
 from modeld.engine.pyring import PyTokenRing
-from modeld.types import LoopKind, SamplingParams
+from modeld.types import GrammarConstraint, LoopKind, SamplingParams
 from tests.support.poll import poll
 
 
@@ -123,7 +123,7 @@ def stream(
     params: SamplingParams,
     *,
     capacity_bytes: int = 64 * 1024,
-    grammar: str | None = None,
+    grammar: str | GrammarConstraint | None = None,
     cached: int = 0,
 ) -> Streamed:
     """One generation, worker thread producing and this thread consuming."""

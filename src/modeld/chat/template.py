@@ -4,15 +4,23 @@ file), compiled once and rendered with the variables transformers and llama.cpp 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from typing import Any
 
 import jinja2
 
 from modeld.chat.sandbox import OutputTooLong, TemplateRefused, compile_template, render_bounded
 from modeld.errors import ChatTemplateError, ContextLengthExceeded
-from modeld.types import ChatMessage
+from modeld.types import ChatMessage, MessageToolCall, Tool
 
-__all__ = ["MAX_TEMPLATE_CHARS", "ChatTemplate", "output_too_long"]
+__all__ = [
+    "MAX_TEMPLATE_CHARS",
+    "ChatTemplate",
+    "output_too_long",
+    "template_messages",
+    "template_tools",
+]
 
 # Real templates are a few KiB (tool-heavy ones ~20 KiB); compiling is linear in size.
 MAX_TEMPLATE_CHARS = 128 * 1024
@@ -28,6 +36,7 @@ class ChatTemplate:
 
     def __init__(self, source: str, *, where: str) -> None:
         self.where = where
+        self.source = source  # what modeld.tools.detect_format reads
         if len(source) > MAX_TEMPLATE_CHARS:
             raise ChatTemplateError(
                 f"{where}: the chat template is {len(source)} characters; at most "
@@ -52,19 +61,24 @@ class ChatTemplate:
         eos_token: str,
         max_chars: int,
         add_generation_prompt: bool = True,
+        tools: Sequence[Tool] = (),
     ) -> str:
         """The prompt text for ``messages``, ending with the assistant's turn opened.
+
+        ``tools`` and the messages' ``tool_calls``/``tool_call_id`` reach the template as
+        Hugging Face's renderer passes them (:func:`template_messages`,
+        :func:`template_tools`); ``tools`` is None for a template when there are none.
 
         Raises :class:`ChatTemplateError` with the template's own message when it refuses
         the conversation (``raise_exception``: an unsupported role, turns out of order),
         or saying why the sandbox stopped it.
         """
         variables = {
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "messages": template_messages(messages),
             "add_generation_prompt": add_generation_prompt,
             "bos_token": bos_token,
             "eos_token": eos_token,
-            "tools": None,
+            "tools": template_tools(tools) or None,
             "documents": None,
         }
         try:
@@ -84,3 +98,48 @@ def output_too_long(
     if 2 * sum(len(m.content) for m in messages) > max_chars:
         return ContextLengthExceeded(message, field="messages")
     return ChatTemplateError(message)
+
+
+def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as transformers' ``apply_chat_template`` hands them to a template: role
+    and content, an assistant's ``tool_calls`` (``id``, ``type``, ``function.name``, and
+    ``function.arguments`` as an object, which the common templates run through
+    ``tojson``; text that is not a JSON object stays text), a tool's ``tool_call_id``."""
+    rendered: list[dict[str, Any]] = []
+    for message in messages:
+        item: dict[str, Any] = {"role": message.role, "content": message.content}
+        if message.tool_calls:
+            item["tool_calls"] = [_template_call(call) for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            item["tool_call_id"] = message.tool_call_id
+        rendered.append(item)
+    return rendered
+
+
+def template_tools(tools: Sequence[Tool]) -> list[dict[str, Any]]:
+    """Tools as JSON-schema dicts in OpenAI's shape, as transformers passes them."""
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": tool.function.name,
+                "description": tool.function.description,
+                "parameters": tool.function.parameters,
+            },
+        }
+        for tool in tools
+    ]
+
+
+def _template_call(call: MessageToolCall) -> dict[str, Any]:
+    try:
+        arguments: Any = json.loads(call.function.arguments)
+    except ValueError:
+        arguments = call.function.arguments
+    if not isinstance(arguments, dict):
+        arguments = call.function.arguments
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.function.name, "arguments": arguments},
+    }

@@ -150,33 +150,93 @@ static const sampling_field SAMPLING_FIELDS[] = {
 #define N_SAMPLING_FIELDS (sizeof(SAMPLING_FIELDS) / sizeof(SAMPLING_FIELDS[0]))
 static const char STOP_FIELD[] = "stop";
 
-/* The grammar (str or None) as an owned NUL-terminated copy; *out stays NULL for None. */
-static int
-grammar_from_python(PyObject *grammar, char **out)
+/* A str as an owned NUL-terminated UTF-8 copy; what names it in errors. */
+static char *
+text_from_python(PyObject *text, const char *what)
 {
-    *out = NULL;
-    if (grammar == NULL || grammar == Py_None) {
-        return 0;
-    }
-    if (!PyUnicode_Check(grammar)) {
-        PyErr_SetString(PyExc_TypeError, "grammar must be str or None");
-        return -1;
+    if (!PyUnicode_Check(text)) {
+        PyErr_Format(PyExc_TypeError, "%s must be str", what);
+        return NULL;
     }
     Py_ssize_t len;
-    const char *text = PyUnicode_AsUTF8AndSize(grammar, &len);
-    if (text == NULL) {
+    const char *utf8 = PyUnicode_AsUTF8AndSize(text, &len);
+    if (utf8 == NULL) {
+        return NULL;
+    }
+    if ((Py_ssize_t)strlen(utf8) != len) {
+        PyErr_Format(PyExc_ValueError, "%s must not contain NUL", what);
+        return NULL;
+    }
+    char *copy = PyMem_RawMalloc((size_t)len + 1);
+    if (copy == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    memcpy(copy, utf8, (size_t)len + 1);
+    return copy;
+}
+
+static int
+trigger_patterns_from_python(PyObject *seq, grammar_spec *g)
+{
+    PyObject *fast = PySequence_Fast(seq, "trigger_patterns must be a sequence of str");
+    if (fast == NULL) {
         return -1;
     }
-    if ((Py_ssize_t)strlen(text) != len) {
-        PyErr_SetString(PyExc_ValueError, "grammar must not contain NUL");
-        return -1;
-    }
-    *out = PyMem_RawMalloc((size_t)len + 1);
-    if (*out == NULL) {
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    g->trigger_patterns = PyMem_RawCalloc((size_t)n + 1, sizeof(char *));
+    if (g->trigger_patterns == NULL) {
+        Py_DECREF(fast);
         PyErr_NoMemory();
         return -1;
     }
-    memcpy(*out, text, (size_t)len + 1);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char *pattern = text_from_python(PySequence_Fast_GET_ITEM(fast, i), "a trigger pattern");
+        if (pattern == NULL) {
+            Py_DECREF(fast);
+            return -1; /* grammar_spec_free releases the ones made */
+        }
+        g->trigger_patterns[g->n_trigger_patterns++] = pattern;
+    }
+    Py_DECREF(fast);
+    return 0;
+}
+
+static int
+trigger_tokens_from_python(PyObject *seq, grammar_spec *g)
+{
+    int32_t n = 0;
+    if (PySequence_Length(seq) == 0) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    g->trigger_tokens = prompt_from_python(seq, &n);
+    if (g->trigger_tokens == NULL) {
+        return -1;
+    }
+    g->n_trigger_tokens = (size_t)n;
+    return 0;
+}
+
+/* The grammar and its triggers (modeld.types.GrammarConstraint, field by field); the
+ * spec's text stays NULL for None. */
+static int
+grammar_from_python(PyObject *grammar, PyObject *patterns, PyObject *tokens, int full_pass,
+                    grammar_spec *out)
+{
+    out->full_pass = full_pass != 0;
+    if (grammar == NULL || grammar == Py_None) {
+        return 0;
+    }
+    out->text = text_from_python(grammar, "grammar");
+    if (out->text == NULL) {
+        return -1;
+    }
+    if (patterns != NULL && trigger_patterns_from_python(patterns, out) < 0) {
+        return -1;
+    }
+    if (tokens != NULL && trigger_tokens_from_python(tokens, out) < 0) {
+        return -1;
+    }
     return 0;
 }
 
@@ -393,10 +453,11 @@ outcome_to_python(const loop_state *s)
         Py_DECREF(error);
         return NULL;
     }
-    return Py_BuildValue("(iLLLNNiL)", (int)s->stop_code, (long long)s->completion_tokens,
-                         (long long)(first - s->started_ns),
+    return Py_BuildValue("(iLLLNNiL(LL))", (int)s->stop_code,
+                         (long long)s->completion_tokens, (long long)(first - s->started_ns),
                          (long long)(s->ended_ns - first), error, trace,
-                         (int)s->cached_tokens, (long long)s->n_kv);
+                         (int)s->cached_tokens, (long long)s->n_kv,
+                         (long long)s->fast_tokens, (long long)s->full_passes);
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -829,15 +890,19 @@ tokenloop_bind(PyObject *Py_UNUSED(module), PyObject *arg)
 
 PyDoc_STRVAR(run_doc,
              "run(*, ring, ctx, vocab, prompt, n_batch, n_vocab, penalty_last_n, params, "
-             "cached=0, n_swa=0, grammar=None, pause_fd=-1)\n"
+             "cached=0, n_swa=0, grammar=None, trigger_patterns=(), trigger_tokens=(), "
+             "full_grammar_pass=False, pause_fd=-1)\n"
              "-> (stop_code, completion_tokens, prompt_eval_ns, eval_ns, error, token_ids, "
-             "cached_tokens, n_kv)\n\n"
+             "cached_tokens, n_kv, (fast_tokens, full_passes))\n\n"
              "One generation with the GIL released; every argument by name. ctx and vocab are "
              "addresses; params is a modeld.types.SamplingParams (its fields are read by name, "
              "seed and max_tokens must be set). cached: the KV holds prompt[:cached] from the "
              "previous generation (kept when that is exact, see keep_cached_prefix; else the "
              "cache is cleared); n_swa: the model's sliding window. grammar is GBNF text with a "
-             "root rule, or None. token_ids: every sampled id, an EOG included; cached_tokens: "
+             "root rule, or None; with trigger patterns (regexes llama.cpp compiles, from "
+             "trusted code only: a bad one aborts) or tokens it is lazy; full_grammar_pass: "
+             "check every candidate at every step (the reference for the fast path, see "
+             "csrc/sampling.h); fast_tokens/full_passes count the grammar's two paths. token_ids: every sampled id, an EOG included; cached_tokens: "
              "the prompt tokens kept; n_kv: the KV holds the first n_kv of prompt + token_ids, "
              "-1 when unknown. pause_fd >= 0 is a test hook: the first prompt decode signals it "
              "and holds until the ring is cancelled.");
@@ -847,19 +912,23 @@ tokenloop_run(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"ring",     "ctx",    "vocab",          "prompt", "n_batch",
                                "n_vocab",  "penalty_last_n", "params", "cached", "n_swa",
-                               "grammar",  "pause_fd", NULL};
+                               "grammar",  "trigger_patterns", "trigger_tokens",
+                               "full_grammar_pass", "pause_fd", NULL};
     module_state *st = get_state(module);
     PyObject *ring_obj = NULL, *prompt_obj = NULL, *params_obj = NULL, *grammar_obj = NULL;
+    PyObject *patterns_obj = NULL, *trigger_tokens_obj = NULL;
+    int full_pass = 0;
     unsigned long long ctx_addr = 0, vocab_addr = 0;
     loop_state s;
     memset(&s, 0, sizeof(s));
     s.penalty_last_n = INT_MIN; /* "not given": llama.cpp takes -1 and up */
     s.abort.pause_fd = -1;
     /* "|$": keyword-only, so two neighbours of one type can never be swapped by position */
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$O!KKOiiiOiiOi:run", keywords,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$O!KKOiiiOiiOOOpi:run", keywords,
                                      st->ring_type, &ring_obj, &ctx_addr, &vocab_addr,
                                      &prompt_obj, &s.n_batch, &s.n_vocab, &s.penalty_last_n,
                                      &params_obj, &s.n_cached, &s.n_swa, &grammar_obj,
+                                     &patterns_obj, &trigger_tokens_obj, &full_pass,
                                      &s.abort.pause_fd)) {
         return NULL;
     }
@@ -890,7 +959,8 @@ tokenloop_run(PyObject *module, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_ValueError, "max_tokens must be at least 1");
         goto done;
     }
-    if (grammar_from_python(grammar_obj, &s.grammar) < 0) {
+    if (grammar_from_python(grammar_obj, patterns_obj, trigger_tokens_obj, full_pass,
+                            &s.grammar) < 0) {
         goto done;
     }
     s.prompt = prompt_from_python(prompt_obj, &s.n_prompt);

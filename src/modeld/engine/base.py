@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from modeld.types import LoopKind, SamplingParams
+from modeld.types import GrammarConstraint, LoopKind, SamplingParams
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -144,15 +144,16 @@ class TokenLoop(Protocol):
         ring: TokenRing,
         prompt_tokens: Sequence[int],
         params: SamplingParams,
-        grammar: str | None = None,
+        grammar: str | GrammarConstraint | None = None,
         *,
         cached: int = 0,
     ) -> LoopOutcome:
         """Evaluate the prompt, then sample until a stop condition.
 
         ``params.max_tokens`` must be set (the engine settles ``None``). ``grammar`` (GBNF
-        text with a ``root`` rule) constrains every sampled token; one llama.cpp refuses
-        ends the run as ``StopCode.ERROR`` before anything is evaluated.
+        text with a ``root`` rule, or a :class:`GrammarConstraint`: lazy with triggers)
+        constrains the sampled tokens; one llama.cpp refuses ends the run as
+        ``StopCode.ERROR`` before anything is evaluated.
 
         ``cached`` says the KV cache holds ``prompt_tokens[:cached]`` from the previous
         generation (``0 <= cached < len(prompt_tokens)``): the loop keeps them where

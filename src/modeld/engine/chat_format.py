@@ -21,7 +21,7 @@ from modeld.chat import MAX_TEMPLATE_CHARS, ChatTemplate
 from modeld.chat.template import output_too_long
 from modeld.errors import ChatTemplateError, NoChatTemplate
 from modeld.settings.per_model import template_file
-from modeld.types import ChatMessage
+from modeld.types import ChatMessage, Tool
 
 __all__ = ["ChatFormatter", "builtin_chat_templates", "read_template_file", "render_builtin"]
 
@@ -81,10 +81,26 @@ class ChatFormatter:
     def has_own_template(self) -> bool:
         return self._gguf_source is not None
 
+    def template_source(self, override: str | None) -> str | None:
+        """The Jinja source :meth:`render` would use with ``override`` (None for a
+        llama.cpp built-in template or none at all): what the tool-call format is
+        detected from (:func:`modeld.tools.detect_format`)."""
+        if override is not None:
+            path = template_file(override)
+            return read_template_file(path) if path is not None else None
+        return self._gguf_source
+
     def render(
-        self, messages: Sequence[ChatMessage], override: str | None, *, max_chars: int
+        self,
+        messages: Sequence[ChatMessage],
+        override: str | None,
+        *,
+        max_chars: int,
+        tools: Sequence[Tool] = (),
     ) -> str:
-        """The prompt text for ``messages``.
+        """The prompt text for ``messages`` (``tools`` go to a Jinja template; a
+        llama.cpp built-in template takes none: describe them in a system message, see
+        :func:`modeld.tools.generic_messages`).
 
         Raises :class:`NoChatTemplate` when the model has no template and ``override`` is
         None, :class:`ChatTemplateError` when the template refuses the conversation or
@@ -106,7 +122,11 @@ class ChatFormatter:
             )
         template = self._compile(source, where)
         return template.render(
-            messages, bos_token=self.bos_token, eos_token=self.eos_token, max_chars=max_chars
+            messages,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            max_chars=max_chars,
+            tools=tools,
         )
 
     def _compile(self, source: str, where: str) -> ChatTemplate:

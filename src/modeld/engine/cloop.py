@@ -22,7 +22,7 @@ import msgspec
 
 from modeld.engine.base import RING_CAPACITY_BYTES, LoopOutcome, StopCode, TokenRing
 from modeld.errors import TokenLoopUnavailable
-from modeld.types import LoopKind, SamplingParams
+from modeld.types import GrammarConstraint, LoopKind, SamplingParams, as_constraint
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -88,7 +88,7 @@ class CTokenLoop:
         ring: TokenRing,
         prompt_tokens: Sequence[int],
         params: SamplingParams,
-        grammar: str | None = None,
+        grammar: str | GrammarConstraint | None = None,
         *,
         cached: int = 0,
     ) -> LoopOutcome:
@@ -110,15 +110,18 @@ class CTokenLoop:
         prompt_tokens: Sequence[int],
         params: SamplingParams,
         *,
-        grammar: str | None = None,
+        grammar: str | GrammarConstraint | None = None,
         cached: int = 0,
         pause_in_prompt_fd: int = -1,
+        grammar_paths: list[int] | None = None,
     ) -> tuple[LoopOutcome, list[int]]:
         """:meth:`run`, also returning every sampled token id (an EOG included): for tests.
 
         ``pause_in_prompt_fd`` (an eventfd, test hook): the first prompt decode writes to it
         and then waits inside llama.cpp's abort callback until the ring is cancelled, so a
-        test can cancel exactly during prompt evaluation.
+        test can cancel exactly during prompt evaluation. ``grammar_paths``, when given,
+        receives how many of a grammar's tokens the fast path chose and how many took the
+        full pass (see csrc/sampling.h).
         """
         return self._run(
             llama,
@@ -128,6 +131,7 @@ class CTokenLoop:
             grammar,
             cached=cached,
             pause_fd=pause_in_prompt_fd,
+            grammar_paths=grammar_paths,
         )
 
     def _run(
@@ -136,17 +140,19 @@ class CTokenLoop:
         ring: TokenRing,
         prompt_tokens: Sequence[int],
         params: SamplingParams,
-        grammar: str | None,
+        grammar: str | GrammarConstraint | None,
         *,
         cached: int,
         pause_fd: int,
+        grammar_paths: list[int] | None = None,
     ) -> tuple[LoopOutcome, list[int]]:
         if not isinstance(ring, self._ext.TokenRing):
             raise TypeError("the C token loop needs a ring made by CTokenLoop.new_ring()")
         if params.seed is None:  # C reads every field by name, so the seed is settled here
             params = msgspec.structs.replace(params, seed=secrets.randbits(32))
+        constraint = as_constraint(grammar)
         try:
-            stop_code, completion, prompt_ns, eval_ns, error, token_ids, kept, n_kv = self._ext.run(
+            result = self._ext.run(
                 ring=ring,
                 ctx=_address(llama.ctx),
                 vocab=_address(llama._model.vocab),
@@ -157,13 +163,19 @@ class CTokenLoop:
                 params=params,
                 cached=cached,
                 n_swa=llama_cpp.llama_model_n_swa(llama.model),
-                grammar=grammar,
+                grammar=constraint.gbnf if constraint is not None else None,
+                trigger_patterns=constraint.trigger_patterns if constraint is not None else (),
+                trigger_tokens=constraint.trigger_tokens if constraint is not None else (),
+                full_grammar_pass=constraint is not None and constraint.full_pass,
                 pause_fd=pause_fd,
             )
         finally:
             # The KV cache no longer holds what llama-cpp-python thinks it does: make its
             # next generate() start from scratch instead of reusing a prefix.
             llama.n_tokens = 0
+        stop_code, completion, prompt_ns, eval_ns, error, token_ids, kept, n_kv, paths = result
+        if grammar_paths is not None:
+            grammar_paths[:] = paths
         outcome = LoopOutcome(
             stop_code=StopCode(stop_code),
             prompt_tokens=len(prompt_tokens),

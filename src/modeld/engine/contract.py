@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from modeld.engine.base import RING_CAPACITY_BYTES, LoopOutcome, StopCode, TokenRing
 from modeld.types import ChatRequest, ContextSizes, EmbeddingInput, InferRequest, SamplingParams
+
+if TYPE_CHECKING:
+    from modeld.prompt_cache.cache import ModelPromptCache
 
 __all__ = ["Engine", "PreparedRequest", "Recipe", "Request", "run_request"]
 
@@ -79,7 +82,13 @@ class Engine(Protocol):
 
     def warm_up(self) -> None: ...
 
-    def close(self) -> None: ...
+    def attach_prompt_cache(self, cache: ModelPromptCache | None) -> None:
+        """The second tier behind the context's KV (None: none)."""
+        ...
+
+    def close(self) -> None:
+        """Frees the model now (a prompt cache gets the context's prefix first)."""
+        ...
 
 
 def run_request(

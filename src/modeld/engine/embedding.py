@@ -17,11 +17,10 @@ from collections.abc import Callable, Sequence
 
 import llama_cpp
 
-from modeld.engine.tokens import Tokenizer
 from modeld.errors import ClientDisconnected, EngineError, ResourcesExhausted
-from modeld.types import ContextSizes, EmbeddingInput
+from modeld.types import ContextSizes
 
-__all__ = ["EmbeddingContext", "embed_inputs", "pooling_for"]
+__all__ = ["EmbeddingContext", "LazyEmbedding", "pooling_for"]
 
 _POOLED = frozenset(
     {llama_cpp.LLAMA_POOLING_TYPE_MEAN, llama_cpp.LLAMA_POOLING_TYPE_CLS,
@@ -93,25 +92,34 @@ class EmbeddingContext:
             self._ctx = None
 
 
-def embed_inputs(
-    tokenizer: Tokenizer,
-    context: Callable[[], EmbeddingContext],
-    limit_tokens: int,
-    inputs: Sequence[EmbeddingInput],
-    cancelled: Callable[[], bool],
-    truncate: bool,
-) -> tuple[list[list[float]], int]:
-    """Every input tokenized and checked (``limit_tokens`` at most, or its first that
-    many with ``truncate``) before ``context()`` is even made; ``cancelled`` is asked
-    between inputs. Returns the vectors and their token count."""
-    tokenized = [
-        tokenizer.embedding_tokens(item, index, limit_tokens, truncate=truncate)
-        for index, item in enumerate(inputs)
-    ]
-    embedding = context()
-    vectors: list[list[float]] = []
-    for tokens in tokenized:
-        if cancelled():
-            raise ClientDisconnected("the embedding request was cancelled")
-        vectors.append(embedding.embed(tokens))
-    return vectors, sum(len(tokens) for tokens in tokenized)
+class LazyEmbedding:
+    """An :class:`EmbeddingContext` made on first use (its memory is charged then) and
+    kept until :meth:`close`."""
+
+    def __init__(self, model: object, sizes: ContextSizes, n_threads: int, pooling: int) -> None:
+        self._args = (model, sizes, n_threads, pooling)
+        self._context: EmbeddingContext | None = None
+
+    @property
+    def made(self) -> bool:
+        """Whether the context exists (its memory is held)."""
+        return self._context is not None
+
+    def embed_all(
+        self, inputs: Sequence[Sequence[int]], cancelled: Callable[[], bool]
+    ) -> list[list[float]]:
+        """Each input's embedding; ``cancelled`` is asked between inputs (then
+        :class:`ClientDisconnected`)."""
+        if self._context is None:
+            self._context = EmbeddingContext(*self._args)
+        vectors: list[list[float]] = []
+        for tokens in inputs:
+            if cancelled():
+                raise ClientDisconnected("the embedding request was cancelled")
+            vectors.append(self._context.embed(tokens))
+        return vectors
+
+    def close(self) -> None:
+        """Free the context (before the weights it points into). Idempotent."""
+        if self._context is not None:
+            self._context.close()

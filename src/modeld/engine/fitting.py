@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from modeld.engine.chat_format import ChatFormatter
 from modeld.engine.tokens import Tokenizer
 from modeld.errors import ContextLengthExceeded
-from modeld.types import ChatMessage
+from modeld.types import ChatMessage, Tool
 
 __all__ = ["PromptTokens", "fit_messages", "prompt_budget"]
 
@@ -100,6 +100,7 @@ class PromptTokens:
         max_tokens: int | None,
         chat_template: str | None,
         truncate: bool,
+        tools: Sequence[Tool] = (),
     ) -> list[int]:
         """The conversation rendered and tokenized, with control tokens parsed and no
         second BOS when the template wrote one; with ``truncate``, its most recent turns
@@ -107,7 +108,8 @@ class PromptTokens:
         tokenizer, chat = self._tokenizer, self._chat
 
         def tokens_of(kept: Sequence[ChatMessage]) -> list[int]:
-            text = chat.render(kept, chat_template, max_chars=tokenizer.max_prompt_bytes)
+            limit = tokenizer.max_prompt_bytes
+            text = chat.render(kept, chat_template, max_chars=limit, tools=tools)
             bos = chat.bos_token
             add_bos = tokenizer.add_bos and not (bos and text.startswith(bos))
             return tokenizer.tokenize(text, add_bos=add_bos, field="messages")

@@ -15,9 +15,10 @@ from __future__ import annotations
 import llama_cpp
 from llama_cpp.llama_grammar import JSON_GBNF
 
+from modeld.engine.fastgrammar import grammar_sampler
 from modeld.errors import InvalidRequest
 from modeld.grammar import DEFAULT_LIMITS, check_grammar_bounds, schema_grammar
-from modeld.types import ResponseFormat
+from modeld.types import GrammarConstraint, ResponseFormat
 
 __all__ = [
     "GRAMMAR_REFUSED",
@@ -72,8 +73,16 @@ def grammar_is_accepted(vocab: object, grammar: str) -> bool:
     return True
 
 
-def check_grammar(vocab: object, grammar: str, field: str = "format") -> None:
+def check_grammar(vocab: object, grammar: str | GrammarConstraint, field: str = "format") -> None:
     """Raises :class:`InvalidRequest` (naming ``field``) when llama.cpp refuses
-    ``grammar``; its reason is in the log (llama.cpp's own error line)."""
-    if "\x00" in grammar or not grammar_is_accepted(vocab, grammar):
+    ``grammar`` (a lazy one is built with its triggers); its reason is in the log
+    (llama.cpp's own error line)."""
+    if isinstance(grammar, str):
+        accepted = "\x00" not in grammar and grammar_is_accepted(vocab, grammar)
+    else:
+        sampler = None if "\x00" in grammar.gbnf else grammar_sampler(vocab, grammar)
+        if sampler:
+            llama_cpp.llama_sampler_free(sampler)
+        accepted = bool(sampler)
+    if not accepted:
         raise InvalidRequest(f"{GRAMMAR_REFUSED}; its log line says why", field=field)

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import llama_cpp
 import msgspec
@@ -24,9 +25,10 @@ from modeld.engine.base import (
     TokenLoop,
     TokenRing,
 )
+from modeld.engine.cache_tier import CacheTier
 from modeld.engine.chat_format import ChatFormatter
 from modeld.engine.contract import PreparedRequest, Recipe, Request
-from modeld.engine.embedding import EmbeddingContext, embed_inputs, pooling_for
+from modeld.engine.embedding import LazyEmbedding, pooling_for
 from modeld.engine.fitting import PromptTokens
 from modeld.engine.grammar import check_grammar
 from modeld.engine.kv_prefix import reusable_prefix
@@ -37,10 +39,15 @@ from modeld.types import (
     ChatMessage,
     ChatRequest,
     EmbeddingInput,
+    GrammarConstraint,
     SamplingParams,
+    Tool,
     context_sizes,
     embedding_context_sizes,
 )
+
+if TYPE_CHECKING:
+    from modeld.prompt_cache.cache import ModelPromptCache
 
 __all__ = ["EngineSettings", "LlamaEngine"]
 
@@ -106,20 +113,25 @@ class LlamaEngine:
         )
         # llama.cpp's own count of its weight bytes (read once, here, on the owner thread)
         self.model_size_bytes = int(llama_cpp.llama_model_size(self._llama.model))
-        self._n_threads = settings.n_threads
         self.tokenizer = Tokenizer(self._llama._model.vocab, self.sizes.n_ctx)
         self.max_prompt_bytes = self.tokenizer.max_prompt_bytes
         self._chat = ChatFormatter(
             self._llama.file_metadata,
-            bos_token=self._token_text(self._llama.token_bos()),
-            eos_token=self._token_text(self._llama.token_eos()),
+            bos_token=self.tokenizer.token_text(self._llama.token_bos()),
+            eos_token=self.tokenizer.token_text(self._llama.token_eos()),
+        )
+        self._embedding = LazyEmbedding(
+            self._llama.model,
+            embedding_context_sizes(self.sizes),
+            settings.n_threads,
+            pooling_for(llama_cpp.llama_pooling_type(self._llama.ctx)),
         )
         self._prompts = PromptTokens(self.tokenizer, self._chat)
-        self._embedding: EmbeddingContext | None = None
         self._prompt_reuse = settings.prompt_reuse
         # The tokens whose KV the context holds, in position order. Only generate() keeps
         # it true; anything else that uses the context must call forget_kv().
         self._kv_tokens: Sequence[int] = ()
+        self._cache_tier = CacheTier(self._llama)  # the second tier, attached by the loader
         self._closed = False
 
     def _check_owner(self) -> None:
@@ -143,31 +155,27 @@ class LlamaEngine:
     def prepare_request(self, request: Request, recipe: Recipe) -> PreparedRequest:
         """The request's tokens (its prompt, or its messages through ``recipe``'s chat
         template), checked against the context (or, with ``request.truncate``, fitted
-        into it as Ollama does), and its grammar against the vocabulary.
-
-        Raises what :meth:`prepare`, :meth:`prepare_chat` and :meth:`check_grammar` do.
-        """
+        into it as Ollama does), and its grammar against the vocabulary. Raises what
+        :meth:`prepare`, :meth:`prepare_chat` and :meth:`check_grammar` do."""
+        limit, cut = request.max_tokens, request.truncate
         if isinstance(request, ChatRequest):
-            tokens = self.prepare_chat(
-                request.messages,
-                request.max_tokens,
-                recipe.chat_template,
-                truncate=request.truncate,
-            )
+            tokens = self.prepare_chat(request.messages, limit, recipe.chat_template, truncate=cut)
         else:
-            tokens = self.prepare(request.prompt, request.max_tokens, truncate=request.truncate)
+            tokens = self.prepare(request.prompt, limit, truncate=cut)
         if recipe.grammar is not None:
             self.check_grammar(recipe.grammar, "grammar" if request.grammar else "format")
         return PreparedRequest(tokens, request, recipe.grammar)
 
+    def attach_prompt_cache(self, cache: ModelPromptCache | None) -> None:
+        """Save and restore sequence states through ``cache`` (None: stop)."""
+        self._cache_tier.cache = cache if self._prompt_reuse else None
+
     def prepare(
         self, prompt: str, max_tokens: int | None = None, *, truncate: bool = False
     ) -> list[int]:
-        """The prompt's tokens (:meth:`PromptTokens.of_prompt`: with ``truncate``, its
-        end that leaves ``max_tokens`` room). A ``max_tokens`` beyond the room left is a
-        cap (:meth:`generate`). Raises :class:`ContextLengthExceeded` (field ``prompt``)
-        when the prompt leaves no room for one token, :class:`InvalidRequest` when it is
-        not valid Unicode, :class:`EngineClosed` after :meth:`close`."""
+        """The prompt's tokens (:meth:`PromptTokens.of_prompt`). Raises
+        :class:`ContextLengthExceeded` (``prompt``) when it leaves no room for one token,
+        :class:`InvalidRequest` for invalid Unicode, :class:`EngineClosed` after close."""
         self._check_open()
         return self._prompts.of_prompt(prompt, max_tokens, truncate)
 
@@ -178,16 +186,23 @@ class LlamaEngine:
         chat_template: str | None,
         *,
         truncate: bool = False,
+        tools: Sequence[Tool] = (),
     ) -> list[int]:
-        """:meth:`prepare` for a conversation rendered through the model's chat template
-        (``chat_template``: the operator's override, a built-in name or a Jinja file).
-        Raises :class:`NoChatTemplate`, :class:`ChatTemplateError`, and what
-        :meth:`prepare` does, naming ``messages``."""
+        """:meth:`prepare` for a conversation through the model's chat template (``tools``
+        handed to it, :mod:`modeld.tools`). Raises :class:`NoChatTemplate`,
+        :class:`ChatTemplateError`, and what :meth:`prepare` does, naming ``messages``."""
         self._check_open()
-        return self._prompts.of_chat(messages, max_tokens, chat_template, truncate)
+        return self._prompts.of_chat(messages, max_tokens, chat_template, truncate, tools)
 
-    def check_grammar(self, grammar: str, field: str = "format") -> None:
-        """Raises :class:`InvalidRequest` (field ``format``) if llama.cpp refuses it."""
+    def chat_template_source(self, chat_template: str | None) -> str | None:
+        """The Jinja source :meth:`prepare_chat` renders with ``chat_template`` (None for a
+        llama.cpp built-in): what :func:`modeld.tools.resolve_format` reads."""
+        self._check_open()
+        return self._chat.template_source(chat_template)
+
+    def check_grammar(self, grammar: str | GrammarConstraint, field: str = "format") -> None:
+        """Raises :class:`InvalidRequest` (naming ``field``) if llama.cpp refuses it (a
+        lazy grammar is built with its trigger patterns)."""
         self._check_open()
         check_grammar(self._llama._model.vocab, grammar, field)
 
@@ -197,11 +212,6 @@ class LlamaEngine:
         """:meth:`Tokenizer.tokenize` on the owner thread."""
         self._check_owner()
         return self.tokenizer.tokenize(prompt, add_bos=add_bos, field=field)
-
-    def _token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return str(self._llama._model.token_get_text(token))
 
     def new_ring(self, capacity_bytes: int = RING_CAPACITY_BYTES) -> TokenRing:
         """A ring this engine's loop writes into; any thread (the event loop's, usually).
@@ -220,7 +230,7 @@ class LlamaEngine:
         ring: TokenRing,
         prompt_tokens: Sequence[int],
         params: SamplingParams,
-        grammar: str | None = None,
+        grammar: str | GrammarConstraint | None = None,
     ) -> LoopOutcome:
         """Run the token loop into ``ring``, then finish the ring, whatever happens.
 
@@ -231,11 +241,13 @@ class LlamaEngine:
         message, so the consumer always sees the stream end with an outcome.
         """
         self._check_owner()
-        cached = reusable_prefix(self._kv_tokens, prompt_tokens) if self._prompt_reuse else 0
+        held = self._kv_tokens
+        cached = reusable_prefix(held, prompt_tokens) if self._prompt_reuse else 0
         self.forget_kv()  # unknown until the loop says what it left
         try:
             if self._closed:
                 raise EngineClosed("the engine is closed")
+            cached = self._cache_tier.restore(held, prompt_tokens, cached, ring)
             room = self.tokenizer.room(len(prompt_tokens), params.max_tokens)
             if params.max_tokens != room:  # None, or more than the context has left
                 params = msgspec.structs.replace(params, max_tokens=room)
@@ -285,17 +297,11 @@ class LlamaEngine:
         once ``cancelled()``, :class:`ResourcesExhausted`, :class:`EngineError`."""
         self._check_open()
         limit = self.embedding_tokens
-        return embed_inputs(self.tokenizer, self._embedder, limit, inputs, cancelled, truncate)
-
-    def _embedder(self) -> EmbeddingContext:
-        if self._embedding is None:
-            self._embedding = EmbeddingContext(
-                self._llama.model,
-                embedding_context_sizes(self.sizes),
-                self._n_threads,
-                pooling_for(llama_cpp.llama_pooling_type(self._llama.ctx)),
-            )
-        return self._embedding
+        tokenized = [
+            self.tokenizer.embedding_tokens(item, i, limit, truncate=truncate)
+            for i, item in enumerate(inputs)
+        ]
+        return self._embedding.embed_all(tokenized, cancelled), sum(len(t) for t in tokenized)
 
     def close(self) -> None:
         """Free the contexts and the weights now, not at garbage collection."""
@@ -303,8 +309,8 @@ class LlamaEngine:
         if self._closed:
             return
         self._closed = True
-        if self._embedding is not None:
-            self._embedding.close()  # it points into the weights freed next
+        self._cache_tier.save_at_close(self._kv_tokens)
+        self._embedding.close()  # it points into the weights freed next
         self._llama.close()
         del self._llama
         malloc_trim()

@@ -1,7 +1,9 @@
 """The pure-Python token loop: the typed reference for the C loop, and the fallback.
 
-It drives ``Llama.generate()``, so its sampling is llama-cpp-python's own chain; the C loop
-builds the same chain and is tested token for token against this one.
+Free decoding drives ``Llama.generate()``, so its sampling is llama-cpp-python's own chain;
+under a grammar it samples with :class:`~modeld.engine.fastgrammar.FastGrammarSampler`
+(the grammar checked against the chosen token first), whose output is that chain's. The C
+loop does the same and is tested token for token against this one.
 """
 
 from __future__ import annotations
@@ -9,18 +11,18 @@ from __future__ import annotations
 import ctypes
 import secrets
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Generator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp
-from llama_cpp.llama_grammar import LlamaGrammar
 
 from modeld.engine.base import RING_CAPACITY_BYTES, LoopOutcome, StopCode, TokenRing
-from modeld.engine.grammar import GRAMMAR_REFUSED, grammar_is_accepted
+from modeld.engine.fastgrammar import FastGrammarSampler, grammar_sampler
+from modeld.engine.grammar import GRAMMAR_REFUSED
 from modeld.engine.kv_prefix import keep_prefix
 from modeld.engine.pyring import PyTokenRing
 from modeld.engine.textstream import TextAssembler
-from modeld.types import LoopKind, SamplingParams
+from modeld.types import GrammarConstraint, LoopKind, SamplingParams, as_constraint
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -40,7 +42,7 @@ class PythonTokenLoop:
         ring: TokenRing,
         prompt_tokens: Sequence[int],
         params: SamplingParams,
-        grammar: str | None = None,
+        grammar: str | GrammarConstraint | None = None,
         *,
         cached: int = 0,
     ) -> LoopOutcome:
@@ -64,13 +66,18 @@ class PythonTokenLoop:
             llama.reset()  # type: ignore[no-untyped-call]
         to_evaluate = prompt_tokens[kept:]
         kv_known = True
-        # llama-cpp-python adds a grammar sampler without checking it exists: one that
-        # llama.cpp refuses must never reach it (the C loop checks the same way).
-        if grammar is not None and not grammar_is_accepted(vocab, grammar):
-            return self._outcome(
-                StopCode.ERROR, len(prompt_tokens), 0, started_ns, 0, kept, _kv(llama),
-                GRAMMAR_REFUSED,
-            )  # fmt: skip
+        # A grammar llama.cpp refuses must never reach a chain (the C loop checks the same
+        # way); the sampler made here is the one that runs.
+        constraint = as_constraint(grammar)
+        sampler: FastGrammarSampler | None = None
+        if constraint is not None:
+            made = grammar_sampler(vocab, constraint)
+            if not made:
+                return self._outcome(
+                    StopCode.ERROR, len(prompt_tokens), 0, started_ns, 0, kept, _kv(llama),
+                    GRAMMAR_REFUSED,
+                )  # fmt: skip
+            sampler = FastGrammarSampler(llama, params, made, seed, full_pass=constraint.full_pass)
         first_token_ns = 0
         completion_tokens = 0
         stop_code = StopCode.LENGTH
@@ -91,24 +98,22 @@ class PythonTokenLoop:
             if ring.cancelled:
                 raise _Cancelled
         except _Cancelled:
+            if sampler is not None:
+                sampler.close()
             return self._outcome(
                 StopCode.CANCELLED, len(prompt_tokens), 0, started_ns, 0, kept, _kv(llama)
             )
         except RuntimeError as exc:
+            if sampler is not None:
+                sampler.close()
             return self._outcome(
                 StopCode.ERROR, len(prompt_tokens), 0, started_ns, 0, kept, None, str(exc)
             )
-        generator = llama.generate(
-            chunks[-1] if chunks else [],
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=params.min_p,
-            temp=params.temperature,
-            repeat_penalty=params.repeat_penalty,
-            frequency_penalty=params.frequency_penalty,
-            presence_penalty=params.presence_penalty,
-            grammar=LlamaGrammar.from_string(grammar) if grammar is not None else None,
-            reset=False,  # continue after the chunks evaluated above
+        last_chunk = chunks[-1] if chunks else []
+        generator = (
+            _generate_free(llama, last_chunk, params)
+            if sampler is None
+            else _generate_constrained(llama, last_chunk, sampler)
         )
         try:
             for token in generator:
@@ -140,6 +145,8 @@ class PythonTokenLoop:
                 stop_code, error = StopCode.ERROR, str(exc)
         finally:
             generator.close()
+            if sampler is not None:
+                sampler.close()  # also when the generator never started
         if stop_code in (StopCode.LENGTH, StopCode.STOP):
             tail = text.flush()  # empty after a stop string
             if tail:
@@ -178,6 +185,39 @@ class PythonTokenLoop:
             cached_tokens=cached_tokens,
             kv_tokens=kv_tokens,
         )
+
+
+def _generate_free(
+    llama: Llama, chunk: Sequence[int], params: SamplingParams
+) -> Generator[int, Any, None]:
+    """Llama.generate() with llama-cpp-python's chain, after the chunks evaluated before."""
+    return llama.generate(
+        chunk,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        min_p=params.min_p,
+        temp=params.temperature,
+        repeat_penalty=params.repeat_penalty,
+        frequency_penalty=params.frequency_penalty,
+        presence_penalty=params.presence_penalty,
+        reset=False,  # continue after the chunks evaluated before
+    )
+
+
+def _generate_constrained(
+    llama: Llama, chunk: Sequence[int], sampler: FastGrammarSampler
+) -> Generator[int, Any, None]:
+    """What Llama.generate() does (evaluate, sample the last position, repeat), sampling
+    with ``sampler``, which it closes when the generator is closed."""
+    tokens = list(chunk)
+    try:
+        while True:
+            llama.eval(tokens)
+            token = sampler.sample()
+            yield token
+            tokens = [token]
+    finally:
+        sampler.close()
 
 
 def _kv(llama: Llama) -> list[int]:

@@ -31,6 +31,12 @@ class Tokenizer:
     def add_bos(self) -> bool:
         return bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
 
+    def token_text(self, token: int) -> str:
+        """A token's text as the vocabulary has it ("" for a missing token: -1)."""
+        if token < 0:
+            return ""
+        return str(llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8"))
+
     def tokenize(
         self, prompt: str, *, add_bos: bool | None = None, field: str = "prompt"
     ) -> list[int]:

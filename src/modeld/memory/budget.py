@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from modeld.sizes import MIB
@@ -29,6 +29,13 @@ class MemoryBudget:
         self.budget_mb = budget_mb
         self.margin_mb = margin_mb
         self._charges: dict[str, int] = {}
+        # Memory that gives way to models (the prompt cache): not charged here, it lives
+        # in what the charges leave free and is told to shrink to it on every charge.
+        self._give_way: Callable[[int], object] | None = None
+
+    def give_way_with(self, shrink_to: Callable[[int], object]) -> None:
+        """Call ``shrink_to(free bytes)`` whenever a charge changes."""
+        self._give_way = shrink_to
 
     @property
     def limit_bytes(self) -> int:
@@ -36,7 +43,13 @@ class MemoryBudget:
 
     @property
     def used_bytes(self) -> int:
-        return sum(self._charges.values())
+        # list(): one C-level copy, so a worker thread (the prompt cache asks how much
+        # is free) never iterates while the event loop changes a charge
+        return sum(list(self._charges.values()))
+
+    @property
+    def free_bytes(self) -> int:
+        return max(0, self.limit_bytes - self.used_bytes)
 
     def charge_of(self, model_id: str) -> int:
         return self._charges.get(model_id, 0)
@@ -50,6 +63,8 @@ class MemoryBudget:
     def charge(self, model_id: str, nbytes: int) -> None:
         """Set ``model_id``'s charge (a reservation before load, the measurement after)."""
         self._charges[model_id] = max(0, nbytes)
+        if self._give_way is not None:
+            self._give_way(self.free_bytes)
 
     def release(self, model_id: str) -> None:
         self._charges.pop(model_id, None)

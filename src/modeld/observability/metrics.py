@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from modeld.events import Event, GenerationFinished, ModelEvicted, ModelReady
+from modeld.prompt_cache.metrics import prompt_cache_metrics
 from modeld.sizes import MIB
 from modeld.statistics import ManagerStatistics
 
@@ -62,6 +63,7 @@ class _SnapshotCollector(Collector):
             evictions.add_metric([counts.model_id], counts.evictions_total)
         yield from (loads, failures, evictions)
         yield from _crash_containment(stats)
+        yield from prompt_cache_metrics(stats.prompt_cache)
 
 
 def _crash_containment(

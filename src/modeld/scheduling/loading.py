@@ -30,6 +30,7 @@ from modeld.memory.estimate import (
     estimate_footprint,
 )
 from modeld.memory.probe import MemoryProbe
+from modeld.prompt_cache import Namespace, PromptCache
 from modeld.redact import redact_paths
 from modeld.registry import ModelFile
 from modeld.scheduling.file_guard import FileGuard
@@ -71,8 +72,10 @@ class Loader:
         budget: MemoryBudget,
         gpu: bool,
         engine_factory: EngineFactory | None = None,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         self._live = settings
+        self._prompt_cache = prompt_cache
         self._events = events
         self._loop = token_loop
         self._probe = probe
@@ -174,6 +177,15 @@ class Loader:
             await worker.run(
                 lambda: self.guard.staged(model.id, model.identity, "warm_up", engine.warm_up)
             )
+            if self._prompt_cache is not None:  # after the warm-up: no lookup for it
+                sizes = engine.sizes
+                engine.attach_prompt_cache(
+                    self._prompt_cache.for_model(
+                        Namespace.of(
+                            model.id, model.identity, sizes.n_ctx, sizes.n_batch, sizes.n_ubatch
+                        )
+                    )
+                )
             measured_bytes = self._probe.used_bytes() - before_bytes if measured else 0
         self._budget.charge(model.id, self._charge_after_load(measured_bytes, estimate, engine))
         instance.charge_bytes = self._budget.charge_of(model.id)

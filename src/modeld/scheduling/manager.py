@@ -25,6 +25,7 @@ from modeld.errors import ModeldError, NoDefaultModel
 from modeld.events import EventHub
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.probe import MemoryProbe, default_budget_mb, detect_probe
+from modeld.prompt_cache.setup import build_prompt_cache
 from modeld.registry import ModelFile, Registry, check_model_name
 from modeld.scheduling.admission import Admission
 from modeld.scheduling.clock import Clock
@@ -93,6 +94,7 @@ class ModelManager:
         self._loop = token_loop = token_loop or _token_loop(settings)
         self._probe = probe or detect_probe(prefer_gpu=self._gpu)
         self._budget = _budget(settings, self._gpu)
+        self.prompt_cache = build_prompt_cache(settings, self._budget, gpu=self._gpu)
         self._pool = InstancePool(
             live,
             registry=self.registry,
@@ -104,6 +106,7 @@ class ModelManager:
             retry_after_s=lambda ahead: self._admission.retry_after_s(ahead),
             engine_factory=engine_factory,
             clock=clock,
+            prompt_cache=self.prompt_cache,
         )
         self._admission = Admission(live, self._pool)
         self._launcher = Launcher(live, self._pool, self.events, self._admission)
@@ -240,9 +243,8 @@ class ModelManager:
         Queued in the model's line like a generation. Raises :class:`InvalidRequest`
         (field ``input``: no input, too many, an empty or too long one), and what
         :meth:`stream` raises before yielding. Cancelled, it stops between inputs.
-        ``keep_alive`` is how long the model stays loaded afterwards, as for a generation.
-        An input is a text or the model's token ids; ``truncate`` keeps the first tokens
-        of one too long for a batch (else :class:`ContextLengthExceeded`)."""
+        ``keep_alive`` as for a generation. An input is a text or the model's token ids;
+        ``truncate`` keeps the first batch of a longer one (else a 400)."""
         return await self._launcher.embed(
             self.model_id(model), embedding_inputs(inputs), keep_alive, truncate
         )
@@ -255,8 +257,7 @@ class ModelManager:
         """The model a request's ``model`` names (None: the default model; an alias
         resolved) with its settings in force: id, context, threads, GPU layers,
         keep-alive, chat template, sampling defaults. Raises :class:`NoDefaultModel`,
-        :class:`ModelNotFound` for a name no file could have (``gpt-4o``),
-        :class:`InvalidModelId` for one no name can be (a separator, ``..``, NUL)."""
+        :class:`ModelNotFound` (``gpt-4o``), :class:`InvalidModelId` (``..``, NUL)."""
         name = name or self.settings.default_model
         if not name:
             raise NoDefaultModel("no model given and no --default-model configured")
@@ -341,6 +342,7 @@ def _statistics(manager: ModelManager) -> ManagerStatistics:
         counters=manager._pool.lines.statistics(),
         crash_containment=manager._pool.guard.statistics(),
         recent_events=manager._history.statistics(),
+        prompt_cache=manager.prompt_cache.statistics(),
     )
 
 

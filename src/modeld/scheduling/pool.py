@@ -19,6 +19,7 @@ from modeld.errors import InvalidModelId, ModeldError, ModelNotFound, QueueTimeo
 from modeld.events import EventHub, ModelFailed, ModelLoadStarted, ModelReady
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.probe import MemoryProbe
+from modeld.prompt_cache import PromptCache
 from modeld.registry import ModelFile, Registry
 from modeld.scheduling.clock import Clock, MonotonicClock
 from modeld.scheduling.fifo import FifoSlot
@@ -58,6 +59,7 @@ class InstancePool:
         retry_after_s: Callable[[int], float],
         engine_factory: EngineFactory | None = None,
         clock: Clock | None = None,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         self._live = settings
         self.idle = IdleUnloader(self, clock or MonotonicClock())
@@ -73,6 +75,7 @@ class InstancePool:
             budget=budget,
             gpu=gpu,
             engine_factory=engine_factory,
+            prompt_cache=prompt_cache,
         )
         self._instances: dict[str, Instance] = {}
         self.unloader = Unloader(self._instances, budget, events, self.changes)

@@ -73,6 +73,11 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     api_key_file: Path | None = None
     metrics_need_key: bool = False
     prompt_reuse: bool = True
+    # the prompt cache's memory tier (None: 1/8 of the budget up to 1 GiB on CPU, 1 GiB of
+    # host memory on GPU; 0 turns the whole cache off) and its disk tier (0: none)
+    prompt_cache_mb: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    prompt_cache_disk_mb: Annotated[int, msgspec.Meta(ge=0)] = 2048
+    prompt_cache_dir: Path | None = None  # default: <state dir>/prompt-cache
     models: dict[str, ModelSettings] = {}  # [models."<id>"] tables: file only
     keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE  # idle instances unload after it
     # what GET /api/version reports: the Ollama API level modeld speaks (clients check it)

@@ -37,6 +37,9 @@ RESTART_REQUIRED: frozenset[str] = frozenset(
         "cors_origins",
         "prewarm_default",  # acts once, before serving
         "state_dir",  # the crash markers and probe verdicts are opened once
+        "prompt_cache_mb",  # the prompt cache is sized and its directory opened once
+        "prompt_cache_disk_mb",
+        "prompt_cache_dir",
     }
 )
 

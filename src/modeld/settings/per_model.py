@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -55,6 +55,8 @@ class ModelSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
 
     aliases: tuple[Alias, ...] = ()
     chat_template: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)] | None = None
+    # The tool-call format (modeld.tools.ToolFormat's values); None: read from the template
+    tool_format: Literal["hermes", "llama3", "mistral", "generic"] | None = None
     n_ctx: ContextTokens | None = None
     n_gpu_layers: GpuLayers | None = None
     threads: Threads | None = None

@@ -34,6 +34,19 @@ struct llama_sampler_chain_params {
     bool no_perf;
 };
 
+typedef struct llama_token_data {
+    llama_token id;
+    float logit;
+    float p;
+} llama_token_data;
+
+typedef struct llama_token_data_array {
+    llama_token_data *data;
+    size_t size;
+    int64_t selected; /* an index into data, not a token id */
+    bool sorted;
+} llama_token_data_array;
+
 typedef bool (*ggml_abort_callback)(void *data);
 
 #define LLAMA_FUNCTIONS(X)                                                                 \
@@ -63,6 +76,13 @@ typedef bool (*ggml_abort_callback)(void *data);
     X(struct llama_sampler *, llama_sampler_init_dist, (uint32_t seed))                    \
     X(struct llama_sampler *, llama_sampler_init_grammar,                                  \
       (const struct llama_vocab *vocab, const char *grammar_str, const char *grammar_root)) \
+    X(struct llama_sampler *, llama_sampler_init_grammar_lazy_patterns,                    \
+      (const struct llama_vocab *vocab, const char *grammar_str, const char *grammar_root, \
+       const char **trigger_patterns, size_t num_trigger_patterns,                         \
+       const llama_token *trigger_tokens, size_t num_trigger_tokens))                      \
+    X(void, llama_sampler_apply, (struct llama_sampler * s, llama_token_data_array * cur_p)) \
+    X(void, llama_sampler_accept, (struct llama_sampler * s, llama_token token))           \
+    X(float *, llama_get_logits_ith, (struct llama_context * ctx, int32_t i))               \
     X(llama_token, llama_sampler_sample,                                                   \
       (struct llama_sampler * s, struct llama_context * ctx, int32_t idx))                 \
     X(void, llama_sampler_free, (struct llama_sampler * s))                                \

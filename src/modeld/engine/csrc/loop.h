@@ -14,12 +14,14 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/eventfd.h>
 #include <time.h>
 
 #include "alloc.h"
 #include "llama_api.h"
 #include "ring.h"
+#include "sampling.h"
 #include "text_assembler.h"
 
 enum stop_code { STOP_STOP = 0, STOP_LENGTH = 1, STOP_CANCELLED = 2, STOP_ERROR = 3 };
@@ -30,20 +32,6 @@ enum loop_error {
     LOOP_ERR_SAMPLER,
     LOOP_ERR_GRAMMAR,
 };
-
-/* modeld.types.SamplingParams but its stop strings (those are loop_state.stops). Filled
- * field by field, by name, in _tokenloop.c (SAMPLING_FIELDS). */
-typedef struct {
-    int64_t max_tokens;
-    double temperature;
-    double top_p;
-    int32_t top_k;
-    double min_p;
-    double repeat_penalty;
-    uint32_t seed;
-    double presence_penalty;
-    double frequency_penalty;
-} sampling_params;
 
 typedef struct {
     ring_t *ring;
@@ -64,7 +52,7 @@ typedef struct {
     int32_t n_vocab;
     int32_t penalty_last_n;
     sampling_params sampling;
-    char *grammar; /* owned GBNF with a "root" rule; NULL when sampling is unconstrained */
+    grammar_spec grammar; /* its text NULL when sampling is unconstrained */
     stop_set stops; /* owned */
     text_asm text;
     llama_token *trace; /* owned: every sampled token id, an EOG included */
@@ -76,6 +64,8 @@ typedef struct {
     enum loop_error error;
     int32_t decode_status;
     int64_t completion_tokens;
+    int64_t fast_tokens; /* a grammar's tokens chosen without its full pass */
+    int64_t full_passes;
     int32_t cached_tokens; /* prompt tokens whose KV was kept rather than evaluated */
     int64_t n_kv; /* the KV holds the first n_kv of prompt + trace; -1: unknown, clear it */
     int64_t started_ns;
@@ -111,8 +101,7 @@ loop_state_release(loop_state *s)
     s->prompt = NULL;
     MODELD_FREE(s->trace);
     s->trace = NULL;
-    MODELD_FREE(s->grammar);
-    s->grammar = NULL;
+    grammar_spec_free(&s->grammar);
     text_asm_free(&s->text);
     stop_set_free(&s->stops);
 }
@@ -129,18 +118,28 @@ abort_if_cancelled(void *data)
     return ring_is_cancelled(abort->ring);
 }
 
+/* How a generation samples: llama-cpp-python's chain (free decoding, or a grammar's full
+ * pass when the spec asks for it: the reference), or the fast sampler (csrc/sampling.h)
+ * for a grammar. */
+typedef struct {
+    struct llama_sampler *chain;
+    fast_sampler fast;
+    bool use_fast;
+} loop_sampler;
+
 /* The chain of llama-cpp-python 0.3.36 Llama._init_sampler, with its defaults: penalties,
  * the grammar (before any selecting sampler, so a chosen token is always one the grammar
- * allows), then greedy or top_k..dist. NULL with s->error set when a sampler cannot be
- * made; a grammar llama.cpp refuses is never added to the chain. */
+ * allows), then greedy or top_k..dist. */
 static struct llama_sampler *
-build_sampler(loop_state *s)
+build_chain(const loop_state *s, struct llama_sampler *grammar)
 {
     const sampling_params *p = &s->sampling;
     struct llama_sampler *chain =
         lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params());
     if (chain == NULL) {
-        s->error = LOOP_ERR_SAMPLER;
+        if (grammar != NULL) {
+            lib.llama_sampler_free(grammar);
+        }
         return NULL;
     }
     lib.llama_sampler_chain_add(
@@ -148,13 +147,7 @@ build_sampler(loop_state *s)
                                                 (float)p->repeat_penalty,
                                                 (float)p->frequency_penalty,
                                                 (float)p->presence_penalty));
-    if (s->grammar != NULL) {
-        struct llama_sampler *grammar = lib.llama_sampler_init_grammar(s->vocab, s->grammar, "root");
-        if (grammar == NULL) {
-            lib.llama_sampler_free(chain);
-            s->error = LOOP_ERR_GRAMMAR;
-            return NULL;
-        }
+    if (grammar != NULL) {
         lib.llama_sampler_chain_add(chain, grammar);
     }
     if (p->temperature < 0.0) {
@@ -172,6 +165,58 @@ build_sampler(loop_state *s)
     lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp((float)p->temperature));
     lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(p->seed));
     return chain;
+}
+
+/* False with s->error set when a sampler cannot be made; a grammar llama.cpp refuses is
+ * never used. */
+static bool
+build_sampler(loop_state *s, loop_sampler *out)
+{
+    struct llama_sampler *grammar = NULL;
+    if (s->grammar.text != NULL) {
+        grammar = grammar_spec_sampler(&s->grammar, s->vocab);
+        if (grammar == NULL) {
+            s->error = LOOP_ERR_GRAMMAR;
+            return false;
+        }
+    }
+    out->use_fast = grammar != NULL && !s->grammar.full_pass;
+    if (out->use_fast) {
+        if (!fast_sampler_init(&out->fast, &s->sampling, grammar, s->n_vocab,
+                               s->penalty_last_n)) {
+            s->error = LOOP_ERR_SAMPLER;
+            return false;
+        }
+        return true;
+    }
+    out->chain = build_chain(s, grammar);
+    if (out->chain == NULL) {
+        s->error = LOOP_ERR_SAMPLER;
+        return false;
+    }
+    return true;
+}
+
+static llama_token
+sample_next(loop_sampler *ls, struct llama_context *ctx)
+{
+    if (ls->use_fast) {
+        return fast_sampler_sample(&ls->fast, ctx);
+    }
+    return lib.llama_sampler_sample(ls->chain, ctx, -1);
+}
+
+static void
+free_sampler(loop_state *s, loop_sampler *ls)
+{
+    if (ls->use_fast) {
+        s->fast_tokens = ls->fast.fast_tokens;
+        s->full_passes = ls->fast.full_passes;
+        fast_sampler_free(&ls->fast);
+    }
+    else if (ls->chain != NULL) {
+        lib.llama_sampler_free(ls->chain);
+    }
 }
 
 /* Record why a decode failed: an abort or a failure after cancel counts as cancelled.
@@ -275,7 +320,7 @@ emit_piece(loop_state *s, const char *piece, size_t n)
 }
 
 static void
-generate(loop_state *s, struct llama_sampler *sampler)
+generate(loop_state *s, loop_sampler *sampler)
 {
     char stack_buf[256];
     char *piece = stack_buf;
@@ -283,7 +328,12 @@ generate(loop_state *s, struct llama_sampler *sampler)
     int64_t n_past = s->n_prompt;
     int64_t n_ctx = (int64_t)lib.llama_n_ctx(s->ctx);
     for (;;) {
-        llama_token token = lib.llama_sampler_sample(sampler, s->ctx, -1);
+        llama_token token = sample_next(sampler, s->ctx);
+        if (token < 0) {
+            s->stop_code = STOP_ERROR;
+            s->error = LOOP_ERR_SAMPLER;
+            break;
+        }
         if (s->first_token_ns == 0) {
             s->first_token_ns = now_ns();
         }
@@ -336,15 +386,16 @@ run_loop(loop_state *s)
     s->n_kv = s->cached_tokens;
     s->abort.ring = s->ring;
     lib.llama_set_abort_callback(s->ctx, abort_if_cancelled, &s->abort);
-    struct llama_sampler *sampler = build_sampler(s);
-    if (sampler == NULL) {
+    loop_sampler sampler;
+    memset(&sampler, 0, sizeof(sampler));
+    if (!build_sampler(s, &sampler)) {
         s->stop_code = STOP_ERROR;
     }
     else {
         if (eval_prompt(s)) {
-            generate(s, sampler);
+            generate(s, &sampler);
         }
-        lib.llama_sampler_free(sampler);
+        free_sampler(s, &sampler);
     }
     lib.llama_set_abort_callback(s->ctx, NULL, NULL);
     if (s->stop_code == STOP_LENGTH || s->stop_code == STOP_STOP) {

@@ -1,0 +1,52 @@
+"""The prompt cache's Prometheus families, read from its statistics at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from modeld.prompt_cache.cache import CacheStatistics
+
+__all__ = ["prompt_cache_metrics"]
+
+
+def prompt_cache_metrics(
+    stats: CacheStatistics | None,
+) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+    if stats is None or not stats.enabled:
+        return
+    held = GaugeMetricFamily(
+        "modeld_prompt_cache_bytes", "sequence states held, by tier", labels=["tier"]
+    )
+    held.add_metric(["memory"], stats.memory_bytes)
+    held.add_metric(["disk"], stats.disk_bytes)
+    bound = GaugeMetricFamily(
+        "modeld_prompt_cache_bound_bytes",
+        "each tier's bound (memory: what it may use now, within the budget's free memory)",
+        labels=["tier"],
+    )
+    bound.add_metric(["memory"], stats.memory_allowed_bytes)
+    bound.add_metric(["disk"], stats.disk_bound_bytes)
+    entries = GaugeMetricFamily(
+        "modeld_prompt_cache_entries", "sequence states held, by tier", labels=["tier"]
+    )
+    entries.add_metric(["memory"], stats.memory_entries)
+    entries.add_metric(["disk"], stats.disk_entries)
+    hits = CounterMetricFamily(
+        "modeld_prompt_cache_hits", "restores, by the tier that served them", labels=["tier"]
+    )
+    hits.add_metric(["memory"], stats.hits_memory)
+    hits.add_metric(["disk"], stats.hits_disk)
+    yield from (held, bound, entries, hits)
+    for name, value, doc in [
+        ("misses", stats.misses, "generations the cache had nothing better for"),
+        ("saves", stats.saves, "sequence states saved"),
+        ("restored_tokens", stats.restored_tokens, "prompt tokens restored, not evaluated"),
+        ("restore_failures", stats.restore_failures, "states llama.cpp refused"),
+        ("invalid_removed", stats.invalid_removed, "disk entries removed as unusable"),
+        ("given_way_bytes", stats.given_way_bytes, "bytes dropped to make room for models"),
+        ("restore_seconds", stats.restore_seconds, "time spent restoring states"),
+        ("save_seconds", stats.save_seconds, "time spent saving states"),
+    ]:
+        yield CounterMetricFamily(f"modeld_prompt_cache_{name}", doc, value=value)
