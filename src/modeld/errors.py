@@ -10,6 +10,7 @@ string in JSON error bodies). HTTP statuses live in one table in ``modeld.api.er
     │   ├── RequestBodyTimeout    request_timeout       body not received in time
     │   ├── HeadersTooLarge       headers_too_large     too many header lines, or too long
     │   ├── ConfigError           bad_config            a setting has a bad value
+    │   ├── ContextLengthExceeded context_length_exceeded  the prompt alone fills the context
     │   ├── NoChatTemplate        no_chat_template      chat asked of a model without one
     │   └── ChatTemplateError     chat_template_error   the template refused the chat
     ├── ClientDisconnected        client_disconnected   the client left before its answer
@@ -47,6 +48,7 @@ __all__ = [
     "ChatTemplateError",
     "ClientDisconnected",
     "ConfigError",
+    "ContextLengthExceeded",
     "EngineError",
     "ForbiddenHost",
     "HeadersTooLarge",
@@ -114,6 +116,14 @@ class ConfigError(InvalidRequest):
     code = "bad_config"
 
 
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt (or the rendered chat) alone leaves no room in the model's context:
+    OpenAI's ``context_length_exceeded``. A ``max_tokens`` beyond the room left is a
+    cap, never this."""
+
+    code = "context_length_exceeded"
+
+
 class NoChatTemplate(InvalidRequest):
     """The model has no chat template and none is configured for it: chat cannot know
     how the model expects a conversation (completions still work)."""
@@ -143,6 +153,7 @@ class ClientDisconnected(ModeldError):
 
 class ModelNotFound(ModeldError):
     code = "model_not_found"
+    field = "model"  # the parameter every protocol's error names
 
 
 class NoDefaultModel(ModeldError):

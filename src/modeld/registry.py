@@ -25,12 +25,13 @@ import anyio
 from modeld.errors import InvalidModelId, ModelNotFound, ModelsDirUnavailable
 from modeld.gguf import FileIdentity
 
-__all__ = ["FS_TIMEOUT_S", "ModelFile", "Registry", "check_model_id"]
+__all__ = ["FS_TIMEOUT_S", "ModelFile", "Registry", "check_model_id", "check_model_name"]
 
 FS_TIMEOUT_S = 10.0
 _FS_THREADS = 4  # a stalled mount holds at most these; later calls time out waiting
 T = TypeVar("T")
 
+_SHOWN_NAME_CHARS = 120  # a name echoed in an error, at most
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]{0,250}\.gguf$")
 
 
@@ -49,18 +50,37 @@ class ModelFile:
         return self.id
 
 
-def check_model_id(model_id: str) -> str:
-    """Reject anything but a bare ``*.gguf`` file name. Raises :class:`InvalidModelId`."""
+def _check_never_valid(model_id: str) -> None:
+    """Raises :class:`InvalidModelId` for what no name can hold: NUL, a path
+    separator, ``..``."""
     if "\x00" in model_id:
         raise InvalidModelId("model id must not contain NUL")
     if "/" in model_id or "\\" in model_id or model_id in {".", ".."} or ".." in model_id:
         raise InvalidModelId("model id must be a bare file name, without path separators or '..'")
+
+
+def check_model_id(model_id: str) -> str:
+    """Reject anything but a bare ``*.gguf`` file name. Raises :class:`InvalidModelId`."""
+    _check_never_valid(model_id)
     if unicodedata.normalize("NFC", model_id) != model_id or not _SAFE_ID.match(model_id):
         raise InvalidModelId(
             "model id must be a file name ending in .gguf made of letters, digits, '.', '_', "
             "'+' and '-'"
         )
     return model_id
+
+
+def check_model_name(model_id: str) -> str:
+    """A model a request names (an alias already resolved): a name no file could have
+    is simply not a model here (:class:`ModelNotFound`, a 404, as OpenAI and Ollama
+    answer ``gpt-4o``); only what can never be valid in any name (NUL, a separator,
+    ``..``) raises :class:`InvalidModelId`."""
+    _check_never_valid(model_id)
+    try:
+        return check_model_id(model_id)
+    except InvalidModelId:
+        shown = model_id[:_SHOWN_NAME_CHARS] + ("…" if len(model_id) > _SHOWN_NAME_CHARS else "")
+        raise ModelNotFound(f"model {shown!r} not found") from None
 
 
 class Registry:

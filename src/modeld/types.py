@@ -4,6 +4,7 @@ msgspec structs that are the single source of truth for request bounds."""
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -24,6 +25,7 @@ __all__ = [
     "Chunk",
     "ContextSizes",
     "DoneReason",
+    "EmbeddingInput",
     "EmbeddingResult",
     "FunctionCall",
     "GenerationMetrics",
@@ -53,6 +55,7 @@ MAX_TOKENS_CAP = MAX_CONTEXT_TOKENS
 SEED_MAX = 2**32 - 1
 MIN_CONTEXT_TOKENS = 16
 MAX_CHAT_MESSAGES = 4096
+MAX_RAW_GRAMMAR_CHARS = 256 * 1024  # a first bound; modeld.grammar's bytes bound is exact
 MAX_EMBEDDING_INPUTS = 2048
 
 
@@ -126,6 +129,9 @@ Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 # What the answer must be: "json" (any JSON object) or a JSON schema (a JSON object).
 # Enforced during sampling by a grammar, never merely asked for in the prompt.
 ResponseFormat = Literal["json"] | dict[str, Any]
+RawGrammar = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_RAW_GRAMMAR_CHARS)]
+EmbeddingInput = str | Sequence[int]
+"""One input to embed: a text, or the model's own token ids."""
 
 
 class SamplingParams(msgspec.Struct, frozen=True):
@@ -197,6 +203,8 @@ class InferRequest(SamplingParams, forbid_unknown_fields=True, frozen=True, kw_o
     stream: bool = True
     keep_alive: KeepAlive | None = None  # how long the model stays loaded after this
     format: ResponseFormat | None = None
+    grammar: RawGrammar | None = None  # GBNF of the client's own (llama-server's field)
+    truncate: bool = False  # a prompt too long for the context keeps its end (Ollama's way)
 
 
 # ---- tools (checked and turned into grammars by modeld.tools; defined here, the leaf)
@@ -278,6 +286,8 @@ class ChatRequest(SamplingParams, forbid_unknown_fields=True, frozen=True, kw_on
     tools: Annotated[tuple[Tool, ...], msgspec.Meta(max_length=MAX_TOOLS)] = ()
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
+    grammar: RawGrammar | None = None  # GBNF of the client's own (llama-server's field)
+    truncate: bool = False  # too long for the context: the oldest turns go (Ollama's way)
 
     def __post_init__(self) -> None:
         super().__post_init__()

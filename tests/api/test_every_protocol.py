@@ -48,6 +48,7 @@ class Wire:
     ended_with_error: Callable[[list[dict[str, Any]]], str]  # the early end's error text
     error_code: Callable[[dict[str, Any]], str | None]  # modeld's code, where it is shown
     error_text: Callable[[dict[str, Any]], str]
+    error_param: Callable[[dict[str, Any]], str | None] = lambda body: None  # its param
     early_end_status: int = 503  # an evicted generation, answered whole
 
 
@@ -57,6 +58,12 @@ def _openai_error(body: dict[str, Any]) -> str:
 
 def _modeld_code(body: dict[str, Any]) -> str | None:
     return str(body["error"]["code"])
+
+
+def _openai_param(body: dict[str, Any]) -> str | None:
+    assert set(body["error"]) >= {"message", "type", "param", "code"}, body  # OpenAI's shape
+    param: str | None = body["error"]["param"]
+    return param
 
 
 def _prompt_body(model: str, stream: bool) -> dict[str, Any]:
@@ -93,6 +100,7 @@ PROTOCOLS = [
         lambda lines: str(lines[-1]["done_reason"]),
         _modeld_code,
         lambda body: str(body["error"]["message"]),
+        lambda body: body["error"].get("field"),
         early_end_status=200,  # NDJSON's whole answer is its terminal record
     ),
     Wire(
@@ -104,6 +112,7 @@ PROTOCOLS = [
         lambda events: str(events[-1]["error"]["code"]),
         _modeld_code,
         _openai_error,
+        _openai_param,
     ),
     Wire(
         "openai-completions",
@@ -114,6 +123,7 @@ PROTOCOLS = [
         lambda events: str(events[-1]["error"]["code"]),
         _modeld_code,
         _openai_error,
+        _openai_param,
     ),
     Wire(
         "openai-responses",
@@ -124,6 +134,7 @@ PROTOCOLS = [
         lambda events: str(events[-1]["code"]) if events[-1]["type"] == "error" else "",
         _modeld_code,
         _openai_error,
+        _openai_param,
     ),
     Wire(
         "ollama-generate",
@@ -217,16 +228,28 @@ async def test_an_early_end_answered_whole_is_its_status(
         assert wire.error_code(body) in (None, "evicted")
 
 
+@pytest.mark.parametrize("name", ["no-such-model.gguf", "no-such-model"])
 async def test_an_unknown_model_is_404_in_the_protocols_shape(
-    app_factory: AppFactory, wire: Wire
+    app_factory: AppFactory, wire: Wire, name: str
 ) -> None:
     async with app_factory() as app:
-        response = await app.http.post(wire.path, json=wire.body("no-such-model.gguf", False))
+        response = await app.http.post(wire.path, json=wire.body(name, False))
     assert response.status_code == 404, response.text
     body = response.json()
     assert "no-such-model" in wire.error_text(body)
     assert wire.error_code(body) in (None, "model_not_found")
+    assert wire.error_param(body) in (None, "model")
     assert response.headers["x-request-id"]
+
+
+async def test_a_name_with_a_separator_stays_a_400(app_factory: AppFactory, wire: Wire) -> None:
+    async with app_factory() as app:
+        response = await app.http.post(wire.path, json=wire.body("../etc/passwd", False))
+    if wire.error_code(response.json()) is None:  # Ollama: no such name, a 404 as Ollama
+        assert response.status_code == 404, response.text
+    else:
+        assert response.status_code == 400, response.text
+        assert wire.error_code(response.json()) == "invalid_model_id"
 
 
 async def test_a_missing_key_is_401_in_the_protocols_shape(
@@ -241,6 +264,7 @@ async def test_a_missing_key_is_401_in_the_protocols_shape(
     assert refused.headers["www-authenticate"].startswith("Bearer")
     assert "API key" in wire.error_text(refused.json())
     assert wire.error_code(refused.json()) in (None, "unauthorized")
+    assert wire.error_param(refused.json()) is None  # OpenAI's shape on /v1 (type, param)
     assert allowed.status_code == 200, allowed.text
 
 
@@ -256,3 +280,20 @@ async def test_a_full_queue_is_429_in_the_protocols_shape(
     assert int(response.headers["retry-after"]) >= 1
     assert wire.error_code(response.json()) in (None, "queue_full")
     assert wire.error_text(response.json())
+
+
+@pytest.mark.parametrize(
+    "wire", [w for w in PROTOCOLS if w.path.startswith("/v1")], ids=lambda w: w.name
+)
+async def test_a_cancelled_stream_ends_with_a_server_error_event(
+    app_factory: AppFactory, wire: Wire
+) -> None:
+    """docs/compat.md: a stream modeld ends early (a ``DELETE /requests/{id}`` too) ends
+    with an ``error`` whose type is ``server_error``, whatever status an unstreamed answer
+    would have had (499 for a cancel)."""
+    async with app_factory() as app:
+        app.manager.end_next = DoneReason.CANCELLED
+        response = await app.http.post(wire.path, json=wire.body(TINY_CHAT, True))
+    last = wire.stream_lines(response.text)[-1]
+    assert last["error"]["type"] == "server_error", last
+    assert last["error"]["code"] == "cancelled"

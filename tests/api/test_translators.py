@@ -64,7 +64,7 @@ async def test_openai_chat_whole_answer(app_factory: AppFactory) -> None:
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"n": 2}, "n"),
+        ({"n": 9}, "n"),
         ({"logprobs": True}, "logprobs"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"tools": [{"type": "function", "function": {"name": "f", "strict": 1}}]}, "tools"),

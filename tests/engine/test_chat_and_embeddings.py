@@ -19,7 +19,13 @@ from modeld.engine import llama_load
 from modeld.engine.base import StopCode, TokenLoop
 from modeld.engine.chat_format import builtin_chat_templates, render_builtin
 from modeld.engine.llama_engine import EngineSettings, LlamaEngine
-from modeld.errors import ChatTemplateError, ClientDisconnected, InvalidRequest, NoChatTemplate
+from modeld.errors import (
+    ChatTemplateError,
+    ClientDisconnected,
+    ContextLengthExceeded,
+    InvalidRequest,
+    NoChatTemplate,
+)
 from modeld.gguf import read_gguf_header
 from modeld.memory.estimate import embedding_context_bytes
 from modeld.sizes import MIB
@@ -98,9 +104,38 @@ def test_without_max_tokens_the_context_is_the_limit(chat_engine: LlamaEngine) -
     assert outcome.stop_code is StopCode.LENGTH
     assert outcome.completion_tokens == chat_engine.n_ctx - len(tokens)
     long_chat = [ChatMessage("user", "hello " * 250)]
-    with pytest.raises(InvalidRequest) as caught:
+    with pytest.raises(ContextLengthExceeded) as caught:
         chat_engine.prepare_chat(long_chat, None, None)
     assert caught.value.field == "messages"
+
+
+def test_a_truncated_chat_keeps_the_system_message_and_the_latest_turns(
+    chat_engine: LlamaEngine,
+) -> None:
+    """Ollama's truncation: the oldest turns go, the system message and the most recent
+    turns stay, and what is kept leaves ``max_tokens`` of room."""
+    turns = [ChatMessage("system", "be brief")]
+    for index in range(40):
+        role = "user" if index % 2 == 0 else "assistant"
+        turns.append(ChatMessage(role, f"turn {index} " + "hello " * 6))  # type: ignore[arg-type]
+    with pytest.raises(ContextLengthExceeded):
+        chat_engine.prepare_chat(turns, 32, None)
+    kept = chat_engine.prepare_chat(turns, 32, None, truncate=True)
+    budget = chat_engine.n_ctx - 32
+    fitting = [start for start in range(1, len(turns)) if _fits(chat_engine, turns, start, budget)]
+    assert fitting[0] > 1  # some turns went
+    assert kept == chat_engine.prepare_chat([turns[0], *turns[fitting[0] :]], 32, None)
+    alone = [ChatMessage("system", "be brief"), ChatMessage("user", "hello " * 250)]
+    with pytest.raises(ContextLengthExceeded) as caught:
+        chat_engine.prepare_chat(alone, 32, None, truncate=True)
+    assert caught.value.field == "messages"
+
+
+def _fits(engine: LlamaEngine, turns: list[ChatMessage], start: int, budget: int) -> bool:
+    try:
+        return len(engine.prepare_chat([turns[0], *turns[start:]], 32, None)) <= budget
+    except ContextLengthExceeded:
+        return False
 
 
 def test_embeddings_are_normalised_and_deterministic(plain_engine: LlamaEngine) -> None:
@@ -122,6 +157,26 @@ def test_an_embedding_input_is_one_batch_at_most(plain_engine: LlamaEngine) -> N
     assert caught.value.field == "input"
     assert "input 1" in caught.value.message
     assert not plain_engine._embedding.made  # checked before anything was made
+
+
+def test_embedding_inputs_as_token_ids_and_truncated(plain_engine: LlamaEngine) -> None:
+    """Token ids embed as the text they came from; an id outside the vocabulary is a
+    400; ``truncate`` keeps an input's first batch of tokens."""
+    ids = plain_engine.tokenizer.raw(b"the world", 64, True, parse_special=False)[1]
+    (from_text, from_ids), count = plain_engine.embed(["the world", ids], lambda: False)
+    assert from_ids == from_text
+    assert count == 2 * len(ids)
+    with pytest.raises(InvalidRequest) as caught:
+        plain_engine.embed([[1, plain_engine.tokenizer.n_vocab]], lambda: False)
+    assert "vocabulary" in caught.value.message
+    long_text = "hello " * 100
+    with pytest.raises(ContextLengthExceeded):
+        plain_engine.embed([long_text], lambda: False)
+    (cut,), count = plain_engine.embed([long_text], lambda: False, truncate=True)
+    assert count == 64
+    head = plain_engine.tokenizer.raw(long_text.encode(), 2000, True, parse_special=False)[1]
+    (expected,), _ = plain_engine.embed([head[:64]], lambda: False)
+    assert cut == expected
 
 
 def test_a_cancelled_embedding_stops_between_inputs(plain_engine: LlamaEngine) -> None:

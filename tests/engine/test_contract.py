@@ -69,12 +69,13 @@ def test_a_ring_cancelled_during_preparation_evaluates_nothing(engine: LlamaEngi
 def test_a_request_refused_while_prepared_is_never_signalled(engine: LlamaEngine) -> None:
     ring = engine.new_ring()
     signals: list[None] = []
-    too_long = InferRequest(prompt="hello", max_tokens=10_000)
+    too_long = InferRequest(prompt="hello " * 2000, max_tokens=4)
     chat = ChatRequest(messages=(ChatMessage("user", "hi"),), max_tokens=4)
     try:
         with pytest.raises(InvalidRequest) as refused:
             run_request(engine, too_long, Recipe(), ring, lambda: signals.append(None))
-        assert refused.value.field == "max_tokens"
+        assert refused.value.field == "prompt"
+        assert refused.value.code == "context_length_exceeded"
         with pytest.raises(InvalidRequest) as bad_grammar:
             run_request(engine, ASK, Recipe(grammar="root ::= ("), ring, lambda: None)
         assert bad_grammar.value.field == "format"

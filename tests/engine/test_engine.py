@@ -14,7 +14,7 @@ import pytest
 from modeld.engine import llama_load
 from modeld.engine.base import EngineClosed, StopCode, TokenLoop
 from modeld.engine.llama_engine import EngineSettings, LlamaEngine
-from modeld.errors import InvalidRequest
+from modeld.errors import ContextLengthExceeded, InvalidRequest
 from modeld.gguf import read_gguf_header
 from modeld.memory.estimate import estimate_footprint, graph_buffer_bytes
 from modeld.sizes import MIB
@@ -88,15 +88,38 @@ def engine(tiny_model_path: Path, loop: TokenLoop) -> Iterator[LlamaEngine]:
     engine.close()
 
 
-def test_prepare_checks_both_limits_of_the_context(engine: LlamaEngine) -> None:
-    tokens = engine.prepare("hello world", max_tokens=8)
+def test_max_tokens_past_the_context_is_a_cap_and_a_prompt_too_long_an_error(
+    engine: LlamaEngine,
+) -> None:
+    """As in Ollama and llama-server: ``max_tokens`` larger than what is left of the
+    context stops generation at the context's end (``length``); a prompt that alone
+    does not fit is ``context_length_exceeded``."""
+    tokens = engine.prepare("hello world", max_tokens=256)
     assert tokens[0] == 1  # BOS
-    with pytest.raises(InvalidRequest) as too_many:
-        engine.prepare("hello world", max_tokens=256)
-    assert too_many.value.field == "max_tokens"
-    with pytest.raises(InvalidRequest) as too_long:
+    ring = engine.new_ring()
+    params = SamplingParams(max_tokens=256, temperature=0.0)
+    outcome = engine.generate(ring, tokens, params)
+    ring.close()
+    assert outcome.stop_code is StopCode.LENGTH
+    assert outcome.completion_tokens == engine.n_ctx - len(tokens)
+    with pytest.raises(ContextLengthExceeded) as too_long:
         engine.prepare("hello " * 200, max_tokens=1)
     assert too_long.value.field == "prompt"
+    assert too_long.value.code == "context_length_exceeded"
+
+
+def test_a_truncated_prompt_keeps_its_end_and_room_to_generate(engine: LlamaEngine) -> None:
+    """Ollama's truncation of a raw prompt: the BOS, then the last tokens that leave
+    ``max_tokens`` of room."""
+    text = " ".join(f"w{i}" for i in range(400))
+    whole = engine.tokenizer.raw(text.encode(), 4096, True, parse_special=True)[1]
+    assert len(whole) > engine.n_ctx
+    kept = engine.prepare(text, max_tokens=32, truncate=True)
+    assert kept[0] == 1
+    assert len(kept) == engine.n_ctx - 32
+    assert kept[1:] == whole[len(whole) - len(kept) + 1 :]
+    short = engine.prepare("hello world", max_tokens=32, truncate=True)
+    assert short == engine.prepare("hello world")  # what fits is untouched
 
 
 def test_a_prompt_over_the_byte_budget_is_refused_by_its_length(engine: LlamaEngine) -> None:

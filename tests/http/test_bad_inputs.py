@@ -21,6 +21,7 @@ def nested(depth: int) -> bytes:
 
 
 BAD, BAD_ID, NOT_FOUND = "bad_request", "invalid_model_id", "model_not_found"
+TOO_LONG = "context_length_exceeded"
 
 
 def with_prompt(rest: bytes) -> bytes:
@@ -57,14 +58,15 @@ INFER_BODIES: list[InferCase] = [
     ("prompt-not-string", b'{"prompt": 5}', 400, BAD, "prompt"),
     ("prompt-over-1e6-chars", b'{"prompt": "' + b"x" * 1_000_001 + b'"}', 400, BAD, "prompt"),
     ("prompt-with-nul", b'{"prompt": "a\\u0000b", "max_tokens": 1}', 200, None, None),
-    ("prompt-over-context", b'{"prompt": "' + b"hello " * 400 + b'"}', 400, BAD, "prompt"),
-    ("prompt-plus-max-tokens", with_prompt(b'"max_tokens": 255'), 400, BAD, "max_tokens"),
+    ("prompt-over-context", b'{"prompt": "' + b"hello " * 400 + b'"}', 400, TOO_LONG, "prompt"),
+    # max_tokens past what the context has left is a cap (as in Ollama, llama-server)
+    ("prompt-plus-max-tokens", with_prompt(b'"max_tokens": 255'), 200, None, None),
     ("max-tokens-string", with_prompt(b'"max_tokens": "5"'), 400, BAD, "max_tokens"),
     ("max-tokens-float", with_prompt(b'"max_tokens": 5.0'), 400, BAD, "max_tokens"),
     ("max-tokens-bool", with_prompt(b'"max_tokens": true'), 400, BAD, "max_tokens"),
     ("max-tokens-zero", with_prompt(b'"max_tokens": 0'), 400, BAD, "max_tokens"),
     ("max-tokens-negative", with_prompt(b'"max_tokens": -1'), 400, BAD, "max_tokens"),
-    ("max-tokens-over-context", with_prompt(b'"max_tokens": 100000'), 400, BAD, "max_tokens"),
+    ("max-tokens-over-context", with_prompt(b'"max_tokens": 100000'), 200, None, None),
     ("max-tokens-400-digits", with_prompt(b'"max_tokens": ' + b"9" * 400), 400, BAD, "max_tokens"),
     ("temperature-2.5", with_prompt(b'"temperature": 2.5'), 400, BAD, "temperature"),
     ("temperature-negative", with_prompt(b'"temperature": -1'), 400, BAD, "temperature"),
@@ -92,8 +94,9 @@ INFER_BODIES: list[InferCase] = [
     ("model-absolute", with_prompt(b'"model": "/abs/x.gguf"'), 400, BAD_ID, "model"),
     ("model-backslash", with_prompt(b'"model": "..\\\\x.gguf"'), 400, BAD_ID, "model"),
     ("model-nul", with_prompt(b'"model": "a\\u0000b.gguf"'), 400, BAD_ID, "model"),
-    ("model-not-gguf", with_prompt(b'"model": "notes.txt"'), 400, BAD_ID, "model"),
-    ("model-non-nfc", with_prompt(b'"model": "e\\u0301.gguf"'), 400, BAD_ID, "model"),
+    # A name no file has is a model that is not here (404); only NUL, '/' and '..' are 400.
+    ("model-not-gguf", with_prompt(b'"model": "notes.txt"'), 404, NOT_FOUND, "model"),
+    ("model-non-nfc", with_prompt(b'"model": "e\\u0301.gguf"'), 404, NOT_FOUND, "model"),
     ("model-256-chars", with_prompt(b'"model": "' + b"m" * 251 + b'.gguf"'), 400, BAD, "model"),
     ("model-symlink-outside", with_prompt(b'"model": "escape.gguf"'), 400, BAD_ID, "model"),
     ("model-directory", with_prompt(b'"model": "dir.gguf"'), 404, NOT_FOUND, None),

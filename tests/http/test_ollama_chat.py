@@ -397,3 +397,83 @@ def test_gemma_chat_system_and_schema(start_server: ServerFactory, gemma_dir: Pa
         parsed = json.loads(answer.message.content or "")
         assert set(parsed) == {"city", "country"}
         assert all(isinstance(value, str) for value in parsed.values())
+
+
+# --- the context: caps, truncation, aliases (issue 21) ---------------------------------------
+
+N_CTX = 256  # the test servers' --n-ctx
+
+
+def test_aliases_are_listed_as_ollama_lists_models(api: ollama.Client) -> None:
+    """A client that checks a name against /api/tags accepts the alias it is told to use."""
+    names = {model.model for model in api.list().models}
+    assert {"chatty:latest", f"{TINY_CHAT}:latest", "tiny-a.gguf:latest"} <= names
+    answer = api.chat(model="chatty:latest", messages=HELLO, options=GREEDY)
+    assert answer.done_reason == "length"
+
+
+def test_num_predict_past_the_context_is_a_cap(api: ollama.Client) -> None:
+    """As Ollama: generation stops at the context's end with ``length``, no 400."""
+    for call in (
+        lambda: api.generate(model="tiny-a", prompt="hello world", raw=True,
+                             options={"num_predict": 100_000, "temperature": 0}),
+        lambda: api.chat(model=TINY_CHAT, messages=HELLO,
+                         options={"num_predict": 100_000, "temperature": 0}),
+    ):  # fmt: skip
+        answer = call()
+        assert answer.done_reason == "length"
+        assert answer.prompt_eval_count + answer.eval_count == N_CTX
+
+
+def test_a_chat_longer_than_the_context_keeps_the_system_message_and_the_latest_turns(
+    api: ollama.Client, server: RunningServer
+) -> None:
+    turns = [{"role": "system", "content": "be brief"}]
+    for index in range(60):
+        role = "user" if index % 2 == 0 else "assistant"
+        turns.append({"role": role, "content": f"turn {index} hello world hello"})
+    answer = api.chat(model=TINY_CHAT, messages=turns, options=GREEDY)
+    assert answer.done_reason == "length"
+    assert answer.eval_count == GREEDY["num_predict"]
+    assert answer.prompt_eval_count <= N_CTX - GREEDY["num_predict"]
+    # the same prompt as the system message and the most recent turns alone
+    kept = [api.chat(model=TINY_CHAT, messages=[turns[0], *turns[-k:]], options=GREEDY)
+            for k in range(1, 12)]  # fmt: skip
+    same = [
+        fitted
+        for fitted in kept
+        if (fitted.prompt_eval_count, fitted.message.content)
+        == (answer.prompt_eval_count, answer.message.content)
+    ]
+    assert same, [fitted.prompt_eval_count for fitted in kept]
+    with server.client() as http:  # OpenAI's routes keep OpenAI's error
+        refused = http.post(
+            "/v1/chat/completions", json={"model": TINY_CHAT, "messages": turns, "max_tokens": 4}
+        )
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "context_length_exceeded"
+    assert refused.json()["error"]["param"] == "messages"
+
+
+def test_a_raw_prompt_longer_than_the_context_keeps_its_end(api: ollama.Client) -> None:
+    prompt = " ".join(f"w{i}" for i in range(600))
+    answer = api.generate(model="tiny-a", prompt=prompt, raw=True, options=GREEDY)
+    assert answer.done_reason == "length"
+    assert answer.prompt_eval_count == N_CTX - GREEDY["num_predict"]
+    # another beginning, the same end: the same prompt once truncated, so the same answer
+    ending = api.generate(model="tiny-a", prompt="x " + prompt[-400:], raw=True, options=GREEDY)
+    assert (ending.prompt_eval_count, ending.response) == (
+        answer.prompt_eval_count,
+        answer.response,
+    )
+
+
+def test_embed_truncates_unless_told_not_to(api: ollama.Client) -> None:
+    long_input = "hello world " * 300
+    cut = api.embed(model="tiny-a", input=long_input)
+    assert len(cut.embeddings) == 1
+    assert math.isclose(math.fsum(x * x for x in cut.embeddings[0]), 1.0, abs_tol=1e-5)
+    with pytest.raises(ollama.ResponseError) as refused:
+        api.embed(model="tiny-a", input=long_input, truncate=False)
+    assert refused.value.status_code == 400
+    assert "input 0" in refused.value.error

@@ -307,6 +307,34 @@ def test_embeddings_base64_equals_float_and_are_normalised(client: openai.OpenAI
     assert default.usage.prompt_tokens == default.usage.total_tokens > 3
 
 
+def test_embeddings_of_token_ids(client: openai.OpenAI, server: RunningServer) -> None:
+    """What the best-known embedding wrapper sends by default: token ids, one list or a
+    list of lists, each an input of its own, as many tokens as ids."""
+    one = client.embeddings.create(model="tiny-a.gguf", input=[5, 6, 7], encoding_format="float")
+    many = client.embeddings.create(model="tiny-a.gguf", input=[[5, 6, 7], [8, 9]])
+    assert len(one.data) == 1
+    assert [d.index for d in many.data] == [0, 1]
+    assert many.data[0].embedding == pytest.approx(one.data[0].embedding, abs=1e-6)
+    assert many.data[0].embedding != many.data[1].embedding
+    assert (one.usage.prompt_tokens, many.usage.prompt_tokens) == (3, 5)
+    with pytest.raises(openai.BadRequestError) as too_long:  # one batch at most, no cut
+        client.embeddings.create(model="tiny-a.gguf", input=[5] * 5000)
+    assert too_long.value.code == "context_length_exceeded"
+    assert too_long.value.param == "input"
+
+
+def test_max_tokens_past_the_context_is_a_cap(client: openai.OpenAI) -> None:
+    """As llama-server and Ollama: generation stops where the context ends."""
+    chat = client.chat.completions.create(
+        model=TINY_CHAT, messages=HELLO, max_completion_tokens=100_000, temperature=0
+    )
+    assert chat.choices[0].finish_reason == "length"
+    assert chat.usage is not None
+    assert chat.usage.prompt_tokens + chat.usage.completion_tokens == 256  # --n-ctx
+    completion = client.completions.create(model="tiny-a.gguf", prompt="hi", max_tokens=100_000)
+    assert completion.choices[0].finish_reason == "length"
+
+
 def test_embeddings_base64_on_the_wire_is_little_endian_float32(server: RunningServer) -> None:
     body = {"model": "tiny-a.gguf", "input": "hello", "encoding_format": "base64"}
     with server.client() as http:
@@ -323,7 +351,9 @@ def test_embeddings_base64_on_the_wire_is_little_endian_float32(server: RunningS
 
 
 BAD_CHATS = [
-    ({"n": 2}, "n"),
+    ({"n": 9}, "n"),  # at most 8 choices
+    ({"n": 0}, "n"),
+    ({"n": 2, "stream": True}, "n"),  # several choices are answered whole
     ({"logprobs": True}, "logprobs"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
@@ -337,7 +367,6 @@ BAD_CHATS = [
     ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"stop": ["a"] * 17}, "stop"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
-    ({"max_completion_tokens": 100_000}, "max_completion_tokens"),
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}, "response_format"),  # noqa: E501
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content"),  # noqa: E501
@@ -368,7 +397,9 @@ BAD_OTHERS = [
     ("completions", {"prompt": "a", "suffix": "b"}, "suffix"),
     ("completions", {"prompt": "a", "best_of": 2}, "best_of"),
     ("completions", {"prompt": "a", "logprobs": 2}, "logprobs"),
-    ("embeddings", {"input": [[1, 2, 3]]}, "input"),
+    ("embeddings", {"input": [[1, 2, 10**9]]}, "input"),  # not this vocabulary's
+    ("embeddings", {"input": [[1, 2], "a"]}, "input"),
+    ("embeddings", {"input": [[]]}, "input"),
     ("embeddings", {"input": []}, "input"),
     ("embeddings", {"input": [""]}, "input"),
     ("embeddings", {"input": "a", "encoding_format": "int8"}, "encoding_format"),
@@ -389,8 +420,8 @@ def test_completions_and_embeddings_name_what_they_refuse(
     assert error["param"] == param
     assert error["type"] == "invalid_request_error"
     assert set(error) >= {"message", "type", "param", "code"}
-    if body.get("input") == [[1, 2, 3]]:
-        assert "check_embedding_ctx_length=False" in error["message"]
+    if body.get("input") == [[1, 2, 10**9]]:
+        assert "vocabulary" in error["message"]
 
 
 def test_unknown_fields_are_ignored(server: RunningServer) -> None:
@@ -454,6 +485,33 @@ def test_responses_stream_events(client: openai.OpenAI) -> None:
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == events[-4].text  # type: ignore[union-attr]
     assert [e.sequence_number for e in events] == list(range(len(events)))
+    item = events[-2].item  # type: ignore[union-attr]
+    assert item.status == "incomplete"  # as its response is
+
+
+def test_responses_fields_strict_clients_read(server: RunningServer) -> None:
+    """What OpenAI's published schema has and strict SDKs read: ``logprobs`` on output
+    text, ``cache_write_tokens``, the schema asked for echoed in ``text.format``, a
+    message ``incomplete`` in an ``incomplete`` response."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}},
+              "required": ["ok"], "additionalProperties": False}  # fmt: skip
+    text_format = {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}
+    body = {"model": "tiny-chat", "input": "hi", "max_output_tokens": 2,
+            "text": {"format": text_format}}  # fmt: skip
+    with server.client() as http:
+        response = http.post("/v1/responses", json=body).json()
+        plain = http.post("/v1/responses", json={**body, "text": None}).json()
+    assert response["status"] == "incomplete"
+    (message,) = response["output"]
+    assert message["status"] == "incomplete"
+    assert message["content"][0]["logprobs"] == []
+    assert response["text"]["format"] == text_format
+    assert plain["text"]["format"] == {"type": "text"}
+    details = response["usage"]["input_tokens_details"]
+    assert (
+        details["cached_tokens"] + details["cache_write_tokens"]
+        == response["usage"]["input_tokens"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -527,3 +585,71 @@ def test_infer_takes_the_same_format(server: RunningServer) -> None:
     assert answer["text"].startswith("{")
     assert refused.status_code == 400
     assert refused.json()["error"]["field"] == "format"
+
+
+# ------------------------------------------------------------------ llama-server's fields
+
+
+def test_llama_servers_grammar_fields_are_enforced(client: openai.OpenAI) -> None:
+    """A client moving from llama-server keeps its constraints: a raw GBNF ``grammar``,
+    a top-level ``json_schema``, ``response_format: {type: json_object, schema}``."""
+    yes_no = 'root ::= "yes" | "no"'
+    chat = client.chat.completions.create(
+        model=TINY_CHAT, messages=HELLO, max_tokens=8, extra_body={"grammar": yes_no}
+    )
+    assert chat.choices[0].message.content in ("yes", "no")
+    completion = client.completions.create(
+        model="tiny-a.gguf", prompt="hi", max_tokens=8, extra_body={"grammar": yes_no}
+    )
+    assert completion.choices[0].text in ("yes", "no")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}},
+              "required": ["ok"], "additionalProperties": False}  # fmt: skip
+    for extra in ({"json_schema": schema},
+                  {"response_format": {"type": "json_object", "schema": schema}}):  # fmt: skip
+        answer = client.chat.completions.create(
+            model=TINY_CHAT, messages=HELLO, max_tokens=32, extra_body=extra
+        )
+        assert set(json.loads(answer.choices[0].message.content or "")) == {"ok"}, extra
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"grammar": 'root ::= "a"{5000}'}, "grammar"),  # over the repetition bound
+        ({"grammar": 'root ::= ("a"{2000}){2000}'}, "grammar"),  # expands too far
+        ({"grammar": "root ::= ("}, "grammar"),  # llama.cpp refuses it: checked first
+        ({"grammar": "x" * 300_000}, "grammar"),
+        ({"grammar": 'root ::= "a"', "json_schema": {"type": "object"}}, "grammar"),
+        ({"grammar": 5}, "grammar"),
+    ],
+    ids=["repetition", "expansion", "refused", "size", "two", "type"],
+)
+def test_a_raw_grammar_is_bounded_like_a_schema(
+    client: openai.OpenAI, server: RunningServer, extra: dict[str, object], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=TINY_CHAT, messages=HELLO, max_tokens=4,
+                                       extra_body=extra)  # fmt: skip
+    assert caught.value.param == param, caught.value.message
+    fine = client.chat.completions.create(model=TINY_CHAT, messages=HELLO, max_tokens=2)
+    assert fine.choices[0].finish_reason == "length"  # and the server goes on
+
+
+def test_n_choices_each_with_its_index_and_finish_reason(client: openai.OpenAI) -> None:
+    """``n`` answers to one prompt, one after another (seed, seed + 1, ...); the usage
+    counts the prompt once and every choice's tokens."""
+    chat = client.chat.completions.create(
+        model=TINY_CHAT, messages=HELLO, max_tokens=6, n=3, seed=7, temperature=1.0
+    )
+    assert [choice.index for choice in chat.choices] == [0, 1, 2]
+    assert all(choice.finish_reason == "length" for choice in chat.choices)
+    assert len({choice.message.content for choice in chat.choices}) > 1  # seeds differ
+    assert chat.usage is not None
+    assert chat.usage.completion_tokens == 18
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + 18
+    again = client.chat.completions.create(
+        model=TINY_CHAT, messages=HELLO, max_tokens=6, n=3, seed=7, temperature=1.0
+    )
+    assert [c.message.content for c in again.choices] == [c.message.content for c in chat.choices]
+    completion = client.completions.create(model="tiny-a.gguf", prompt="hi", max_tokens=4, n=2)
+    assert [choice.index for choice in completion.choices] == [0, 1]

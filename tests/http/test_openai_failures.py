@@ -33,6 +33,28 @@ def test_an_unknown_model_is_a_404_tried_once(
     assert unsafe.value.param == "model"
 
 
+@pytest.mark.parametrize("name", ["gpt-4o", "codellama70b", "llama3:8b", "x.gguf "])
+def test_a_name_no_file_has_is_a_404_on_every_route(
+    start_server: ServerFactory, models_dir: Path, name: str
+) -> None:
+    """A well-formed name that is not configured (an alias has no ``.gguf``) is a model
+    that does not exist here, as OpenAI says it: 404 ``model_not_found``, ``param:
+    model``, not a 400 about file names."""
+    client = openai_client(start_server(models_dir))
+    calls = [
+        lambda: client.chat.completions.create(model=name, messages=HELLO),
+        lambda: client.completions.create(model=name, prompt="hi"),
+        lambda: client.embeddings.create(model=name, input="hi"),
+        lambda: client.responses.create(model=name, input="hi"),
+    ]
+    for call in calls:
+        with pytest.raises(openai.NotFoundError) as caught:
+            call()
+        assert caught.value.code == "model_not_found"
+        assert caught.value.param == "model"
+        assert name.strip() in caught.value.message
+
+
 def test_a_model_too_large_is_a_507_tried_once(
     start_server: ServerFactory, models_dir: Path
 ) -> None:

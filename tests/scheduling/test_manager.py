@@ -76,13 +76,17 @@ async def test_unknown_and_unsafe_models(manager_factory: Factory, models_dir: P
         assert manager.statistics().admitted == 0
 
 
-async def test_prompt_plus_max_tokens_must_fit_the_context(
+async def test_max_tokens_is_capped_by_the_context_and_the_prompt_must_fit(
     manager_factory: Factory, models_dir: Path
 ) -> None:
     async with manager_factory(models_dir) as manager:
-        with pytest.raises(errors.InvalidRequest) as caught:
-            await manager.complete(ask(max_tokens=250, prompt="hello " * 10))
-        assert caught.value.field == "max_tokens"
+        _, capped = await manager.complete(ask(max_tokens=250, prompt="hello " * 10))
+        assert capped.done_reason is DoneReason.LENGTH
+        metrics = capped.metrics
+        assert metrics.prompt_tokens + metrics.completion_tokens == 256  # the whole context
+        with pytest.raises(errors.ContextLengthExceeded) as caught:
+            await manager.complete(ask(max_tokens=4, prompt="hello " * 200))
+        assert caught.value.field == "prompt"
         # the instance is free again for the next request
         _, result = await manager.complete(ask(max_tokens=4))
         assert result.done_reason is DoneReason.LENGTH
@@ -332,6 +336,8 @@ async def test_resolve_gives_the_id_and_the_settings_in_force(
     assert manager.resolve("tiny-b.gguf").n_ctx == 256  # the global value
     with pytest.raises(errors.InvalidModelId):
         manager.resolve("../etc/passwd")
+    with pytest.raises(errors.ModelNotFound):  # a name no file has: not here, not unsafe
+        manager.resolve("gpt-4o")
     no_default = ModelManager(make_settings(models_dir), token_loop=token_loop)
     with pytest.raises(errors.NoDefaultModel):
         no_default.resolve(None)

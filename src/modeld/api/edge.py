@@ -8,7 +8,7 @@ one module.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
@@ -20,7 +20,7 @@ from modeld.scheduling.generation import Generation
 from modeld.scheduling.manager import ModelManager
 from modeld.settings.config import Settings
 from modeld.settings.keep_alive import KeepAlive
-from modeld.types import ChatRequest, EmbeddingResult, InferRequest
+from modeld.types import ChatRequest, EmbeddingInput, EmbeddingResult, InferRequest
 
 __all__ = ["Edge", "manager_of"]
 
@@ -63,9 +63,18 @@ class Edge:
         return self.manager.stream(generate, request_id=self.context.request_id)
 
     async def embed(
-        self, model: str | None, inputs: list[str], keep_alive: KeepAlive | None = None
+        self,
+        model: str | None,
+        inputs: Sequence[EmbeddingInput],
+        keep_alive: KeepAlive | None = None,
+        *,
+        truncate: bool = False,
     ) -> EmbeddingResult:
         self.context.model = model or self.settings.default_model
         return await self.manager.embed(
-            model, inputs, request_id=self.context.request_id, keep_alive=keep_alive
+            model,
+            inputs,
+            request_id=self.context.request_id,
+            keep_alive=keep_alive,
+            truncate=truncate,
         )

@@ -44,6 +44,7 @@ STATUS_BY_ERROR: dict[type[errors.ModeldError], int] = {
     errors.RequestBodyTimeout: 408,
     errors.HeadersTooLarge: 431,
     errors.ConfigError: 400,
+    errors.ContextLengthExceeded: 400,
     errors.NoChatTemplate: 400,
     errors.ChatTemplateError: 400,
     errors.ClientDisconnected: 499,

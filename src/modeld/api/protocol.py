@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+import msgspec
 import orjson
 from loguru import logger
 from starlette.requests import Request
@@ -29,9 +30,21 @@ from modeld.api.errors import ErrorShape, early_end_error
 from modeld.api.streaming import GenerationResponse, StreamFraming, collect_watched, start_watched
 from modeld.observability.logging import prompt_logging_enabled
 from modeld.scheduling.generation import Generation
-from modeld.types import ChatRequest, GenerationResult, InferRequest
+from modeld.types import SEED_MAX, ChatRequest, GenerationResult, InferRequest
 
-__all__ = ["ApiFamily", "Call", "GenerationProtocol", "answer", "endpoint", "json_response"]
+__all__ = [
+    "MAX_CHOICES",
+    "ApiFamily",
+    "Call",
+    "GenerationProtocol",
+    "ManyChoices",
+    "answer",
+    "endpoint",
+    "json_response",
+]
+
+MAX_CHOICES = 8
+"""The most choices (OpenAI's ``n``) one request may ask for: each is a generation."""
 
 
 def json_response(data: object, status: int = 200) -> Response:
@@ -51,6 +64,22 @@ class Call(Protocol):
     def whole(self, generation: Generation, text: str, result: GenerationResult) -> object:
         """The unstreamed answer's JSON object (for a generation that ran to its end,
         or any end when the protocol says early ends in its answer)."""
+        ...
+
+
+@runtime_checkable
+class ManyChoices(Protocol):
+    """A call that asks for several answers to one prompt (OpenAI's ``n``), answered
+    whole: they run one after another, so the prompt's KV cache from the first makes the
+    others' prompt evaluation nearly free (prompt reuse)."""
+
+    @property
+    def choices(self) -> int: ...
+
+    def whole_choices(
+        self, generation: Generation, answers: Sequence[tuple[str, GenerationResult]]
+    ) -> object:
+        """The one object holding every answer, in order."""
         ...
 
 
@@ -86,6 +115,8 @@ async def answer(protocol: GenerationProtocol, request: Request) -> Response:
     call = await protocol.decode(edge, await edge.body())
     if isinstance(call, Response):
         return call
+    if isinstance(call, ManyChoices) and call.choices > 1:
+        return await _answer_choices(protocol, request, edge, call, call)
     generate = call.request
     context = edge.context
     context.model = context.model or generate.model or edge.settings.default_model
@@ -105,6 +136,32 @@ async def answer(protocol: GenerationProtocol, request: Request) -> Response:
     if error is not None and not protocol.early_end_in_answer:
         return protocol.errors.response(error, context)
     return json_response(call.whole(generation, text, result))
+
+
+async def _answer_choices(
+    protocol: GenerationProtocol, request: Request, edge: Edge, call: Call, many: ManyChoices
+) -> Response:
+    """``call.choices`` generations of one request, one after another (choice ``i``
+    with seed ``seed + i`` when the request has one), answered as one object; an early
+    end of any is the answer's error."""
+    generate = call.request
+    edge.context.model = edge.context.model or generate.model or edge.settings.default_model
+    answers: list[tuple[str, GenerationResult]] = []
+    first: Generation | None = None
+    for index in range(many.choices):
+        seed = None if generate.seed is None else (generate.seed + index) % (SEED_MAX + 1)
+        owner = edge.stream(msgspec.structs.replace(generate, seed=seed))
+        generation = await start_watched(request.receive, owner)
+        first = first or generation
+        text = await collect_watched(request.receive, owner, generation)
+        assert generation.result is not None
+        error = early_end_error(generation.result)
+        if error is not None:
+            return protocol.errors.response(error, edge.context)
+        answers.append((text, generation.result))
+    edge.context.queue_ms = answers[0][1].metrics.queue_ms
+    assert first is not None
+    return json_response(many.whole_choices(first, answers))
 
 
 def endpoint(protocol: GenerationProtocol) -> Callable[[Request], object]:

@@ -48,6 +48,7 @@ __all__ = [
     "MAX_RENDER_GROWTH_BYTES",
     "MAX_VALUE_CHARS",
     "RENDER_DEADLINE_S",
+    "OutputTooLong",
     "TemplateRefused",
     "TemplateSandbox",
     "compile_template",
@@ -66,6 +67,11 @@ _HUGE_WIDTH = re.compile(r"\d{7,}|%[-#0 +]*\*")
 
 class TemplateRefused(Exception):
     """A template was stopped: too slow, too hungry, or asked for something refused."""
+
+
+class OutputTooLong(TemplateRefused):
+    """The rendered chat is longer than the context could hold: the conversation is too
+    long, not the template at fault."""
 
 
 class _RaisedByTemplate(Exception):
@@ -296,7 +302,7 @@ def render_bounded(
             for part in chunks():
                 total += len(part)
                 if total > max_chars:
-                    raise TemplateRefused(f"the rendered chat is over {max_chars} characters")
+                    raise OutputTooLong(f"the rendered chat is over {max_chars} characters")
                 parts.append(part)
     except TemplateRefused:
         raise

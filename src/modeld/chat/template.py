@@ -10,11 +10,17 @@ from typing import Any
 
 import jinja2
 
-from modeld.chat.sandbox import TemplateRefused, compile_template, render_bounded
-from modeld.errors import ChatTemplateError
+from modeld.chat.sandbox import OutputTooLong, TemplateRefused, compile_template, render_bounded
+from modeld.errors import ChatTemplateError, ContextLengthExceeded
 from modeld.types import ChatMessage, MessageToolCall, Tool
 
-__all__ = ["MAX_TEMPLATE_CHARS", "ChatTemplate", "template_messages", "template_tools"]
+__all__ = [
+    "MAX_TEMPLATE_CHARS",
+    "ChatTemplate",
+    "output_too_long",
+    "template_messages",
+    "template_tools",
+]
 
 # Real templates are a few KiB (tool-heavy ones ~20 KiB); compiling is linear in size.
 MAX_TEMPLATE_CHARS = 128 * 1024
@@ -77,8 +83,21 @@ class ChatTemplate:
         }
         try:
             return render_bounded(lambda: self._template.generate(variables), max_chars=max_chars)
+        except OutputTooLong as exc:
+            raise output_too_long(messages, max_chars, f"{self.where}: {exc}") from None
         except TemplateRefused as exc:
             raise ChatTemplateError(f"{self.where}: {exc}") from None
+
+
+def output_too_long(
+    messages: Sequence[ChatMessage], max_chars: int, message: str
+) -> ChatTemplateError | ContextLengthExceeded:
+    """A rendering over ``max_chars``: the conversation is too long for the context
+    (:class:`ContextLengthExceeded`) when its own text is most of that, else the
+    template blew it up (:class:`ChatTemplateError`)."""
+    if 2 * sum(len(m.content) for m in messages) > max_chars:
+        return ContextLengthExceeded(message, field="messages")
+    return ChatTemplateError(message)
 
 
 def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:

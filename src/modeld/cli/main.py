@@ -58,8 +58,24 @@ def _check_models_tables(settings: Settings) -> None:
     check_model_settings(settings, known)
 
 
+DESCRIPTION = """\
+Serve llama.cpp GGUF models from one process: modeld's own API, OpenAI's (/v1) and
+Ollama's (/api) on one port.
+
+  modeld serve --models-dir DIR    run the server (modeld serve --demo: the bundled Gemma)
+  modeld models                    list the models in the models dir
+  modeld status | ps               ask a running server what it holds
+  modeld load | unload MODEL       load or unload a model on a running server
+  modeld run MODEL PROMPT          stream a generation to the terminal
+  modeld quarantine                list or clear quarantined model files
+
+modeld COMMAND --help shows a command's options."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modeld", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="modeld", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the HTTP server")
     add_settings_arguments(serve)

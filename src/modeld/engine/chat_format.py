@@ -18,6 +18,7 @@ from pathlib import Path
 import llama_cpp
 
 from modeld.chat import MAX_TEMPLATE_CHARS, ChatTemplate
+from modeld.chat.template import output_too_long
 from modeld.errors import ChatTemplateError, NoChatTemplate
 from modeld.settings.per_model import template_file
 from modeld.types import ChatMessage, Tool
@@ -40,7 +41,8 @@ def builtin_chat_templates() -> frozenset[str]:
 def render_builtin(name: str, messages: Sequence[ChatMessage], max_chars: int) -> str:
     """``messages`` in llama.cpp's built-in template ``name``, the assistant's turn opened.
 
-    Raises :class:`ChatTemplateError` for an unknown name or an output over ``max_chars``.
+    Raises :class:`ChatTemplateError` for an unknown name, and for an output over
+    ``max_chars`` that :func:`output_too_long` says.
     """
     if name not in builtin_chat_templates():
         raise ChatTemplateError(f"{name!r} is not a llama.cpp built-in chat template")
@@ -57,7 +59,9 @@ def render_builtin(name: str, messages: Sequence[ChatMessage], max_chars: int) -
         if needed < 0:
             raise ChatTemplateError(f"llama.cpp's {name!r} template refused this conversation")
         if needed > max_chars:
-            raise ChatTemplateError(f"the rendered chat is over {max_chars} characters")
+            raise output_too_long(
+                messages, max_chars, f"the rendered chat is over {max_chars} characters"
+            )
         if needed <= size:
             return buffer.raw[:needed].decode("utf-8", "replace")
         size = needed + 1

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from modeld.engine.base import RING_CAPACITY_BYTES, LoopOutcome, StopCode, TokenRing
-from modeld.types import ChatRequest, ContextSizes, GrammarConstraint, InferRequest, SamplingParams
+from modeld.types import (
+    ChatRequest,
+    ContextSizes,
+    EmbeddingInput,
+    GrammarConstraint,
+    InferRequest,
+    SamplingParams,
+)
 
 if TYPE_CHECKING:
     from modeld.prompt_cache.cache import ModelPromptCache
@@ -76,7 +83,11 @@ class Engine(Protocol):
         ...
 
     def embed(
-        self, texts: Sequence[str], cancelled: Callable[[], bool]
+        self,
+        inputs: Sequence[EmbeddingInput],
+        cancelled: Callable[[], bool],
+        *,
+        truncate: bool = False,
     ) -> tuple[list[list[float]], int]: ...
 
     def warm_up(self) -> None: ...

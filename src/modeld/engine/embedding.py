@@ -20,7 +20,7 @@ import llama_cpp
 from modeld.errors import ClientDisconnected, EngineError, ResourcesExhausted
 from modeld.types import ContextSizes
 
-__all__ = ["EmbeddingContext", "pooling_for"]
+__all__ = ["EmbeddingContext", "LazyEmbedding", "pooling_for"]
 
 _POOLED = frozenset(
     {llama_cpp.LLAMA_POOLING_TYPE_MEAN, llama_cpp.LLAMA_POOLING_TYPE_CLS,

@@ -17,7 +17,7 @@ from llama_cpp.llama_grammar import JSON_GBNF
 
 from modeld.engine.fastgrammar import grammar_sampler
 from modeld.errors import InvalidRequest
-from modeld.grammar import DEFAULT_LIMITS, schema_grammar
+from modeld.grammar import DEFAULT_LIMITS, check_grammar_bounds, schema_grammar
 from modeld.types import GrammarConstraint, ResponseFormat
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "MAX_GRAMMAR_BYTES",
     "check_grammar",
     "grammar_for_format",
+    "grammar_for_request",
     "grammar_is_accepted",
 ]
 
@@ -49,6 +50,19 @@ def grammar_for_format(response_format: ResponseFormat) -> str:
     return schema_grammar(response_format, param="format")
 
 
+def grammar_for_request(
+    response_format: ResponseFormat | None, raw_grammar: str | None
+) -> str | None:
+    """The grammar a request asks for: its ``format`` converted, or its own GBNF
+    (``grammar``: llama-server's field) within the same bounds as a converted schema.
+    Both at once is a 400 naming ``grammar``."""
+    if raw_grammar is not None:
+        if response_format is not None:
+            raise InvalidRequest("give a grammar or a format, not both", field="grammar")
+        return check_grammar_bounds(raw_grammar, param="grammar")
+    return None if response_format is None else grammar_for_format(response_format)
+
+
 def grammar_is_accepted(vocab: object, grammar: str) -> bool:
     """Whether llama.cpp parses ``grammar`` for this vocabulary (the sampler is built and
     freed at once). Only on the thread that owns the model."""
@@ -59,8 +73,8 @@ def grammar_is_accepted(vocab: object, grammar: str) -> bool:
     return True
 
 
-def check_grammar(vocab: object, grammar: str | GrammarConstraint) -> None:
-    """Raises :class:`InvalidRequest` (field ``format``) when llama.cpp refuses
+def check_grammar(vocab: object, grammar: str | GrammarConstraint, field: str = "format") -> None:
+    """Raises :class:`InvalidRequest` (naming ``field``) when llama.cpp refuses
     ``grammar`` (a lazy one is built with its triggers); its reason is in the log
     (llama.cpp's own error line)."""
     if isinstance(grammar, str):
@@ -71,4 +85,4 @@ def check_grammar(vocab: object, grammar: str | GrammarConstraint) -> None:
             llama_cpp.llama_sampler_free(sampler)
         accepted = bool(sampler)
     if not accepted:
-        raise InvalidRequest(f"{GRAMMAR_REFUSED}; its log line says why", field="format")
+        raise InvalidRequest(f"{GRAMMAR_REFUSED}; its log line says why", field=field)

@@ -29,6 +29,7 @@ from modeld.engine.cache_tier import CacheTier
 from modeld.engine.chat_format import ChatFormatter
 from modeld.engine.contract import PreparedRequest, Recipe, Request
 from modeld.engine.embedding import LazyEmbedding, pooling_for
+from modeld.engine.fitting import PromptTokens
 from modeld.engine.grammar import check_grammar
 from modeld.engine.kv_prefix import reusable_prefix
 from modeld.engine.llama_load import load_llama, malloc_trim
@@ -37,6 +38,7 @@ from modeld.engine.tokens import Tokenizer
 from modeld.errors import ModelLoadFailed, ResourcesExhausted
 from modeld.types import (
     ChatMessage,
+    EmbeddingInput,
     GrammarConstraint,
     SamplingParams,
     Tool,
@@ -124,6 +126,7 @@ class LlamaEngine:
             settings.n_threads,
             pooling_for(llama_cpp.llama_pooling_type(self._llama.ctx)),
         )
+        self._prompts = PromptTokens(self.tokenizer, self._chat)
         self._prompt_reuse = settings.prompt_reuse
         # The tokens whose KV the context holds, in position order. Only generate() keeps
         # it true; anything else that uses the context must call forget_kv().
@@ -157,18 +160,14 @@ class LlamaEngine:
         """Save and restore sequence states through ``cache`` (None: stop)."""
         self._cache_tier.cache = cache if self._prompt_reuse else None
 
-    def prepare(self, prompt: str, max_tokens: int | None) -> list[int]:
-        """The prompt's tokens, checked against the context.
-
-        Raises :class:`InvalidRequest` (field ``prompt``) when the prompt is not valid
-        Unicode or cannot fit the context, and (field ``max_tokens``) when the prompt
-        plus ``max_tokens`` does not (``None``: the prompt must leave room for one
-        token); :class:`EngineClosed` after :meth:`close`.
-        """
+    def prepare(
+        self, prompt: str, max_tokens: int | None = None, *, truncate: bool = False
+    ) -> list[int]:
+        """The prompt's tokens (:meth:`PromptTokens.of_prompt`). Raises
+        :class:`ContextLengthExceeded` (``prompt``) when it leaves no room for one token,
+        :class:`InvalidRequest` for invalid Unicode, :class:`EngineClosed` after close."""
         self._check_open()
-        tokens = self.tokenize(prompt)
-        self.tokenizer.check_room(tokens, max_tokens, "prompt")
-        return tokens
+        return self._prompts.of_prompt(prompt, max_tokens, truncate)
 
     def prepare_chat(
         self,
@@ -176,24 +175,14 @@ class LlamaEngine:
         max_tokens: int | None,
         chat_template: str | None,
         tools: Sequence[Tool] = (),
+        *,
+        truncate: bool = False,
     ) -> list[int]:
-        """:meth:`prepare` for a conversation rendered through the model's chat template
-        (``chat_template``: the operator's override, a built-in name or a Jinja file);
-        ``tools`` are handed to the template (see :mod:`modeld.tools`).
-
-        The rendered text is tokenized with control tokens parsed and no second BOS when
-        the template wrote one. Raises :class:`NoChatTemplate`, :class:`ChatTemplateError`,
-        and :class:`InvalidRequest` as :meth:`prepare` does, naming ``messages``.
-        """
+        """:meth:`prepare` for a conversation through the model's chat template (``tools``
+        handed to it, :mod:`modeld.tools`). Raises :class:`NoChatTemplate`,
+        :class:`ChatTemplateError`, and what :meth:`prepare` does, naming ``messages``."""
         self._check_open()
-        text = self._chat.render(
-            messages, chat_template, max_chars=self.max_prompt_bytes, tools=tools
-        )
-        bos = self._chat.bos_token
-        add_bos = self.tokenizer.add_bos and not (bos and text.startswith(bos))
-        tokens = self.tokenize(text, add_bos=add_bos, field="messages")
-        self.tokenizer.check_room(tokens, max_tokens, "messages")
-        return tokens
+        return self._prompts.of_chat(messages, max_tokens, chat_template, truncate, tools)
 
     def chat_template_source(self, chat_template: str | None) -> str | None:
         """The Jinja source :meth:`prepare_chat` renders with ``chat_template`` (None for a
@@ -201,11 +190,11 @@ class LlamaEngine:
         self._check_open()
         return self._chat.template_source(chat_template)
 
-    def check_grammar(self, grammar: str | GrammarConstraint) -> None:
-        """Raises :class:`InvalidRequest` (field ``format``) if llama.cpp refuses it (a
+    def check_grammar(self, grammar: str | GrammarConstraint, field: str = "format") -> None:
+        """Raises :class:`InvalidRequest` (naming ``field``) if llama.cpp refuses it (a
         lazy grammar is built with its trigger patterns)."""
         self._check_open()
-        check_grammar(self._llama._model.vocab, grammar)
+        check_grammar(self._llama._model.vocab, grammar, field)
 
     def tokenize(
         self, prompt: str, *, add_bos: bool | None = None, field: str = "prompt"
@@ -235,7 +224,8 @@ class LlamaEngine:
     ) -> LoopOutcome:
         """Run the token loop into ``ring``, then finish the ring, whatever happens.
 
-        ``max_tokens=None`` runs until the context is full; ``grammar`` (checked by
+        ``max_tokens=None`` (or one beyond the room left) runs until the context is full;
+        ``grammar`` (checked by
         :meth:`check_grammar`) constrains every token. Raises only :class:`NotOwnerThread`
         (before touching anything): a failure comes back as ``StopCode.ERROR`` with its
         message, so the consumer always sees the stream end with an outcome.
@@ -248,8 +238,8 @@ class LlamaEngine:
             if self._closed:
                 raise EngineClosed("the engine is closed")
             cached = self._cache_tier.restore(held, prompt_tokens, cached, ring)
-            if params.max_tokens is None:
-                room = max(1, self.n_ctx - len(prompt_tokens))
+            room = self.tokenizer.room(len(prompt_tokens), params.max_tokens)
+            if params.max_tokens != room:  # None, or more than the context has left
                 params = msgspec.structs.replace(params, max_tokens=room)
             outcome = self._loop.run(
                 self._llama, ring, prompt_tokens, params, grammar, cached=cached
@@ -284,20 +274,24 @@ class LlamaEngine:
         return embedding_context_sizes(self.sizes).n_ubatch
 
     def embed(
-        self, texts: Sequence[str], cancelled: Callable[[], bool]
+        self,
+        inputs: Sequence[EmbeddingInput],
+        cancelled: Callable[[], bool],
+        *,
+        truncate: bool = False,
     ) -> tuple[list[list[float]], int]:
-        """L2-normalised embeddings of ``texts`` and their token count, in a second
-        context on these weights (made on first use, kept until :meth:`close`).
-
-        Every input is tokenized and checked before any is computed. ``cancelled`` is
-        asked between inputs. Raises :class:`InvalidRequest` (field ``input``) for an
-        empty or too long input, :class:`ClientDisconnected` once ``cancelled()``,
-        :class:`ResourcesExhausted` when the context cannot be made, :class:`EngineError`.
-        """
+        """L2-normalised embeddings of ``inputs`` (texts, or this model's token ids) and
+        their token count (:func:`embed_inputs`), in a second context on these weights
+        made on first use. Raises :class:`InvalidRequest` (``input``: empty, an id not in
+        the vocabulary), :class:`ContextLengthExceeded`, :class:`ClientDisconnected`
+        once ``cancelled()``, :class:`ResourcesExhausted`, :class:`EngineError`."""
         self._check_open()
         limit = self.embedding_tokens
-        inputs = [self.tokenizer.embedding_tokens(text, i, limit) for i, text in enumerate(texts)]
-        return self._embedding.embed_all(inputs, cancelled), sum(len(t) for t in inputs)
+        tokenized = [
+            self.tokenizer.embedding_tokens(item, i, limit, truncate=truncate)
+            for i, item in enumerate(inputs)
+        ]
+        return self._embedding.embed_all(tokenized, cancelled), sum(len(t) for t in tokenized)
 
     def close(self) -> None:
         """Free the contexts and the weights now, not at garbage collection."""

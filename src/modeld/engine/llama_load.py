@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import re
 import traceback
 from typing import Any
 
@@ -15,19 +16,44 @@ from modeld.engine.cpu_quirks import apply_cpu_quirks
 from modeld.errors import ModelLoadFailed
 from modeld.redact import redact_paths
 
-__all__ = ["TemplateBlindLlama", "load_llama", "malloc_trim", "route_llama_log"]
+__all__ = [
+    "TemplateBlindLlama",
+    "llama_log_level",
+    "load_llama",
+    "malloc_trim",
+    "route_llama_log",
+]
 
 # ggml_log_level in the llama.cpp this release vendors (ggml.h): 1 debug, 2 info, 3 warn,
 # 4 error, 5 continuation. (llama-cpp-python's own mapping still follows an older enum.)
-_LLAMA_LOG_LEVELS = {3: "WARNING", 4: "ERROR"}
+# Its debug chatter and continuations are dropped at the source; info (hundreds of lines
+# per load) goes to modeld's debug.
+_LLAMA_LOG_LEVELS = {2: "DEBUG", 3: "WARNING", 4: "ERROR"}
+# What llama.cpp says at level error when modeld's abort callback stops a decode (a
+# client left, a request was cancelled or evicted): GGML_STATUS_ABORTED is 1, and
+# llama_decode returns 2 for "aborted". A normal cancel, so debug, not error.
+_ABORTED = re.compile(
+    r"compute_async failed with error 1$|compute status: 1$|failed to decode, ret = 2$"
+    r"|removing memory module entries"
+)
+
+
+def llama_log_level(level: int, message: str) -> str | None:
+    """The modeld log level of one llama.cpp line (None: dropped)."""
+    name = _LLAMA_LOG_LEVELS.get(level)
+    if name in ("WARNING", "ERROR") and _ABORTED.search(message):
+        return "DEBUG"
+    return name
 
 
 @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
 def route_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-    """llama.cpp's warnings and errors as modeld log records instead of raw stderr text;
-    its info and debug chatter (hundreds of lines per load) is dropped at the source."""
-    name = _LLAMA_LOG_LEVELS.get(level)
-    message = text.decode("utf-8", "replace").strip() if name else ""
+    """llama.cpp's lines as modeld log records (``source: llama.cpp``) instead of raw
+    stderr text, at the level :func:`llama_log_level` gives them."""
+    if level not in _LLAMA_LOG_LEVELS:
+        return
+    message = text.decode("utf-8", "replace").strip()
+    name = llama_log_level(level, message)
     if name and message:
         # "{}": llama.cpp text may hold braces, which loguru would take as a format
         logger.log(name, "{}", redact_paths(message), source="llama.cpp")

@@ -17,7 +17,9 @@ __all__ = ["EngineParts", "prepare_from_parts"]
 class EngineParts(Protocol):
     """The steps of a preparation an engine provides (``LlamaEngine``'s methods)."""
 
-    def prepare(self, prompt: str, max_tokens: int | None) -> list[int]: ...
+    def prepare(
+        self, prompt: str, max_tokens: int | None = None, *, truncate: bool = False
+    ) -> list[int]: ...
 
     def prepare_chat(
         self,
@@ -25,11 +27,13 @@ class EngineParts(Protocol):
         max_tokens: int | None,
         chat_template: str | None,
         tools: Sequence[Tool] = (),
+        *,
+        truncate: bool = False,
     ) -> list[int]: ...
 
     def chat_template_source(self, chat_template: str | None) -> str | None: ...
 
-    def check_grammar(self, grammar: str | GrammarConstraint) -> None: ...
+    def check_grammar(self, grammar: str | GrammarConstraint, field: str = "format") -> None: ...
 
 
 def prepare_from_parts(engine: EngineParts, request: Request, recipe: Recipe) -> PreparedRequest:
@@ -42,9 +46,11 @@ def prepare_from_parts(engine: EngineParts, request: Request, recipe: Recipe) ->
     if isinstance(request, ChatRequest):
         plan = plan_chat(request, lambda: engine.chat_template_source(template), recipe)
         grammar, tool_format = plan.grammar or grammar, plan.format
-        tokens = engine.prepare_chat(plan.messages, request.max_tokens, template, plan.tools)
+        tokens = engine.prepare_chat(
+            plan.messages, request.max_tokens, template, plan.tools, truncate=request.truncate
+        )
     else:
-        tokens = engine.prepare(request.prompt, request.max_tokens)
-    if grammar is not None:
-        engine.check_grammar(grammar)  # refused here, before any byte is sent
+        tokens = engine.prepare(request.prompt, request.max_tokens, truncate=request.truncate)
+    if grammar is not None:  # refused here, before any byte is sent
+        engine.check_grammar(grammar, "grammar" if request.grammar else "format")
     return PreparedRequest(tokens, request, grammar, tool_format)

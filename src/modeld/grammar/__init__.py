@@ -43,9 +43,17 @@ from __future__ import annotations
 
 from modeld.grammar.gbnf import BudgetUsage, RuleSet
 from modeld.grammar.limits import DEFAULT_LIMITS, SchemaLimits, check_schema_bounds
+from modeld.grammar.raw import check_grammar_bounds
 from modeld.grammar.schema import SchemaConverter
 
-__all__ = ["DEFAULT_LIMITS", "BudgetUsage", "SchemaGrammar", "SchemaLimits", "schema_grammar"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "BudgetUsage",
+    "SchemaGrammar",
+    "SchemaLimits",
+    "check_grammar_bounds",
+    "schema_grammar",
+]
 
 
 class SchemaGrammar:

@@ -20,7 +20,7 @@ from loguru import logger
 
 from modeld.engine.base import EngineClosed, LoopOutcome, TokenRing
 from modeld.engine.contract import PreparedRequest, Recipe, Request, run_request
-from modeld.engine.grammar import grammar_for_format
+from modeld.engine.grammar import grammar_for_request
 from modeld.engine.worker import ThreadCall, WorkerStopped
 from modeld.errors import InvalidRequest, RequestNotFound
 from modeld.events import EventHub, GenerationFinished
@@ -38,8 +38,8 @@ from modeld.types import (
     MAX_PROMPT_CHARS,
     ChatRequest,
     DoneReason,
+    EmbeddingInput,
     EmbeddingResult,
-    ResponseFormat,
 )
 
 __all__ = ["Launcher", "embedding_inputs"]
@@ -75,7 +75,7 @@ class Launcher:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.generations:
             raise InvalidRequest(f"request id {request_id!r} is already running")
-        grammar = await _grammar_for(request.format)  # before anything is held
+        grammar = await _grammar_for(request)  # before anything is held
         if isinstance(request, ChatRequest):  # tools: refused before anything is held
             await anyio.to_thread.run_sync(check_tool_request, request)
         model = resolve(request.model)
@@ -93,7 +93,11 @@ class Launcher:
                 await generation.aclose()
 
     async def embed(
-        self, model_id: str, texts: list[str], keep_alive: str | float | None
+        self,
+        model_id: str,
+        texts: list[EmbeddingInput],
+        keep_alive: str | float | None,
+        truncate: bool = False,
     ) -> EmbeddingResult:
         """See ``ModelManager.embed``."""
         cancelled = threading.Event()
@@ -103,7 +107,7 @@ class Launcher:
             def launch(instance: Instance, timing: RequestTiming) -> Awaitable[Any]:
                 timings[:] = [timing]
                 self._pool.idle.used(instance, keep_alive)
-                return self._embedding(instance, texts, cancelled, timing)
+                return self._embedding(instance, texts, cancelled, timing, truncate)
 
             call: ThreadCall[Embedded] = await self._admission.start(model_id, ticket, launch)
             try:
@@ -218,9 +222,10 @@ class Launcher:
     async def _embedding(
         self,
         instance: Instance,
-        texts: list[str],
+        texts: list[EmbeddingInput],
         cancelled: threading.Event,
         timing: RequestTiming,
+        truncate: bool,
     ) -> ThreadCall[Embedded] | None:
         """Charge the embedding context (first use) and start the embedding on the
         instance's worker; None when the instance went away meanwhile."""
@@ -232,7 +237,7 @@ class Launcher:
         if engine is None or worker is None or not instance.is_ready():
             return None
         instance.last_used_s = time.monotonic()
-        return worker.submit(lambda: engine.embed(texts, cancelled.is_set))
+        return worker.submit(lambda: engine.embed(texts, cancelled.is_set, truncate=truncate))
 
     def _finished(
         self, instance: Instance, generation: Generation, timing: RequestTiming, ticket: SlotTicket
@@ -252,29 +257,40 @@ class Launcher:
             self._events.publish(GenerationFinished(result=generation.result))
 
 
-async def _grammar_for(response_format: ResponseFormat | None) -> str | None:
-    """The grammar enforcing ``response_format``, converted off the event loop (a schema
-    may be large). Raises :class:`InvalidRequest` naming ``format``."""
-    if response_format is None:
+async def _grammar_for(request: Request) -> str | None:
+    """The grammar enforcing the request's ``format`` (or its own ``grammar``), made
+    off the event loop (a schema may be large). Raises :class:`InvalidRequest` naming
+    ``format`` or ``grammar``."""
+    if request.format is None and request.grammar is None:
         return None
-    return await anyio.to_thread.run_sync(grammar_for_format, response_format)
+    return await anyio.to_thread.run_sync(grammar_for_request, request.format, request.grammar)
 
 
-def embedding_inputs(inputs: Sequence[str]) -> list[str]:
+def embedding_inputs(inputs: Sequence[EmbeddingInput]) -> list[EmbeddingInput]:
     """Raises :class:`InvalidRequest` (field ``input``) unless 1 to
-    :data:`MAX_EMBEDDING_INPUTS` non-empty strings of at most :data:`MAX_PROMPT_CHARS`."""
+    :data:`MAX_EMBEDDING_INPUTS` inputs, each a non-empty string of at most
+    :data:`MAX_PROMPT_CHARS` or a non-empty list of at most as many token ids (ints)."""
     if isinstance(inputs, str):
         inputs = [inputs]
-    texts = list(inputs)
-    if not 1 <= len(texts) <= MAX_EMBEDDING_INPUTS:
+    items = list(inputs)
+    if not 1 <= len(items) <= MAX_EMBEDDING_INPUTS:
         raise InvalidRequest(
-            f"give 1 to {MAX_EMBEDDING_INPUTS} inputs, not {len(texts)}", field="input"
+            f"give 1 to {MAX_EMBEDDING_INPUTS} inputs, not {len(items)}", field="input"
         )
-    for index, text in enumerate(texts):
-        if not isinstance(text, str) or not text:
-            raise InvalidRequest(f"input {index} is not a non-empty string", field="input")
-        if len(text) > MAX_PROMPT_CHARS:
+    for index, item in enumerate(items):
+        if isinstance(item, str):
+            if not item:
+                raise InvalidRequest(f"input {index} is not a non-empty string", field="input")
+        elif (
+            not isinstance(item, Sequence)
+            or not item
+            or not all(type(token) is int for token in item)
+        ):
             raise InvalidRequest(
-                f"input {index} is over {MAX_PROMPT_CHARS} characters", field="input"
+                f"input {index} is not a non-empty string or list of token ids", field="input"
             )
-    return texts
+        if len(item) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(
+                f"input {index} is over {MAX_PROMPT_CHARS} characters or tokens", field="input"
+            )
+    return items

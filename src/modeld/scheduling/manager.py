@@ -27,7 +27,7 @@ from modeld.events import EventHub
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.probe import MemoryProbe, default_budget_mb, detect_probe
 from modeld.prompt_cache.setup import build_prompt_cache
-from modeld.registry import ModelFile, Registry, check_model_id
+from modeld.registry import ModelFile, Registry, check_model_name
 from modeld.scheduling.admission import Admission
 from modeld.scheduling.clock import Clock
 from modeld.scheduling.generation import Generation
@@ -45,6 +45,7 @@ from modeld.types import (
     ChatRequest,
     Chunk,
     DoneReason,
+    EmbeddingInput,
     EmbeddingResult,
     GenerationResult,
 )
@@ -233,10 +234,11 @@ class ModelManager:
     async def embed(
         self,
         model: str | None,
-        inputs: Sequence[str],
+        inputs: Sequence[EmbeddingInput],
         *,
         request_id: str | None = None,
         keep_alive: str | float | None = None,
+        truncate: bool = False,
     ) -> EmbeddingResult:
         """L2-normalised embeddings of ``inputs``, in order, computed in a second context
         on the model's loaded weights (its memory charged to the budget on first use).
@@ -244,10 +246,10 @@ class ModelManager:
         Queued in the model's line like a generation. Raises :class:`InvalidRequest`
         (field ``input``: no input, too many, an empty or too long one), and what
         :meth:`stream` raises before yielding. Cancelled, it stops between inputs.
-        ``keep_alive`` is how long the model stays loaded afterwards, as for a generation.
-        """
+        ``keep_alive`` as for a generation. An input is a text or the model's token ids;
+        ``truncate`` keeps the first batch of a longer one (else a 400)."""
         return await self._launcher.embed(
-            self.model_id(model), embedding_inputs(inputs), keep_alive
+            self.model_id(model), embedding_inputs(inputs), keep_alive, truncate
         )
 
     def cancel_request(self, request_id: str) -> None:
@@ -258,12 +260,12 @@ class ModelManager:
         """The model a request's ``model`` names (None: the default model; an alias
         resolved) with its settings in force: id, context, threads, GPU layers,
         keep-alive, chat template, sampling defaults. Raises :class:`NoDefaultModel`,
-        :class:`InvalidModelId`."""
+        :class:`ModelNotFound` (``gpt-4o``), :class:`InvalidModelId` (``..``, NUL)."""
         name = name or self.settings.default_model
         if not name:
             raise NoDefaultModel("no model given and no --default-model configured")
         model = self.settings.resolve(name)
-        check_model_id(model.id)
+        check_model_name(model.id)
         return model
 
     def model_id(self, name: str | None) -> str:

@@ -30,10 +30,12 @@ def _model_id(edge: Edge, name: str) -> str:
 
 
 async def _embed(
-    edge: Edge, name: str, inputs: list[str], keep_alive: str | float | None
+    edge: Edge, name: str, inputs: list[str], keep_alive: str | float | None, truncate: bool
 ) -> EmbeddingResult:
     model_id = _model_id(edge, name)
-    return await naming(name, lambda: edge.embed(model_id, inputs, keep_alive=keep_alive))
+    return await naming(
+        name, lambda: edge.embed(model_id, inputs, keep_alive=keep_alive, truncate=truncate)
+    )
 
 
 async def embed(request: Request) -> Response:
@@ -45,7 +47,7 @@ async def embed(request: Request) -> Response:
         await naming(body.model, lambda: load(model_id, keep_alive=body.keep_alive))
         return json_response({"model": body.model, "embeddings": []})
     inputs = [body.input] if isinstance(body.input, str) else body.input
-    result = await _embed(edge, body.model, inputs, body.keep_alive)
+    result = await _embed(edge, body.model, inputs, body.keep_alive, body.truncate)
     width = len(result.embeddings[0])
     if body.dimensions is not None and body.dimensions != width:
         raise InvalidRequest(
@@ -69,5 +71,5 @@ async def embeddings(request: Request) -> Response:
         if not body.model:
             raise InvalidRequest("model is required", field="model")
         return json_response({"embedding": []})
-    result = await _embed(edge, body.model, [body.prompt], body.keep_alive)
+    result = await _embed(edge, body.model, [body.prompt], body.keep_alive, True)
     return json_response({"embedding": result.embeddings[0]})

@@ -63,11 +63,14 @@ def _request_fields(
     response_format: str | dict[str, Any] | None,
     stream: bool,
     keep_alive: KeepAlive | None,
+    truncate: bool,
 ) -> dict[str, object]:
     """What every generation request shares: the model's configured defaults under
-    the mapped ``options``, the format, the stream flag and the keep-alive."""
+    the mapped ``options``, the format, the stream flag, the keep-alive and Ollama's
+    truncation of a prompt too long for the context."""
     fields: dict[str, object] = {**edge.defaults_for(model_id), **sampling_fields(options)}
     fields.update(model=model_id, stream=stream, format=format_of(response_format))
+    fields["truncate"] = truncate
     if keep_alive is not None:
         fields["keep_alive"] = keep_alive
     return fields
@@ -134,7 +137,7 @@ class OllamaGenerate:
             reason = await load_or_unload(edge.manager, name, model_id, body.keep_alive)
             return _loaded_line(name, reason, chat=False)
         fields = _request_fields(
-            edge, model_id, body.options, body.format, body.stream, body.keep_alive
+            edge, model_id, body.options, body.format, body.stream, body.keep_alive, body.truncate
         )
         generate: InferRequest | ChatRequest
         if not body.raw and await self._templated(edge.manager, name, model_id):
@@ -159,7 +162,7 @@ class OllamaChat:
             reason = await load_or_unload(edge.manager, body.model, model_id, body.keep_alive)
             return _loaded_line(body.model, reason, chat=True)
         fields = _request_fields(
-            edge, model_id, body.options, body.format, body.stream, body.keep_alive
+            edge, model_id, body.options, body.format, body.stream, body.keep_alive, body.truncate
         )
         fields.update(tool_fields(body.tools, default_type=True))
         generate = as_request({**fields, "messages": messages}, ChatRequest)

@@ -60,20 +60,22 @@ class ModelListings:
         self._facts = facts
 
     async def tags(self, request: Request) -> Response:
+        """Every model file as ``<id>:latest``, then each of its configured aliases the
+        same way (``gemma:latest``), as Ollama lists one model under each of its names:
+        a client that checks a name against this list accepts every name modeld does."""
+        manager = _manager(request)
         models = []
-        for model in await _manager(request).models():
+        for model in await manager.models():
             metadata = await self._facts.of_or_none(model)
-            name = ollama_name(model.id)
-            models.append(
-                {
-                    "name": name,
-                    "model": name,
-                    "modified_at": modified_at(model),
-                    "size": model.size_bytes,
-                    "digest": metadata.digest if metadata else identity_digest(model.identity),
-                    "details": details(metadata),
-                }
-            )
+            entry = {
+                "modified_at": modified_at(model),
+                "size": model.size_bytes,
+                "digest": metadata.digest if metadata else identity_digest(model.identity),
+                "details": details(metadata),
+            }
+            for alias in (model.id, *manager.settings.model(model.id).aliases):
+                name = alias if ":" in alias else ollama_name(alias)
+                models.append({"name": name, "model": name, **entry})
         return json_response({"models": models})
 
     async def ps(self, request: Request) -> Response:

@@ -80,6 +80,7 @@ class GenerateBody(msgspec.Struct, frozen=True, kw_only=True):
     context: list[int] | None = None
     think: bool | str | None = None
     logprobs: bool | None = None
+    truncate: bool = True  # a prompt too long for the context keeps its end
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True):
@@ -103,11 +104,12 @@ class ChatBody(msgspec.Struct, frozen=True, kw_only=True):
     keep_alive: KeepAlive | None = None
     think: bool | str | None = None
     logprobs: bool | None = None
+    truncate: bool = True  # a chat too long for the context loses its oldest turns
 
 
 class EmbedBody(msgspec.Struct, frozen=True, kw_only=True):
-    """``/api/embed``. ``truncate`` is ignored: an input longer than the context is a
-    400 naming it, never cut silently."""
+    """``/api/embed``. ``truncate`` (default true, as in Ollama) keeps the first tokens
+    of an input longer than the model's embedding batch; false makes it a 400."""
 
     model: str = ""
     input: str | list[str] = []

@@ -39,11 +39,14 @@ def _type_for(status: int) -> str:
     return "invalid_request_error" if status < 500 else "server_error"
 
 
-def error_object(failure: Failure) -> dict[str, object]:
-    """The ``error`` object of OpenAI's error bodies and events."""
+def error_object(failure: Failure, *, early_end: bool = False) -> dict[str, object]:
+    """The ``error`` object of OpenAI's error bodies and events. A stream that ended
+    early (evicted, timeout, cancelled by ``DELETE /requests/{id}``) was a valid request
+    the server did not finish: ``server_error`` whatever the status an unstreamed answer
+    would have had (``cancelled`` is 499)."""
     return {
         "message": failure.message,
-        "type": _type_for(failure.status),
+        "type": "server_error" if early_end else _type_for(failure.status),
         "param": failure.param,
         "code": failure.code,
         "request_id": failure.request_id,
@@ -74,7 +77,8 @@ class OpenAIErrors(ErrorShape):
 
     def stream_end(self, failure: Failure, model: str) -> bytes:
         """The SSE event that ends a stream cut short; no ``[DONE]`` follows it."""
-        return b"data: " + one_line_json({"error": error_object(failure)}) + b"\n\n"
+        error = error_object(failure, early_end=True)
+        return b"data: " + one_line_json({"error": error}) + b"\n\n"
 
 
 OPENAI_ERRORS = OpenAIErrors()

@@ -9,6 +9,7 @@ shutdown) ends with an ``error`` event and no ``[DONE]``, so the client raises.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,19 +70,29 @@ class Completion:
 
     def whole(self, text: str, result: GenerationResult) -> dict[str, Any]:
         """The non-streamed answer."""
-        choice: dict[str, Any] = {
-            "index": 0,
-            "logprobs": None,
-            "finish_reason": finish_reason(result),
-        }
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
-            if result.tool_calls:  # content null when the answer is only calls
-                choice["message"]["content"] = text or None
-                choice["message"]["tool_calls"] = openai_calls(result.tool_calls)
-        else:
-            choice["text"] = text
-        return {**self.header(chunked=False), "choices": [choice], "usage": usage(result)}
+        return self.whole_choices([(text, result)])
+
+    def whole_choices(self, answers: Sequence[tuple[str, GenerationResult]]) -> dict[str, Any]:
+        """The non-streamed answer with one choice per answer (``n``), each with its own
+        index and finish reason; the usage counts the prompt once and every choice's
+        tokens."""
+        choices = []
+        for index, (text, result) in enumerate(answers):
+            choice: dict[str, Any] = {"index": index, "logprobs": None}
+            choice["finish_reason"] = finish_reason(result)
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+                if result.tool_calls:  # content null when the answer is only calls
+                    choice["message"]["content"] = text or None
+                    choice["message"]["tool_calls"] = openai_calls(result.tool_calls)
+            else:
+                choice["text"] = text
+            choices.append(choice)
+        counts = usage(answers[0][1])
+        completion_tokens = sum(result.metrics.completion_tokens for _, result in answers)
+        counts["completion_tokens"] = completion_tokens
+        counts["total_tokens"] = answers[0][1].metrics.prompt_tokens + completion_tokens
+        return {**self.header(chunked=False), "choices": choices, "usage": counts}
 
 
 class _Framing:

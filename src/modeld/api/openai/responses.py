@@ -122,7 +122,11 @@ class _Response:
         }
 
     def part(self) -> dict[str, Any]:
-        return {"type": "output_text", "text": self.text, "annotations": []}
+        return {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
+
+    def item_status(self, result: GenerationResult) -> str:
+        """A message cut at ``max_output_tokens`` is ``incomplete``, as its response is."""
+        return "completed" if result.done_reason is DoneReason.STOP else "incomplete"
 
     def whole(self, result: GenerationResult | None) -> dict[str, Any]:
         finished = result is not None
@@ -140,18 +144,23 @@ class _Response:
             "instructions": self.body.instructions,
             "max_output_tokens": self.sampling.get("max_tokens"),
             "model": self.model,
-            "output": [self.item("completed")] if finished else [],
+            "output": [self.item(self.item_status(result))] if result is not None else [],
             "parallel_tool_calls": False,
             "previous_response_id": None,
             "temperature": self.sampling.get("temperature"),
             "top_p": self.sampling.get("top_p"),
             "tool_choice": "none",
             "tools": [],
-            "text": {"format": {"type": "text"}},
+            "text": {"format": self.text_format()},
             "truncation": "disabled",
             "usage": _usage(result) if result is not None else None,
             "metadata": {},
         }
+
+    def text_format(self) -> dict[str, Any]:
+        """``text.format`` as it was asked for (a schema echoed with its name)."""
+        asked = (self.body.text or {}).get("format")
+        return asked if isinstance(asked, dict) and asked.get("type") else {"type": "text"}
 
     def event(self, kind: str, **fields: Any) -> bytes:
         data = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -161,9 +170,14 @@ class _Response:
 
 def _usage(result: GenerationResult) -> dict[str, object]:
     counts = usage(result)
+    cached = result.metrics.cached_tokens
     return {
         "input_tokens": counts["prompt_tokens"],
-        "input_tokens_details": counts["prompt_tokens_details"],
+        # what this prompt left in the model's KV cache for the next one to reuse
+        "input_tokens_details": {
+            "cached_tokens": cached,
+            "cache_write_tokens": result.metrics.prompt_tokens - cached,
+        },
         "output_tokens": counts["completion_tokens"],
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": counts["total_tokens"],
@@ -204,7 +218,7 @@ class _ResponseFraming:
         early = early_end_error(result)
         if early is not None:
             failure = OPENAI_ERRORS.failure(early, self._context)
-            error = {"error": error_object(failure)}
+            error = {"error": error_object(failure, early_end=True)}
             return r.event("error", code=failure.code, message=failure.message, param=None, **error)
         last = (
             "response.completed" if result.done_reason is DoneReason.STOP else "response.incomplete"
@@ -212,7 +226,9 @@ class _ResponseFraming:
         return (
             r.event("response.output_text.done", **self._where(), text=r.text, logprobs=[])
             + r.event("response.content_part.done", **self._where(), part=r.part())
-            + r.event("response.output_item.done", output_index=0, item=r.item("completed"))
+            + r.event(
+                "response.output_item.done", output_index=0, item=r.item(r.item_status(result))
+            )
             + r.event(last, response=r.whole(result))
         )
 

@@ -7,6 +7,7 @@ import array
 import base64
 import sys
 import time
+from collections.abc import Sequence
 
 import orjson
 from starlette.requests import Request
@@ -74,9 +75,10 @@ class _CompletionCall:
     """One chat or text completion: SSE chunks, or one ``chat.completion`` object."""
 
     def __init__(
-        self, edge: Edge, request: ChatRequest | InferRequest, include_usage: bool
+        self, edge: Edge, request: ChatRequest | InferRequest, include_usage: bool, choices: int
     ) -> None:
         self.request = request
+        self.choices = choices
         self._context = edge.context
         self._include_usage = include_usage
         self._chat = isinstance(request, ChatRequest)
@@ -94,6 +96,11 @@ class _CompletionCall:
 
     def whole(self, generation: Generation, text: str, result: GenerationResult) -> object:
         return self._completion(generation).whole(text, result)
+
+    def whole_choices(
+        self, generation: Generation, answers: Sequence[tuple[str, GenerationResult]]
+    ) -> object:
+        return self._completion(generation).whole_choices(answers)
 
 
 class ChatProtocol:
@@ -114,7 +121,7 @@ class ChatProtocol:
         }
         generate = chat_request(decoded, sampling_of(body), edge.defaults_for)
         include_usage = bool(decoded.stream_options and decoded.stream_options.include_usage)
-        return _CompletionCall(edge, generate, include_usage)
+        return _CompletionCall(edge, generate, include_usage, decoded.n or 1)
 
 
 class CompletionsProtocol:
@@ -128,7 +135,7 @@ class CompletionsProtocol:
         edge.context.param_names = {"format": "response_format"}
         generate = completion_request(decoded, sampling_of(body), edge.defaults_for)
         include_usage = bool(decoded.stream_options and decoded.stream_options.include_usage)
-        return _CompletionCall(edge, generate, include_usage)
+        return _CompletionCall(edge, generate, include_usage, decoded.n or 1)
 
 
 CHAT = ChatProtocol()

@@ -1,6 +1,6 @@
 """OpenAI request bodies as modeld's own requests (:class:`ChatRequest`,
 :class:`InferRequest`): a field modeld cannot honour at the value sent (``n`` > 1,
-``logprobs``, tools, images, token arrays, ...) is a 400 naming it as OpenAI names it,
+``logprobs``, tools, images, a prompt of token ids, ...) is a 400 naming it as OpenAI names it,
 never silently dropped. Bounds are modeld's own, checked by the same schema as
 ``/infer``; the model's configured defaults fill the fields a body does not set.
 """
@@ -15,16 +15,25 @@ import msgspec
 from modeld.api.bodies import convert_fields, decode_json
 from modeld.api.errors import UnsupportedParam
 from modeld.api.openai.wire import ChatCompletionBody, Choices, CompletionBody, EmbeddingBody
+from modeld.api.protocol import MAX_CHOICES
 from modeld.api.sampling import SamplingNames, stop_list
 from modeld.api.tools import openai_history_calls, tool_fields
 from modeld.errors import InvalidRequest
-from modeld.types import SEED_MAX, ChatMessage, ChatRequest, InferRequest, ResponseFormat
+from modeld.types import (
+    SEED_MAX,
+    ChatMessage,
+    ChatRequest,
+    EmbeddingInput,
+    InferRequest,
+    ResponseFormat,
+)
 
 __all__ = [
     "OPENAI_SAMPLING",
     "chat_request",
     "check_unsupported",
     "completion_request",
+    "constraint_fields",
     "embedding_inputs",
     "messages_from",
     "msgspec_message",
@@ -64,8 +73,10 @@ def _unsupported(param: str, why: str) -> InvalidRequest:
 
 def check_unsupported(body: Choices) -> None:
     """The fields shared by chat and completions that modeld honours at one value only."""
-    if body.n is not None and body.n != 1:
-        raise _unsupported("n", "modeld generates one choice per request (n=1)")
+    if body.n is not None and not 1 <= body.n <= MAX_CHOICES:
+        raise _unsupported("n", f"n is 1 to {MAX_CHOICES} choices")
+    if body.n is not None and body.n > 1 and body.stream:
+        raise _unsupported("n", "n > 1 is answered whole; stream with n=1")
     if body.logit_bias:
         raise _unsupported("logit_bias", "logit_bias is not supported")
 
@@ -110,7 +121,7 @@ def chat_request(
     fields.update(tool_fields(body.tools, body.tool_choice, body.parallel_tool_calls))
     fields["model"] = body.model
     fields["stream"] = bool(body.stream)
-    fields["format"] = response_format(body.response_format)
+    fields.update(constraint_fields(body))
     request = convert_fields(with_defaults(fields, body.model, defaults_for), ChatRequest)
     return request
 
@@ -181,8 +192,11 @@ def response_format(value: dict[str, Any] | None) -> ResponseFormat | None:
     kind = value.get("type")
     if kind == "text":
         return None
-    if kind == "json_object":
-        return "json"
+    if kind == "json_object":  # llama-server's extension: a schema beside the type
+        schema = value.get("schema")
+        if schema is not None and not isinstance(schema, dict):
+            raise _unsupported("response_format.schema", "a schema is an object")
+        return schema or "json"
     if kind == "json_schema":
         spec = value.get("json_schema")
         if not isinstance(spec, dict):
@@ -194,6 +208,28 @@ def response_format(value: dict[str, Any] | None) -> ResponseFormat | None:
             raise _unsupported("response_format.json_schema.schema", "a schema is an object")
         return schema
     raise _unsupported("response_format.type", f"unknown response format type {kind!r}")
+
+
+def constraint_fields(body: Choices) -> dict[str, object]:
+    """What constrains the answer: ``response_format``, or llama-server's own fields
+    (a top-level ``json_schema``, a raw GBNF ``grammar``), as modeld's ``format`` or
+    ``grammar`` (both enforced by the same bounded grammar path, never ignored). More
+    than one of them is a 400 naming the later."""
+    chosen = response_format(body.response_format)  # {"type": "text"} is none
+    given = [name for name, value in (("response_format", chosen),
+             ("json_schema", body.json_schema), ("grammar", body.grammar))
+             if value is not None]  # fmt: skip
+    if len(given) > 1:
+        raise _unsupported(given[-1], f"give one of {', '.join(given)}, not several")
+    if body.json_schema is not None:
+        if not isinstance(body.json_schema, dict):
+            raise _unsupported("json_schema", "a schema is an object")
+        return {"format": body.json_schema}
+    if body.grammar is not None:
+        if not isinstance(body.grammar, str):
+            raise _unsupported("grammar", "a grammar is GBNF text")
+        return {"grammar": body.grammar}
+    return {"format": chosen}
 
 
 def completion_request(
@@ -213,7 +249,7 @@ def completion_request(
     fields["prompt"] = _prompt(body.prompt)
     fields["model"] = body.model
     fields["stream"] = bool(body.stream)
-    fields["format"] = response_format(body.response_format)
+    fields.update(constraint_fields(body))
     return convert_fields(with_defaults(fields, body.model, defaults_for), InferRequest)
 
 
@@ -229,14 +265,28 @@ def _prompt(prompt: object) -> str:
     raise _unsupported("prompt", "prompt is a string")
 
 
-def embedding_inputs(body: EmbeddingBody) -> list[str]:
-    """Raises :class:`InvalidRequest` naming ``input`` or ``encoding_format``."""
+def _token_ids(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(x) is int for x in value)
+
+
+def embedding_inputs(body: EmbeddingBody) -> list[EmbeddingInput]:
+    """``input`` as modeld's inputs: a string, a list of strings, a list of token ids
+    (one input) or a list of such lists; ids are checked against the model's vocabulary
+    and its batch when the model has them. Raises :class:`InvalidRequest` naming
+    ``input`` or ``encoding_format``."""
     if body.encoding_format not in (None, "float", "base64"):
         raise _unsupported("encoding_format", "encoding_format is 'float' or 'base64'")
     if isinstance(body.input, str):
         return [body.input]
-    if isinstance(body.input, list) and body.input and all(isinstance(x, str) for x in body.input):
-        return list(body.input)
+    if _token_ids(body.input):
+        return [body.input]
     if isinstance(body.input, list) and body.input:
-        raise _unsupported("input", _TOKEN_HINT)
-    raise _unsupported("input", "input is a string or a non-empty list of strings")
+        if all(isinstance(x, str) for x in body.input):
+            return list(body.input)
+        if all(_token_ids(x) for x in body.input):
+            return list(body.input)
+    raise _unsupported(
+        "input",
+        "input is a string, a list of strings, a list of token ids or a list of such lists "
+        "(non-empty)",
+    )

@@ -39,6 +39,8 @@ class Choices(msgspec.Struct, kw_only=True):
     logit_bias: dict[str, Any] | None = None
     user: str | None = None
     response_format: dict[str, Any] | None = None  # a grammar, on chat and completions
+    json_schema: dict[str, Any] | None = None  # llama-server's: a schema, enforced
+    grammar: Any = None  # llama-server's: GBNF of the client's own, bounded
 
 
 class ChatCompletionBody(Choices, kw_only=True):
@@ -66,7 +68,7 @@ class CompletionBody(Choices, kw_only=True):
 
 
 class EmbeddingBody(msgspec.Struct, kw_only=True):
-    input: Any = None  # a string or a list of strings; token arrays are refused by name
+    input: Any = None  # a string, strings, token ids, or lists of token ids
     model: str | None = None
     encoding_format: str | None = None
     dimensions: int | None = None
