@@ -206,12 +206,8 @@ class ModelManager:
         """
         return self._launcher.stream(request, request_id, self.resolve)
 
-    def stream_chat(
-        self, request: ChatRequest, *, request_id: str | None = None
-    ) -> AbstractAsyncContextManager[Generation]:
-        """:meth:`stream` for a conversation: ``request.messages`` go through the model's
-        chat template (its own, or the one configured for it)."""
-        return self.stream(request, request_id=request_id)
+    # A conversation takes the same path: its messages go through the model's chat template.
+    stream_chat = stream
 
     def generate(
         self, request: Request, *, request_id: str | None = None
