@@ -46,12 +46,14 @@ class FaultyEngine(LlamaEngine):
         if self.close_fails:
             raise RuntimeError("injected: close failed")
 
-    def prepare(self, prompt: str, max_tokens: int | None) -> list[int]:
+    def prepare(
+        self, prompt: str, max_tokens: int | None = None, *, truncate: bool = False
+    ) -> list[int]:
         if self.prepare_entered is not None:
             self.prepare_entered.set()
         if self.prepare_gate is not None:
             self.prepare_gate.wait(HANG_LIMIT_S)
-        return super().prepare(prompt, max_tokens)
+        return super().prepare(prompt, max_tokens, truncate=truncate)
 
     def generate(
         self,
