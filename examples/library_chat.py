@@ -9,6 +9,7 @@ needs no table at all).
 
 from __future__ import annotations
 
+import json
 import sys
 
 import anyio
@@ -45,7 +46,8 @@ async def main(models_dir: str) -> None:
                 model="gemma", messages=ask.messages, max_tokens=64, temperature=0.0, format=schema
             )
         )
-        print("structured:", answer)
+        # The grammar allows JSON's whitespace (a model may pretty-print): one line here.
+        print("structured:", json.dumps(json.loads(answer)))
 
         result = await manager.embed("gemma", ["The sea is blue.", "The ocean is blue."])
         first, second = result.embeddings
