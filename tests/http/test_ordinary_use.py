@@ -44,7 +44,7 @@ def all_idle(server: RunningServer) -> dict[str, object]:
             busy = [i for i in instances if i["inflight"] or i["queue_len"]]
             return status["admitted"] == 0 and status["running"] == 0 and not busy
 
-        return poll(lambda: dict(client.get("/status").json()), idle, timeout_s=20)
+        return poll(lambda: dict(client.get("/status").json()), idle, timeout_s=300)
 
 
 def serves(server: RunningServer, model: str) -> None:
