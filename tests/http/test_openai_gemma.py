@@ -5,6 +5,7 @@ the client's retries of 429 and 503."""
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 
@@ -197,7 +198,8 @@ def test_429_and_503_are_retried_by_the_client_after_retry_after(
 
 def test_the_demo_chats_with_gemma(gemma_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``modeld serve --demo``'s settings give the bundled model the ``gemma`` template."""
-    from modeld.cli import main as cli
+    # the module, not the function modeld.cli re-exports under the same name
+    cli = importlib.import_module("modeld.cli.main")
     from modeld.settings.config import load_settings
 
     monkeypatch.setattr(cli, "DEMO_DIR", gemma_path.parent)  # assembled there already
