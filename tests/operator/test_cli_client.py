@@ -145,9 +145,10 @@ def test_run_streams_the_same_text_as_the_api(
     assert (from_stdin.returncode, from_stdin.stdout) == (0, run.stdout)
     assert from_stdin.stderr == ""  # loaded already: no progress, no metrics
 
-    too_long = cli("run", "tiny-b.gguf", "hi", "--max-tokens", "100000", server=server)
-    assert too_long.returncode == 1
-    assert "(bad_request, HTTP 400)" in too_long.stderr
+    # max_tokens past the context is a cap now (README); a temperature out of bounds is not
+    too_hot = cli("run", "tiny-b.gguf", "hi", "--temperature", "5", server=server)
+    assert too_hot.returncode == 1
+    assert "(bad_request, HTTP 400)" in too_hot.stderr
 
 
 def test_no_server_is_a_clear_message_and_exit_1(tmp_path: Path) -> None:
