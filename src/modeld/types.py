@@ -15,6 +15,7 @@ from modeld.sizes import MAX_CONTEXT_TOKENS
 
 __all__ = [
     "MAX_CHAT_MESSAGES",
+    "MAX_CHOICES",
     "MAX_EMBEDDING_INPUTS",
     "MAX_STOP_STRINGS",
     "MAX_STOP_STRING_CHARS",
@@ -57,6 +58,7 @@ MIN_CONTEXT_TOKENS = 16
 MAX_CHAT_MESSAGES = 4096
 MAX_RAW_GRAMMAR_CHARS = 256 * 1024  # a first bound; modeld.grammar's bytes bound is exact
 MAX_EMBEDDING_INPUTS = 2048
+MAX_CHOICES = 8  # answers to one request (OpenAI's n): each is a generation on the held slot
 
 
 class DoneReason(enum.StrEnum):

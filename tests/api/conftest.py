@@ -3,7 +3,8 @@ and errors on a real manager and real tiny models, without starting a server.
 
 The manager is the real one; :class:`EndingManager` only lets a test end the next
 generation early with a reason of its choosing (what an eviction or a shutdown does to
-it), at once, so that the early end never races the generation's own end.
+it), at once or between two choices, so that the early end never races the
+generation's own end.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import pytest
 from loguru import logger
 
 from modeld.api.app import create_app
-from modeld.scheduling.generation import Generation
+from modeld.events import Event, GenerationFinished
+from modeld.scheduling.choices import ChoiceRun
 from modeld.scheduling.manager import ModelManager
 from modeld.settings.config import load_settings
 from modeld.types import ChatRequest, DoneReason, InferRequest
@@ -39,25 +41,39 @@ def anyio_backend() -> str:
 
 
 class EndingManager(ModelManager):
-    """The real manager; ``end_next`` ends the next generation as soon as it starts, and
-    ``requests`` keeps every request it was asked to generate (what a protocol decoded)."""
+    """The real manager; ``end_next`` ends the next request's run as soon as it starts
+    (what an eviction does to its running choice), ``end_between`` ends the next
+    request's run when its first choice has ended, before the next starts (an eviction
+    between two choices); ``requests`` keeps every request it was asked to generate
+    (what a protocol decoded)."""
 
     end_next: DoneReason | None = None
+    end_between: DoneReason | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.requests: list[InferRequest | ChatRequest] = []
+        self._between: dict[str, tuple[ChoiceRun, DoneReason]] = {}
+        self.events.add_listener(self._on_event)
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, GenerationFinished) and event.result.request_id in self._between:
+            run, reason = self._between.pop(event.result.request_id)
+            run.cancel(reason)  # on the event loop, as the choice's result comes in
 
     @asynccontextmanager
-    async def stream(  # type: ignore[override]
-        self, request: InferRequest | ChatRequest, *, request_id: str | None = None
-    ) -> AsyncIterator[Generation]:
+    async def choices(  # type: ignore[override]
+        self, request: InferRequest | ChatRequest, count: int, *, request_id: str | None = None
+    ) -> AsyncIterator[ChoiceRun]:
         self.requests.append(request)
-        async with super().stream(request, request_id=request_id) as generation:
+        async with super().choices(request, count, request_id=request_id) as run:
             if self.end_next is not None:
-                generation.cancel(self.end_next)
+                run.cancel(self.end_next)
                 self.end_next = None
-            yield generation
+            if self.end_between is not None:
+                self._between[run.request_id] = (run, self.end_between)
+                self.end_between = None
+            yield run
 
 
 @pytest.fixture(scope="session")

@@ -353,7 +353,9 @@ def test_embeddings_base64_on_the_wire_is_little_endian_float32(server: RunningS
 BAD_CHATS = [
     ({"n": 9}, "n"),  # at most 8 choices
     ({"n": 0}, "n"),
-    ({"n": 2, "stream": True}, "n"),  # several choices are answered whole
+    ({"n": "2"}, "n"),  # not an int
+    ({"n": 1.5}, "n"),
+    ({"n": True}, "n"),
     ({"logprobs": True}, "logprobs"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),

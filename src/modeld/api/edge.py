@@ -2,7 +2,7 @@
 limits, and the only calls the API layer makes to generate or embed.
 
 Every generation and embedding of every protocol goes through :class:`Edge`, so the
-engine-facing contract (``stream``, ``embed``, ``sampling_defaults``) is used from this
+engine-facing contract (``choices``, ``embed``, ``sampling_defaults``) is used from this
 one module.
 """
 
@@ -16,7 +16,7 @@ from starlette.requests import Request
 
 from modeld.api.bodies import read_body
 from modeld.api.context import RequestContext, context_of
-from modeld.scheduling.generation import Generation
+from modeld.scheduling.choices import ChoiceRun
 from modeld.scheduling.manager import ModelManager
 from modeld.settings.config import Settings
 from modeld.settings.keep_alive import KeepAlive
@@ -56,11 +56,12 @@ class Edge:
         """The configured sampling defaults of the model ``name`` stands for."""
         return self.manager.sampling_defaults(name)
 
-    def stream(
-        self, generate: InferRequest | ChatRequest
-    ) -> AbstractAsyncContextManager[Generation]:
-        """The generation of ``generate``, under this request's id (not yet entered)."""
-        return self.manager.stream(generate, request_id=self.context.request_id)
+    def choices(
+        self, generate: InferRequest | ChatRequest, count: int = 1
+    ) -> AbstractAsyncContextManager[ChoiceRun]:
+        """The ``count`` choices of ``generate`` under this request's id, run one after
+        another on one admission (not yet entered)."""
+        return self.manager.choices(generate, count, request_id=self.context.request_id)
 
     async def embed(
         self,

@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-import msgspec
 import orjson
 from loguru import logger
 from starlette.requests import Request
@@ -30,10 +29,9 @@ from modeld.api.errors import ErrorShape, early_end_error
 from modeld.api.streaming import GenerationResponse, StreamFraming, collect_watched, start_watched
 from modeld.observability.logging import prompt_logging_enabled
 from modeld.scheduling.generation import Generation
-from modeld.types import SEED_MAX, ChatRequest, GenerationResult, InferRequest
+from modeld.types import ChatRequest, GenerationResult, InferRequest
 
 __all__ = [
-    "MAX_CHOICES",
     "ApiFamily",
     "Call",
     "GenerationProtocol",
@@ -42,9 +40,6 @@ __all__ = [
     "endpoint",
     "json_response",
 ]
-
-MAX_CHOICES = 8
-"""The most choices (OpenAI's ``n``) one request may ask for: each is a generation."""
 
 
 def json_response(data: object, status: int = 200) -> Response:
@@ -69,9 +64,11 @@ class Call(Protocol):
 
 @runtime_checkable
 class ManyChoices(Protocol):
-    """A call that asks for several answers to one prompt (OpenAI's ``n``), answered
-    whole: they run one after another, so the prompt's KV cache from the first makes the
-    others' prompt evaluation nearly free (prompt reuse)."""
+    """A call that asks for several answers to one prompt (OpenAI's ``n``): they run one
+    after another on the slot the request holds (``ModelManager.choices``), so the
+    prompt's KV cache from the first makes the others' prompt evaluation nearly free
+    (prompt reuse). Streamed, its framing is a
+    :class:`~modeld.api.streaming.ChoicesFraming`."""
 
     @property
     def choices(self) -> int: ...
@@ -110,58 +107,35 @@ def _prompt_of(generate: InferRequest | ChatRequest) -> str:
 
 async def answer(protocol: GenerationProtocol, request: Request) -> Response:
     """Decode, generate and answer one request in ``protocol``: a 4xx/5xx until the
-    generation runs, then its stream, or its whole answer."""
+    generation runs, then its stream, or its whole answer. A call of several choices
+    (:class:`ManyChoices`) runs them one after another on the slot it holds, the prompt
+    evaluated once; an early end of any choice is the answer's end (its error)."""
     edge = Edge.of(request)
     call = await protocol.decode(edge, await edge.body())
     if isinstance(call, Response):
         return call
-    if isinstance(call, ManyChoices) and call.choices > 1:
-        return await _answer_choices(protocol, request, edge, call, call)
+    many = call if isinstance(call, ManyChoices) and call.choices > 1 else None
     generate = call.request
     context = edge.context
     context.model = context.model or generate.model or edge.settings.default_model
     if prompt_logging_enabled():
         logger.debug("prompt", prompt=_prompt_of(generate), model=generate.model)
-    owner = edge.stream(generate)
-    generation = await start_watched(request.receive, owner)
+    owner = edge.choices(generate, many.choices if many is not None else 1)
+    run = await start_watched(request.receive, owner)
+    first = run.first
     if generate.stream:
-        return GenerationResponse(owner, generation, call.framing(generation), context)
-    text = await collect_watched(request.receive, owner, generation)
-    result = generation.result
-    assert result is not None
-    context.queue_ms = result.metrics.queue_ms
+        return GenerationResponse(owner, run, call.framing(first), context)
+    answers, ended = await collect_watched(request.receive, owner, run)
+    context.queue_ms = answers[0][1].metrics.queue_ms
     if prompt_logging_enabled():
-        logger.debug("completion", text=text)
-    error = early_end_error(result)
+        logger.debug("completion", text=[text for text, _ in answers])
+    error = early_end_error(ended)
     if error is not None and not protocol.early_end_in_answer:
         return protocol.errors.response(error, context)
-    return json_response(call.whole(generation, text, result))
-
-
-async def _answer_choices(
-    protocol: GenerationProtocol, request: Request, edge: Edge, call: Call, many: ManyChoices
-) -> Response:
-    """``call.choices`` generations of one request, one after another (choice ``i``
-    with seed ``seed + i`` when the request has one), answered as one object; an early
-    end of any is the answer's error."""
-    generate = call.request
-    edge.context.model = edge.context.model or generate.model or edge.settings.default_model
-    answers: list[tuple[str, GenerationResult]] = []
-    first: Generation | None = None
-    for index in range(many.choices):
-        seed = None if generate.seed is None else (generate.seed + index) % (SEED_MAX + 1)
-        owner = edge.stream(msgspec.structs.replace(generate, seed=seed))
-        generation = await start_watched(request.receive, owner)
-        first = first or generation
-        text = await collect_watched(request.receive, owner, generation)
-        assert generation.result is not None
-        error = early_end_error(generation.result)
-        if error is not None:
-            return protocol.errors.response(error, edge.context)
-        answers.append((text, generation.result))
-    edge.context.queue_ms = answers[0][1].metrics.queue_ms
-    assert first is not None
-    return json_response(many.whole_choices(first, answers))
+    if many is not None:
+        return json_response(many.whole_choices(first, answers))
+    text, result = answers[0]
+    return json_response(call.whole(first, text, result))
 
 
 def endpoint(protocol: GenerationProtocol) -> Callable[[Request], object]:

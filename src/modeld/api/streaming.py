@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 import anyio
 import msgspec
@@ -20,11 +20,13 @@ from starlette.types import Receive, Scope, Send
 
 from modeld.api.context import RequestContext
 from modeld.errors import ClientDisconnected
+from modeld.scheduling.choices import FINISHED_REASONS, ChoiceRun
 from modeld.scheduling.generation import Generation
 from modeld.types import Chunk, DoneReason, GenerationResult
 
 __all__ = [
     "NDJSON",
+    "ChoicesFraming",
     "GenerationResponse",
     "NdjsonFraming",
     "StreamFraming",
@@ -114,33 +116,44 @@ def _noop() -> None:
 
 
 async def start_watched(
-    receive: Receive, owner: AbstractAsyncContextManager[Generation]
-) -> Generation:
-    """Enter ``owner`` (``ModelManager.stream(...)``) while watching the client: until
+    receive: Receive, owner: AbstractAsyncContextManager[ChoiceRun]
+) -> ChoiceRun:
+    """Enter ``owner`` (``ModelManager.choices(...)``) while watching the client: until
     the stream starts nothing reads from it, so a queued or loading request whose client
     is gone leaves the queue at once. Raises :class:`ClientDisconnected` then, and what
     the manager raises."""
-    started, generation = await unless_disconnected(receive, owner.__aenter__, _noop)
-    if not started or generation is None:
+    started, run = await unless_disconnected(receive, owner.__aenter__, _noop)
+    if not started or run is None:
         raise ClientDisconnected("the client left while its request waited")
-    return generation
+    return run
 
 
 async def collect_watched(
-    receive: Receive, owner: AbstractAsyncContextManager[Generation], generation: Generation
-) -> str:
-    """The whole text of a started generation (a client that leaves cancels it), then
-    ``owner`` left; ``generation.result`` is set afterwards."""
+    receive: Receive, owner: AbstractAsyncContextManager[ChoiceRun], run: ChoiceRun
+) -> tuple[list[tuple[str, GenerationResult]], GenerationResult]:
+    """The whole text and result of every choice of a started run (a client that leaves
+    cancels it), then ``owner`` left; and the result the run ended with (the last
+    choice's, or :attr:`ChoiceRun.stopped`)."""
+    generations: list[Generation] = []
+    texts: list[list[str]] = []
 
-    async def collect() -> str:
-        return "".join([chunk.text async for chunk in generation])
+    async def collect() -> None:
+        async for generation in run:
+            generations.append(generation)
+            texts.append(parts := [])
+            async for chunk in generation:
+                parts.append(chunk.text)
 
     try:
-        _, text = await unless_disconnected(receive, collect, generation.cancel)
+        await unless_disconnected(receive, collect, run.cancel)
     finally:
         with anyio.CancelScope(shield=True):
             await owner.__aexit__(None, None, None)
-    return text or ""
+    answers = []
+    for generation, parts in zip(generations, texts, strict=True):
+        assert generation.result is not None
+        answers.append(("".join(parts), generation.result))
+    return answers, run.stopped or answers[-1][1]
 
 
 class StreamFraming(Protocol):
@@ -161,6 +174,17 @@ class StreamFraming(Protocol):
         ...
 
 
+@runtime_checkable
+class ChoicesFraming(StreamFraming, Protocol):
+    """A framing that carries several choices of one request in one stream (OpenAI's
+    ``n``): :meth:`head` and :meth:`chunk` frame the current choice, :meth:`end` ends the
+    last one and the stream."""
+
+    def next_choice(self, result: GenerationResult) -> bytes:
+        """The end of the current choice, which ran to its end; the next is current."""
+        ...
+
+
 class NdjsonFraming:
     """``POST /infer``: ``{"text","tokens"}`` lines, then the terminal record."""
 
@@ -177,10 +201,15 @@ class NdjsonFraming:
 
 
 class GenerationResponse(Response):
+    """The stream of a started run: each choice's head and chunks (each but the last
+    closed by :meth:`ChoicesFraming.next_choice`), then exactly one end, whatever
+    happens (a client that leaves cancels the run; an unload between two choices ends
+    it with the unload's reason)."""
+
     def __init__(
         self,
-        owner: AbstractAsyncContextManager[Generation],
-        generation: Generation,
+        owner: AbstractAsyncContextManager[ChoiceRun],
+        run: ChoiceRun,
         framing: StreamFraming,
         context: RequestContext | None = None,
     ) -> None:
@@ -189,37 +218,55 @@ class GenerationResponse(Response):
         self.background = None
         self.media_type = framing.media_type
         self.init_headers({"Cache-Control": "no-store"})
+        assert run.count == 1 or isinstance(framing, ChoicesFraming)
         self._owner = owner
-        self._generation = generation
+        self._run = run
         self._framing = framing
         self._context = context
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        generation = self._generation
+        run = self._run
         try:
             async with anyio.create_task_group() as tasks:
 
                 async def cancel_on_disconnect() -> None:
                     await wait_for_disconnect(receive)
-                    generation.cancel(DoneReason.CANCELLED)
+                    run.cancel(DoneReason.CANCELLED)
                     tasks.cancel_scope.cancel()
 
                 tasks.start_soon(cancel_on_disconnect)
                 await send(
                     {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
                 )
-                head = self._framing.head()
-                if head:
-                    await send({"type": "http.response.body", "body": head, "more_body": True})
-                async for chunk in generation:
-                    line = self._framing.chunk(chunk)
-                    await send({"type": "http.response.body", "body": line, "more_body": True})
-                assert generation.result is not None
-                if self._context is not None:
-                    self._context.queue_ms = generation.result.metrics.queue_ms
-                last = self._framing.end(generation.result)
+                result = await self._choices(send)
+                last = self._framing.end(result)
                 await send({"type": "http.response.body", "body": last, "more_body": False})
                 tasks.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._owner.__aexit__(None, None, None)
+
+    async def _choices(self, send: Send) -> GenerationResult:
+        """Every choice, each but the last ended at once (its finish goes out before the
+        next starts); the result the stream ends with."""
+        framing, run = self._framing, self._run
+        ended: GenerationResult | None = None
+        async for generation in run:
+            await _send_body(send, framing.head())
+            async for chunk in generation:
+                await _send_body(send, framing.chunk(chunk))
+            ended = generation.result
+            assert ended is not None
+            if self._context is not None and run.index == 0:
+                self._context.queue_ms = ended.metrics.queue_ms
+            if run.index < run.count - 1 and ended.done_reason in FINISHED_REASONS:
+                assert isinstance(framing, ChoicesFraming)
+                await _send_body(send, framing.next_choice(ended))
+        result = run.stopped or ended
+        assert result is not None
+        return result
+
+
+async def _send_body(send: Send, body: bytes) -> None:
+    if body:
+        await send({"type": "http.response.body", "body": body, "more_body": True})

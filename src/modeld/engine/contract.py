@@ -5,6 +5,11 @@ it there (the prompt tokenized, or the conversation rendered through the chat te
 and tokenized; both checked against the context; a grammar checked against the
 vocabulary), says so, and generates from what it prepared. The prepared tokens never
 leave the worker, and nothing above ``engine/`` looks at the request's kind.
+
+Several answers to one request (OpenAI's ``n``) are that one hand-over, then
+:func:`run_choice` for each further choice, from what the first prepared: the same
+tokens, so the context's KV from the choice before keeps all of the prompt but its last
+token (prompt reuse), and the seed plus the choice's index (:func:`choice_seed`).
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import msgspec
+
 from modeld.engine.base import RING_CAPACITY_BYTES, LoopOutcome, StopCode, TokenRing
 from modeld.types import (
+    SEED_MAX,
     ChatRequest,
     ContextSizes,
     EmbeddingInput,
@@ -26,7 +34,15 @@ from modeld.types import (
 if TYPE_CHECKING:
     from modeld.prompt_cache.cache import ModelPromptCache
 
-__all__ = ["Engine", "PreparedRequest", "Recipe", "Request", "run_request"]
+__all__ = [
+    "Engine",
+    "PreparedRequest",
+    "Recipe",
+    "Request",
+    "choice_seed",
+    "run_choice",
+    "run_request",
+]
 
 Request = InferRequest | ChatRequest
 
@@ -125,3 +141,21 @@ def run_request(
         ring.finish()
         return LoopOutcome(StopCode.CANCELLED, len(work.tokens), 0, 0.0, 0.0)
     return engine.generate(ring, work.tokens, work.params, work.grammar)
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice ``index`` of a request seeded ``seed``: ``seed + index``
+    (wrapping past :data:`~modeld.types.SEED_MAX`), so a seeded request gives the same
+    choices again and no two of them alike; unseeded, each choice draws its own."""
+    return None if seed is None else (seed + index) % (SEED_MAX + 1)
+
+
+def run_choice(engine: Engine, work: PreparedRequest, index: int, ring: TokenRing) -> LoopOutcome:
+    """On the worker: choice ``index`` (>= 1) of a request :func:`run_request` prepared as
+    ``work``, into ``ring``, without preparing it again. Run right after the choice
+    before on the same context, its prompt's KV is reused but for the last token."""
+    if ring.cancelled:
+        ring.finish()
+        return LoopOutcome(StopCode.CANCELLED, len(work.tokens), 0, 0.0, 0.0)
+    params = msgspec.structs.replace(work.params, seed=choice_seed(work.params.seed, index))
+    return engine.generate(ring, work.tokens, params, work.grammar)

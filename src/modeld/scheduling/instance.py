@@ -18,7 +18,7 @@ from modeld.types import InstanceState
 if TYPE_CHECKING:
     from modeld.engine.contract import Engine
     from modeld.engine.worker import EngineWorker
-    from modeld.scheduling.generation import Generation
+    from modeld.scheduling.choices import ChoiceRun
 
 __all__ = ["IllegalTransition", "Instance", "ModelCounters"]
 
@@ -60,7 +60,7 @@ class Instance:
     loading_since_s: float = 0.0
     engine: Engine | None = None
     worker: EngineWorker | None = None
-    active: Generation | None = None
+    active: ChoiceRun | None = None  # the request running (its choice, or between two)
     slot: FifoSlot = field(default_factory=FifoSlot)
     settled: anyio.Event = field(default_factory=anyio.Event)  # load finished, either way
     gone: anyio.Event = field(default_factory=anyio.Event)  # closed and out of the budget

@@ -19,12 +19,13 @@ import anyio
 from loguru import logger
 
 from modeld.engine.base import EngineClosed, LoopOutcome, TokenRing
-from modeld.engine.contract import PreparedRequest, Recipe, Request, run_request
+from modeld.engine.contract import PreparedRequest, Recipe, Request, run_choice, run_request
 from modeld.engine.grammar import grammar_for_request
 from modeld.engine.worker import ThreadCall, WorkerStopped
 from modeld.errors import InvalidRequest, RequestNotFound
 from modeld.events import EventHub, GenerationFinished
 from modeld.scheduling.admission import Admission
+from modeld.scheduling.choices import ChoiceRun, check_choices
 from modeld.scheduling.fifo import SlotTicket
 from modeld.scheduling.generation import Generation, RequestTiming
 from modeld.scheduling.instance import Instance
@@ -48,8 +49,8 @@ Embedded = tuple[list[list[float]], int]  # the vectors and their token count
 
 
 class Launcher:
-    """Runs generations and embeddings; ``generations`` holds the running ones by
-    request id."""
+    """Runs generations and embeddings; ``generations`` holds the running requests (each
+    a :class:`ChoiceRun`) by request id."""
 
     def __init__(
         self, settings: LiveSettings, pool: InstancePool, events: EventHub, admission: Admission
@@ -58,7 +59,7 @@ class Launcher:
         self._pool = pool
         self._events = events
         self._admission = admission
-        self.generations: dict[str, Generation] = {}
+        self.generations: dict[str, ChoiceRun] = {}
 
     @property
     def settings(self) -> Settings:
@@ -70,8 +71,11 @@ class Launcher:
         request: Request,
         request_id: str | None,
         resolve: Callable[[str | None], ResolvedModel],
-    ) -> AsyncIterator[Generation]:
-        """See ``ModelManager.stream``; ``resolve`` names the model a request asks for."""
+        count: int = 1,
+    ) -> AsyncIterator[ChoiceRun]:
+        """See ``ModelManager.choices``; ``resolve`` names the model a request asks for.
+        The run holds the slot from the first choice to its end."""
+        check_choices(count)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.generations:
             raise InvalidRequest(f"request id {request_id!r} is already running")
@@ -80,17 +84,22 @@ class Launcher:
             await anyio.to_thread.run_sync(check_tool_request, request)
         model = resolve(request.model)
         recipe = Recipe(grammar, model.chat_template, model.tool_format)
-        model_id = model.id
-        async with self._admission.admit(model_id) as ticket:
+        async with self._admission.admit(model.id) as ticket:
+            run = ChoiceRun(
+                request_id=request_id,
+                model_id=model.id,
+                count=count,
+                on_end=lambda run: self._run_ended(run, ticket),
+            )
 
             def launch(instance: Instance, timing: RequestTiming) -> Awaitable[Generation | None]:
-                return self._generation(instance, request, recipe, request_id, timing, ticket)
+                return self._generation(instance, request, recipe, run, timing, ticket)
 
-            generation = await self._admission.start(model_id, ticket, launch)
+            await self._admission.start(model.id, ticket, launch)
             try:
-                yield generation
+                yield run
             finally:
-                await generation.aclose()
+                await run.aclose()
 
     async def embed(
         self,
@@ -127,10 +136,10 @@ class Launcher:
 
     def cancel(self, request_id: str, reason: DoneReason = DoneReason.CANCELLED) -> None:
         """Cancel a running generation by id. Raises :class:`RequestNotFound`."""
-        generation = self.generations.get(request_id)
-        if generation is None:
+        run = self.generations.get(request_id)
+        if run is None:
             raise RequestNotFound(f"no running request {request_id!r}")
-        generation.cancel(reason)
+        run.cancel(reason)
 
     async def drain(self, grace_s: float) -> None:
         """Let running generations finish for ``grace_s``, then cancel the rest (done
@@ -138,21 +147,21 @@ class Launcher:
         with anyio.move_on_after(grace_s):
             while self.generations:
                 await self._pool.changes.wait(None)
-        for generation in list(self.generations.values()):
-            generation.cancel(DoneReason.SHUTDOWN)
+        for run in list(self.generations.values()):
+            run.cancel(DoneReason.SHUTDOWN)
 
     async def _generation(
         self,
         instance: Instance,
         request: Request,
         recipe: Recipe,
-        request_id: str,
+        run: ChoiceRun,
         timing: RequestTiming,
         ticket: SlotTicket,
     ) -> Generation | None:
         """Hand the request to the instance's worker, which prepares it and goes on to
-        generate; returns once it is prepared (None when the instance went away
-        meanwhile). The generation takes over ``ticket``.
+        generate its first choice; returns once it is prepared (None when the instance
+        went away meanwhile). The run takes over ``ticket``.
 
         Raises what preparing raises (:class:`InvalidRequest`, ...). Cancelled while the
         request is prepared, the worker is told to stop and the model stays busy (and
@@ -184,40 +193,63 @@ class Launcher:
             ring.cancel()
             call.when_done(ring.close)
             return None
-        tool_format = kept[0].tool_format if kept else None
-        if tool_format is not None:
-            logger.debug("tool calls", model=instance.model_id, tool_format=tool_format)
-        generation = self._running(instance, request, request_id, ring, call, timing, ticket)
-        generation.parse_tool_calls(tool_format)
+        (work,) = kept
+        if work.tool_format is not None:
+            logger.debug("tool calls", model=instance.model_id, tool_format=work.tool_format)
+        timeout = self.settings.infer_timeout
+        run.deadline_s = timing.admitted_s + timeout if timeout else None
+        first = self._running(instance, request, run, ring, call, timing)
+        first.parse_tool_calls(work.tool_format)
+
+        async def next_choice(index: int) -> Generation | None:
+            return self._next_choice(instance, request, run, work, index)
+
+        run.begin(first, next_choice)
+        instance.active = run
+        self.generations[run.request_id] = run
+        return first
+
+    def _next_choice(
+        self,
+        instance: Instance,
+        request: Request,
+        run: ChoiceRun,
+        work: PreparedRequest,
+        index: int,
+    ) -> Generation | None:
+        """Choice ``index`` of ``run`` on its held slot, from what the first prepared
+        (:func:`run_choice`); None when the instance is going away."""
+        engine, worker = instance.engine, instance.worker
+        if engine is None or worker is None or not instance.is_ready():
+            return None
+        ring = engine.new_ring()
+        call = worker.submit(lambda: run_choice(engine, work, index, ring))
+        generation = self._running(instance, request, run, ring, call, RequestTiming())
+        generation.parse_tool_calls(work.tool_format)
         return generation
 
     def _running(
         self,
         instance: Instance,
         request: Request,
-        request_id: str,
+        run: ChoiceRun,
         ring: TokenRing,
         call: ThreadCall[LoopOutcome],
         timing: RequestTiming,
-        ticket: SlotTicket,
     ) -> Generation:
         instance.generations_started += 1
         timing.started_s = time.monotonic()
         instance.last_used_s = timing.started_s
         self._pool.idle.used(instance, request.keep_alive)
-        timeout = self.settings.infer_timeout
-        generation = Generation(
-            request_id=request_id,
+        return Generation(
+            request_id=run.request_id,
             model_id=instance.model_id,
             ring=ring,
             call=call,
             timing=timing,
-            deadline_s=timing.admitted_s + timeout if timeout else None,
-            on_finished=lambda g: self._finished(instance, g, timing, ticket),
+            deadline_s=run.deadline_s,
+            on_finished=lambda g: self._finished(instance, run, g, timing),
         )
-        instance.active = generation
-        self.generations[request_id] = generation
-        return generation
 
     async def _embedding(
         self,
@@ -240,21 +272,28 @@ class Launcher:
         return worker.submit(lambda: engine.embed(texts, cancelled.is_set, truncate=truncate))
 
     def _finished(
-        self, instance: Instance, generation: Generation, timing: RequestTiming, ticket: SlotTicket
+        self, instance: Instance, run: ChoiceRun, generation: Generation, timing: RequestTiming
     ) -> None:
         now_s = time.monotonic()
         self._admission.generation_took(now_s - timing.started_s)
         instance.last_used_s = now_s
-        if instance.active is generation:
-            instance.active = None
-        self.generations.pop(generation.request_id, None)
-        ticket.release()
+        run.choice_ended(generation)  # the last choice (or an early end) ends the run
         self._pool.changes.notify()
         if generation.result is not None:
             if generation.result.metrics.completion_tokens:
                 rate = generation.result.metrics.tokens_per_second
                 instance.counters.last_tokens_per_second = rate
             self._events.publish(GenerationFinished(result=generation.result))
+
+    def _run_ended(self, run: ChoiceRun, ticket: SlotTicket) -> None:
+        """The request's last choice has ended (or it stopped): the slot goes on."""
+        instance = self._pool.get(run.model_id)
+        if instance is not None and instance.active is run:
+            instance.active = None
+        if self.generations.get(run.request_id) is run:
+            del self.generations[run.request_id]
+        ticket.release()
+        self._pool.changes.notify()
 
 
 async def _grammar_for(request: Request) -> str | None:

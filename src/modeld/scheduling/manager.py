@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
 from typing import Self
 
@@ -29,6 +29,8 @@ from modeld.memory.probe import MemoryProbe, default_budget_mb, detect_probe
 from modeld.prompt_cache.setup import build_prompt_cache
 from modeld.registry import ModelFile, Registry, check_model_name
 from modeld.scheduling.admission import Admission
+from modeld.scheduling.calls import GenerationCalls
+from modeld.scheduling.choices import ChoiceRun
 from modeld.scheduling.clock import Clock
 from modeld.scheduling.generation import Generation
 from modeld.scheduling.history import EventHistory
@@ -42,12 +44,9 @@ from modeld.settings.per_model import ResolvedModel
 from modeld.sizes import MIB
 from modeld.statistics import InstanceStatistics, ManagerStatistics
 from modeld.types import (
-    ChatRequest,
-    Chunk,
     DoneReason,
     EmbeddingInput,
     EmbeddingResult,
-    GenerationResult,
 )
 
 __all__ = ["CLOSE_TIMEOUT_S", "ManagerStatistics", "ModelManager"]
@@ -55,7 +54,7 @@ __all__ = ["CLOSE_TIMEOUT_S", "ManagerStatistics", "ModelManager"]
 CLOSE_TIMEOUT_S = 5.0  # at shutdown, after the grace: how long instances get to close
 
 
-class ModelManager:
+class ModelManager(GenerationCalls):
     """Owns the registry, the budget, every instance and every running generation.
 
     Use as an async context manager (asyncio or trio)::
@@ -190,42 +189,27 @@ class ModelManager:
     def statistics(self) -> ManagerStatistics:
         return _statistics(self)
 
-    def stream(
-        self, request: Request, *, request_id: str | None = None
-    ) -> AbstractAsyncContextManager[Generation]:
-        """Admit, load, queue and start one generation; yields it once the loop runs.
+    def choices(
+        self, request: Request, count: int, *, request_id: str | None = None
+    ) -> AbstractAsyncContextManager[ChoiceRun]:
+        """Admit, load, queue and start ``count`` answers to ``request`` (OpenAI's ``n``,
+        1 to :data:`~modeld.types.MAX_CHOICES`); yields the run once the first choice's
+        loop runs. Iterating the run starts each choice when the one before has ended, on
+        the slot the request holds until its last: no other request runs between them,
+        and the prompt is evaluated once (choice ``i`` reuses its KV; its seed is
+        ``seed + i``). :meth:`stream` is this with one choice.
 
-        Raises before yielding: :class:`InvalidRequest` (and, for chat,
-        :class:`NoChatTemplate`, :class:`ChatTemplateError`), :class:`ModelNotFound`,
+        Raises before yielding: :class:`InvalidRequest` (``n`` out of bounds, and, for
+        chat, :class:`NoChatTemplate`, :class:`ChatTemplateError`), :class:`ModelNotFound`,
         :class:`NoDefaultModel`, :class:`ModelInvalid`, :class:`ModelTooLarge`,
         :class:`ModelLoadFailed`, the :class:`Overloaded` family (429/503),
         :class:`ShuttingDown`, :class:`ResourcesExhausted`, :class:`ModelsDirUnavailable`.
         A ``format`` that cannot be enforced is refused before the request queues.
-        Leaving the block early cancels the generation. Cancelled at any await, it leaves
-        nothing behind: no admission, no place in the queue, no held slot.
+        Leaving the block early cancels the running choice and starts no other. Cancelled
+        at any await, it leaves nothing behind: no admission, no place in the queue, no
+        held slot.
         """
-        return self._launcher.stream(request, request_id, self.resolve)
-
-    # A conversation takes the same path: its messages go through the model's chat template.
-    stream_chat = stream
-
-    def generate(
-        self, request: Request, *, request_id: str | None = None
-    ) -> AsyncIterator[Chunk | GenerationResult]:
-        """Chunks as they come, then the one :class:`GenerationResult`."""
-        return _chunks_then_result(self.stream(request, request_id=request_id))
-
-    async def complete(
-        self, request: Request, *, request_id: str | None = None
-    ) -> tuple[str, GenerationResult]:
-        """The whole text and the result, for callers that do not stream."""
-        return await _whole(self.stream(request, request_id=request_id))
-
-    async def chat(
-        self, request: ChatRequest, *, request_id: str | None = None
-    ) -> tuple[str, GenerationResult]:
-        """The assistant's whole answer to ``request.messages`` and the result."""
-        return await self.complete(request, request_id=request_id)
+        return self._launcher.stream(request, request_id, self.resolve, count)
 
     async def embed(
         self,
@@ -345,20 +329,7 @@ def _statistics(manager: ModelManager) -> ManagerStatistics:
     )
 
 
-async def _chunks_then_result(
-    stream: AbstractAsyncContextManager[Generation],
-) -> AsyncIterator[Chunk | GenerationResult]:
-    async with stream as generation:
-        async for chunk in generation:
-            yield chunk
-    assert generation.result is not None
-    yield generation.result
-
-
-async def _whole(stream: AbstractAsyncContextManager[Generation]) -> tuple[str, GenerationResult]:
-    parts: list[str] = []
-    async with stream as generation:
-        async for chunk in generation:
-            parts.append(chunk.text)
-    assert generation.result is not None
-    return "".join(parts), generation.result
+@asynccontextmanager
+async def _first_choice(run: AbstractAsyncContextManager[ChoiceRun]) -> AsyncIterator[Generation]:
+    async with run as choices:
+        yield choices.first

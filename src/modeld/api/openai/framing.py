@@ -3,8 +3,11 @@
 A stream is ``data: {json}\\n\\n`` events: (chat) a first chunk with the role, content
 deltas, a chunk with an empty delta and the ``finish_reason``, with
 ``stream_options.include_usage`` a chunk with ``choices: []`` and the usage, then
-``data: [DONE]``. A generation that ends early (evicted, timeout, cancelled, error,
-shutdown) ends with an ``error`` event and no ``[DONE]``, so the client raises.
+``data: [DONE]``. With ``n`` > 1 the choices follow one another, each from its role
+chunk to its finish chunk under its own ``index``; the usage (all choices) and
+``[DONE]`` come once, after the last. A generation that ends early (evicted, timeout,
+cancelled, error, shutdown) ends with an ``error`` event and no ``[DONE]``, so the client
+raises; with ``n`` > 1 so does an unload between two choices.
 """
 
 from __future__ import annotations
@@ -39,12 +42,18 @@ def event(data: object) -> bytes:
     return b"data: " + one_line_json(data) + b"\n\n"
 
 
-def usage(result: GenerationResult) -> dict[str, object]:
+def usage(result: GenerationResult, *more: GenerationResult) -> dict[str, object]:
+    """The usage of an answer of one or more choices (``more``: the choices after the
+    first): the prompt counted once, as the first choice met it, and every choice's
+    tokens."""
     metrics = result.metrics
+    completion_tokens = metrics.completion_tokens + sum(
+        other.metrics.completion_tokens for other in more
+    )
     return {
         "prompt_tokens": metrics.prompt_tokens,
-        "completion_tokens": metrics.completion_tokens,
-        "total_tokens": metrics.prompt_tokens + metrics.completion_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": metrics.prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": metrics.cached_tokens},
     }
 
@@ -88,14 +97,13 @@ class Completion:
             else:
                 choice["text"] = text
             choices.append(choice)
-        counts = usage(answers[0][1])
-        completion_tokens = sum(result.metrics.completion_tokens for _, result in answers)
-        counts["completion_tokens"] = completion_tokens
-        counts["total_tokens"] = answers[0][1].metrics.prompt_tokens + completion_tokens
+        counts = usage(*(result for _, result in answers))
         return {**self.header(chunked=False), "choices": choices, "usage": counts}
 
 
 class _Framing:
+    """Events of choice ``index`` (the next after :meth:`next_choice`: ``n``)."""
+
     media_type = SSE
 
     def __init__(
@@ -104,9 +112,12 @@ class _Framing:
         self._completion = completion
         self._include_usage = include_usage
         self._context = context
+        self._index = 0
+        self._ended: list[GenerationResult] = []  # the choices before the current one
 
     def _choice(self, choice: dict[str, Any]) -> bytes:
-        data = {**self._completion.header(chunked=True), "choices": [{"index": 0, **choice}]}
+        choices = [{"index": self._index, **choice}]
+        data = {**self._completion.header(chunked=True), "choices": choices}
         if self._include_usage:
             data["usage"] = None
         return event(data)
@@ -117,6 +128,13 @@ class _Framing:
     def chunk(self, chunk: Chunk) -> bytes:
         return self._delta(chunk.text, None)
 
+    def next_choice(self, result: GenerationResult) -> bytes:
+        """The current choice's finish chunk; the usage waits for the stream's end."""
+        last = self._delta("", finish_reason(result))
+        self._ended.append(result)
+        self._index += 1
+        return last
+
     def end(self, result: GenerationResult) -> bytes:
         error = early_end_error(result)
         if error is not None:
@@ -124,7 +142,8 @@ class _Framing:
             return OPENAI_ERRORS.stream_end(failure, result.model)
         last = self._delta("", finish_reason(result))
         if self._include_usage:
-            data = {**self._completion.header(chunked=True), "choices": [], "usage": usage(result)}
+            counts = usage(*self._ended, result)
+            data = {**self._completion.header(chunked=True), "choices": [], "usage": counts}
             last += event(data)
         return last + _DONE
 

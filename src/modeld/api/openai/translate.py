@@ -1,5 +1,5 @@
 """OpenAI request bodies as modeld's own requests (:class:`ChatRequest`,
-:class:`InferRequest`): a field modeld cannot honour at the value sent (``n`` > 1,
+:class:`InferRequest`): a field modeld cannot honour at the value sent (``n`` > 8,
 ``logprobs``, tools, images, a prompt of token ids, ...) is a 400 naming it as OpenAI names it,
 never silently dropped. Bounds are modeld's own, checked by the same schema as
 ``/infer``; the model's configured defaults fill the fields a body does not set.
@@ -15,11 +15,11 @@ import msgspec
 from modeld.api.bodies import convert_fields, decode_json
 from modeld.api.errors import UnsupportedParam
 from modeld.api.openai.wire import ChatCompletionBody, Choices, CompletionBody, EmbeddingBody
-from modeld.api.protocol import MAX_CHOICES
 from modeld.api.sampling import SamplingNames, stop_list
 from modeld.api.tools import openai_history_calls, tool_fields
 from modeld.errors import InvalidRequest
 from modeld.types import (
+    MAX_CHOICES,
     SEED_MAX,
     ChatMessage,
     ChatRequest,
@@ -75,8 +75,6 @@ def check_unsupported(body: Choices) -> None:
     """The fields shared by chat and completions that modeld honours at one value only."""
     if body.n is not None and not 1 <= body.n <= MAX_CHOICES:
         raise _unsupported("n", f"n is 1 to {MAX_CHOICES} choices")
-    if body.n is not None and body.n > 1 and body.stream:
-        raise _unsupported("n", "n > 1 is answered whole; stream with n=1")
     if body.logit_bias:
         raise _unsupported("logit_bias", "logit_bias is not supported")
 
