@@ -8,11 +8,13 @@ from loguru import logger
 
 from modeld import errors
 from modeld.errors import ModeldError
+from modeld.scheduling.choices import ChoiceRun
 from modeld.scheduling.generation import Generation
 from modeld.scheduling.manager import ManagerStatistics, ModelManager
 from modeld.settings.config import Settings, load_settings
 from modeld.settings.per_model import ModelSettings
 from modeld.types import (
+    MAX_CHOICES,
     ChatMessage,
     ChatRequest,
     Chunk,
@@ -35,6 +37,7 @@ logger.disable("modeld")
 __all__ = [
     "ChatMessage",
     "ChatRequest",
+    "ChoiceRun",
     "Chunk",
     "DoneReason",
     "EmbeddingResult",
@@ -44,6 +47,7 @@ __all__ = [
     "InferRequest",
     "InstanceState",
     "LoopKind",
+    "MAX_CHOICES",
     "ManagerStatistics",
     "ModelManager",
     "ModelSettings",
