@@ -14,7 +14,6 @@ from modeld.scheduling.manager import ManagerStatistics, ModelManager
 from modeld.settings.config import Settings, load_settings
 from modeld.settings.per_model import ModelSettings
 from modeld.types import (
-    MAX_CHOICES,
     ChatMessage,
     ChatRequest,
     Chunk,
@@ -47,7 +46,6 @@ __all__ = [
     "InferRequest",
     "InstanceState",
     "LoopKind",
-    "MAX_CHOICES",
     "ManagerStatistics",
     "ModelManager",
     "ModelSettings",
