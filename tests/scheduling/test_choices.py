@@ -6,6 +6,7 @@ or a client leaving between or during choices ends the run once, leaving nothing
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -213,3 +214,25 @@ async def test_the_most_choices_run(manager_factory: Factory, models_dir: Path) 
         assert_nothing_leaked(manager)
     assert len(answers) == MAX_CHOICES
     assert all(r.done_reason is DoneReason.LENGTH for _, r in answers)
+
+
+async def test_infer_timeout_bounds_every_choice_together(
+    manager_factory: Factory, models_dir: Path
+) -> None:
+    """``--infer-timeout`` counts from the request's admission, not each choice's start:
+    past it, no further choice starts and the run ends ``timeout``."""
+    async with manager_factory(models_dir, infer_timeout=2) as manager:
+        await manager.load(MODEL)  # the load is not what is timed here
+        async with manager.choices(ask(), 3) as run:
+            first = await run.__anext__()
+            async for _ in first:
+                pass
+            assert first.result is not None
+            assert first.result.done_reason is DoneReason.LENGTH
+            assert run.deadline_s is not None
+            # past the request's deadline, between two choices
+            await anyio.sleep(run.deadline_s - time.monotonic() + 0.05)
+            assert [g async for g in run] == []
+        assert run.stopped is not None
+        assert run.stopped.done_reason is DoneReason.TIMEOUT
+        assert_nothing_leaked(manager)

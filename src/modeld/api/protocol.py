@@ -128,7 +128,8 @@ async def answer(protocol: GenerationProtocol, request: Request) -> Response:
     answers, ended = await collect_watched(request.receive, owner, run)
     context.queue_ms = answers[0][1].metrics.queue_ms
     if prompt_logging_enabled():
-        logger.debug("completion", text=[text for text, _ in answers])
+        texts = [text for text, _ in answers]
+        logger.debug("completion", text=texts if many is not None else texts[0])
     error = early_end_error(ended)
     if error is not None and not protocol.early_end_in_answer:
         return protocol.errors.response(error, context)

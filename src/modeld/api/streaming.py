@@ -149,6 +149,8 @@ async def collect_watched(
     finally:
         with anyio.CancelScope(shield=True):
             await owner.__aexit__(None, None, None)
+    if not generations:  # the client left before the first choice was read
+        generations, texts = [run.first], [[]]
     answers = []
     for generation, parts in zip(generations, texts, strict=True):
         assert generation.result is not None
