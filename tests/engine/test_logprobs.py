@@ -19,9 +19,7 @@ from tests.support.engine import consume, outcome_of, run_in_worker
 PROMPT_TEXT = b"The quick brown fox"
 
 
-def _run(
-    loop: TokenLoop, llama: Llama, params: SamplingParams
-) -> tuple[bytes, list[TokenLogprob]]:
+def _run(loop: TokenLoop, llama: Llama, params: SamplingParams) -> tuple[bytes, list[TokenLogprob]]:
     prompt = llama.tokenize(PROMPT_TEXT)
     ring = loop.new_ring()
     try:
@@ -46,7 +44,9 @@ def _assert_same(c: list[TokenLogprob], py: list[TokenLogprob]) -> None:
 
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, logprobs=5)
-SAMPLED = SamplingParams(max_tokens=24, temperature=0.9, top_k=20, seed=7, logprobs=MAX_TOP_LOGPROBS)
+SAMPLED = SamplingParams(
+    max_tokens=24, temperature=0.9, top_k=20, seed=7, logprobs=MAX_TOP_LOGPROBS
+)
 
 
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
@@ -97,7 +97,8 @@ def test_zero_top_logprobs_reports_the_chosen_token_only(
     loop: TokenLoop, tiny_llama: Llama
 ) -> None:
     _, got = _run(loop, tiny_llama, msgspec.structs.replace(GREEDY, logprobs=0))
-    assert got and all(entry.top == () for entry in got)
+    assert got
+    assert all(entry.top == () for entry in got)
 
 
 def test_the_values_are_llama_cpp_s_own_log_softmax(

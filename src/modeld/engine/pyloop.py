@@ -129,9 +129,7 @@ class PythonTokenLoop:
                 completion_tokens += 1
                 data = piece(token)
                 if params.logprobs is not None:  # before the text, as the C loop does
-                    ring.push_logprob(
-                        logprob_entry(llama, token, data, params.logprobs, piece)
-                    )
+                    ring.push_logprob(logprob_entry(llama, token, data, params.logprobs, piece))
                 out = text.feed(data)
                 if not ring.push(out, 1):
                     stop_code = StopCode.CANCELLED
