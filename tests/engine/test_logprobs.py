@@ -12,6 +12,7 @@ import pytest
 from llama_cpp import Llama
 
 from modeld.engine.base import TokenLoop
+from modeld.engine.grammar import grammar_for_format
 from modeld.engine.logprobs import entries
 from modeld.types import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
 from tests.support.engine import consume, outcome_of, run_in_worker
@@ -19,11 +20,13 @@ from tests.support.engine import consume, outcome_of, run_in_worker
 PROMPT_TEXT = b"The quick brown fox"
 
 
-def _run(loop: TokenLoop, llama: Llama, params: SamplingParams) -> tuple[bytes, list[TokenLogprob]]:
+def _run(
+    loop: TokenLoop, llama: Llama, params: SamplingParams, grammar: str | None = None
+) -> tuple[bytes, list[TokenLogprob]]:
     prompt = llama.tokenize(PROMPT_TEXT)
     ring = loop.new_ring()
     try:
-        thread, result = run_in_worker(lambda: loop.run(llama, ring, prompt, params), ring)
+        thread, result = run_in_worker(lambda: loop.run(llama, ring, prompt, params, grammar), ring)
         seen = consume(ring)
         outcome = outcome_of(thread, result)
         assert outcome.error is None
@@ -66,6 +69,19 @@ def test_both_loops_report_the_same_entries_on_the_tiny_model(
         assert entry.logprob <= values[0] + 1e-6  # nothing beats the likeliest
         if params.temperature == 0.0:  # greedy takes the likeliest token
             assert entry.id == entry.top[0].id
+
+
+def test_under_a_grammar_the_values_are_still_the_raw_distribution(
+    c_loop: TokenLoop, py_loop: TokenLoop, tiny_llama: Llama
+) -> None:
+    """The grammar limits what is chosen, not what is reported: both loops agree."""
+    params = msgspec.structs.replace(SAMPLED, max_tokens=16, logprobs=4)
+    grammar = grammar_for_format("json")
+    c_text, c = _run(c_loop, tiny_llama, params, grammar)
+    py_text, py = _run(py_loop, tiny_llama, params, grammar)
+    assert c_text == py_text
+    assert c_text.startswith(b"{")
+    _assert_same(c, py)
 
 
 def test_both_loops_report_the_same_entries_on_gemma(

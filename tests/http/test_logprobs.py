@@ -84,8 +84,16 @@ def test_chat_whole_and_streamed(client: openai.OpenAI) -> None:
     _same(streamed, content)
 
 
-def test_chat_without_logprobs_has_none(client: openai.OpenAI) -> None:
-    whole = client.chat.completions.create(model=TINY_CHAT, messages=HELLO, **GREEDY)  # type: ignore[call-overload]
+def test_without_logprobs_there_are_none(client: openai.OpenAI) -> None:
+    plain = client.completions.create(model=TINY, prompt="The quick", **GREEDY)
+    assert plain.choices[0].logprobs is None
+    zero = client.completions.create(model=TINY, prompt="The quick", logprobs=0, **GREEDY)
+    assert zero.choices[0].logprobs.top_logprobs == [{}] * zero.usage.completion_tokens
+    chat = client.chat.completions.create(model=TINY_CHAT, messages=HELLO, **GREEDY)
+    assert chat.choices[0].logprobs is None
+    whole = client.chat.completions.create(
+        model=TINY_CHAT, messages=HELLO, logprobs=False, **GREEDY
+    )  # type: ignore[call-overload]
     assert whole.choices[0].logprobs is None
 
 

@@ -124,7 +124,7 @@ def logprob_fields(
 ) -> dict[str, object]:
     """A protocol's log-probability switch and count (OpenAI chat's and Ollama's
     ``logprobs: true`` + ``top_logprobs: n``; completions' ``logprobs: n`` is a count
-    that is its own switch: pass ``enabled=True``) as :class:`SamplingParams`'
+    that is its own switch: pass ``enabled`` as whether it was given) as :class:`SamplingParams`'
     ``logprobs``; none when not asked. Checked before any work: a count outside 0 to
     :data:`~modeld.types.MAX_TOP_LOGPROBS`, or a count without the switch, is a 400
     naming the wire field."""

@@ -245,7 +245,8 @@ def completion_request(
     if body.best_of is not None and body.best_of != 1:
         raise _unsupported("best_of", "modeld generates one choice per request (best_of=1)")
     fields = dict(sampling)
-    fields.update(logprob_fields(True, body.logprobs, top_param="logprobs"))
+    asked = body.logprobs is not None  # a count that is its own switch
+    fields.update(logprob_fields(asked, body.logprobs, top_param="logprobs"))
     fields["prompt"] = _prompt(body.prompt)
     fields["model"] = body.model
     fields["stream"] = bool(body.stream)
