@@ -223,3 +223,16 @@ def test_native_infer_reports_them_in_chunks_and_the_terminal_line(
     _same(streamed, last["logprobs"])
     assert refused.status_code == 400
     assert "logprobs" in refused.text
+
+
+def test_each_of_several_choices_has_its_own(client: openai.OpenAI) -> None:
+    answer = client.chat.completions.create(
+        model=TINY_CHAT, messages=HELLO, n=2, temperature=0.9, seed=3, max_tokens=6,
+        logprobs=True, top_logprobs=1,
+    )  # fmt: skip
+    counted = 0
+    for choice in answer.choices:
+        content = [e.model_dump() for e in choice.logprobs.content]
+        _check_entries(content, choice.message.content, 1)
+        counted += len(content)
+    assert counted == answer.usage.completion_tokens
