@@ -20,6 +20,7 @@ __all__ = [
     "MAX_STOP_STRINGS",
     "MAX_STOP_STRING_CHARS",
     "MAX_TOOLS",
+    "MAX_TOP_LOGPROBS",
     "MIN_CONTEXT_TOKENS",
     "ChatMessage",
     "ChatRequest",
@@ -40,16 +41,19 @@ __all__ = [
     "NamedToolChoice",
     "ResponseFormat",
     "SamplingParams",
+    "TokenLogprob",
     "Tool",
     "ToolCallDelta",
     "ToolChoice",
     "ToolFunction",
+    "TopLogprob",
     "as_constraint",
     "context_sizes",
     "embedding_context_sizes",
 ]
 
 MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs; csrc/logprobs.h LP_MAX_TOP
 MAX_STOP_STRING_CHARS = 256
 MAX_PROMPT_CHARS = 1_000_000
 MAX_TOKENS_CAP = MAX_CONTEXT_TOKENS
@@ -158,6 +162,9 @@ class SamplingParams(msgspec.Struct, frozen=True):
     seed: Annotated[int, msgspec.Meta(ge=0, le=SEED_MAX)] | None = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
+    # None: no log probabilities (no cost); n: each generated token's and its n likeliest
+    # alternatives' (modeld.engine.logprobs says which distribution)
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.stop, tuple):  # a list from a library caller
@@ -320,13 +327,36 @@ class ToolCallDelta(msgspec.Struct, frozen=True, kw_only=True):
     arguments: str = ""
 
 
+class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """One of the likeliest tokens at a position: its id, its piece (raw bytes, maybe
+    part of a UTF-8 character) and its log probability."""
+
+    id: int
+    piece: bytes
+    logprob: float
+
+    @property
+    def text(self) -> str:
+        return self.piece.decode("utf-8", "replace")
+
+
+class TokenLogprob(TopLogprob, frozen=True, array_like=True):
+    """A generated token's log probability and the ``logprobs`` likeliest tokens at its
+    position, most likely first."""
+
+    top: tuple[TopLogprob, ...] = ()
+
+
 class Chunk(msgspec.Struct, frozen=True):
     """Text produced since the last chunk and how many tokens made it; for a request
-    with tools, ``text`` is content only and ``tool_calls`` the calls it completed."""
+    with tools, ``text`` is content only and ``tool_calls`` the calls it completed.
+    ``logprobs`` (when the request asked) holds the entries of the tokens whose text is
+    in this chunk, each exactly once over a stream."""
 
     text: str
     tokens: int
     tool_calls: tuple[ToolCallDelta, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class GenerationMetrics(msgspec.Struct, frozen=True):
@@ -352,6 +382,8 @@ class GenerationResult(msgspec.Struct, frozen=True):
     error: dict[str, str] | None = None
     # the calls the answer made (a request with tools); its text is then content only
     tool_calls: tuple[MessageToolCall, ...] = ()
+    # one entry per generated token that produced text, in order; None when not asked
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 class EmbeddingResult(msgspec.Struct, frozen=True):

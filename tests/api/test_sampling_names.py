@@ -36,6 +36,7 @@ SAMPLES: dict[str, tuple[Any, Any]] = {  # field: (value sent, value in the requ
     "seed": (1234, 1234),
     "presence_penalty": (0.5, 0.5),
     "frequency_penalty": (-0.5, -0.5),
+    "logprobs": (3, 3),  # /infer's count; every other protocol's switch + count is its own
 }
 
 

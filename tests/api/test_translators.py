@@ -65,7 +65,8 @@ async def test_openai_chat_whole_answer(app_factory: AppFactory) -> None:
     ("extra", "param"),
     [
         ({"n": 9}, "n"),
-        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"tools": [{"type": "function", "function": {"name": "f", "strict": 1}}]}, "tools"),
         ({"max_tokens": 2, "max_completion_tokens": 3}, "max_tokens"),

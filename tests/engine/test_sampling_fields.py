@@ -15,7 +15,7 @@ from tests.support.engine import stream
 # Every field distinct, and exact in binary floating point.
 DISTINCT = SamplingParams(
     max_tokens=7, temperature=0.25, top_p=0.5, top_k=3, min_p=0.125, repeat_penalty=1.5,
-    stop=("a", "bc"), seed=11, presence_penalty=0.75, frequency_penalty=-0.375,
+    stop=("a", "bc"), seed=11, presence_penalty=0.75, frequency_penalty=-0.375, logprobs=13,
 )  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """Leak checks in a fresh interpreter: tracemalloc sees the C extension's allocations too
 (PyMem_Raw*), so a per-ring or per-generation leak shows up as growth proportional to the
-number of cycles."""
+number of cycles. Every run reports log probabilities, so their records are checked too:
+drained, or left for the ring to free."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 _SCRIPT = textwrap.dedent(
     """
@@ -20,7 +23,7 @@ _SCRIPT = textwrap.dedent(
     llama = Llama(sys.argv[1], n_ctx=512, n_threads=1, verbose=False)
     loop = token_loop(LoopKind.C)
     prompt = llama.tokenize(b"hello world", add_bos=True)
-    params = SamplingParams(max_tokens=8, temperature=0.7, seed=1, stop=("zz", "q"))
+    params = SamplingParams(max_tokens=8, temperature=0.7, seed=1, stop=("zz", "q"), logprobs=3)
 
     def cycle():
         ring = loop.new_ring(4096)
@@ -28,6 +31,7 @@ _SCRIPT = textwrap.dedent(
         ring.drain()
         loop.run(llama, ring, prompt, params)
         ring.drain()
+        ring.drain_logprobs()  # taken here; the grammar runs' are freed with their rings
         ring.finish()
         ring.close()
         for grammar in (JSON_GBNF, "root ::= [refused"):  # run, and refused before running
@@ -52,6 +56,7 @@ _SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.timeout(600)  # 1,560 generations under tracemalloc: a busy machine waits longer
 def test_rings_and_generations_do_not_leak(tiny_model_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-c", _SCRIPT, str(tiny_model_path)],

@@ -356,7 +356,10 @@ BAD_CHATS = [
     ({"n": "2"}, "n"),  # not an int
     ({"n": 1.5}, "n"),
     ({"n": True}, "n"),
-    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),  # OpenAI's 0 to 20
+    ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
+    ({"logprobs": "yes"}, "logprobs"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"functions": [{"name": "f"}]}, "functions"),
@@ -398,7 +401,8 @@ BAD_OTHERS = [
     ("completions", {"prompt": "a", "echo": True}, "echo"),
     ("completions", {"prompt": "a", "suffix": "b"}, "suffix"),
     ("completions", {"prompt": "a", "best_of": 2}, "best_of"),
-    ("completions", {"prompt": "a", "logprobs": 2}, "logprobs"),
+    ("completions", {"prompt": "a", "logprobs": 21}, "logprobs"),
+    ("completions", {"prompt": "a", "logprobs": True}, "logprobs"),
     ("embeddings", {"input": [[1, 2, 10**9]]}, "input"),  # not this vocabulary's
     ("embeddings", {"input": [[1, 2], "a"]}, "input"),
     ("embeddings", {"input": [[]]}, "input"),

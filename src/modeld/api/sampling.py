@@ -21,12 +21,17 @@ from typing import Any
 
 import msgspec
 
-from modeld.types import SamplingParams
+from modeld.errors import InvalidRequest
+from modeld.types import MAX_TOP_LOGPROBS, SamplingParams
 
-__all__ = ["SAMPLING_FIELDS", "SamplingNames", "stop_list"]
+__all__ = ["LOGPROBS", "SAMPLING_FIELDS", "SamplingNames", "logprob_fields", "stop_list"]
 
 SAMPLING_FIELDS: tuple[str, ...] = SamplingParams.__struct_fields__
 """Every sampling parameter, in declaration order."""
+
+LOGPROBS = "logprobs"
+"""The one parameter the generation protocols do not read as a sampling option: each
+says it as a switch and a count of its own (:func:`logprob_fields`)."""
 
 Adapt = Callable[[Any], object]
 """A wire value as modeld's (None: leave the field to the model's defaults)."""
@@ -108,3 +113,27 @@ class SamplingNames:
             if value is not None:
                 fields[name] = value
         return fields
+
+
+def logprob_fields(
+    enabled: bool | None,
+    top: object,
+    *,
+    enabled_param: str = "logprobs",
+    top_param: str = "top_logprobs",
+) -> dict[str, object]:
+    """A protocol's log-probability switch and count (OpenAI chat's and Ollama's
+    ``logprobs: true`` + ``top_logprobs: n``; completions' ``logprobs: n`` is a count
+    that is its own switch: pass ``enabled`` as whether it was given) as :class:`SamplingParams`'
+    ``logprobs``; none when not asked. Checked before any work: a count outside 0 to
+    :data:`~modeld.types.MAX_TOP_LOGPROBS`, or a count without the switch, is a 400
+    naming the wire field."""
+    if top is not None and (type(top) is not int or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise InvalidRequest(
+            f"{top_param} is an integer from 0 to {MAX_TOP_LOGPROBS}", field=top_param
+        )
+    if not enabled:
+        if top:
+            raise InvalidRequest(f"{top_param} needs {enabled_param}: true", field=top_param)
+        return {}
+    return {LOGPROBS: top or 0}

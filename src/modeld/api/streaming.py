@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from modeld.api.context import RequestContext
+from modeld.api.logprobs import token_entries
 from modeld.errors import ClientDisconnected
 from modeld.scheduling.choices import FINISHED_REASONS, ChoiceRun
 from modeld.scheduling.generation import Generation
@@ -70,6 +71,10 @@ def terminal_record(result: GenerationResult) -> dict[str, object]:
         record.pop("error", None)
     if not record.get("tool_calls"):
         record.pop("tool_calls", None)
+    if result.logprobs is None:
+        record.pop("logprobs", None)
+    else:
+        record["logprobs"] = token_entries(result.logprobs)
     return record
 
 
@@ -196,7 +201,10 @@ class NdjsonFraming:
         return b""
 
     def chunk(self, chunk: Chunk) -> bytes:
-        return ndjson_line({"text": chunk.text, "tokens": chunk.tokens})
+        line: dict[str, object] = {"text": chunk.text, "tokens": chunk.tokens}
+        if chunk.logprobs:
+            line["logprobs"] = token_entries(chunk.logprobs)
+        return ndjson_line(line)
 
     def end(self, result: GenerationResult) -> bytes:
         return ndjson_line(terminal_record(result))

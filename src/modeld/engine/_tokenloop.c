@@ -126,7 +126,8 @@ fail:
  * types.py, a member of sampling_params (csrc/loop.h), and one line here;
  * tests/engine/test_sampling_fields.py fails until all three agree.
  */
-typedef enum { FIELD_INT64, FIELD_INT32, FIELD_UINT32, FIELD_DOUBLE } field_kind;
+/* FIELD_OPTIONAL_INT32: None reads as -1. */
+typedef enum { FIELD_INT64, FIELD_INT32, FIELD_UINT32, FIELD_DOUBLE, FIELD_OPTIONAL_INT32 } field_kind;
 
 typedef struct {
     const char *name;
@@ -145,6 +146,7 @@ static const sampling_field SAMPLING_FIELDS[] = {
     FIELD(seed, FIELD_UINT32),
     FIELD(presence_penalty, FIELD_DOUBLE),
     FIELD(frequency_penalty, FIELD_DOUBLE),
+    FIELD(logprobs, FIELD_OPTIONAL_INT32),
 };
 #undef FIELD
 #define N_SAMPLING_FIELDS (sizeof(SAMPLING_FIELDS) / sizeof(SAMPLING_FIELDS[0]))
@@ -286,12 +288,18 @@ field_from_python(PyObject *value, const sampling_field *field, sampling_params 
         *(int64_t *)member = (int64_t)v;
         return 0;
     }
+    case FIELD_OPTIONAL_INT32:
+        if (value == Py_None) {
+            *(int32_t *)member = -1;
+            return 0;
+        }
+        __attribute__((fallthrough)); /* an int, which must not be negative */
     case FIELD_INT32: {
         long long v = PyLong_AsLongLong(value);
         if (v == -1 && PyErr_Occurred()) {
             return -1;
         }
-        if (v < INT32_MIN || v > INT32_MAX) {
+        if (v < (field->kind == FIELD_OPTIONAL_INT32 ? 0 : INT32_MIN) || v > INT32_MAX) {
             return field_out_of_range(field);
         }
         *(int32_t *)member = (int32_t)v;
@@ -351,6 +359,11 @@ field_to_python(const sampling_field *field, const sampling_params *params)
     case FIELD_INT64:
         return PyLong_FromLongLong(*(const int64_t *)member);
     case FIELD_INT32:
+        return PyLong_FromLong(*(const int32_t *)member);
+    case FIELD_OPTIONAL_INT32:
+        if (*(const int32_t *)member < 0) {
+            Py_RETURN_NONE;
+        }
         return PyLong_FromLong(*(const int32_t *)member);
     case FIELD_UINT32:
         return PyLong_FromUnsignedLong(*(const uint32_t *)member);
@@ -466,6 +479,7 @@ outcome_to_python(const loop_state *s)
 typedef struct {
     PyObject_HEAD
     ring_t ring;
+    lp_queue logprobs; /* the loop's log probabilities, beside the text */
 } TokenRingObject;
 
 static PyObject *
@@ -488,6 +502,10 @@ TokenRing_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     if (self == NULL) {
         return NULL;
     }
+    if (!lp_queue_init(&self->logprobs)) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
     switch (ring_init(&self->ring, (uint64_t)capacity)) {
     case RING_INIT_OK:
         return (PyObject *)self;
@@ -507,6 +525,7 @@ TokenRing_dealloc(TokenRingObject *self)
 {
     PyTypeObject *type = Py_TYPE(self);
     ring_destroy(&self->ring);
+    lp_queue_free(&self->logprobs);
     type->tp_free((PyObject *)self);
     Py_DECREF(type);
 }
@@ -567,6 +586,61 @@ TokenRing_drain(TokenRingObject *self, PyObject *Py_UNUSED(ignored))
     ring_drain_finish(&self->ring, &job, PyBytes_AS_STRING(text));
     return Py_BuildValue("(NKO)", text, (unsigned long long)job.tokens,
                          job.finished ? Py_True : Py_False);
+}
+
+/* One lp_item as (id, piece, logprob). */
+static PyObject *
+lp_item_to_python(const lp_record *r, int32_t i)
+{
+    const lp_item *item = &r->items[i];
+    return Py_BuildValue("(iy#d)", (int)item->id, lp_record_bytes(r) + item->piece_at,
+                         (Py_ssize_t)item->piece_len, (double)item->logprob);
+}
+
+/* A record as (id, piece, logprob, ((id, piece, logprob), ...)). */
+static PyObject *
+lp_record_to_python(const lp_record *r)
+{
+    PyObject *top = PyTuple_New(r->n_items - 1);
+    if (top == NULL) {
+        return NULL;
+    }
+    for (int32_t i = 1; i < r->n_items; i++) {
+        PyObject *item = lp_item_to_python(r, i);
+        if (item == NULL) {
+            Py_DECREF(top);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(top, i - 1, item);
+    }
+    const lp_item *chosen = &r->items[0];
+    return Py_BuildValue("(iy#dN)", (int)chosen->id, lp_record_bytes(r),
+                         (Py_ssize_t)chosen->piece_len, (double)chosen->logprob, top);
+}
+
+PyDoc_STRVAR(TokenRing_drain_logprobs_doc,
+             "drain_logprobs() -> list\n\nTake the log probabilities queued so far, one "
+             "(id, piece, logprob, ((id, piece, logprob), ...)) per token, in order. A token "
+             "whose text a drain() returned has its entry here.");
+
+static PyObject *
+TokenRing_drain_logprobs(TokenRingObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *list = PyList_New(0);
+    if (list == NULL) {
+        return NULL;
+    }
+    lp_record *r;
+    while ((r = lp_queue_pop(&self->logprobs)) != NULL) {
+        PyObject *entry = lp_record_to_python(r);
+        if (entry == NULL || PyList_Append(list, entry) < 0) {
+            Py_XDECREF(entry);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(entry);
+    }
+    return list;
 }
 
 PyDoc_STRVAR(TokenRing_watch_finish_doc,
@@ -694,6 +768,8 @@ TokenRing_get_producer_waiting(TokenRingObject *self, void *Py_UNUSED(closure))
 static PyMethodDef TokenRing_methods[] = {
     {"fileno", (PyCFunction)TokenRing_fileno, METH_NOARGS, TokenRing_fileno_doc},
     {"drain", (PyCFunction)TokenRing_drain, METH_NOARGS, TokenRing_drain_doc},
+    {"drain_logprobs", (PyCFunction)TokenRing_drain_logprobs, METH_NOARGS,
+     TokenRing_drain_logprobs_doc},
     {"watch_finish", (PyCFunction)TokenRing_watch_finish, METH_NOARGS,
      TokenRing_watch_finish_doc},
     {"push", (PyCFunction)TokenRing_push, METH_VARARGS, TokenRing_push_doc},
@@ -949,10 +1025,15 @@ tokenloop_run(PyObject *module, PyObject *args, PyObject *kwargs)
     }
     TokenRingObject *ring = (TokenRingObject *)ring_obj;
     s.ring = &ring->ring;
+    s.logprobs = &ring->logprobs;
     s.ctx = (struct llama_context *)(uintptr_t)ctx_addr;
     s.vocab = (const struct llama_vocab *)(uintptr_t)vocab_addr;
     PyObject *result = NULL;
     if (sampling_from_python(st, params_obj, &s.sampling, &s.stops) < 0) {
+        goto done;
+    }
+    if (s.sampling.logprobs > LP_MAX_TOP) {
+        PyErr_Format(PyExc_ValueError, "logprobs must be at most %d", LP_MAX_TOP);
         goto done;
     }
     if (s.sampling.max_tokens < 1) {

@@ -31,6 +31,8 @@ from modeld.types import GrammarConstraint, LoopKind, SamplingParams
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
+    from modeld.engine.logprobs import RawLogprob
+
 __all__ = [
     "RING_CAPACITY_BYTES",
     "EngineClosed",
@@ -99,6 +101,13 @@ class TokenRing(Protocol):
         """
         ...
 
+    def drain_logprobs(self) -> list[RawLogprob]:
+        """Take the log probabilities queued so far (a request that asked for them), one
+        entry per generated token, in order: every token whose text a ``drain()`` has
+        returned has its entry here by then (the loop queues it before pushing the text).
+        """
+        ...
+
     def watch_finish(self) -> bool:
         """Between a wake-up and the next ``drain()``: clear the wake-up descriptor without
         taking anything, so that until that drain it turns readable only on ``finish()``.
@@ -113,6 +122,11 @@ class TokenRing(Protocol):
 
         Returns False, having pushed nothing more, once the ring is cancelled.
         """
+        ...
+
+    def push_logprob(self, entry: RawLogprob) -> None:
+        """Queue one token's log probabilities before its text is pushed (the Python
+        loop's side; the C loop queues its entries in C)."""
         ...
 
     def finish(self) -> None:

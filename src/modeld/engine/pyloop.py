@@ -20,6 +20,7 @@ from modeld.engine.base import RING_CAPACITY_BYTES, LoopOutcome, StopCode, Token
 from modeld.engine.fastgrammar import FastGrammarSampler, grammar_sampler
 from modeld.engine.grammar import GRAMMAR_REFUSED
 from modeld.engine.kv_prefix import keep_prefix
+from modeld.engine.logprobs import logprob_entry
 from modeld.engine.pyring import PyTokenRing
 from modeld.engine.textstream import TextAssembler
 from modeld.types import GrammarConstraint, LoopKind, SamplingParams, as_constraint
@@ -126,7 +127,10 @@ class PythonTokenLoop:
                     stop_code = StopCode.STOP
                     break
                 completion_tokens += 1
-                out = text.feed(piece(token))
+                data = piece(token)
+                if params.logprobs is not None:  # before the text, as the C loop does
+                    ring.push_logprob(logprob_entry(llama, token, data, params.logprobs, piece))
+                out = text.feed(data)
                 if not ring.push(out, 1):
                     stop_code = StopCode.CANCELLED
                     break

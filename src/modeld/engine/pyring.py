@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from modeld.engine.logprobs import RawLogprob
 
 __all__ = ["PyTokenRing"]
 
@@ -59,6 +64,7 @@ class PyTokenRing:
         self._closed = False
         self._cond = threading.Condition()
         self._wake = _WakeFd()
+        self._logprobs: deque[RawLogprob] = deque()
 
     def fileno(self) -> int:
         return self._wake.fileno()
@@ -82,6 +88,16 @@ class PyTokenRing:
                 if was_empty:
                     self._wake.set()
         return True
+
+    def push_logprob(self, entry: RawLogprob) -> None:
+        """Queue a token's log probabilities, before its text is pushed."""
+        self._logprobs.append(entry)  # deque appends and pops are atomic
+
+    def drain_logprobs(self) -> list[RawLogprob]:
+        taken = []
+        while self._logprobs:
+            taken.append(self._logprobs.popleft())
+        return taken
 
     def drain(self) -> tuple[bytes, int, bool]:
         with self._cond:

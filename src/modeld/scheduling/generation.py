@@ -12,9 +12,17 @@ import anyio
 
 from modeld.engine.base import LoopOutcome, StopCode, TokenRing
 from modeld.errors import EngineError
+from modeld.scheduling.logprob_align import LogprobAligner
 from modeld.tools.formats import ToolFormat
 from modeld.tools.parser import ContentDelta, Delta, ToolCallParser, collect
-from modeld.types import Chunk, DoneReason, GenerationMetrics, GenerationResult, ToolCallDelta
+from modeld.types import (
+    Chunk,
+    DoneReason,
+    GenerationMetrics,
+    GenerationResult,
+    TokenLogprob,
+    ToolCallDelta,
+)
 
 if TYPE_CHECKING:
     from modeld.engine.worker import ThreadCall
@@ -60,7 +68,10 @@ class Generation:
         timing: RequestTiming,
         deadline_s: float | None,
         on_finished: Callable[[Generation], None],
+        logprobs: bool = False,
     ) -> None:
+        """``logprobs``: the request asked for log probabilities (chunks and the result
+        carry them)."""
         self.request_id = request_id
         self.model_id = model_id
         self.result: GenerationResult | None = None
@@ -75,6 +86,8 @@ class Generation:
         self._waiting: anyio.CancelScope | None = None
         self._parser: ToolCallParser | None = None
         self._calls: list[Delta] = []
+        self._aligner = LogprobAligner(ring) if logprobs else None
+        self._held_logprobs: tuple[TokenLogprob, ...] = ()
 
     def parse_tool_calls(self, tool_format: str | None) -> None:
         """Read the output as ``tool_format`` writes calls (before it is iterated): the
@@ -105,13 +118,14 @@ class Generation:
                 self._last_chunk_s = time.monotonic()
                 if not self._timing.first_chunk_s:
                     self._timing.first_chunk_s = self._last_chunk_s
-                chunk = self._parsed(data.decode("utf-8", "replace"), tokens, final=False)
+                text = data.decode("utf-8", "replace")
+                chunk = self._parsed(text, tokens, self._logprobs(len(data)), final=False)
                 if chunk is not None:
                     return chunk
                 continue
             self._held_tokens += tokens  # a token whose text is still held back
             if finished:
-                last = self._parsed("", 0, final=True)
+                last = self._parsed("", 0, self._logprobs(0, final=True), final=True)
                 await self._finish()
                 return last
             timeout_s = None
@@ -128,21 +142,29 @@ class Generation:
             self._waiting = None
         return None
 
-    def _parsed(self, text: str, tokens: int, *, final: bool) -> Chunk | None:
+    def _logprobs(self, released_bytes: int, *, final: bool = False) -> tuple[TokenLogprob, ...]:
+        if self._aligner is None:
+            return ()
+        return self._aligner.take(released_bytes, final=final)
+
+    def _parsed(
+        self, text: str, tokens: int, logprobs: tuple[TokenLogprob, ...], *, final: bool
+    ) -> Chunk | None:
         """The chunk ``text`` makes (None while the parser holds it all back: its
-        tokens go with the next chunk)."""
+        tokens and log probabilities go with the next chunk)."""
         tokens += self._held_tokens
-        self._held_tokens = 0
+        logprobs = self._held_logprobs + logprobs
+        self._held_tokens, self._held_logprobs = 0, ()
         if self._parser is None:
-            return Chunk(text, tokens) if text else None
+            return Chunk(text, tokens, logprobs=logprobs) if text or logprobs else None
         deltas = self._parser.finish() if final else self._parser.feed(text)
         content = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
         calls = tuple(d for d in deltas if isinstance(d, ToolCallDelta))
         self._calls += calls
-        if not content and not calls:
-            self._held_tokens = tokens
+        if not content and not calls and not (final and logprobs):
+            self._held_tokens, self._held_logprobs = tokens, logprobs
             return None
-        return Chunk(content, tokens, calls)
+        return Chunk(content, tokens, calls, logprobs)
 
     async def _coalesce(self) -> None:
         """Let a fast model's tokens gather for a few ms after the previous chunk.
@@ -203,6 +225,7 @@ class Generation:
             metrics=self._metrics(outcome),
             error={"code": EngineError.code, "message": outcome.error} if outcome.error else None,
             tool_calls=collect(self._calls)[1],
+            logprobs=tuple(self._aligner.sent) if self._aligner is not None else None,
         )
         self._on_finished(self)
 

@@ -249,6 +249,7 @@ class Launcher:
             timing=timing,
             deadline_s=run.deadline_s,
             on_finished=lambda g: self._finished(instance, run, g, timing),
+            logprobs=request.logprobs is not None,
         )
 
     async def _embedding(

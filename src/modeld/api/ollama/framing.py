@@ -11,6 +11,7 @@ import time
 
 from modeld.api.context import RequestContext
 from modeld.api.errors import early_end_error
+from modeld.api.logprobs import token_entries
 from modeld.api.ollama.errors import OLLAMA_ERRORS
 from modeld.api.ollama.facts import iso_time
 from modeld.api.ollama.wire import final_fields
@@ -47,6 +48,8 @@ class OllamaFraming:
         line = self._piece(chunk.text)
         if chunk.tool_calls:  # whole calls: a call's pieces come out together
             line["message"]["tool_calls"] = ollama_calls(chunk.tool_calls)  # type: ignore[index]
+        if chunk.logprobs:
+            line["logprobs"] = token_entries(chunk.logprobs)
         return ndjson_line({**line, "done": False})
 
     def end(self, result: GenerationResult) -> bytes:
@@ -61,4 +64,6 @@ class OllamaFraming:
         line = self._piece(text)
         if result.tool_calls:
             line["message"]["tool_calls"] = ollama_calls(result.tool_calls)  # type: ignore[index]
+        if result.logprobs is not None:
+            line["logprobs"] = token_entries(result.logprobs)
         return {**line, **final_fields(result)}

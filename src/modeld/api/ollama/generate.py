@@ -28,6 +28,7 @@ from modeld.api.ollama.wire import (
     GenerateBody,
     as_request,
     format_of,
+    logprobs_of,
     messages_of,
     refuse_unsupported,
     sampling_fields,
@@ -139,6 +140,7 @@ class OllamaGenerate:
         fields = _request_fields(
             edge, model_id, body.options, body.format, body.stream, body.keep_alive, body.truncate
         )
+        fields.update(logprobs_of(body))
         generate: InferRequest | ChatRequest
         if not body.raw and await self._templated(edge.manager, name, model_id):
             turns = [{"role": "system", "content": body.system}] if body.system else []
@@ -164,6 +166,6 @@ class OllamaChat:
         fields = _request_fields(
             edge, model_id, body.options, body.format, body.stream, body.keep_alive, body.truncate
         )
-        fields.update(tool_fields(body.tools, default_type=True))
+        fields.update(tool_fields(body.tools, default_type=True), **logprobs_of(body))
         generate = as_request({**fields, "messages": messages}, ChatRequest)
         return _OllamaCall(edge, generate, chat=True)

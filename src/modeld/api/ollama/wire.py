@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import msgspec
 from loguru import logger
 
-from modeld.api.sampling import SamplingNames, stop_list
+from modeld.api.sampling import LOGPROBS, SamplingNames, logprob_fields, stop_list
 from modeld.api.tools import ollama_history_calls
 from modeld.errors import InvalidRequest
 from modeld.settings.keep_alive import KeepAlive
@@ -27,6 +27,7 @@ __all__ = [
     "as_request",
     "final_fields",
     "format_of",
+    "logprobs_of",
     "messages_of",
     "refuse_unsupported",
     "sampling_fields",
@@ -59,6 +60,7 @@ def _seed(value: int) -> int | None:
 OLLAMA_SAMPLING = SamplingNames(
     "ollama",
     renamed={"max_tokens": "num_predict"},
+    unsupported=frozenset({LOGPROBS}),
     adapt={"max_tokens": _positive, "seed": _seed, "stop": stop_list},
 )
 """The ``options`` modeld maps; every other key is ignored, as Ollama ignores unknown
@@ -80,6 +82,7 @@ class GenerateBody(msgspec.Struct, frozen=True, kw_only=True):
     context: list[int] | None = None
     think: bool | str | None = None
     logprobs: bool | None = None
+    top_logprobs: Any = None  # checked by name in modeld.api.sampling.logprob_fields
     truncate: bool = True  # a prompt too long for the context keeps its end
 
 
@@ -104,6 +107,7 @@ class ChatBody(msgspec.Struct, frozen=True, kw_only=True):
     keep_alive: KeepAlive | None = None
     think: bool | str | None = None
     logprobs: bool | None = None
+    top_logprobs: Any = None  # checked by name in modeld.api.sampling.logprob_fields
     truncate: bool = True  # a chat too long for the context loses its oldest turns
 
 
@@ -131,11 +135,14 @@ class EmbeddingsBody(msgspec.Struct, frozen=True, kw_only=True):
 _CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
-def _refuse_common(name: str, think: bool | str | None, logprobs: bool | None) -> None:
+def _refuse_common(name: str, think: bool | str | None) -> None:
     if think:  # true, or a level ("high"): no model here thinks apart from its answer
         raise InvalidRequest(f'"{name}" does not support thinking', field="think")
-    if logprobs:
-        raise InvalidRequest("logprobs are not supported", field="logprobs")
+
+
+def logprobs_of(body: GenerateBody | ChatBody) -> dict[str, object]:
+    """``logprobs`` / ``top_logprobs`` as the request's field (none when not asked)."""
+    return logprob_fields(body.logprobs, body.top_logprobs)
 
 
 def messages_of(name: str, body: ChatBody) -> list[dict[str, object]]:
@@ -143,7 +150,7 @@ def messages_of(name: str, body: ChatBody) -> list[dict[str, object]]:
     Ollama's calls have no ids: they are numbered here, and a ``tool`` turn answers the
     earliest unanswered call of its ``tool_name`` (or any); one that answers none is
     refused by the scheduler's checks (``messages``)."""
-    _refuse_common(name, body.think, body.logprobs)
+    _refuse_common(name, body.think)
     messages: list[dict[str, object]] = []
     unanswered: list[MessageToolCall] = []
     made = 0  # calls so far (their ids)
@@ -184,7 +191,7 @@ def format_of(value: str | dict[str, Any] | None) -> str | dict[str, Any] | None
 
 def refuse_unsupported(name: str, body: GenerateBody) -> None:
     """400 for what modeld's models cannot do, in Ollama's own words where it has them."""
-    _refuse_common(name, body.think, body.logprobs)
+    _refuse_common(name, body.think)
     if body.images:
         raise InvalidRequest(f'"{name}" does not support images', field="images")
     if body.suffix:

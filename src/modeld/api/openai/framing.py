@@ -19,10 +19,11 @@ from typing import Any
 import modeld
 from modeld.api.context import RequestContext
 from modeld.api.errors import early_end_error
+from modeld.api.logprobs import LegacyLogprobs, token_entries
 from modeld.api.openai.errors import OPENAI_ERRORS
 from modeld.api.streaming import one_line_json
 from modeld.api.tools import finish_reason, openai_call_delta, openai_calls
-from modeld.types import Chunk, GenerationResult
+from modeld.types import Chunk, GenerationResult, TokenLogprob
 
 __all__ = [
     "SSE",
@@ -77,6 +78,15 @@ class Completion:
             "system_fingerprint": FINGERPRINT,
         }
 
+    def logprobs(self, logprobs: Sequence[TokenLogprob] | None, legacy: LegacyLogprobs) -> Any:
+        """A choice's ``logprobs`` (None when not asked): chat's ``content`` entries,
+        or completions' legacy lists continued by ``legacy``."""
+        if logprobs is None:
+            return None
+        if self.chat:
+            return {"content": token_entries(logprobs), "refusal": None}
+        return legacy.shape(logprobs)
+
     def whole(self, text: str, result: GenerationResult) -> dict[str, Any]:
         """The non-streamed answer."""
         return self.whole_choices([(text, result)])
@@ -87,7 +97,8 @@ class Completion:
         tokens."""
         choices = []
         for index, (text, result) in enumerate(answers):
-            choice: dict[str, Any] = {"index": index, "logprobs": None}
+            choice: dict[str, Any] = {"index": index}
+            choice["logprobs"] = self.logprobs(result.logprobs, LegacyLogprobs())
             choice["finish_reason"] = finish_reason(result)
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": text, "refusal": None}
@@ -114,6 +125,11 @@ class _Framing:
         self._context = context
         self._index = 0
         self._ended: list[GenerationResult] = []  # the choices before the current one
+        self._legacy = LegacyLogprobs()
+
+    def _logprobs(self, chunk: Chunk) -> Any:
+        """The chunk's entries in this answer's shape; None for a chunk without any."""
+        return self._completion.logprobs(chunk.logprobs or None, self._legacy)
 
     def _choice(self, choice: dict[str, Any]) -> bytes:
         choices = [{"index": self._index, **choice}]
@@ -122,17 +138,18 @@ class _Framing:
             data["usage"] = None
         return event(data)
 
-    def _delta(self, text: str, finish: str | None) -> bytes:
+    def _delta(self, text: str, finish: str | None, logprobs: Any = None) -> bytes:
         raise NotImplementedError
 
     def chunk(self, chunk: Chunk) -> bytes:
-        return self._delta(chunk.text, None)
+        return self._delta(chunk.text, None, self._logprobs(chunk))
 
     def next_choice(self, result: GenerationResult) -> bytes:
         """The current choice's finish chunk; the usage waits for the stream's end."""
         last = self._delta("", finish_reason(result))
         self._ended.append(result)
         self._index += 1
+        self._legacy = LegacyLogprobs()  # completions count text_offset per choice
         return last
 
     def end(self, result: GenerationResult) -> bytes:
@@ -155,13 +172,16 @@ class ChatFraming(_Framing):
         choice = {"delta": {"role": "assistant", "content": ""}, "logprobs": None}
         return self._choice({**choice, "finish_reason": None})
 
-    def _delta(self, text: str, finish: str | None) -> bytes:
+    def _delta(self, text: str, finish: str | None, logprobs: Any = None) -> bytes:
         delta = {"content": text} if finish is None else {}
-        return self._choice({"delta": delta, "logprobs": None, "finish_reason": finish})
+        return self._choice({"delta": delta, "logprobs": logprobs, "finish_reason": finish})
 
     def chunk(self, chunk: Chunk) -> bytes:
-        """Content, then each piece of a call (``delta.tool_calls``) as its own event."""
-        out = self._delta(chunk.text, None) if chunk.text or not chunk.tool_calls else b""
+        """Content (with its tokens' ``logprobs`` when asked), then each piece of a call
+        (``delta.tool_calls``) as its own event."""
+        out = b""
+        if chunk.text or chunk.logprobs or not chunk.tool_calls:
+            out = self._delta(chunk.text, None, self._logprobs(chunk))
         for piece in chunk.tool_calls:
             delta = {"tool_calls": [openai_call_delta(piece)]}
             out += self._choice({"delta": delta, "logprobs": None, "finish_reason": None})
@@ -174,5 +194,5 @@ class CompletionFraming(_Framing):
     def head(self) -> bytes:
         return b""
 
-    def _delta(self, text: str, finish: str | None) -> bytes:
-        return self._choice({"text": text, "logprobs": None, "finish_reason": finish})
+    def _delta(self, text: str, finish: str | None, logprobs: Any = None) -> bytes:
+        return self._choice({"text": text, "logprobs": logprobs, "finish_reason": finish})

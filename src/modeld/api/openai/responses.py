@@ -14,6 +14,7 @@ from modeld.api.bodies import convert_fields, decode_json
 from modeld.api.context import RequestContext
 from modeld.api.edge import Edge
 from modeld.api.errors import UnsupportedParam, early_end_error
+from modeld.api.logprobs import token_entries
 from modeld.api.openai.errors import OPENAI_ERRORS, error_object
 from modeld.api.openai.framing import SSE, usage
 from modeld.api.openai.translate import (
@@ -24,11 +25,11 @@ from modeld.api.openai.translate import (
     with_defaults,
 )
 from modeld.api.openai.wire import ResponseBody
-from modeld.api.sampling import SAMPLING_FIELDS, SamplingNames
+from modeld.api.sampling import SAMPLING_FIELDS, SamplingNames, logprob_fields
 from modeld.api.streaming import StreamFraming, one_line_json
 from modeld.errors import InvalidRequest
 from modeld.scheduling.generation import Generation
-from modeld.types import ChatRequest, Chunk, DoneReason, GenerationResult
+from modeld.types import ChatRequest, Chunk, DoneReason, GenerationResult, TokenLogprob
 
 __all__ = ["RESPONSES", "RESPONSES_SAMPLING", "ResponsesProtocol"]
 
@@ -41,6 +42,8 @@ RESPONSES_SAMPLING = SamplingNames(
 ``top_p`` (it has no others; whatever else a body holds is ignored, as OpenAI does)."""
 
 _PART_TYPES = frozenset({"input_text", "output_text", "text"})
+OUTPUT_LOGPROBS = "message.output_text.logprobs"
+"""What ``include`` names to have the output text's ``logprobs`` filled."""
 
 
 def _unsupported(param: str, why: str) -> InvalidRequest:
@@ -93,6 +96,8 @@ def _chat_request(body: ResponseBody, sampling: dict[str, object], edge: Edge) -
         "stream": bool(body.stream),
         "format": response_format(text_format),
     }
+    asked = OUTPUT_LOGPROBS in (body.include or ()) or body.top_logprobs is not None
+    fields.update(logprob_fields(asked, body.top_logprobs))
     return convert_fields(with_defaults(fields, body.model, edge.defaults_for), ChatRequest)
 
 
@@ -109,6 +114,7 @@ class _Response:
         self.body = body
         self.sampling = sampling
         self.text = ""
+        self.logprobs: list[TokenLogprob] = []  # the text's, when asked
         self.sequence = 0
 
     def item(self, status: str) -> dict[str, Any]:
@@ -122,7 +128,8 @@ class _Response:
         }
 
     def part(self) -> dict[str, Any]:
-        return {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
+        logprobs = token_entries(self.logprobs)
+        return {"type": "output_text", "text": self.text, "annotations": [], "logprobs": logprobs}
 
     def item_status(self, result: GenerationResult) -> str:
         """A message cut at ``max_output_tokens`` is ``incomplete``, as its response is."""
@@ -149,6 +156,7 @@ class _Response:
             "previous_response_id": None,
             "temperature": self.sampling.get("temperature"),
             "top_p": self.sampling.get("top_p"),
+            "top_logprobs": self.body.top_logprobs,
             "tool_choice": "none",
             "tools": [],
             "text": {"format": self.text_format()},
@@ -209,8 +217,10 @@ class _ResponseFraming:
 
     def chunk(self, chunk: Chunk) -> bytes:
         self._r.text += chunk.text
+        self._r.logprobs += chunk.logprobs
+        logprobs = token_entries(chunk.logprobs)
         return self._r.event(
-            "response.output_text.delta", **self._where(), delta=chunk.text, logprobs=[]
+            "response.output_text.delta", **self._where(), delta=chunk.text, logprobs=logprobs
         )
 
     def end(self, result: GenerationResult) -> bytes:
@@ -224,7 +234,12 @@ class _ResponseFraming:
             "response.completed" if result.done_reason is DoneReason.STOP else "response.incomplete"
         )
         return (
-            r.event("response.output_text.done", **self._where(), text=r.text, logprobs=[])
+            r.event(
+                "response.output_text.done",
+                **self._where(),
+                text=r.text,
+                logprobs=token_entries(r.logprobs),
+            )
             + r.event("response.content_part.done", **self._where(), part=r.part())
             + r.event(
                 "response.output_item.done", output_index=0, item=r.item(r.item_status(result))
@@ -252,6 +267,7 @@ class _ResponseCall:
     def whole(self, generation: Generation, text: str, result: GenerationResult) -> object:
         response = self._response(generation)
         response.text = text
+        response.logprobs = list(result.logprobs or ())
         return response.whole(result)
 
 

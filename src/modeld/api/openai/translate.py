@@ -1,6 +1,6 @@
 """OpenAI request bodies as modeld's own requests (:class:`ChatRequest`,
-:class:`InferRequest`): a field modeld cannot honour at the value sent (``n`` > 8,
-``logprobs``, tools, images, a prompt of token ids, ...) is a 400 naming it as OpenAI names it,
+:class:`InferRequest`): a field modeld cannot honour at the value sent (``n`` out of bounds,
+``logit_bias``, images, a prompt of token ids, ...) is a 400 naming it as OpenAI names it,
 never silently dropped. Bounds are modeld's own, checked by the same schema as
 ``/infer``; the model's configured defaults fill the fields a body does not set.
 """
@@ -15,7 +15,7 @@ import msgspec
 from modeld.api.bodies import convert_fields, decode_json
 from modeld.api.errors import UnsupportedParam
 from modeld.api.openai.wire import ChatCompletionBody, Choices, CompletionBody, EmbeddingBody
-from modeld.api.sampling import SamplingNames, stop_list
+from modeld.api.sampling import LOGPROBS, SamplingNames, logprob_fields, stop_list
 from modeld.api.tools import openai_history_calls, tool_fields
 from modeld.errors import InvalidRequest
 from modeld.types import (
@@ -50,7 +50,9 @@ def _seed(value: int) -> int | None:
     return value % (SEED_MAX + 1) if value >= 0 else None
 
 
-OPENAI_SAMPLING = SamplingNames("openai", adapt={"stop": stop_list, "seed": _seed})
+OPENAI_SAMPLING = SamplingNames(
+    "openai", unsupported=frozenset({LOGPROBS}), adapt={"stop": stop_list, "seed": _seed}
+)
 """Chat and completions take every sampling parameter by modeld's own names (``top_k``,
 ``min_p``, ``repeat_penalty``: the llama-server/vLLM extensions clients send in
 ``extra_body``)."""
@@ -100,8 +102,6 @@ def chat_request(
 ) -> ChatRequest:
     """Raises :class:`InvalidRequest` naming the OpenAI parameter."""
     check_unsupported(body)
-    if body.logprobs or body.top_logprobs:
-        raise _unsupported("logprobs", "log probabilities are not reported")
     if body.functions:
         raise _unsupported("functions", "the deprecated functions: send tools")
     if body.function_call not in (None, "none", "auto"):
@@ -112,6 +112,7 @@ def chat_request(
         if getattr(body, name) is not None:
             raise _unsupported(name, f"{name} is not supported")
     fields = dict(sampling)
+    fields.update(logprob_fields(body.logprobs, body.top_logprobs))
     wanted = body.max_completion_tokens
     if wanted is not None and fields.setdefault("max_tokens", wanted) != wanted:
         raise _unsupported("max_tokens", "max_tokens and max_completion_tokens differ")
@@ -241,9 +242,9 @@ def completion_request(
         raise _unsupported("suffix", "suffix (insertion) is not supported")
     if body.best_of is not None and body.best_of != 1:
         raise _unsupported("best_of", "modeld generates one choice per request (best_of=1)")
-    if body.logprobs:
-        raise _unsupported("logprobs", "log probabilities are not reported")
     fields = dict(sampling)
+    asked = body.logprobs is not None  # a count that is its own switch
+    fields.update(logprob_fields(asked, body.logprobs, top_param="logprobs"))
     fields["prompt"] = _prompt(body.prompt)
     fields["model"] = body.model
     fields["stream"] = bool(body.stream)

@@ -47,7 +47,7 @@ class ChatCompletionBody(Choices, kw_only=True):
     messages: list[dict[str, Any]]
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Any = None  # checked by name in modeld.api.sampling.logprob_fields
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -64,7 +64,7 @@ class CompletionBody(Choices, kw_only=True):
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: Any = None  # a count, checked by name in modeld.api.sampling.logprob_fields
 
 
 class EmbeddingBody(msgspec.Struct, kw_only=True):
@@ -91,3 +91,5 @@ class ResponseBody(msgspec.Struct, kw_only=True):
     store: bool | None = None
     background: bool | None = None
     reasoning: dict[str, Any] | None = None
+    include: list[str] | None = None  # "message.output_text.logprobs": the text's logprobs
+    top_logprobs: Any = None  # checked by name in modeld.api.sampling.logprob_fields

@@ -20,6 +20,7 @@
 
 #include "alloc.h"
 #include "llama_api.h"
+#include "logprobs.h"
 #include "ring.h"
 #include "sampling.h"
 #include "text_assembler.h"
@@ -58,6 +59,7 @@ typedef struct {
     llama_token *trace; /* owned: every sampled token id, an EOG included */
     size_t trace_cap;
     abort_state abort;
+    lp_queue *logprobs; /* the ring's; written when sampling.logprobs >= 0 */
     /* outputs, read after the GIL is back */
     size_t trace_len;
     enum stop_code stop_code;
@@ -296,6 +298,24 @@ token_piece(loop_state *s, llama_token token, char **buf, int32_t *cap, char *st
     return n < 0 ? 0 : n;
 }
 
+/* Queue the log probabilities of `token` (before its text reaches the ring); false when
+ * out of memory. */
+static bool
+record_logprobs(loop_state *s, llama_token token, const char *piece, size_t n)
+{
+    const float *logits = lib.llama_get_logits_ith(s->ctx, -1);
+    if (logits == NULL) {
+        return false;
+    }
+    lp_record *r = lp_record_make(s->vocab, logits, s->n_vocab, s->sampling.logprobs, token,
+                                  piece, n);
+    if (r == NULL) {
+        return false;
+    }
+    lp_queue_push(s->logprobs, r);
+    return true;
+}
+
 /* Emit what the assembler releases for one piece; false ends the loop (stop_code set). */
 static bool
 emit_piece(loop_state *s, const char *piece, size_t n)
@@ -351,6 +371,11 @@ generate(loop_state *s, loop_sampler *sampler)
         s->completion_tokens++;
         int32_t n = token_piece(s, token, &piece, &piece_cap, stack_buf);
         if (n < 0) {
+            s->stop_code = STOP_ERROR;
+            s->error = LOOP_ERR_NO_MEMORY;
+            break;
+        }
+        if (s->sampling.logprobs >= 0 && !record_logprobs(s, token, piece, (size_t)n)) {
             s->stop_code = STOP_ERROR;
             s->error = LOOP_ERR_NO_MEMORY;
             break;

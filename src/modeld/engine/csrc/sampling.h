@@ -45,6 +45,7 @@ typedef struct {
     uint32_t seed;
     double presence_penalty;
     double frequency_penalty;
+    int32_t logprobs; /* -1 (None): none; n >= 0: the chosen token's and the n likeliest */
 } sampling_params;
 
 /* modeld.types.GrammarConstraint: what the grammar sampler is made from. */
