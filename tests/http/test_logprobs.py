@@ -236,3 +236,19 @@ def test_each_of_several_choices_has_its_own(client: openai.OpenAI) -> None:
         _check_entries(content, choice.message.content, 1)
         counted += len(content)
     assert counted == answer.usage.completion_tokens
+
+
+def test_streamed_choices_each_count_their_own_text_offsets(client: openai.OpenAI) -> None:
+    """Completions' ``text_offset`` counts within one choice's text: a streamed second
+    choice starts at 0 again, as its whole answer does."""
+    asked = {"model": TINY, "prompt": "The quick brown fox", "logprobs": 1, "n": 2,
+             "temperature": 0.9, "seed": 5, "max_tokens": 6}  # fmt: skip
+    whole = client.completions.create(**asked)
+    streamed: dict[int, list[int]] = {0: [], 1: []}
+    for chunk in client.completions.create(**asked, stream=True):
+        for choice in chunk.choices:
+            if choice.logprobs is not None:
+                streamed[choice.index] += choice.logprobs.text_offset
+    for choice in whole.choices:
+        assert choice.logprobs.text_offset[0] == 0
+        assert streamed[choice.index] == choice.logprobs.text_offset
