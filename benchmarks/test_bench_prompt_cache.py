@@ -122,6 +122,8 @@ def test_restored(
         engine.forget_kv()  # not the previous round's turn
         _first_token_ms(engine, history)
         _first_token_ms(engine, other)  # displaces the history: saved
+        # the disk writer's work done before the timed turn, not during it
+        assert cache.close(60.0) == 0
         if tier == "disk":  # a restart: only the directory is left
             cache = PromptCache(256 * MIB, disk=DiskTier(directory, 256 * MIB))
             engine.attach_prompt_cache(cache.for_model(_namespace(engine, model_path)))

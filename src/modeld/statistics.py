@@ -83,6 +83,10 @@ class CacheStatistics:
     disk_bound_bytes: int
     disk_bytes: int
     disk_entries: int
+    disk_pending_bytes: int  # states waiting for the disk writer (within the memory bound)
+    disk_writes: int
+    disk_writes_dropped: int  # no room in the bound, or left undone at shutdown
+    disk_write_seconds: float  # on the writer's thread, not a model's
     hits_memory: int
     hits_disk: int
     misses: int

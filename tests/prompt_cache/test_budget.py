@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from modeld.gguf import FileIdentity
 from modeld.memory.budget import Candidate, MemoryBudget, choose_victims
 from modeld.prompt_cache.memory_tier import MemoryEntry
+from modeld.prompt_cache.namespace import Namespace
 from modeld.prompt_cache.setup import build_prompt_cache, memory_tier_mb
 from modeld.settings.config import Settings
 from modeld.sizes import MIB
@@ -62,13 +64,23 @@ def _rss_bytes() -> int:
 
 
 def test_rss_stays_within_the_bound_while_states_churn(tmp_path: Path) -> None:
+    """As a save does: each state into the memory tier and queued for the disk writer,
+    whose pending states count inside the same bound."""
     budget = MemoryBudget(budget_mb=1024, margin_mb=0)
-    cache = build_prompt_cache(_settings(tmp_path, prompt_cache_mb=32), budget, gpu=False)
+    settings = Settings(state_dir=tmp_path, prompt_cache_mb=32, prompt_cache_disk_mb=64)
+    cache = build_prompt_cache(settings, budget, gpu=False)
+    assert cache.writer is not None
+    namespace = Namespace.of("m.gguf", FileIdentity(1, 2, 3, 4), 512, 64, 64)
     before = _rss_bytes()
     peak = before
-    for i in range(200):  # 200 MiB of states through a 32 MiB tier
-        cache.memory.put(_entry(i))
+    for i in range(200):  # 200 MiB of states through a 32 MiB bound
+        entry = _entry(i)
+        entry = MemoryEntry(namespace.digest(), entry.tokens, entry.payload)
+        cache.memory.put(entry)
+        cache.writer.submit(namespace, entry.tokens, entry.payload)
+        assert cache.memory.held_bytes <= 32 * MIB
         peak = max(peak, _rss_bytes())
-    assert cache.memory.used_bytes <= 32 * MIB
+    assert cache.close(60.0) == 0
+    assert cache.statistics().disk_writes >= 1
     slack = 16 * MIB  # one entry being built, allocator slack
     assert peak - before <= 32 * MIB + slack

@@ -30,6 +30,7 @@ def _saved_entry(path: Path, loop: TokenLoop, directory: Path) -> tuple[list[int
     assert outcome.kv_tokens is not None
     resumed = [*outcome.kv_tokens, *words(engine, " and the world")]
     engine.close()
+    assert cache.close(60.0) == 0  # the writer's queue drained: the file is in place
     fresh = make_engine(path, loop, reuse=False)
     try:
         text, _ = answer(fresh, resumed, GREEDY)

@@ -114,6 +114,7 @@ def test_an_unloaded_instance_is_restored_by_the_next_one(
     assert outcome.kv_tokens is not None
     exchange = list(outcome.kv_tokens)
     first.close()
+    assert cache.flush(60.0)  # the file is written off the worker thread
     assert cache.statistics().memory_entries == cache.statistics().disk_entries == 1
     fresh = make_engine(model_path, token_loop, reuse=False)
     try:

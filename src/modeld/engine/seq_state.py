@@ -73,7 +73,8 @@ def write_state(llama: Llama, data: bytes, n_tokens: int) -> bool:
     oldest_needed = n_tokens - n_swa if 0 < n_swa < n_tokens else 0
     memory = llama_cpp.llama_get_memory(llama.ctx)
     llama_cpp.llama_memory_clear(memory, True)
-    buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+    # llama.cpp only reads the source: point at the bytes' own buffer, no 8 MiB copy
+    buffer = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
     read = int(llama_cpp.llama_state_seq_set_data(llama.ctx, buffer, len(data), SEQ_ID))
     if (
         read == len(data)

@@ -24,6 +24,7 @@ from loguru import logger
 from modeld.engine.seq_state import read_state, sliding_window, usable_prefix, write_state
 from modeld.events import PromptCacheRestored
 from modeld.prompt_cache.disk_tier import DiskEntry, DiskTier
+from modeld.prompt_cache.disk_writer import DiskWriter
 from modeld.prompt_cache.memory_tier import MemoryEntry, MemoryTier
 from modeld.prompt_cache.namespace import Namespace
 from modeld.sizes import MIB
@@ -66,6 +67,8 @@ class PromptCache:
     ) -> None:
         self.memory = MemoryTier(memory_bound_bytes, room)
         self.disk = disk
+        # Disk entries are written off the engines' threads, within the memory bound.
+        self.writer = DiskWriter(disk, self.memory, self._written) if disk else None
         self._counters = _Counters()
         # Called on the restoring engine's thread (the manager posts it to /events).
         self.on_restore: Callable[[PromptCacheRestored], None] | None = None
@@ -78,6 +81,15 @@ class PromptCache:
         """The engine-side view for ``namespace``; None when the cache is off."""
         return ModelPromptCache(self, namespace) if self.enabled else None
 
+    def flush(self, timeout_s: float) -> bool:
+        """Wait for pending disk writes; False when ``timeout_s`` ran out first."""
+        return self.writer is None or self.writer.flush(timeout_s)
+
+    def close(self, timeout_s: float) -> int:
+        """At shutdown: finish pending disk writes within ``timeout_s``; returns how many
+        were left undone. Later saves keep the memory tier only."""
+        return 0 if self.writer is None else self.writer.close(timeout_s)
+
     def shrink_to(self, limit_bytes: int) -> int:
         """Give way to a model: the memory tier keeps at most ``limit_bytes``."""
         return self.memory.shrink_to(limit_bytes)
@@ -87,7 +99,7 @@ class PromptCache:
         return max(self.memory.bound_bytes, self.disk.bound_bytes if self.disk else 0)
 
     def statistics(self) -> CacheStatistics:
-        c, disk = self._counters, self.disk
+        c, disk, writer = self._counters, self.disk, self.writer
         with c.lock:
             return CacheStatistics(
                 enabled=self.enabled,
@@ -100,6 +112,10 @@ class PromptCache:
                 disk_bound_bytes=disk.bound_bytes if disk else 0,
                 disk_bytes=disk.used_bytes if disk else 0,
                 disk_entries=disk.count if disk else 0,
+                disk_pending_bytes=self.memory.pinned_bytes,
+                disk_writes=writer.written if writer else 0,
+                disk_writes_dropped=writer.dropped if writer else 0,
+                disk_write_seconds=writer.write_seconds if writer else 0.0,
                 hits_memory=c.hits_memory,
                 hits_disk=c.hits_disk,
                 misses=c.misses,
@@ -136,14 +152,17 @@ class PromptCache:
         return any(len(e.tokens) >= n and e.tokens[:n] == tokens for e in entries)
 
     def _drop_superseded(self, namespace: Namespace, tokens: tuple[int, ...]) -> None:
-        """Entries whose tokens are a strict prefix of ``tokens``: the new one serves
-        every prompt they served (a chat's earlier turns)."""
-        digest = namespace.digest()
-        for entry in self.memory.entries(digest):
+        """Memory entries whose tokens are a strict prefix of ``tokens``: the new one
+        serves every prompt they served (a chat's earlier turns)."""
+        for entry in self.memory.entries(namespace.digest()):
             if len(entry.tokens) < len(tokens) and tokens[: len(entry.tokens)] == entry.tokens:
                 self.memory.remove(entry)
+
+    def _written(self, namespace: Namespace, tokens: tuple[int, ...]) -> None:
+        """On the writer's thread, once ``tokens``' file is in place: the disk entries it
+        supersedes go (not before, so that a crash between keeps the older one)."""
         if self.disk is not None:
-            for disk_entry in self.disk.entries(digest):
+            for disk_entry in self.disk.entries(namespace.digest()):
                 n = len(disk_entry.tokens)
                 if n < len(tokens) and tokens[:n] == disk_entry.tokens:
                     self.disk.drop(disk_entry)
@@ -231,8 +250,9 @@ class ModelPromptCache:
             self._cache.disk.drop(entry)
 
     def save(self, llama: Llama, held: Sequence[int]) -> bool:
-        """Keep the context's state, which holds exactly ``held``; True when kept in at
-        least one tier. Never raises: the cache is an optimisation."""
+        """Keep the context's state, which holds exactly ``held``; True when kept in
+        memory or queued for the disk (written later, off this thread). Never raises:
+        the cache is an optimisation."""
         tokens = tuple(held)
         cache = self._cache
         if len(tokens) < MIN_ENTRY_TOKENS or cache._covered(self.namespace, tokens):
@@ -249,8 +269,8 @@ class ModelPromptCache:
         kept = cache.memory.bound_bytes > 0 and cache.memory.put(
             MemoryEntry(digest, tokens, payload)
         )
-        if cache.disk is not None:
-            kept = cache.disk.save(self.namespace, tokens, payload) or kept
+        if cache.writer is not None:  # the file is written on the writer's thread
+            kept = cache.writer.submit(self.namespace, tokens, payload) or kept
         if kept:
             cache._drop_superseded(self.namespace, tokens)
         counters = cache._counters

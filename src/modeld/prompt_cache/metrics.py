@@ -38,7 +38,12 @@ def prompt_cache_metrics(
     )
     hits.add_metric(["memory"], stats.hits_memory)
     hits.add_metric(["disk"], stats.hits_disk)
-    yield from (held, bound, entries, hits)
+    pending = GaugeMetricFamily(
+        "modeld_prompt_cache_write_pending_bytes",
+        "states waiting for the disk writer (counted in the memory bound)",
+        value=stats.disk_pending_bytes,
+    )
+    yield from (held, bound, entries, hits, pending)
     for name, value, doc in [
         ("misses", stats.misses, "generations the cache had nothing better for"),
         ("saves", stats.saves, "sequence states saved"),
@@ -47,6 +52,9 @@ def prompt_cache_metrics(
         ("invalid_removed", stats.invalid_removed, "disk entries removed as unusable"),
         ("given_way_bytes", stats.given_way_bytes, "bytes dropped to make room for models"),
         ("restore_seconds", stats.restore_seconds, "time spent restoring states"),
-        ("save_seconds", stats.save_seconds, "time spent saving states"),
+        ("save_seconds", stats.save_seconds, "model threads' time saving states"),
+        ("writes", stats.disk_writes, "disk entries written (off the model threads)"),
+        ("writes_dropped", stats.disk_writes_dropped, "disk writes dropped (no room, shutdown)"),
+        ("write_seconds", stats.disk_write_seconds, "the disk writer's time writing entries"),
     ]:
         yield CounterMetricFamily(f"modeld_prompt_cache_{name}", doc, value=value)

@@ -154,7 +154,9 @@ class ModelManager(GenerationCalls):
         self._pool.accepting = False
         await self._launcher.drain(grace_s)
         self._pool.close_loads()
+        deadline_s = time.monotonic() + self._close_timeout_s  # then the cache's writes
         abandoned = await self._pool.unloader.unload_all(DoneReason.SHUTDOWN, self._close_timeout_s)
+        await anyio.to_thread.run_sync(self.prompt_cache.close, deadline_s - time.monotonic())
         self.events.close()
         return abandoned
 
