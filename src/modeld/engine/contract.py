@@ -92,6 +92,14 @@ class Engine(Protocol):
 
     def warm_up(self) -> None: ...
 
+    def use_threads(self, n_threads: int) -> None:
+        """Run the next decodes on ``n_threads`` (the thread budget's lease)."""
+        ...
+
+    def release_threads(self) -> bool:
+        """Free the OpenMP pool the owner thread keeps; True when freed or none."""
+        ...
+
     def attach_prompt_cache(self, cache: ModelPromptCache | None) -> None:
         """The second tier behind the context's KV (None: none)."""
         ...

@@ -33,6 +33,7 @@ from modeld.engine.fitting import PromptTokens
 from modeld.engine.grammar import check_grammar
 from modeld.engine.kv_prefix import reusable_prefix
 from modeld.engine.llama_load import load_llama, malloc_trim
+from modeld.engine.openmp import release_pool
 from modeld.engine.preparation import prepare_from_parts
 from modeld.engine.tokens import Tokenizer
 from modeld.errors import ModelLoadFailed, ResourcesExhausted
@@ -250,6 +251,20 @@ class LlamaEngine:
             return LoopOutcome(StopCode.ERROR, len(prompt_tokens), 0, 0.0, 0.0, error=repr(exc))
         finally:
             ring.finish()
+
+    def use_threads(self, n_threads: int) -> None:
+        """Run the next generations and embeddings on ``n_threads`` (the lease the thread
+        budget gave this work; cheap: llama.cpp reads it at each decode)."""
+        self._check_open()
+        llama_cpp.llama_set_n_threads(self._llama.ctx, n_threads, n_threads)
+        self._embedding.use_threads(n_threads)
+
+    def release_threads(self) -> bool:
+        """Free the OpenMP pool this owner thread keeps (:mod:`~modeld.engine.openmp`):
+        the thread budget's way to make room for another instance's threads. True when
+        one was freed (or there was none)."""
+        self._check_owner()
+        return release_pool()
 
     def forget_kv(self) -> None:
         """The next generation starts from an empty KV cache (its loop clears it)."""

@@ -168,8 +168,15 @@ class Launcher:
         def prepare_and_generate(prepared: Callable[[], None]) -> LoopOutcome:
             return run_request(engine, request, recipe, ring, prepared, kept.append)
 
+        threads = self._pool.threads.lease(instance)
+
+        def on_threads(prepared: Callable[[], None]) -> LoopOutcome:
+            engine.use_threads(threads)
+            return prepare_and_generate(prepared)
+
         # the first generation runs in a stage marker
-        call = worker.submit_signalling(self._pool.first_use(instance, prepare_and_generate))
+        call = worker.submit_signalling(self._pool.first_use(instance, on_threads))
+        call.when_done(lambda: self._pool.threads.give_back(instance))
         try:
             prepared = await call.signalled()
         except (WorkerStopped, EngineClosed):
@@ -237,7 +244,15 @@ class Launcher:
         if engine is None or worker is None or not instance.is_ready():
             return None
         instance.last_used_s = time.monotonic()
-        return worker.submit(lambda: engine.embed(texts, cancelled.is_set, truncate=truncate))
+        threads = self._pool.threads.lease(instance)
+
+        def embed() -> Embedded:
+            engine.use_threads(threads)
+            return engine.embed(texts, cancelled.is_set, truncate=truncate)
+
+        call = worker.submit(embed)
+        call.when_done(lambda: self._pool.threads.give_back(instance))
+        return call
 
     def _finished(
         self, instance: Instance, generation: Generation, timing: RequestTiming, ticket: SlotTicket

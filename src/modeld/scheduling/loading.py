@@ -35,6 +35,7 @@ from modeld.redact import redact_paths
 from modeld.registry import ModelFile
 from modeld.scheduling.file_guard import FileGuard
 from modeld.scheduling.instance import Instance
+from modeld.scheduling.threads import ThreadBudget
 from modeld.settings.config import Settings
 from modeld.settings.live import LiveSettings
 from modeld.sizes import MIB
@@ -73,8 +74,10 @@ class Loader:
         gpu: bool,
         engine_factory: EngineFactory | None = None,
         prompt_cache: PromptCache | None = None,
+        threads: ThreadBudget | None = None,
     ) -> None:
         self._live = settings
+        self._threads = threads
         self._prompt_cache = prompt_cache
         self._events = events
         self._loop = token_loop
@@ -174,9 +177,7 @@ class Loader:
                     self._keep_charged_what_stayed(model.id, before_bytes)
                 raise
             self._progress(instance, "weights_loaded", 0.9)
-            await worker.run(
-                lambda: self.guard.staged(model.id, model.identity, "warm_up", engine.warm_up)
-            )
+            await self._warm_up(instance, engine, worker)
             if self._prompt_cache is not None:  # after the warm-up: no lookup for it
                 sizes = engine.sizes
                 engine.attach_prompt_cache(
@@ -190,6 +191,25 @@ class Loader:
         self._budget.charge(model.id, self._charge_after_load(measured_bytes, estimate, engine))
         instance.charge_bytes = self._budget.charge_of(model.id)
         instance.measured = measured
+
+    async def _warm_up(self, instance: Instance, engine: Engine, worker: EngineWorker) -> None:
+        """The warm-up on the threads the budget leases (it starts the worker's OpenMP
+        pool, which the budget must count)."""
+        model, budget = instance.model, self._threads
+
+        def warm_up() -> None:
+            if threads:
+                engine.use_threads(threads)
+            engine.warm_up()
+
+        threads = budget.lease(instance) if budget is not None else 0
+        try:
+            await worker.run(
+                lambda: self.guard.staged(model.id, model.identity, "warm_up", warm_up)
+            )
+        finally:
+            if budget is not None:
+                budget.give_back(instance)
 
     async def _measure_process_bytes(
         self, instance: Instance, make_engine: Callable[[], Engine]

@@ -1,0 +1,120 @@
+"""The thread budget: llama.cpp's threads across all loaded models stay within the cores.
+
+llama.cpp's CPU backend synchronises its threads with OpenMP barriers, hundreds per
+decode step. libgomp spins at a barrier only while the process's OpenMP threads (1 plus
+the extra threads of each pool) do not outnumber the cores; past that nearly every
+barrier of every model is a futex sleep and wake (a fifth to a quarter of Gemma's decode
+speed on 2 cores). libgomp keeps a pool per thread that starts a parallel region, and
+each instance runs on its own worker thread, so every model that ran with 2 or more
+threads keeps a pool.
+
+So each piece of work that runs llama.cpp's graph (a generation, an embedding batch, the
+warm-up) first takes a *lease* of threads: the model's threads (the cores, unless
+``threads`` is set), fewer when other work is running at the same moment (at least 1).
+Before it runs, idle instances whose pools would take the process past the cores free
+them (:func:`~modeld.engine.openmp.release_pool`, queued on their own worker ahead of
+anything else they run), so ``1 + sum(pool - 1) <= cores`` holds whenever work starts.
+A model whose ``threads`` is set gets them whatever runs, with a warning when that
+oversubscribes the cores.
+
+Everything here runs on the event loop; a lease is taken and returned without awaiting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from modeld.engine.cpu_cores import usable_cores
+from modeld.settings.live import LiveSettings
+
+if TYPE_CHECKING:
+    from modeld.scheduling.instance import Instance
+
+__all__ = ["ThreadBudget", "ThreadShare"]
+
+
+@dataclass
+class ThreadShare:
+    """One instance's part of the budget, as ``/status`` shows it."""
+
+    configured: int = 0  # the threads it asks for (its setting, else the cores)
+    lease: int = 0  # threads of the work it runs now; 0 while it runs none
+    pool: int = 1  # the OpenMP team its worker keeps between work (1: no pool)
+
+    @property
+    def extra(self) -> int:
+        """The OpenMP threads it adds to the process beyond its worker."""
+        return self.pool - 1
+
+
+class ThreadBudget:
+    """Leases threads to the work of ``instances()`` within ``cores`` (default: the
+    process's usable cores, see :func:`~modeld.engine.cpu_cores.usable_cores`)."""
+
+    def __init__(
+        self,
+        settings: LiveSettings,
+        instances: Callable[[], list[Instance]],
+        cores: int | None = None,
+    ) -> None:
+        self._live = settings
+        self._instances = instances
+        self.cores = cores or usable_cores()
+        self.pools_released = 0  # how many idle pools were freed to make room
+
+    def lease(self, instance: Instance) -> int:
+        """The threads ``instance``'s next work runs on; call :meth:`give_back` when it
+        has ended. Queues the pool releases that make room on the idle instances'
+        workers (and on ``instance``'s own, ahead of the work, when it runs on 1 thread
+        but keeps a larger pool)."""
+        share = instance.threads
+        settings = self._live.current
+        pinned = settings.threads_pinned(instance.model_id)
+        want = settings.resolve(instance.model_id).threads if pinned else self.cores
+        others = [i for i in self._instances() if i is not instance]
+        busy = sum(i.threads.lease for i in others)  # the cores running work holds
+        threads = want if pinned else max(1, min(want, self.cores - busy))
+        share.configured, share.lease = want, threads
+        if threads > 1:
+            share.pool = threads  # a team of n leaves a pool of n (grown or shrunk)
+        idle = sorted(
+            (i for i in others if not i.threads.lease and i.threads.pool > 1),
+            key=lambda i: i.last_used_s,  # the longest unused first
+        )
+        if share.pool > 1 and threads == 1:
+            idle.append(instance)  # its own, last: freed on its worker before the work
+        for holder in idle:
+            if self._managed() <= self.cores:
+                break
+            self._release(holder)
+        if self._managed() > self.cores:
+            logger.warning(
+                "threads oversubscribe the cores: OpenMP barriers will sleep, not spin",
+                model=instance.model_id,
+                threads=threads,
+                cores=self.cores,
+                openmp_threads=self._managed(),
+            )
+        return threads
+
+    def give_back(self, instance: Instance) -> None:
+        """``instance``'s leased work has ended; its pool stays until someone needs the
+        room."""
+        instance.threads.lease = 0
+
+    def _managed(self) -> int:
+        """The process's OpenMP threads as libgomp counts them when the leased work runs."""
+        return 1 + sum(i.threads.extra for i in self._instances())
+
+    def _release(self, instance: Instance) -> None:
+        """Free ``instance``'s pool on its worker, ahead of anything queued after it."""
+        engine, worker = instance.engine, instance.worker
+        instance.threads.pool = 1
+        self.pools_released += 1
+        if engine is None or worker is None:
+            return  # its worker thread is gone, and its pool with it
+        worker.submit(engine.release_threads)  # a stopped worker ends it unrun: no pool
