@@ -9,6 +9,7 @@ import os
 import threading
 from pathlib import Path
 
+import anyio
 import pytest
 
 from modeld.engine.base import TokenLoop
@@ -71,6 +72,41 @@ async def test_models_that_ran_on_all_cores_keep_openmp_within_them(
     assert 1 + sum(s.openmp_pool_threads - 1 for s in stats.values()) <= CORES
 
 
+@pytest.mark.anyio
+@pytest.mark.skipif(CORES < 2, reason="one core: nothing to share")
+async def test_generations_at_the_same_moment_share_the_cores_and_stay_correct(
+    models_dir: Path, token_loop: TokenLoop
+) -> None:
+    settings = load_settings({"models_dir": str(models_dir), "n_ctx": "256"}, env={})
+    models = ["tiny-a.gguf", "tiny-b.gguf", "tiny-c.gguf"]
+
+    def ask(model: str) -> InferRequest:
+        return InferRequest(prompt="hello", model=model, max_tokens=200, temperature=0)
+
+    async with ModelManager(settings, token_loop=token_loop, probe=ConstantProbe()) as manager:
+        alone = [(await manager.complete(ask(model)))[0] for model in models]
+        together: dict[str, str] = {}
+        leases: list[tuple[int, ...]] = []
+
+        async def one(model: str) -> None:
+            async with manager.stream(ask(model)) as generation:
+                parts = []
+                async for chunk in generation:
+                    parts.append(chunk.text)
+                    running = [i.threads_lease for i in manager.statistics().instances]
+                    leases.append(tuple(sorted(n for n in running if n)))
+                together[model] = "".join(parts)
+
+        async with anyio.create_task_group() as group:
+            for model in models:
+                group.start_soon(one, model)
+        idle = [i.threads_lease for i in manager.statistics().instances]
+    assert [together[model] for model in models] == alone  # retuned mid-way: same tokens
+    assert all(sum(lease) <= max(CORES, len(lease)) for lease in leases)
+    assert any(len(lease) > 1 for lease in leases)  # they did run at the same moment
+    assert idle == [0, 0, 0]
+
+
 def _instance(model_id: str, last_used_s: float) -> Instance:
     identity = FileIdentity(device=0, inode=0, size_bytes=0, mtime_ns=0)
     model = ModelFile(id=model_id, path=Path(model_id), identity=identity)
@@ -86,13 +122,18 @@ def test_work_at_the_same_moment_shares_the_cores() -> None:
     a, b, c = _instance("a", 1.0), _instance("b", 2.0), _instance("c", 3.0)
     budget = _budget(4, [a, b, c])
     assert budget.lease(a) == 4  # alone: all the cores
-    assert budget.lease(b) == 1  # a holds them all: at least 1
+    assert budget.lease(b) == 2  # a, running, is retuned to the other half
+    assert (a.threads.lease, a.threads.pool) == (2, 2)
+    assert budget.lease(c) == 1  # 4 cores among 3: the earlier started keep more
+    assert (a.threads.lease, b.threads.lease) == (2, 1)
     budget.give_back(a)
-    assert budget.lease(c) == 3  # b runs on one
-    # a's idle pool of 4 was freed to keep 1 + sum(pool - 1) within the cores
-    assert (a.threads.pool, b.threads.pool, c.threads.pool) == (1, 1, 3)
-    assert budget.pools_released == 1
+    assert (b.threads.lease, c.threads.lease) == (2, 2)
     budget.give_back(b)
+    assert c.threads.lease == 4
+    # c's pool of 4 next to b's idle one of 2 would be 1 + 1 + 3 OpenMP threads; a's
+    # pool (2, idle longest) went first: 1 + 1 + 1 + 3 was still too many
+    assert (a.threads.pool, b.threads.pool, c.threads.pool) == (1, 1, 4)
+    assert budget.pools_released == 2
     budget.give_back(c)
     assert budget.lease(b) == 4
     assert c.threads.pool == 1  # freed for b
@@ -128,9 +169,11 @@ def test_one_thread_work_frees_its_own_pool_only_when_it_must() -> None:
     budget = _budget(2, [a, b])
     assert budget.lease(a) == 2
     b.threads.pool = 2  # b ran alone before
-    assert budget.lease(b) == 1  # a runs on both cores
+    assert budget.lease(b) == 1  # 2 cores, 2 generations: 1 each
+    assert (a.threads.lease, a.threads.pool) == (1, 2)  # a 1-thread region keeps a pool
     assert b.threads.pool == 1  # its pool of 2 next to a's would be 3 OpenMP threads
-    assert a.threads.pool == 2
+    budget.give_back(b)
+    assert a.threads.lease == 2  # the cores back
 
 
 def test_the_cgroup_quota_caps_the_cores(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from modeld.types import (
 )
 
 if TYPE_CHECKING:
+    from modeld.engine.context_threads import ContextThreads
     from modeld.prompt_cache.cache import ModelPromptCache
 
 __all__ = ["Engine", "PreparedRequest", "Recipe", "Request", "run_request"]
@@ -63,6 +64,7 @@ class Engine(Protocol):
     label: str
     sizes: ContextSizes
     model_size_bytes: int  # llama.cpp's own count of the weights
+    threads: ContextThreads  # what the thread budget's leases set
 
     def new_ring(self, capacity_bytes: int = RING_CAPACITY_BYTES) -> TokenRing: ...
 
@@ -91,14 +93,6 @@ class Engine(Protocol):
     ) -> tuple[list[list[float]], int]: ...
 
     def warm_up(self) -> None: ...
-
-    def use_threads(self, n_threads: int) -> None:
-        """Run the next decodes on ``n_threads`` (the thread budget's lease)."""
-        ...
-
-    def release_threads(self) -> bool:
-        """Free the OpenMP pool the owner thread keeps; True when freed or none."""
-        ...
 
     def attach_prompt_cache(self, cache: ModelPromptCache | None) -> None:
         """The second tier behind the context's KV (None: none)."""

@@ -27,13 +27,13 @@ from modeld.engine.base import (
 )
 from modeld.engine.cache_tier import CacheTier
 from modeld.engine.chat_format import ChatFormatter
+from modeld.engine.context_threads import ContextThreads
 from modeld.engine.contract import PreparedRequest, Recipe, Request
 from modeld.engine.embedding import LazyEmbedding, pooling_for
 from modeld.engine.fitting import PromptTokens
 from modeld.engine.grammar import check_grammar
 from modeld.engine.kv_prefix import reusable_prefix
 from modeld.engine.llama_load import load_llama, malloc_trim
-from modeld.engine.openmp import release_pool
 from modeld.engine.preparation import prepare_from_parts
 from modeld.engine.tokens import Tokenizer
 from modeld.errors import ModelLoadFailed, ResourcesExhausted
@@ -128,6 +128,7 @@ class LlamaEngine:
             pooling_for(llama_cpp.llama_pooling_type(self._llama.ctx)),
         )
         self._prompts = PromptTokens(self.tokenizer, self._chat)
+        self.threads = ContextThreads(self._llama.ctx, self._embedding, self._check_open)
         self._prompt_reuse = settings.prompt_reuse
         # The tokens whose KV the context holds, in position order. Only generate() keeps
         # it true; anything else that uses the context must call forget_kv().
@@ -252,20 +253,6 @@ class LlamaEngine:
         finally:
             ring.finish()
 
-    def use_threads(self, n_threads: int) -> None:
-        """Run the next generations and embeddings on ``n_threads`` (the lease the thread
-        budget gave this work; cheap: llama.cpp reads it at each decode)."""
-        self._check_open()
-        llama_cpp.llama_set_n_threads(self._llama.ctx, n_threads, n_threads)
-        self._embedding.use_threads(n_threads)
-
-    def release_threads(self) -> bool:
-        """Free the OpenMP pool this owner thread keeps (:mod:`~modeld.engine.openmp`):
-        the thread budget's way to make room for another instance's threads. True when
-        one was freed (or there was none)."""
-        self._check_owner()
-        return release_pool()
-
     def forget_kv(self) -> None:
         """The next generation starts from an empty KV cache (its loop clears it)."""
         self._kv_tokens = ()
@@ -314,6 +301,7 @@ class LlamaEngine:
         if self._closed:
             return
         self._closed = True
+        self.threads.close()
         self._cache_tier.save_at_close(self._kv_tokens)
         self._embedding.close()  # it points into the weights freed next
         self._llama.close()

@@ -171,7 +171,7 @@ class Launcher:
         threads = self._pool.threads.lease(instance)
 
         def on_threads(prepared: Callable[[], None]) -> LoopOutcome:
-            engine.use_threads(threads)
+            engine.threads.use(threads)
             return prepare_and_generate(prepared)
 
         # the first generation runs in a stage marker
@@ -247,7 +247,7 @@ class Launcher:
         threads = self._pool.threads.lease(instance)
 
         def embed() -> Embedded:
-            engine.use_threads(threads)
+            engine.threads.use(threads)
             return engine.embed(texts, cancelled.is_set, truncate=truncate)
 
         call = worker.submit(embed)

@@ -199,7 +199,7 @@ class Loader:
 
         def warm_up() -> None:
             if threads:
-                engine.use_threads(threads)
+                engine.threads.use(threads)
             engine.warm_up()
 
         threads = budget.lease(instance) if budget is not None else 0

@@ -44,11 +44,18 @@ class ThreadShare:
     configured: int = 0  # the threads it asks for (its setting, else the cores)
     lease: int = 0  # threads of the work it runs now; 0 while it runs none
     pool: int = 1  # the OpenMP team its worker keeps between work (1: no pool)
+    pinned: bool = False  # its threads are set: it gets them whatever runs
+    started: int = 0  # the order its running work began in (the earlier keeps more)
 
     @property
     def extra(self) -> int:
         """The OpenMP threads it adds to the process beyond its worker."""
         return self.pool - 1
+
+    def run_on(self, threads: int) -> None:
+        self.lease = threads
+        if threads > 1:
+            self.pool = threads  # a team of n leaves a pool of n (grown or shrunk)
 
 
 class ThreadBudget:
@@ -65,49 +72,83 @@ class ThreadBudget:
         self._instances = instances
         self.cores = cores or usable_cores()
         self.pools_released = 0  # how many idle pools were freed to make room
+        self._started = 0
 
     def lease(self, instance: Instance) -> int:
-        """The threads ``instance``'s next work runs on; call :meth:`give_back` when it
-        has ended. Queues the pool releases that make room on the idle instances'
-        workers (and on ``instance``'s own, ahead of the work, when it runs on 1 thread
-        but keeps a larger pool)."""
+        """The threads ``instance``'s next work runs on (apply them on its worker,
+        before it); call :meth:`give_back` when it has ended. Work already running is
+        retuned to its new share; pool releases that make room are queued on idle
+        instances' workers (and on ``instance``'s own, ahead of its work, when it runs
+        on 1 thread but keeps a larger pool)."""
         share = instance.threads
         settings = self._live.current
-        pinned = settings.threads_pinned(instance.model_id)
-        want = settings.resolve(instance.model_id).threads if pinned else self.cores
-        others = [i for i in self._instances() if i is not instance]
-        busy = sum(i.threads.lease for i in others)  # the cores running work holds
-        threads = want if pinned else max(1, min(want, self.cores - busy))
-        share.configured, share.lease = want, threads
-        if threads > 1:
-            share.pool = threads  # a team of n leaves a pool of n (grown or shrunk)
-        idle = sorted(
-            (i for i in others if not i.threads.lease and i.threads.pool > 1),
-            key=lambda i: i.last_used_s,  # the longest unused first
+        share.pinned = settings.threads_pinned(instance.model_id)
+        share.configured = (
+            settings.resolve(instance.model_id).threads if share.pinned else self.cores
         )
-        if share.pool > 1 and threads == 1:
-            idle.append(instance)  # its own, last: freed on its worker before the work
+        self._started += 1
+        share.started = self._started
+        share.lease = 1  # running: counted in the share-out below
+        self._share_cores(starting=instance)
+        self._fit(starting=instance)
+        busy = sum(i.threads.lease for i in self._instances())
+        if busy > self.cores or self._managed() > self.cores:
+            logger.warning(
+                "threads oversubscribe the cores: set threads lower for some models",
+                model=instance.model_id,
+                threads=share.lease,
+                cores=self.cores,
+                running_threads=busy,
+                openmp_threads=self._managed(),
+            )
+        return share.lease
+
+    def give_back(self, instance: Instance) -> None:
+        """``instance``'s leased work has ended: work still running gets its cores
+        (its pool stays until someone needs the room)."""
+        instance.threads.lease = 0
+        self._share_cores(starting=None)
+        self._fit(starting=None)
+
+    def _share_cores(self, starting: Instance | None) -> None:
+        """Running work with set threads gets them; the rest share what is left, at
+        least 1 each, the earlier started taking a remainder. Running work other than
+        ``starting`` is retuned from here (it is mid-generation on its worker)."""
+        running = sorted(
+            (i for i in self._instances() if i.threads.lease), key=lambda i: i.threads.started
+        )
+        shared = [i for i in running if not i.threads.pinned]
+        room = self.cores - sum(i.threads.configured for i in running if i.threads.pinned)
+        for holder in running:
+            share = holder.threads
+            threads = share.configured
+            if not share.pinned:
+                place = shared.index(holder)
+                fair = room // len(shared) + (1 if place < room % len(shared) else 0)
+                threads = max(1, min(share.configured, fair))
+            if holder is starting:
+                share.run_on(threads)
+            elif threads != share.lease:
+                share.run_on(threads)
+                if holder.engine is not None:
+                    holder.engine.threads.retune(threads)
+
+    def _fit(self, starting: Instance | None) -> None:
+        """Free idle pools, the longest unused first, until ``1 + sum(pool - 1)`` is
+        within the cores; last, ``starting``'s own when it runs on 1 thread."""
+        idle = sorted(
+            (i for i in self._instances() if not i.threads.lease and i.threads.pool > 1),
+            key=lambda i: i.last_used_s,
+        )
+        if starting is not None and starting.threads.lease == 1 and starting.threads.pool > 1:
+            idle.append(starting)  # freed on its worker before its work
         for holder in idle:
             if self._managed() <= self.cores:
                 break
             self._release(holder)
-        if self._managed() > self.cores:
-            logger.warning(
-                "threads oversubscribe the cores: OpenMP barriers will sleep, not spin",
-                model=instance.model_id,
-                threads=threads,
-                cores=self.cores,
-                openmp_threads=self._managed(),
-            )
-        return threads
-
-    def give_back(self, instance: Instance) -> None:
-        """``instance``'s leased work has ended; its pool stays until someone needs the
-        room."""
-        instance.threads.lease = 0
 
     def _managed(self) -> int:
-        """The process's OpenMP threads as libgomp counts them when the leased work runs."""
+        """The process's OpenMP threads as libgomp counts them (1 + each pool's extra)."""
         return 1 + sum(i.threads.extra for i in self._instances())
 
     def _release(self, instance: Instance) -> None:
@@ -117,4 +158,4 @@ class ThreadBudget:
         self.pools_released += 1
         if engine is None or worker is None:
             return  # its worker thread is gone, and its pool with it
-        worker.submit(engine.release_threads)  # a stopped worker ends it unrun: no pool
+        worker.submit(engine.threads.release_pool)  # a stopped worker ends it unrun: no pool
