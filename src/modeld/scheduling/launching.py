@@ -168,14 +168,9 @@ class Launcher:
         def prepare_and_generate(prepared: Callable[[], None]) -> LoopOutcome:
             return run_request(engine, request, recipe, ring, prepared, kept.append)
 
-        threads = self._pool.threads.lease(instance)
-
-        def on_threads(prepared: Callable[[], None]) -> LoopOutcome:
-            engine.threads.use(threads)
-            return prepare_and_generate(prepared)
-
+        leased = self._pool.threads.leased(instance, engine, prepare_and_generate)
         # the first generation runs in a stage marker
-        call = worker.submit_signalling(self._pool.first_use(instance, on_threads))
+        call = worker.submit_signalling(self._pool.first_use(instance, leased))
         call.when_done(lambda: self._pool.threads.give_back(instance))
         try:
             prepared = await call.signalled()
@@ -244,13 +239,8 @@ class Launcher:
         if engine is None or worker is None or not instance.is_ready():
             return None
         instance.last_used_s = time.monotonic()
-        threads = self._pool.threads.lease(instance)
-
-        def embed() -> Embedded:
-            engine.threads.use(threads)
-            return engine.embed(texts, cancelled.is_set, truncate=truncate)
-
-        call = worker.submit(embed)
+        embed = self._pool.threads.leased(instance, engine, engine.embed)
+        call = worker.submit(lambda: embed(texts, cancelled.is_set, truncate=truncate))
         call.when_done(lambda: self._pool.threads.give_back(instance))
         return call
 

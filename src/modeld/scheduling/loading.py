@@ -72,9 +72,9 @@ class Loader:
         probe: MemoryProbe,
         budget: MemoryBudget,
         gpu: bool,
+        threads: ThreadBudget,
         engine_factory: EngineFactory | None = None,
         prompt_cache: PromptCache | None = None,
-        threads: ThreadBudget | None = None,
     ) -> None:
         self._live = settings
         self._threads = threads
@@ -177,7 +177,13 @@ class Loader:
                     self._keep_charged_what_stayed(model.id, before_bytes)
                 raise
             self._progress(instance, "weights_loaded", 0.9)
-            await self._warm_up(instance, engine, worker)
+            warm_up = self._threads.leased(instance, engine, engine.warm_up)  # a pool starts
+            try:
+                await worker.run(
+                    lambda: self.guard.staged(model.id, model.identity, "warm_up", warm_up)
+                )
+            finally:
+                self._threads.give_back(instance)
             if self._prompt_cache is not None:  # after the warm-up: no lookup for it
                 sizes = engine.sizes
                 engine.attach_prompt_cache(
@@ -191,25 +197,6 @@ class Loader:
         self._budget.charge(model.id, self._charge_after_load(measured_bytes, estimate, engine))
         instance.charge_bytes = self._budget.charge_of(model.id)
         instance.measured = measured
-
-    async def _warm_up(self, instance: Instance, engine: Engine, worker: EngineWorker) -> None:
-        """The warm-up on the threads the budget leases (it starts the worker's OpenMP
-        pool, which the budget must count)."""
-        model, budget = instance.model, self._threads
-
-        def warm_up() -> None:
-            if threads:
-                engine.threads.use(threads)
-            engine.warm_up()
-
-        threads = budget.lease(instance) if budget is not None else 0
-        try:
-            await worker.run(
-                lambda: self.guard.staged(model.id, model.identity, "warm_up", warm_up)
-            )
-        finally:
-            if budget is not None:
-                budget.give_back(instance)
 
     async def _measure_process_bytes(
         self, instance: Instance, make_engine: Callable[[], Engine]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from loguru import logger
 
@@ -32,9 +32,13 @@ from modeld.engine.cpu_cores import usable_cores
 from modeld.settings.live import LiveSettings
 
 if TYPE_CHECKING:
+    from modeld.engine.contract import Engine
     from modeld.scheduling.instance import Instance
 
 __all__ = ["ThreadBudget", "ThreadShare"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 @dataclass
@@ -102,6 +106,17 @@ class ThreadBudget:
                 openmp_threads=self._managed(),
             )
         return share.lease
+
+    def leased(self, instance: Instance, engine: Engine, fn: Callable[P, T]) -> Callable[P, T]:
+        """``fn`` on the threads leased now (:meth:`lease`), set on the worker first;
+        the caller gives them back when the call has ended."""
+        threads = self.lease(instance)
+
+        def on_threads(*args: P.args, **kwargs: P.kwargs) -> T:
+            engine.threads.use(threads)
+            return fn(*args, **kwargs)
+
+        return on_threads
 
     def give_back(self, instance: Instance) -> None:
         """``instance``'s leased work has ended: work still running gets its cores
