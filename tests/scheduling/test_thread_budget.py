@@ -27,6 +27,8 @@ from tests.scheduling.conftest import ConstantProbe
 from tests.support.poll import poll
 
 CORES = usable_cores()
+# threads not set: each model runs on all the cores when it runs alone
+FLAGS = {"n_ctx": "256", "max_wait_ms": "600000"}
 
 
 def openmp_threads() -> int:
@@ -42,8 +44,7 @@ def openmp_threads() -> int:
 async def test_models_that_ran_on_all_cores_keep_openmp_within_them(
     models_dir: Path, token_loop: TokenLoop
 ) -> None:
-    # threads not set: each model runs on all the cores when it runs alone
-    settings = load_settings({"models_dir": str(models_dir), "n_ctx": "256"}, env={})
+    settings = load_settings(FLAGS | {"models_dir": str(models_dir)}, env={})
     baseline = openmp_threads()
     ask = {m: InferRequest(prompt="hello", model=m, max_tokens=16, temperature=0) for m in "abc"}
     async with ModelManager(settings, token_loop=token_loop, probe=ConstantProbe()) as manager:
@@ -77,7 +78,7 @@ async def test_models_that_ran_on_all_cores_keep_openmp_within_them(
 async def test_generations_at_the_same_moment_share_the_cores_and_stay_correct(
     models_dir: Path, token_loop: TokenLoop
 ) -> None:
-    settings = load_settings({"models_dir": str(models_dir), "n_ctx": "256"}, env={})
+    settings = load_settings(FLAGS | {"models_dir": str(models_dir)}, env={})
     models = ["tiny-a.gguf", "tiny-b.gguf", "tiny-c.gguf"]
 
     def ask(model: str) -> InferRequest:
