@@ -40,11 +40,13 @@ class ContextThreads:
         self._embedding.use_threads(n_threads)
 
     def retune(self, n_threads: int) -> None:
-        """Any thread: the running generation's next token runs on ``n_threads``.
-        Ignored once :meth:`close` has begun."""
+        """Any thread: the running work's next decode (a generation's next token, an
+        embedding's next input) runs on ``n_threads``. Ignored once :meth:`close` has
+        begun."""
         with self._lock:
             if not self._closed:
                 llama_cpp.llama_set_n_threads(self._ctx, n_threads, n_threads)
+                self._embedding.use_threads(n_threads)
 
     def release_pool(self) -> bool:
         """Owner thread, no work running: free the OpenMP pool this thread keeps
