@@ -10,7 +10,8 @@ threads keeps a pool.
 
 So each piece of work that runs llama.cpp's graph (a generation, an embedding batch, the
 warm-up) first takes a *lease* of threads: the model's threads (the cores, unless
-``threads`` is set), fewer when other work is running at the same moment (at least 1).
+``threads`` is set), fewer when other work is running at the same moment (at least 1);
+work already running is retuned to its new share, and back when the others end.
 Before it runs, idle instances whose pools would take the process past the cores free
 them (:func:`~modeld.engine.openmp.release_pool`, queued on their own worker ahead of
 anything else they run), so ``1 + sum(pool - 1) <= cores`` holds whenever work starts.
