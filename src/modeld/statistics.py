@@ -40,6 +40,9 @@ class InstanceStatistics:
     load_progress: float = 0.0
     keep_alive_seconds: float | None = None  # None: kept loaded until unloaded or evicted
     expires_at_unix: float | None = None  # None: not counting down (busy, queued, pinned)
+    threads: int = 0  # the threads it asks for (its setting, else the cores); 0: not yet
+    threads_lease: int = 0  # the threads its running work got from the budget; 0: none
+    openmp_pool_threads: int = 1  # the OpenMP team its worker keeps between work
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from modeld.types import (
 )
 
 if TYPE_CHECKING:
+    from modeld.engine.context_threads import ContextThreads
     from modeld.prompt_cache.cache import ModelPromptCache
 
 __all__ = [
@@ -79,6 +80,7 @@ class Engine(Protocol):
     label: str
     sizes: ContextSizes
     model_size_bytes: int  # llama.cpp's own count of the weights
+    threads: ContextThreads  # what the thread budget's leases set
 
     def new_ring(self, capacity_bytes: int = RING_CAPACITY_BYTES) -> TokenRing: ...
 

@@ -57,6 +57,10 @@ class EmbeddingContext:
             raise ResourcesExhausted("llama.cpp could not create an embedding context")
         self._batch = llama_cpp.llama_batch_init(self.n_tokens, 0, 1)
 
+    def use_threads(self, n_threads: int) -> None:
+        """Run the next decodes on ``n_threads`` (the thread budget's lease)."""
+        llama_cpp.llama_set_n_threads(self._ctx, n_threads, n_threads)
+
     def embed(self, tokens: Sequence[int]) -> list[float]:
         """The L2-normalised embedding of one input of 1 to ``n_tokens`` tokens.
 
@@ -99,6 +103,13 @@ class LazyEmbedding:
     def __init__(self, model: object, sizes: ContextSizes, n_threads: int, pooling: int) -> None:
         self._args = (model, sizes, n_threads, pooling)
         self._context: EmbeddingContext | None = None
+
+    def use_threads(self, n_threads: int) -> None:
+        """Run the next decodes on ``n_threads``, in the context made later too."""
+        model, sizes, _, pooling = self._args
+        self._args = (model, sizes, n_threads, pooling)
+        if self._context is not None:
+            self._context.use_threads(n_threads)
 
     @property
     def made(self) -> bool:

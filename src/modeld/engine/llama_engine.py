@@ -27,6 +27,7 @@ from modeld.engine.base import (
 )
 from modeld.engine.cache_tier import CacheTier
 from modeld.engine.chat_format import ChatFormatter
+from modeld.engine.context_threads import ContextThreads
 from modeld.engine.contract import PreparedRequest, Recipe, Request
 from modeld.engine.embedding import LazyEmbedding, pooling_for
 from modeld.engine.fitting import PromptTokens
@@ -127,6 +128,7 @@ class LlamaEngine:
             pooling_for(llama_cpp.llama_pooling_type(self._llama.ctx)),
         )
         self._prompts = PromptTokens(self.tokenizer, self._chat)
+        self.threads = ContextThreads(self._llama.ctx, self._embedding, self._check_open)
         self._prompt_reuse = settings.prompt_reuse
         # The tokens whose KV the context holds, in position order. Only generate() keeps
         # it true; anything else that uses the context must call forget_kv().
@@ -299,6 +301,7 @@ class LlamaEngine:
         if self._closed:
             return
         self._closed = True
+        self.threads.close()
         self._cache_tier.save_at_close(self._kv_tokens)
         self._embedding.close()  # it points into the weights freed next
         self._llama.close()

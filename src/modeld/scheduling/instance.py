@@ -11,6 +11,7 @@ import anyio
 from modeld.errors import ModeldError
 from modeld.registry import ModelFile
 from modeld.scheduling.fifo import FifoSlot
+from modeld.scheduling.threads import ThreadShare
 from modeld.sizes import MIB
 from modeld.statistics import InstanceStatistics
 from modeld.types import InstanceState
@@ -73,6 +74,7 @@ class Instance:
     idle_since_s: float = 0.0  # on the pool's clock: when it last became idle
     embedding_bytes: int = 0  # the embedding context's estimate, charged on first use
     embedding_charged: bool = False
+    threads: ThreadShare = field(default_factory=ThreadShare)  # its part of the budget
 
     @property
     def model_id(self) -> str:
@@ -130,4 +132,7 @@ class Instance:
             expires_at_unix=(
                 None if expires_at_s is None else round(now_unix + expires_at_s - clock_now_s, 3)
             ),
+            threads=self.threads.configured,
+            threads_lease=self.threads.lease,
+            openmp_pool_threads=self.threads.pool,
         )

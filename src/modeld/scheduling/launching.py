@@ -177,8 +177,10 @@ class Launcher:
         def prepare_and_generate(prepared: Callable[[], None]) -> LoopOutcome:
             return run_request(engine, request, recipe, ring, prepared, kept.append)
 
+        leased = self._pool.threads.leased(instance, engine, prepare_and_generate)
         # the first generation runs in a stage marker
-        call = worker.submit_signalling(self._pool.first_use(instance, prepare_and_generate))
+        call = worker.submit_signalling(self._pool.first_use(instance, leased))
+        call.when_done(lambda: self._pool.threads.give_back(instance))
         try:
             prepared = await call.signalled()
         except (WorkerStopped, EngineClosed):
@@ -270,7 +272,10 @@ class Launcher:
         if engine is None or worker is None or not instance.is_ready():
             return None
         instance.last_used_s = time.monotonic()
-        return worker.submit(lambda: engine.embed(texts, cancelled.is_set, truncate=truncate))
+        embed = self._pool.threads.leased(instance, engine, engine.embed)
+        call = worker.submit(lambda: embed(texts, cancelled.is_set, truncate=truncate))
+        call.when_done(lambda: self._pool.threads.give_back(instance))
+        return call
 
     def _finished(
         self, instance: Instance, run: ChoiceRun, generation: Generation, timing: RequestTiming

@@ -35,6 +35,7 @@ from modeld.redact import redact_paths
 from modeld.registry import ModelFile
 from modeld.scheduling.file_guard import FileGuard
 from modeld.scheduling.instance import Instance
+from modeld.scheduling.threads import ThreadBudget
 from modeld.settings.config import Settings
 from modeld.settings.live import LiveSettings
 from modeld.sizes import MIB
@@ -71,10 +72,12 @@ class Loader:
         probe: MemoryProbe,
         budget: MemoryBudget,
         gpu: bool,
+        threads: ThreadBudget,
         engine_factory: EngineFactory | None = None,
         prompt_cache: PromptCache | None = None,
     ) -> None:
         self._live = settings
+        self._threads = threads
         self._prompt_cache = prompt_cache
         self._events = events
         self._loop = token_loop
@@ -174,9 +177,13 @@ class Loader:
                     self._keep_charged_what_stayed(model.id, before_bytes)
                 raise
             self._progress(instance, "weights_loaded", 0.9)
-            await worker.run(
-                lambda: self.guard.staged(model.id, model.identity, "warm_up", engine.warm_up)
-            )
+            warm_up = self._threads.leased(instance, engine, engine.warm_up)  # a pool starts
+            try:
+                await worker.run(
+                    lambda: self.guard.staged(model.id, model.identity, "warm_up", warm_up)
+                )
+            finally:
+                self._threads.give_back(instance)
             if self._prompt_cache is not None:  # after the warm-up: no lookup for it
                 sizes = engine.sizes
                 engine.attach_prompt_cache(

@@ -29,6 +29,7 @@ from modeld.scheduling.instance import Instance
 from modeld.scheduling.lines import ModelLines
 from modeld.scheduling.loading import EngineFactory, Loader
 from modeld.scheduling.room import Changes, MemoryRoom
+from modeld.scheduling.threads import ThreadBudget
 from modeld.scheduling.unloading import Unloader
 from modeld.settings.config import Settings
 from modeld.settings.live import LiveSettings
@@ -67,6 +68,8 @@ class InstancePool:
         self.events = events
         self.budget = budget
         self.changes = Changes()
+        self._instances: dict[str, Instance] = {}
+        self.threads = ThreadBudget(settings, self.all)
         self._loader = Loader(
             settings,
             events=events,
@@ -76,8 +79,8 @@ class InstancePool:
             gpu=gpu,
             engine_factory=engine_factory,
             prompt_cache=prompt_cache,
+            threads=self.threads,
         )
-        self._instances: dict[str, Instance] = {}
         self.unloader = Unloader(self._instances, budget, events, self.changes)
         self.lines = ModelLines(lambda model_id: model_id in self._instances, self.idle.became_idle)
         self.room = MemoryRoom(

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from modeld.engine.cpu_cores import usable_cores
 from modeld.errors import ConfigError
 from modeld.settings.keep_alive import DEFAULT_KEEP_ALIVE, KeepAlive, explain_validation_error
 from modeld.settings.per_model import (
@@ -99,7 +100,15 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
     @property
     def n_threads(self) -> int:
-        return self.threads or max(1, os.cpu_count() or 1)
+        """Each model's threads unless it sets its own: ``threads``, else the cores this
+        process may use (its affinity and container quota, not the host's count)."""
+        return self.threads or usable_cores()
+
+    def threads_pinned(self, model_id: str) -> bool:
+        """Whether ``model_id``'s threads are set (globally or for it): the thread
+        budget then gives it that many whatever else runs (see
+        :mod:`modeld.scheduling.threads`)."""
+        return self.threads is not None or self.model(model_id).threads is not None
 
     def model(self, model_id: str) -> ModelSettings:
         """``model_id``'s own settings (all "as the global setting" when it has none)."""
