@@ -132,6 +132,8 @@ async def collect_watched(
     """The whole text of a started generation (a client that leaves cancels it), then
     ``owner`` left; ``generation.result`` is set afterwards."""
 
+    generation.read_whole()
+
     async def collect() -> str:
         return "".join([chunk.text async for chunk in generation])
 

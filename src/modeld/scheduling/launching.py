@@ -214,6 +214,7 @@ class Launcher:
             timing=timing,
             deadline_s=timing.admitted_s + timeout if timeout else None,
             on_finished=lambda g: self._finished(instance, g, timing, ticket),
+            max_gap_s=self.settings.stream_max_gap_ms / 1000,
         )
         instance.active = generation
         self.generations[request_id] = generation
