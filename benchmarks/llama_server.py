@@ -11,6 +11,7 @@ paused as a group (by the group id the router's own PID names).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -23,10 +24,10 @@ from typing import Any
 
 import httpx
 import orjson
+from benchmarks.raw_client import Answer
 from tests.support.poll import poll
 from tests.support.server import free_port
 
-from benchmarks.raw_client import Answer
 from modeld.engine.cpu_quirks import extra_buffers_enabled
 
 __all__ = ["LlamaServer", "completion", "start_llama_server"]
@@ -65,10 +66,8 @@ class LlamaServer:
         except subprocess.TimeoutExpired:
             self._kill()
         if self.router:  # children left behind by a router that did not stop them
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def _kill(self) -> None:
         if self.router:
