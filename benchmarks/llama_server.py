@@ -30,7 +30,7 @@ from tests.support.server import free_port
 
 from modeld.engine.cpu_quirks import extra_buffers_enabled
 
-__all__ = ["LlamaServer", "completion", "start_llama_server"]
+__all__ = ["LlamaServer", "completion", "default_flags", "server_flags", "start_llama_server"]
 
 READY_TIMEOUT_S = 180.0
 
@@ -86,10 +86,13 @@ def server_flags(threads: int, n_ctx: int) -> list[str]:
     decode and prompt, the context, one slot, and llama.cpp's extra weight buffers off
     where modeld turns them off (``cpu_quirks``)."""
     flags = ["-t", str(threads), "-tb", str(threads), "-c", str(n_ctx), "-np", "1"]
-    flags.append("--no-webui")
-    if not extra_buffers_enabled():
-        flags.append("--no-repack")
-    return flags
+    return flags + default_flags()
+
+
+def default_flags() -> list[str]:
+    """What every llama-server here gets: no web UI, and llama.cpp's extra weight
+    buffers off where modeld turns them off (``cpu_quirks``: AMX hosts)."""
+    return ["--no-webui"] if extra_buffers_enabled() else ["--no-webui", "--no-repack"]
 
 
 def start_llama_server(

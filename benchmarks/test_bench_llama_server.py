@@ -2,6 +2,8 @@
 pinned llama-cpp-python vendors (``benchmarks/llama_server_build.py``), so the kernels are
 the same. Run by ``nox -s bench_llama_server`` (never in ``.ci/run``); skipped when the
 binary is absent (the session builds it first, once, into ``~/.cache/modeld-bench``).
+On a crowded host ``MODELD_BENCH_ROUNDS``, ``MODELD_BENCH_GEMMA_THREADS``,
+``MODELD_BENCH_GEMMA_TOKENS`` and ``MODELD_BENCH_ROUTER_THREADS`` shrink the run.
 
 Same model file, threads, context, one slot, greedy; prompt reuse on both sides. Rounds
 alternate the two servers, the other one paused (SIGSTOP by its PID) so that it takes no
@@ -28,7 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from benchmarks.llama_server import LlamaServer, completion, server_flags, start_llama_server
+from benchmarks.llama_server import (
+    LlamaServer,
+    completion,
+    default_flags,
+    server_flags,
+    start_llama_server,
+)
 from benchmarks.llama_server_build import BuildUnavailable, find_or_build
 from benchmarks.raw_client import Answer, infer
 from benchmarks.raw_processes import generate_seconds
@@ -44,8 +52,10 @@ N_CTX = 1024
 ROUNDS = int(os.environ.get("MODELD_BENCH_ROUNDS", "15"))
 PROMPT = "hello world and the"
 GEMMA_PROMPT = "Write a long story about a lighthouse keeper and the sea."
-GEMMA_TOKENS = 128
-GEMMA_THREADS = 2
+GEMMA_TOKENS = int(os.environ.get("MODELD_BENCH_GEMMA_TOKENS", "128"))
+GEMMA_THREADS = int(os.environ.get("MODELD_BENCH_GEMMA_THREADS", "2"))
+# the router comparison runs both sides with their default threads unless this is set
+ROUTER_THREADS = os.environ.get("MODELD_BENCH_ROUTER_THREADS")
 ALTERNATIONS = 10
 
 pytestmark = pytest.mark.timeout(1800)
@@ -244,10 +254,14 @@ def test_gemma_decode(
 def test_alternating_models_vs_the_router(
     benchmark: BenchmarkFixture, binary: Path, models_dir: Path, logs: Path
 ) -> None:
-    """Both sides with their defaults (threads, context): what a user gets."""
-    native = start_llama_server(binary, logs, models_dir=models_dir, flags=["--no-webui"])
+    """Both sides with their defaults (threads, context): what a user gets
+    (``MODELD_BENCH_ROUTER_THREADS`` sets the threads of both, for a crowded host)."""
+    threads = ["-t", ROUTER_THREADS, "-tb", ROUTER_THREADS] if ROUTER_THREADS else []
+    native = start_llama_server(
+        binary, logs, models_dir=models_dir, flags=[*default_flags(), *threads]
+    )
     try:
-        ours = start_modeld(models_dir, logs)
+        ours = start_modeld(models_dir, logs, *(["--threads", ROUTER_THREADS] if threads else []))
     except BaseException:
         native.stop()
         raise
