@@ -146,24 +146,29 @@ def completion(base_url: str, body: dict[str, Any]) -> Answer:
 
 
 def _read_events(sock: socket.socket, started: float) -> Answer:
-    buffer = b""
-    headers_done = False
+    raw = b""
+    body = b""
+    chunked: bool | None = None  # None: headers not read yet
     first_s = 0.0
     parts: list[str] = []
     while True:
         data = sock.recv(65536)
         if not data:
             raise ConnectionError("llama-server's stream ended without a stop event")
-        buffer += data
-        if not headers_done:
-            if b"\r\n\r\n" not in buffer:
+        raw += data
+        if chunked is None:
+            if b"\r\n\r\n" not in raw:
                 continue
-            status = buffer.split(b"\r\n", 1)[0]
-            if b" 200 " not in status:
-                raise ConnectionError(status.decode(errors="replace"))
-            buffer = buffer.split(b"\r\n\r\n", 1)[1]
-            headers_done = True
-        *lines, buffer = buffer.split(b"\n")
+            head, raw = raw.split(b"\r\n\r\n", 1)
+            if b" 200 " not in head.split(b"\r\n", 1)[0]:
+                raise ConnectionError(head.decode(errors="replace"))
+            chunked = b"transfer-encoding: chunked" in head.lower()
+        if chunked:
+            taken, raw = _dechunk(raw)
+            body += taken
+        else:
+            body, raw = body + raw, b""
+        *lines, body = body.split(b"\n")
         for line in lines:
             if not line.startswith(b"data: {"):
                 continue
@@ -175,3 +180,17 @@ def _read_events(sock: socket.socket, started: float) -> Answer:
                 seconds = time.perf_counter() - started
                 timings = event.get("timings", {})
                 return Answer(seconds, first_s, len(parts), "".join(parts), timings)
+
+
+def _dechunk(raw: bytes) -> tuple[bytes, bytes]:
+    """The payload of the complete chunks at the start of ``raw``, and what is left (a
+    router relays its model process's stream in chunks that may split an event)."""
+    payload = b""
+    while b"\r\n" in raw:
+        size_line, rest = raw.split(b"\r\n", 1)
+        size = int(size_line.split(b";", 1)[0] or b"0", 16)
+        if len(rest) < size + 2:
+            break
+        payload += rest[:size]
+        raw = rest[size + 2 :]
+    return payload, raw
