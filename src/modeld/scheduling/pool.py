@@ -194,7 +194,7 @@ class InstancePool:
                 await instance.gone.wait()
                 continue
             if instance.state is InstanceState.READY:
-                current = await self._changed_file(instance)
+                current = await _changed_file(self.registry, instance)
                 if current is not None:
                     await self.unloader.unload(instance, DoneReason.EVICTED, cause="file_changed")
                     if isinstance(current, ModeldError):
@@ -213,20 +213,6 @@ class InstancePool:
             if instance.state is InstanceState.ERROR:
                 assert instance.error is not None
                 raise instance.error
-
-    async def _changed_file(self, instance: Instance) -> ModelFile | ModeldError | None:
-        """A file rewritten in place under a loaded (mmapped) model must not be used:
-        the file as it is now when it is not the one loaded (the error that looking it
-        up raised when it is gone), None when it is the same.
-
-        The only file lookup of a request to a loaded model (admission skips its own).
-        Raises :class:`ModelsDirUnavailable` when the models dir does not answer.
-        """
-        try:
-            current = await self.registry.lookup(instance.model_id)
-        except (ModelNotFound, InvalidModelId) as exc:
-            return exc
-        return None if current.identity == instance.model.identity else current
 
     def loaded_file(self, model_id: str) -> ModelFile | None:
         """The file of ``model_id``'s ready instance (None: none is ready): the request
@@ -309,3 +295,18 @@ async def _first_of(*events: anyio.Event) -> None:
 
         for event in events:
             waits.start_soon(first, event)
+
+
+async def _changed_file(registry: Registry, instance: Instance) -> ModelFile | ModeldError | None:
+    """A file rewritten in place under a loaded (mmapped) model must not be used: the
+    file as it is now when it is not the one loaded (the error that looking it up raised
+    when it is gone), None when it is the same.
+
+    The only file lookup of a request to a loaded model (admission skips its own).
+    Raises :class:`ModelsDirUnavailable` when the models dir does not answer.
+    """
+    try:
+        current = await registry.lookup(instance.model_id)
+    except (ModelNotFound, InvalidModelId) as exc:
+        return exc
+    return None if current.identity == instance.model.identity else current
