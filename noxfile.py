@@ -1,9 +1,11 @@
-"""Task runner: `nox -s tests`, `nox -s lint`, `nox -s bench`, `nox -s sanitize`, `nox -s soak`,
-`nox -s ray`, `nox -s image`, `nox -s systemd` (docs/deploy.md), `nox -s fuzz`."""
+"""Task runner: `nox -s tests`, `nox -s lint`, `nox -s bench`, `nox -s bench_llama_server`,
+`nox -s sanitize`, `nox -s soak`, `nox -s ray`, `nox -s image`, `nox -s systemd`
+(docs/deploy.md), `nox -s fuzz`."""
 
 from __future__ import annotations
 
 import nox
+import nox.command
 
 nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
@@ -29,6 +31,22 @@ def bench(session: nox.Session) -> None:
     session.run(
         "python", "-m", "pytest", "benchmarks", "--benchmark-only", "-p", "no:randomly",
         *session.posargs,
+    )  # fmt: skip
+
+
+@nox.session
+def bench_llama_server(session: nox.Session) -> None:
+    """modeld against the native llama-server built from the vendored llama.cpp of the
+    pinned llama-cpp-python (benchmarks/llama_server_build.py: built once, 10-40 minutes,
+    cached in ~/.cache/modeld-bench); skipped when it cannot be built. Not in .ci/run."""
+    session.install("-e", ".[test]")
+    try:
+        session.run("python", "-m", "benchmarks.llama_server_build", env={"PYTHONPATH": "."})
+    except nox.command.CommandFailed:
+        session.skip("llama-server is absent and could not be built (see the message above)")
+    session.run(
+        "python", "-m", "pytest", "benchmarks/test_bench_llama_server.py", "--benchmark-only",
+        "-p", "no:randomly", "-s", *session.posargs,
     )  # fmt: skip
 
 

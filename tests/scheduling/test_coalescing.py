@@ -1,8 +1,8 @@
 """The coalescing window groups chunks but never delays the end of a stream.
 
-Every test sets the window to an hour: a stream can then end promptly only if the ring's
-``finish()`` wakes the consumer out of the window. Had the end waited out the window (as
-it once did, for 20 ms), each of these would hang and fail at its hang guard.
+Every test sets the reader's gap bound to an hour: a stream can then end promptly only if
+the ring's ``finish()`` wakes the consumer out of a hold. Had the end waited out the
+window (as it once did, for 20 ms), each of these would hang and fail at its hang guard.
 """
 
 from __future__ import annotations
@@ -12,23 +12,28 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
-from modeld.scheduling import generation
+from modeld.engine.base import TokenLoop
 from modeld.scheduling.manager import ModelManager
 from modeld.types import Chunk, DoneReason, GenerationResult, InferRequest
+from tests.scheduling.conftest import ConstantProbe, make_settings
 
 pytestmark = pytest.mark.anyio
 
 Factory = Callable[..., ModelManager]
-HOUR_S = 3600.0
+HOUR_MS = 3_600_000
 HANG_GUARD_S = 60.0  # far below the window: only a wake-up by finish() gets under it
 TOKENS = 100
 
 
-@pytest.fixture(autouse=True)
-def hour_long_window(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(generation, "COALESCE_S", HOUR_S)
+def hour_long_gaps(token_loop: TokenLoop, models_dir: Path) -> ModelManager:
+    """A manager whose streams may hold tokens for an hour: past the setting's bound
+    (unchecked, a test only), so that no hold can end by itself within the hang guard."""
+    settings = make_settings(models_dir, n_ctx=512)
+    hour_long = msgspec.structs.replace(settings, stream_max_gap_ms=HOUR_MS)
+    return ModelManager(hour_long, token_loop=token_loop, probe=ConstantProbe())
 
 
 def ask(model: str = "tiny-a.gguf", **fields: Any) -> InferRequest:
@@ -38,9 +43,9 @@ def ask(model: str = "tiny-a.gguf", **fields: Any) -> InferRequest:
 
 
 async def test_a_finished_stream_ends_inside_the_window(
-    manager_factory: Factory, models_dir: Path
+    manager_factory: Factory, token_loop: TokenLoop, models_dir: Path
 ) -> None:
-    async with manager_factory(models_dir, n_ctx=512) as manager:
+    async with hour_long_gaps(token_loop, models_dir) as manager:
         await manager.load("tiny-a.gguf")
         with anyio.fail_after(HANG_GUARD_S):
             items = [item async for item in manager.generate(ask())]
@@ -54,12 +59,12 @@ async def test_a_finished_stream_ends_inside_the_window(
 
 
 async def test_a_whole_answer_is_not_held_by_the_window(
-    manager_factory: Factory, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+    manager_factory: Factory, token_loop: TokenLoop, models_dir: Path
 ) -> None:
-    async with manager_factory(models_dir, n_ctx=512) as manager:
+    async with hour_long_gaps(token_loop, models_dir) as manager:
         with anyio.fail_after(HANG_GUARD_S):
             text, result = await manager.complete(ask())
-        monkeypatch.setattr(generation, "COALESCE_S", 0.0)
+    async with manager_factory(models_dir, n_ctx=512, stream_max_gap_ms=0) as manager:
         unwindowed, _ = await manager.complete(ask())
     assert result.done_reason is DoneReason.LENGTH
     assert result.metrics.completion_tokens == TOKENS
@@ -67,14 +72,14 @@ async def test_a_whole_answer_is_not_held_by_the_window(
 
 
 async def test_the_next_request_in_line_is_handed_the_model_at_once(
-    manager_factory: Factory, models_dir: Path
+    manager_factory: Factory, token_loop: TokenLoop, models_dir: Path
 ) -> None:
     results: list[GenerationResult] = []
 
     async def one() -> None:
         results.append((await manager.complete(ask()))[1])
 
-    async with manager_factory(models_dir, n_ctx=512) as manager:
+    async with hour_long_gaps(token_loop, models_dir) as manager:
         await manager.load("tiny-a.gguf")
         with anyio.fail_after(HANG_GUARD_S):
             async with anyio.create_task_group() as group:
@@ -85,7 +90,7 @@ async def test_the_next_request_in_line_is_handed_the_model_at_once(
 
 
 async def test_a_cancel_while_the_consumer_waits_in_the_window_ends_the_stream(
-    manager_factory: Factory, models_dir: Path
+    manager_factory: Factory, token_loop: TokenLoop, models_dir: Path
 ) -> None:
     first_chunk = anyio.Event()
 
@@ -94,7 +99,7 @@ async def test_a_cancel_while_the_consumer_waits_in_the_window_ends_the_stream(
         await anyio.sleep(0.005)  # the consumer is back in its window by now
         manager.cancel_request("r1")
 
-    async with manager_factory(models_dir, n_ctx=512) as manager:
+    async with hour_long_gaps(token_loop, models_dir) as manager:
         await manager.load("tiny-a.gguf")
         with anyio.fail_after(HANG_GUARD_S):
             async with anyio.create_task_group() as group:

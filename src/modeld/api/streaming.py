@@ -146,6 +146,7 @@ async def collect_watched(
         async for generation in run:
             generations.append(generation)
             texts.append(parts := [])
+            generation.read_whole()
             async for chunk in generation:
                 parts.append(chunk.text)
 

@@ -109,8 +109,9 @@ class TokenRing(Protocol):
         ...
 
     def watch_finish(self) -> bool:
-        """Between a wake-up and the next ``drain()``: clear the wake-up descriptor without
-        taking anything, so that until that drain it turns readable only on ``finish()``.
+        """Before the next ``drain()`` (after a wake-up, or on an empty ring): clear the
+        wake-up descriptor without taking anything, so that until that drain it turns
+        readable only on ``finish()``.
 
         Returns True when the stream has already finished. Lets the consumer let chunks
         gather while still seeing the end at once.

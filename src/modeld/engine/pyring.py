@@ -59,6 +59,7 @@ class PyTokenRing:
         self._capacity_bytes = capacity_bytes
         self._buffer = bytearray()
         self._tokens = 0
+        self._notified = False  # the wake-up was set (or watch_finish armed) since the drain
         self._finished = False
         self._cancelled = False
         self._closed = False
@@ -80,12 +81,12 @@ class PyTokenRing:
                     return False
                 room = self._capacity_bytes - len(self._buffer)
                 piece, view = view[:room], view[room:]
-                was_empty = not self._buffer and self._tokens == 0
                 self._buffer += piece
                 if first:
                     self._tokens += tokens
                     first = False
-                if was_empty:
+                if not self._notified:
+                    self._notified = True
                     self._wake.set()
         return True
 
@@ -102,6 +103,7 @@ class PyTokenRing:
     def drain(self) -> tuple[bytes, int, bool]:
         with self._cond:
             self._wake.clear()
+            self._notified = False
             data, tokens = bytes(self._buffer), self._tokens
             self._buffer.clear()
             self._tokens = 0
@@ -110,7 +112,8 @@ class PyTokenRing:
 
     def watch_finish(self) -> bool:
         with self._cond:
-            self._wake.clear()  # a push sets it again only if the buffer was empty
+            self._wake.clear()
+            self._notified = True  # until the next drain, only finish() sets it
             return self._finished
 
     def finish(self) -> None:

@@ -127,7 +127,8 @@ class Admission:
         # across the file lookup and the load: the order of arrival is the order of
         # service, whatever happens to the instance meanwhile.
         try:
-            model = await self._pool.registry.lookup(model_id)  # an unknown model: 404 at once
+            # an unknown model: 404 at once; a loaded one's file is checked once, when ready
+            model = self._pool.loaded_file(model_id) or await self._pool.registry.lookup(model_id)
             try:
                 await ticket.wait(max(0.0, deadline_s - time.monotonic()))
             except TimeoutError:

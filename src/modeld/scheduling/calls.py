@@ -71,6 +71,7 @@ async def _chunks_then_result(
 async def _whole(stream: AbstractAsyncContextManager[Generation]) -> tuple[str, GenerationResult]:
     parts: list[str] = []
     async with stream as generation:
+        generation.read_whole()
         async for chunk in generation:
             parts.append(chunk.text)
     assert generation.result is not None

@@ -12,6 +12,7 @@ import anyio
 
 from modeld.engine.base import LoopOutcome, StopCode, TokenRing
 from modeld.errors import EngineError
+from modeld.scheduling.coalescing import Coalescer
 from modeld.scheduling.logprob_align import LogprobAligner
 from modeld.tools.formats import ToolFormat
 from modeld.tools.parser import ContentDelta, Delta, ToolCallParser, collect
@@ -27,9 +28,7 @@ from modeld.types import (
 if TYPE_CHECKING:
     from modeld.engine.worker import ThreadCall
 
-__all__ = ["COALESCE_S", "Generation", "RequestTiming"]
-
-COALESCE_S = 0.02  # at most ~50 lines a second per stream
+__all__ = ["Generation", "RequestTiming"]
 
 _STOP_REASONS = {
     StopCode.STOP: DoneReason.STOP,
@@ -68,6 +67,7 @@ class Generation:
         timing: RequestTiming,
         deadline_s: float | None,
         on_finished: Callable[[Generation], None],
+        max_gap_s: float,
         logprobs: bool = False,
     ) -> None:
         """``logprobs``: the request asked for log probabilities (chunks and the result
@@ -82,7 +82,7 @@ class Generation:
         self._on_finished = on_finished
         self._cancel_reason: DoneReason | None = None
         self._held_tokens = 0
-        self._last_chunk_s = 0.0
+        self._coalescer = Coalescer(max_gap_s)
         self._waiting: anyio.CancelScope | None = None
         self._parser: ToolCallParser | None = None
         self._calls: list[Delta] = []
@@ -95,6 +95,11 @@ class Generation:
         and the result every call. A call never reaches ``text``; what does not parse
         as a call comes back as text."""
         self._parser = ToolCallParser(ToolFormat(tool_format)) if tool_format else None
+
+    def read_whole(self) -> None:
+        """The reader takes the answer only at its end (no stream): tokens may gather
+        longer between wake-ups (:data:`~modeld.scheduling.coalescing.WHOLE_ANSWER_GAP_S`)."""
+        self._coalescer.read_whole()
 
     def cancel(self, reason: DoneReason = DoneReason.CANCELLED) -> None:
         """Stop the token loop within one token; the result will say ``reason``."""
@@ -115,9 +120,10 @@ class Generation:
         while self.result is None:
             data, tokens, finished = self._ring.drain()
             if data:
-                self._last_chunk_s = time.monotonic()
+                now_s = time.monotonic()
+                self._coalescer.chunk_sent(now_s, tokens)
                 if not self._timing.first_chunk_s:
-                    self._timing.first_chunk_s = self._last_chunk_s
+                    self._timing.first_chunk_s = now_s
                 text = data.decode("utf-8", "replace")
                 chunk = self._parsed(text, tokens, self._logprobs(len(data)), final=False)
                 if chunk is not None:
@@ -137,8 +143,7 @@ class Generation:
             with anyio.move_on_after(
                 timeout_s if timeout_s is not None else math.inf
             ) as self._waiting:
-                await anyio.wait_readable(self._ring.fileno())
-                await self._coalesce()
+                await self._wait_for_tokens()
             self._waiting = None
         return None
 
@@ -166,20 +171,21 @@ class Generation:
             return None
         return Chunk(content, tokens, calls, logprobs)
 
-    async def _coalesce(self) -> None:
-        """Let a fast model's tokens gather for a few ms after the previous chunk.
+    async def _wait_for_tokens(self) -> None:
+        """Sleep until there is something to drain, letting a fast model's tokens gather
+        first (:class:`~modeld.scheduling.coalescing.Coalescer`): one wake-up per window.
 
-        One line per token costs the event loop and the client more than the tokens
-        themselves on small models. The wait never delays the end of the stream: after
-        ``watch_finish()`` only the ring's ``finish()`` wakes the descriptor, so a loop
-        that finishes (or stops after a cancel) ends the wait at once. The first chunk is
-        never delayed, and a cancelled stream is not waited for.
+        A hold never delays the end of the stream: after ``watch_finish()`` only the
+        ring's ``finish()`` wakes the descriptor, so a loop that finishes (or stops after
+        a cancel) ends the hold at once. A cancelled stream is not held.
         """
-        if self._last_chunk_s and not self._ring.cancelled:
-            wait_s = self._last_chunk_s + COALESCE_S - time.monotonic()
-            if wait_s > 0 and not self._ring.watch_finish():
-                with anyio.move_on_after(wait_s):
+        hold_s = 0.0 if self._ring.cancelled else self._coalescer.hold_s(time.monotonic())
+        if hold_s > 0:
+            if not self._ring.watch_finish():
+                with anyio.move_on_after(hold_s):
                     await anyio.wait_readable(self._ring.fileno())
+            return  # to the drain, which also re-arms the wake-up on the next token
+        await anyio.wait_readable(self._ring.fileno())
 
     async def aclose(self) -> None:
         """Cancel if still running and wait, shielded, until the loop has returned."""

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from loguru import logger
@@ -44,6 +44,8 @@ from modeld.types import (
 )
 
 __all__ = ["Launcher", "embedding_inputs"]
+
+T = TypeVar("T")
 
 Embedded = tuple[list[list[float]], int]  # the vectors and their token count
 
@@ -116,7 +118,7 @@ class Launcher:
             def launch(instance: Instance, timing: RequestTiming) -> Awaitable[Any]:
                 timings[:] = [timing]
                 self._pool.idle.used(instance, keep_alive)
-                return self._embedding(instance, texts, cancelled, timing, truncate)
+                return _start_embedding(self._pool, instance, texts, cancelled, timing, truncate)
 
             call: ThreadCall[Embedded] = await self._admission.start(model_id, ticket, launch)
             try:
@@ -179,8 +181,9 @@ class Launcher:
 
         leased = self._pool.threads.leased(instance, engine, prepare_and_generate)
         # the first generation runs in a stage marker
-        call = worker.submit_signalling(self._pool.first_use(instance, leased))
-        call.when_done(lambda: self._pool.threads.give_back(instance))
+        call = _given_back(
+            self._pool, instance, worker.submit_signalling(self._pool.first_use(instance, leased))
+        )
         try:
             prepared = await call.signalled()
         except (WorkerStopped, EngineClosed):
@@ -225,7 +228,10 @@ class Launcher:
         if engine is None or worker is None or not instance.is_ready():
             return None
         ring = engine.new_ring()
-        call = worker.submit(lambda: run_choice(engine, work, index, ring))
+        choose = self._pool.threads.leased(instance, engine, run_choice)
+        call = _given_back(
+            self._pool, instance, worker.submit(lambda: choose(engine, work, index, ring))
+        )
         generation = self._running(instance, request, run, ring, call, RequestTiming())
         generation.parse_tool_calls(work.tool_format)
         return generation
@@ -252,30 +258,8 @@ class Launcher:
             deadline_s=run.deadline_s,
             on_finished=lambda g: self._finished(instance, run, g, timing),
             logprobs=request.logprobs is not None,
+            max_gap_s=self.settings.stream_max_gap_ms / 1000,
         )
-
-    async def _embedding(
-        self,
-        instance: Instance,
-        texts: list[EmbeddingInput],
-        cancelled: threading.Event,
-        timing: RequestTiming,
-        truncate: bool,
-    ) -> ThreadCall[Embedded] | None:
-        """Charge the embedding context (first use) and start the embedding on the
-        instance's worker; None when the instance went away meanwhile."""
-        try:
-            await self._pool.room.reserve_embedding(instance, timing.deadline_s)
-        except EngineClosed:
-            return None
-        engine, worker = instance.engine, instance.worker
-        if engine is None or worker is None or not instance.is_ready():
-            return None
-        instance.last_used_s = time.monotonic()
-        embed = self._pool.threads.leased(instance, engine, engine.embed)
-        call = worker.submit(lambda: embed(texts, cancelled.is_set, truncate=truncate))
-        call.when_done(lambda: self._pool.threads.give_back(instance))
-        return call
 
     def _finished(
         self, instance: Instance, run: ChoiceRun, generation: Generation, timing: RequestTiming
@@ -300,6 +284,35 @@ class Launcher:
             del self.generations[run.request_id]
         ticket.release()
         self._pool.changes.notify()
+
+
+async def _start_embedding(
+    pool: InstancePool,
+    instance: Instance,
+    texts: list[EmbeddingInput],
+    cancelled: threading.Event,
+    timing: RequestTiming,
+    truncate: bool,
+) -> ThreadCall[Embedded] | None:
+    """Charge the embedding context (first use) and start the embedding on the
+    instance's worker; None when the instance went away meanwhile."""
+    try:
+        await pool.room.reserve_embedding(instance, timing.deadline_s)
+    except EngineClosed:
+        return None
+    engine, worker = instance.engine, instance.worker
+    if engine is None or worker is None or not instance.is_ready():
+        return None
+    instance.last_used_s = time.monotonic()
+    embed = pool.threads.leased(instance, engine, engine.embed)
+    call = worker.submit(lambda: embed(texts, cancelled.is_set, truncate=truncate))
+    return _given_back(pool, instance, call)
+
+
+def _given_back(pool: InstancePool, instance: Instance, call: ThreadCall[T]) -> ThreadCall[T]:
+    """``call`` (leased work on ``instance``'s worker) gives its threads back when it ends."""
+    call.when_done(lambda: pool.threads.give_back(instance))
+    return call
 
 
 async def _grammar_for(request: Request) -> str | None:

@@ -197,8 +197,12 @@ class InstancePool:
                 await instance.gone.wait()
                 continue
             if instance.state is InstanceState.READY:
-                if await self._file_changed(instance):
+                current = await _changed_file(self.registry, instance)
+                if current is not None:
                     await self.unloader.unload(instance, DoneReason.EVICTED, cause="file_changed")
+                    if isinstance(current, ModeldError):
+                        raise current  # deleted (404), or no longer a valid id
+                    model = current  # loaded again from the file as it is now
                     continue
                 if not instance.is_ready():  # unloaded while the file was looked at
                     continue
@@ -213,16 +217,11 @@ class InstancePool:
                 assert instance.error is not None
                 raise instance.error
 
-    async def _file_changed(self, instance: Instance) -> bool:
-        """A file rewritten in place under a loaded (mmapped) model must not be used.
-
-        Raises :class:`ModelsDirUnavailable` when the models dir does not answer.
-        """
-        try:
-            current = await self.registry.lookup(instance.model_id)
-        except (ModelNotFound, InvalidModelId):
-            return True
-        return current.identity != instance.model.identity
+    def loaded_file(self, model_id: str) -> ModelFile | None:
+        """The file of ``model_id``'s ready instance (None: none is ready): the request
+        need not look it up before its turn, :meth:`ready_instance` checks it then."""
+        instance = self._instances.get(model_id)
+        return instance.model if instance is not None and instance.is_ready() else None
 
     def _begin_load(self, model: ModelFile, deadline_s: float) -> Instance:
         counters = self.lines.counters_for(model.id)  # raises during a backoff
@@ -299,3 +298,18 @@ async def _first_of(*events: anyio.Event) -> None:
 
         for event in events:
             waits.start_soon(first, event)
+
+
+async def _changed_file(registry: Registry, instance: Instance) -> ModelFile | ModeldError | None:
+    """A file rewritten in place under a loaded (mmapped) model must not be used: the
+    file as it is now when it is not the one loaded (the error that looking it up raised
+    when it is gone), None when it is the same.
+
+    The only file lookup of a request to a loaded model (admission skips its own).
+    Raises :class:`ModelsDirUnavailable` when the models dir does not answer.
+    """
+    try:
+        current = await registry.lookup(instance.model_id)
+    except (ModelNotFound, InvalidModelId) as exc:
+        return exc
+    return None if current.identity == instance.model.identity else current

@@ -66,6 +66,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     idle_timeout: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 10.0
     token_loop: LoopKind = LoopKind.C
+    # the longest a streaming reader waits while a fast model's tokens gather (0: a chunk
+    # per drain, as each token comes)
+    stream_max_gap_ms: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 50
     no_mmap: bool = False
     demo: bool = False
     state_dir: Path | None = None  # default: $XDG_STATE_HOME/modeld or ~/.local/state/modeld
