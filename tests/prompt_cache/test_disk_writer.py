@@ -9,6 +9,7 @@ fail. The gate holds the writer's thread, never the model's.
 
 from __future__ import annotations
 
+import os
 import stat
 import threading
 from pathlib import Path
@@ -19,6 +20,7 @@ from modeld.engine.base import TokenLoop
 from modeld.gguf import FileIdentity
 from modeld.prompt_cache.cache import PromptCache
 from modeld.prompt_cache.disk_tier import DiskTier
+from modeld.prompt_cache.disk_writer import WRITER_NICENESS
 from modeld.prompt_cache.namespace import Namespace
 from modeld.scheduling.manager import ModelManager
 from modeld.sizes import MIB
@@ -177,3 +179,32 @@ def test_pending_writes_share_the_memory_bound_with_the_entries(tmp_path: Path) 
     assert cache.close(60.0) == 0
     assert len(_files(tmp_path)) == 2
     assert cache.memory.put(entry(5, 3 * MIB))  # the pins are gone with the writes
+
+
+class NicenessProbe(DiskTier):
+    """The real disk tier, noting the niceness of the thread that writes."""
+
+    def __init__(self, directory: Path, bound_bytes: int) -> None:
+        super().__init__(directory, bound_bytes)
+        self.niceness: list[int] = []
+
+    def save(self, namespace: Namespace, tokens: tuple[int, ...], payload: bytes) -> bool:
+        self.niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return super().save(namespace, tokens, payload)
+
+
+def test_the_writer_runs_at_the_lowest_priority_and_the_caller_keeps_its_own(
+    tmp_path: Path,
+) -> None:
+    """A checksum and copy beside a prompt evaluation would take a core from the model's
+    OpenMP team: the writer thread yields (niceness 19); the rest of the process does not."""
+    disk = NicenessProbe(tmp_path, 64 * MIB)
+    cache = PromptCache(8 * MIB, disk=disk)
+    assert cache.writer is not None
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert cache.writer.submit(_namespace(), tuple(range(40)), b"x" * MIB)
+    assert cache.flush(60.0)
+    assert disk.niceness == [WRITER_NICENESS]
+    assert len(_files(tmp_path)) == 1
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
+    cache.close(5.0)

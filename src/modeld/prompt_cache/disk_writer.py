@@ -15,6 +15,7 @@ A state that cannot be pinned is not written: it is dropped and counted
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -28,6 +29,20 @@ from modeld.prompt_cache.memory_tier import MemoryTier
 from modeld.prompt_cache.namespace import Namespace
 
 __all__ = ["DiskWriter"]
+
+WRITER_NICENESS = 19
+"""The writer thread's Linux niceness: its checksum and copy run where the model's
+threads leave a core free, never beside a prompt evaluation (with OpenMP's spinning
+barriers a core taken from one thread of a team stalls the whole team)."""
+
+
+def _yield_to_generation() -> None:
+    """Lower this thread's scheduling priority (Linux threads have their own niceness);
+    elsewhere, or where it is refused, the writer runs at normal priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+    except (AttributeError, OSError) as exc:
+        logger.debug("prompt cache: the disk writer keeps its priority", error=repr(exc))
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +137,7 @@ class DiskWriter:
         return len(left)
 
     def _run(self) -> None:
+        _yield_to_generation()
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
