@@ -179,3 +179,37 @@ def test_the_real_gemma_answers_as_fresh_after_a_restore(
     finally:
         engine.close()
         fresh.close()
+
+
+def test_a_branch_inside_a_longer_entry_is_saved_on_a_sliding_window_model(
+    tiny_gemma3_path: Path, token_loop: TokenLoop
+) -> None:
+    """A conversation taken back to an earlier turn (a regenerated or edited message)
+    holds a prefix of a longer cached entry. With a sliding window only whole entries
+    restore, so the longer entry cannot serve the branch: the prefix must be saved in its
+    own right, and the branch's next turn restores it."""
+    path = tiny_gemma3_path
+    cache = PromptCache(64 * MIB)
+    engine = make_engine(path, token_loop)
+    fresh = make_engine(path, token_loop, reuse=False)
+    attach(engine, path, cache)
+    try:
+        _, first = answer(engine, engine.tokenize(long_prompt(6)), GREEDY)
+        assert first.kv_tokens is not None
+        early = list(first.kv_tokens)
+        _, later = answer(engine, [*early, *words(engine, " and then")], GREEDY)
+        assert later.kv_tokens is not None
+        assert len(later.kv_tokens) > len(early)
+        answer(engine, engine.tokenize("the world " * 20), GREEDY)  # saves the longer one
+        _, again = answer(engine, engine.tokenize(long_prompt(6)), GREEDY)  # back to turn 1
+        assert again.kv_tokens is not None
+        assert list(again.kv_tokens) == early
+        answer(engine, engine.tokenize("another world " * 20), GREEDY)  # saves the branch
+        branch = [*early, *words(engine, " but instead")]
+        text, outcome = answer(engine, branch, GREEDY)
+        fresh_text, _ = answer(fresh, branch, GREEDY)
+        assert outcome.cached_tokens == len(early)
+        assert text == fresh_text
+    finally:
+        engine.close()
+        fresh.close()

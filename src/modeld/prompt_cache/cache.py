@@ -143,12 +143,16 @@ class PromptCache:
                 best = (shared, entry)
         return best
 
-    def _covered(self, namespace: Namespace, tokens: tuple[int, ...]) -> bool:
-        """Some entry already holds ``tokens`` or more (a superset of them)."""
+    def _covered(self, namespace: Namespace, tokens: tuple[int, ...], whole_only: bool) -> bool:
+        """Some entry already serves what ``tokens`` would: one holding them or more (a
+        superset), or with ``whole_only`` (a sliding window, where only whole entries
+        restore: a longer entry cannot serve a branch inside it) exactly them."""
         digest, n = namespace.digest(), len(tokens)
         entries: list[MemoryEntry | DiskEntry] = [*self.memory.entries(digest)]
         if self.disk is not None:
             entries.extend(self.disk.entries(digest))
+        if whole_only:
+            return any(e.tokens == tokens for e in entries)
         return any(len(e.tokens) >= n and e.tokens[:n] == tokens for e in entries)
 
     def _drop_superseded(self, namespace: Namespace, tokens: tuple[int, ...]) -> None:
@@ -255,7 +259,8 @@ class ModelPromptCache:
         the cache is an optimisation."""
         tokens = tuple(held)
         cache = self._cache
-        if len(tokens) < MIN_ENTRY_TOKENS or cache._covered(self.namespace, tokens):
+        whole_only = sliding_window(llama) > 0
+        if len(tokens) < MIN_ENTRY_TOKENS or cache._covered(self.namespace, tokens, whole_only):
             return False
         started = time.perf_counter()
         try:
