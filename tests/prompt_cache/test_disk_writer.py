@@ -20,7 +20,8 @@ from modeld.engine.base import TokenLoop
 from modeld.gguf import FileIdentity
 from modeld.prompt_cache.cache import PromptCache
 from modeld.prompt_cache.disk_tier import DiskTier
-from modeld.prompt_cache.disk_writer import WRITER_NICENESS
+from modeld.prompt_cache.disk_writer import WRITER_NICENESS, DiskWriter
+from modeld.prompt_cache.memory_tier import MemoryTier
 from modeld.prompt_cache.namespace import Namespace
 from modeld.scheduling.manager import ModelManager
 from modeld.sizes import MIB
@@ -208,3 +209,30 @@ def test_the_writer_runs_at_the_lowest_priority_and_the_caller_keeps_its_own(
     assert len(_files(tmp_path)) == 1
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
     cache.close(5.0)
+
+
+def test_a_write_waits_for_the_cache_to_settle_and_a_close_ends_the_wait(tmp_path: Path) -> None:
+    """The save that queues a write comes as a turn starts evaluating its prompt: the
+    write waits for the cache to be quiet (here: longer than the test), and shutting
+    down writes it at once."""
+    disk = DiskTier(tmp_path, 64 * MIB)
+    memory = MemoryTier(8 * MIB, None)
+    writer = DiskWriter(disk, memory, lambda *_: None, settle_s=3600.0, max_defer_s=3600.0)
+    assert writer.submit(_namespace(), tuple(range(40)), b"x" * MIB)
+    assert not writer.flush(0.5)  # still settling
+    assert _files(tmp_path) == []
+    assert writer.close(30.0) == 0  # the close ended the wait: written, none left
+    assert len(_files(tmp_path)) == 1
+
+
+def test_a_busy_cache_delays_a_write_only_so_long(tmp_path: Path) -> None:
+    """A model that is never quiet still gets its entries written after the longest
+    deferral."""
+    disk = DiskTier(tmp_path, 64 * MIB)
+    memory = MemoryTier(8 * MIB, None)
+    writer = DiskWriter(disk, memory, lambda *_: None, settle_s=3600.0, max_defer_s=0.2)
+    assert writer.submit(_namespace(), tuple(range(40)), b"x" * MIB)
+    writer.note_activity()
+    assert writer.flush(60.0)
+    assert len(_files(tmp_path)) == 1
+    writer.close(5.0)

@@ -196,6 +196,8 @@ class ModelPromptCache:
         context cleared: ``(0, ())``.
         """
         cache, counters = self._cache, self._cache._counters
+        if cache.writer is not None:
+            cache.writer.note_activity()
         if len(held) - live >= MIN_ENTRY_TOKENS:
             self.save(llama, held)
         shared, entry = cache._best(self.namespace, prompt, sliding_window(llama))

@@ -45,11 +45,19 @@ def _yield_to_generation() -> None:
         logger.debug("prompt cache: the disk writer keeps its priority", error=repr(exc))
 
 
+SETTLE_S = 0.3
+"""A write waits until the cache has been quiet this long: the save that queued it came
+at the start of a turn whose prompt is being evaluated right then."""
+MAX_DEFER_S = 2.0
+"""...but never longer than this after it was queued (a busy model is never quiet)."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Pending:
     namespace: Namespace
     tokens: tuple[int, ...]
     payload: bytes
+    queued_s: float
 
     @property
     def key(self) -> tuple[str, tuple[int, ...]]:
@@ -66,8 +74,14 @@ class DiskWriter:
         disk: DiskTier,
         memory: MemoryTier,
         on_written: Callable[[Namespace, tuple[int, ...]], None],
+        *,
+        settle_s: float = SETTLE_S,
+        max_defer_s: float = MAX_DEFER_S,
     ) -> None:
         self._disk = disk
+        self._settle_s = settle_s
+        self._max_defer_s = max_defer_s
+        self._active_s = 0.0  # when the cache last saved or restored
         self._memory = memory
         self._on_written = on_written
         self._cond = threading.Condition()
@@ -87,7 +101,8 @@ class DiskWriter:
     def submit(self, namespace: Namespace, tokens: tuple[int, ...], payload: bytes) -> bool:
         """Queue an entry; False (counted) when the cache's bound has no room for it or
         the writer is closed. Never blocks on the disk."""
-        item = _Pending(namespace, tokens, payload)
+        item = _Pending(namespace, tokens, payload, time.monotonic())
+        self.note_activity()
         with self._cond:
             if self._is_pending(item.key):
                 return True
@@ -103,6 +118,22 @@ class DiskWriter:
                 self._thread.start()
             self._cond.notify_all()
         return True
+
+    def note_activity(self) -> None:
+        """The cache is serving a turn (a restore or save): writes wait a little."""
+        self._active_s = time.monotonic()
+
+    def _wait_for_quiet(self, item: _Pending) -> None:
+        """Called with ``_cond`` held: wait until the cache has been quiet for the settle
+        time, at most until ``item`` has waited the longest deferral; a close ends it."""
+        while not self._closed:
+            wait_s = (
+                min(self._active_s + self._settle_s, item.queued_s + self._max_defer_s)
+                - time.monotonic()
+            )
+            if wait_s <= 0:
+                return
+            self._cond.wait(wait_s)
 
     def _is_pending(self, key: tuple[str, tuple[int, ...]]) -> bool:
         items = [*self._queue, *([self._writing] if self._writing else [])]
@@ -145,6 +176,7 @@ class DiskWriter:
                 if not self._queue:
                     return
                 item = self._writing = self._queue.popleft()
+                self._wait_for_quiet(item)
             started = time.perf_counter()
             written = False
             try:
