@@ -47,6 +47,9 @@ def swap_forever(directory: Path, good: bytes, bad: bytes, stop: threading.Event
             staged.write_bytes(bad if (swaps + index) % 2 else good)
             os.replace(staged, directory / name)
         swaps += 1
+        # A breath between swaps: a load (a warm-up included) can
+        # sometimes finish on one file, so real loads of both happen, not only failed ones.
+        stop.wait(0.01)
     return swaps
 
 
