@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -91,3 +92,35 @@ def test_prompt_cache_mb_0_turns_the_cache_off(
         assert client.delete("/models/tiny-a.gguf/instance").status_code == 200
         assert _metrics(client, long + " and the hello", stream=False)["cached_tokens"] == 0
         assert client.get("/status").json()["prompt_cache"]["enabled"] is False
+
+
+def _cache_status_when(client: httpx.Client, saves: int) -> dict[str, int]:
+    """/status's prompt cache once it counts ``saves`` (the idle keep runs on the model's
+    worker after the answer is sent)."""
+    deadline_s = time.monotonic() + 30
+    while True:
+        status: dict[str, int] = client.get("/status").json()["prompt_cache"]
+        if status["saves"] >= saves or time.monotonic() > deadline_s:
+            return status
+        time.sleep(0.02)
+
+
+def test_an_idle_model_keeps_its_prefix_so_the_next_conversation_pays_no_save(
+    start_server: ServerFactory, models_dir: Path
+) -> None:
+    """Two conversations alternate: each one's prefix is kept while the model idles
+    after its turn, not copied again when the other's turn displaces it, and restored
+    on its next turn."""
+    first_a, first_b = " ".join([PROMPT] * 2), " ".join(["the hello world"] * 4)
+    server = start_server(models_dir)
+    with server.client() as client:
+        a = _metrics(client, first_a, stream=True)
+        status = _cache_status_when(client, saves=1)
+        assert (status["saves"], status["memory_entries"]) == (1, 1)  # nothing displaced it
+        _metrics(client, first_b, stream=False)  # displaces A: A is not saved again
+        status = _cache_status_when(client, saves=2)
+        assert (status["saves"], status["memory_entries"]) == (2, 2)
+        resumed = _metrics(client, first_a + " and the hello", stream=True)
+        assert resumed["cached_tokens"] >= a["prompt_tokens"]
+        status = _cache_status_when(client, saves=3)
+        assert (status["hits_memory"], status["saves"]) == (1, 3)

@@ -2,13 +2,17 @@
 prompt would discard is saved, and a longer cached prefix than the context holds is
 restored before the loop runs (:mod:`modeld.prompt_cache`). On the model's worker thread.
 
+A model that goes idle keeps its context's prefix in the memory tier at once
+(:meth:`CacheTier.keep_idle`), so that the prompt that later displaces it (another
+conversation's turn) finds it saved and pays only its own restore.
+
 The cache is an optimisation: any failure of it is logged and the prompt is evaluated
 afresh; it never fails a generation or a close.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from loguru import logger
@@ -24,10 +28,17 @@ __all__ = ["CacheTier"]
 
 
 class CacheTier:
-    """One engine's view of its model's prompt cache (none until the loader attaches it)."""
+    """One engine's view of its model's prompt cache (none until the loader attaches it).
 
-    def __init__(self, llama: Llama) -> None:
+    ``live_tokens`` says which tokens the context holds, ``closed`` whether the engine
+    is closed (both read on the owner thread, or between generations)."""
+
+    def __init__(
+        self, llama: Llama, live_tokens: Callable[[], Sequence[int]], closed: Callable[[], bool]
+    ) -> None:
         self._llama = llama
+        self._live_tokens = live_tokens
+        self._closed = closed
         self.cache: ModelPromptCache | None = None
 
     def restore(
@@ -46,6 +57,25 @@ class CacheTier:
             logger.warning("prompt cache failed; evaluating afresh", error=repr(exc))
             return 0
         return cached
+
+    def worth_keeping(self) -> bool:
+        """Between generations, on any thread: whether :meth:`keep_idle` would keep
+        anything (a memory tier, a prefix long enough), so an idle model whose prefix
+        is not worth it costs its worker no call at all."""
+        cache = self.cache
+        return cache is not None and cache.keeps_in_memory(len(self._live_tokens()))
+
+    def keep_idle(self, still_idle: Callable[[], bool]) -> None:
+        """On the owner thread, while nothing waits for the model: the context's prefix
+        into the memory tier (its disk write waits until it is displaced or the engine
+        closes). Skipped once a request is waiting (``still_idle()`` false): it would
+        wait for the copy."""
+        if self.cache is None or self._closed() or not still_idle():
+            return
+        try:
+            self.cache.save(self._llama, self._live_tokens(), to_disk=False)
+        except Exception as exc:
+            logger.warning("prompt cache: keeping an idle prefix failed", error=repr(exc))
 
     def save_at_close(self, kv_tokens: Sequence[int]) -> None:
         """The context's prefix outlives the instance (eviction, idle unload, shutdown)."""

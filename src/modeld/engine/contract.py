@@ -32,6 +32,7 @@ from modeld.types import (
 )
 
 if TYPE_CHECKING:
+    from modeld.engine.cache_tier import CacheTier
     from modeld.engine.context_threads import ContextThreads
     from modeld.prompt_cache.cache import ModelPromptCache
 
@@ -112,6 +113,11 @@ class Engine(Protocol):
 
     def attach_prompt_cache(self, cache: ModelPromptCache | None) -> None:
         """The second tier behind the context's KV (None: none)."""
+        ...
+
+    @property
+    def cache_tier(self) -> CacheTier:
+        """That tier's engine side: what an idle model keeps (:meth:`CacheTier.keep_idle`)."""
         ...
 
     def close(self) -> None:

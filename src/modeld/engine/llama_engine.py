@@ -133,7 +133,8 @@ class LlamaEngine:
         # The tokens whose KV the context holds, in position order. Only generate() keeps
         # it true; anything else that uses the context must call forget_kv().
         self._kv_tokens: Sequence[int] = ()
-        self._cache_tier = CacheTier(self._llama)  # the second tier, attached by the loader
+        # the second tier, attached by the loader
+        self.cache_tier = CacheTier(self._llama, lambda: self._kv_tokens, lambda: self._closed)
         self._closed = False
 
     def _check_owner(self) -> None:
@@ -160,7 +161,7 @@ class LlamaEngine:
 
     def attach_prompt_cache(self, cache: ModelPromptCache | None) -> None:
         """Save and restore sequence states through ``cache`` (None: stop)."""
-        self._cache_tier.cache = cache if self._prompt_reuse else None
+        self.cache_tier.cache = cache if self._prompt_reuse else None
 
     def prepare(
         self, prompt: str, max_tokens: int | None = None, *, truncate: bool = False
@@ -239,7 +240,7 @@ class LlamaEngine:
         try:
             if self._closed:
                 raise EngineClosed("the engine is closed")
-            cached = self._cache_tier.restore(held, prompt_tokens, cached, ring)
+            cached = self.cache_tier.restore(held, prompt_tokens, cached, ring)
             room = self.tokenizer.room(len(prompt_tokens), params.max_tokens)
             if params.max_tokens != room:  # None, or more than the context has left
                 params = msgspec.structs.replace(params, max_tokens=room)
@@ -302,7 +303,7 @@ class LlamaEngine:
             return
         self._closed = True
         self.threads.close()
-        self._cache_tier.save_at_close(self._kv_tokens)
+        self.cache_tier.save_at_close(self._kv_tokens)
         self._embedding.close()  # it points into the weights freed next
         self._llama.close()
         del self._llama

@@ -255,14 +255,28 @@ class ModelPromptCache:
         elif self._cache.disk is not None:
             self._cache.disk.drop(entry)
 
-    def save(self, llama: Llama, held: Sequence[int]) -> bool:
+    def keeps_in_memory(self, n_tokens: int) -> bool:
+        """Whether a prefix of ``n_tokens`` is one the memory tier would take."""
+        return n_tokens >= MIN_ENTRY_TOKENS and self._cache.memory.bound_bytes > 0
+
+    def save(self, llama: Llama, held: Sequence[int], *, to_disk: bool = True) -> bool:
         """Keep the context's state, which holds exactly ``held``; True when kept in
         memory or queued for the disk (written later, off this thread). Never raises:
-        the cache is an optimisation."""
+        the cache is an optimisation.
+
+        ``to_disk=False`` (an idle model's prefix, :meth:`CacheTier.keep_idle`) keeps it
+        in memory only: a conversation that goes on supersedes it next turn, and writing
+        each turn's state would cost the disk and the CPU for nothing. Its file is
+        written when it is saved again for real: displaced by another prompt, or at the
+        engine's close (:meth:`_write_kept`), from the copy already kept."""
         tokens = tuple(held)
         cache = self._cache
+        if len(tokens) < MIN_ENTRY_TOKENS:
+            return False
+        if to_disk and self._write_kept(tokens):
+            return True
         whole_only = sliding_window(llama) > 0
-        if len(tokens) < MIN_ENTRY_TOKENS or cache._covered(self.namespace, tokens, whole_only):
+        if cache._covered(self.namespace, tokens, whole_only):
             return False
         started = time.perf_counter()
         try:
@@ -276,7 +290,7 @@ class ModelPromptCache:
         kept = cache.memory.bound_bytes > 0 and cache.memory.put(
             MemoryEntry(digest, tokens, payload)
         )
-        if cache.writer is not None:  # the file is written on the writer's thread
+        if to_disk and cache.writer is not None:  # written on the writer's thread
             kept = cache.writer.submit(self.namespace, tokens, payload) or kept
         if kept:
             cache._drop_superseded(self.namespace, tokens)
@@ -285,3 +299,16 @@ class ModelPromptCache:
             counters.saves += kept
             counters.save_seconds += time.perf_counter() - started
         return kept
+
+    def _write_kept(self, tokens: tuple[int, ...]) -> bool:
+        """Queue the file of a memory entry holding exactly ``tokens`` that the disk
+        does not have yet (kept while idle); False when there is none to queue."""
+        cache, digest = self._cache, self.namespace.digest()
+        if cache.writer is None or cache.disk is None:
+            return False
+        if any(entry.tokens == tokens for entry in cache.disk.entries(digest)):
+            return False
+        for entry in cache.memory.entries(digest):
+            if entry.tokens == tokens:
+                return cache.writer.submit(self.namespace, tokens, entry.payload)
+        return False

@@ -50,10 +50,12 @@ class IdleUnloader:
         self._pool.changes.notify()
 
     def became_idle(self, model_id: str) -> None:
-        """The model's slot was released with nobody waiting: its countdown starts."""
+        """The model's slot was released with nobody waiting: its countdown starts, and
+        its context's prefix goes into the prompt cache meanwhile (:func:`keep_prefix`)."""
         instance = self._pool.get(model_id)
         if instance is not None:
             instance.idle_since_s = self.clock.now_s()
+            keep_prefix(instance)
         self._pool.changes.notify()
 
     async def expire(self, model_id: str) -> None:
@@ -90,3 +92,20 @@ class IdleUnloader:
         expires_s = instance.expires_at_s()
         if expires_s is not None and expires_s <= self.clock.now_s():
             await self._pool.unloader.unload(instance, DoneReason.IDLE, cause="idle")
+
+
+def keep_prefix(instance: Instance) -> None:
+    """Have the idle ``instance``'s worker copy its context's prefix into the prompt
+    cache's memory tier now, off any request's path: the turn of another conversation
+    that displaces it later then pays only its own restore, not this save as well.
+
+    Nothing is submitted when the prefix is not worth keeping (no memory tier, too
+    short); a request that arrives before the copy starts skips it (the slot is busy
+    again), one that arrives during it waits for it (~0.8 ms per MiB of state here).
+    """
+    engine, worker, slot = instance.engine, instance.worker, instance.slot
+    if engine is None or worker is None or not instance.is_ready():
+        return
+    tier = engine.cache_tier
+    if tier.worth_keeping():
+        worker.submit(lambda: tier.keep_idle(lambda: slot.idle))
