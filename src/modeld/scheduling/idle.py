@@ -101,7 +101,8 @@ def keep_prefix(instance: Instance) -> None:
 
     Nothing is submitted when the prefix is not worth keeping (no memory tier, too
     short); a request that arrives before the copy starts skips it (the slot is busy
-    again), one that arrives during it waits for it (~0.8 ms per MiB of state here).
+    again), one that arrives during it waits for it (a copy: ~0.1 ms per MiB of state
+    on the development host).
     """
     engine, worker, slot = instance.engine, instance.worker, instance.slot
     if engine is None or worker is None or not instance.is_ready():
