@@ -22,7 +22,6 @@ from the same run (times: below 1 is modeld faster; tokens/s: above 1 is). Measu
 from __future__ import annotations
 
 import os
-import signal
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -97,14 +96,14 @@ class Pair:
 
     def on_modeld(self) -> None:
         self.native.pause()
-        self.modeld.process.send_signal(signal.SIGCONT)
+        self.modeld.resume()
 
     def on_native(self) -> None:
-        self.modeld.process.send_signal(signal.SIGSTOP)
+        self.modeld.pause()
         self.native.resume()
 
     def stop(self) -> None:
-        self.modeld.process.send_signal(signal.SIGCONT)
+        self.modeld.resume()
         self.native.stop()
         self.modeld.stop()
 
@@ -182,7 +181,7 @@ def _tiny_first_byte(pair: Pair, tokens: int, info: dict[str, float]) -> None:
 
 def _generate_reference(pair: Pair, path: Path, info: dict[str, float]) -> None:
     """``Llama.generate()`` of the same 100 tokens in this process, both servers paused."""
-    pair.modeld.process.send_signal(signal.SIGSTOP)
+    pair.modeld.pause()
     pair.native.pause()
     llama = Llama(str(path), n_ctx=N_CTX, n_threads=1, n_threads_batch=1, verbose=False)
     try:
@@ -190,7 +189,7 @@ def _generate_reference(pair: Pair, path: Path, info: dict[str, float]) -> None:
         raw = [generate_seconds(llama, PROMPT, 100) for _ in range(ROUNDS)]
     finally:
         llama.close()
-        pair.modeld.process.send_signal(signal.SIGCONT)
+        pair.modeld.resume()
     info["wall_100_generate_ms"] = _ms(raw)
     info["wall_100_minus_generate_ms"] = round(
         info["wall_100_modeld_ms"] - info["wall_100_generate_ms"], 3

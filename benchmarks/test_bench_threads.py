@@ -14,17 +14,16 @@ PID) while one side runs, so on a small machine neither disturbs the other. Medi
   moment in one modeld, against two llama-server processes doing the same: aggregate
   tokens per second over the wall time of both.
 
-The binary: ``MODELD_LLAMA_SERVER`` or ``~/.cache/modeld-bench/build-0.3.36/bin/
-llama-server``; the module skips when it is absent. Needs a quiet machine for numbers
-worth quoting: the load average is recorded with them.
+The binary: the one ``nox -s bench_llama_server`` builds and caches
+(``benchmarks/llama_server_build.py``); the module skips when it is absent. Servers
+come from ``benchmarks/llama_server.py``, as in the llama-server benchmark. Needs a
+quiet machine for numbers worth quoting: the load average is recorded with them.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import statistics
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -34,24 +33,15 @@ from typing import Any
 
 import httpx
 import pytest
+from benchmarks.llama_server import LlamaServer, server_flags, start_llama_server
+from benchmarks.llama_server_build import BuildUnavailable, find_or_build
 from pytest_benchmark.fixture import BenchmarkFixture
-from tests.support.poll import poll
-from tests.support.server import RunningServer, free_port, start_modeld
+from tests.support.server import RunningServer, start_modeld
 from tests.support.tiny_gguf import TinyModelSpec, write_tiny_gguf
 
 from modeld.engine.cpu_cores import usable_cores
-from modeld.engine.cpu_quirks import extra_buffers_enabled
 
-BINARY = Path(
-    os.environ.get(
-        "MODELD_LLAMA_SERVER",
-        Path.home() / ".cache/modeld-bench/build-0.3.36/bin/llama-server",
-    )
-)
-pytestmark = [
-    pytest.mark.skipif(not BINARY.is_file(), reason=f"no llama-server at {BINARY}"),
-    pytest.mark.timeout(1800),
-]
+pytestmark = pytest.mark.timeout(1800)
 
 THREADS = usable_cores()
 N_CTX = 1024
@@ -62,49 +52,12 @@ PROMPT = "Write a long story about a lighthouse keeper who finds a message in a 
 GEMMA, GEMMA_B, SECOND = "gemma.gguf", "gemma-b.gguf", "second.gguf"
 
 
-class LlamaServer:
-    """One ``llama-server -m MODEL`` process on 127.0.0.1, paused and stopped by PID."""
-
-    def __init__(self, model: Path, log_dir: Path) -> None:
-        port = free_port()
-        flags = ["-t", str(THREADS), "-tb", str(THREADS), "-c", str(N_CTX), "-np", "1"]
-        flags.append("--no-webui")
-        if not extra_buffers_enabled():
-            flags.append("--no-repack")  # as modeld's cpu_quirks: the same kernels
-        command = [str(BINARY), "-m", str(model), "--host", "127.0.0.1", "--port", str(port)]
-        self.log_path = log_dir / f"llama-server-{port}.log"
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [*command, *flags], stdout=log, stderr=subprocess.STDOUT
-            )
-        self.base_url = f"http://127.0.0.1:{port}"
-
-        def healthy() -> bool:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"llama-server exited: {self.log_path.read_text()[-2000:]}")
-            return httpx.get(self.base_url + "/health", timeout=2).status_code == 200
-
-        poll(healthy, timeout_s=180, every_s=0.1, retry_on=(httpx.TransportError,))
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def decode(self) -> tuple[float, int]:
-        """(decode tokens/s as llama-server times it, tokens)."""
-        body = {"prompt": PROMPT, "n_predict": DECODE_TOKENS, "temperature": 0, "top_k": 1}
-        answer = httpx.post(self.base_url + "/completion", json=body, timeout=600).json()
-        timings = answer["timings"]
-        return float(timings["predicted_per_second"]), int(timings["predicted_n"])
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGCONT)
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+def native_decode(server: LlamaServer) -> tuple[float, int]:
+    """(decode tokens/s as llama-server times it, tokens)."""
+    body = {"prompt": PROMPT, "n_predict": DECODE_TOKENS, "temperature": 0, "top_k": 1}
+    answer = httpx.post(server.base_url + "/completion", json=body, timeout=600).json()
+    timings = answer["timings"]
+    return float(timings["predicted_per_second"]), int(timings["predicted_n"])
 
 
 def modeld_decode(server: RunningServer, model: str) -> tuple[float, int]:
@@ -117,14 +70,15 @@ def modeld_decode(server: RunningServer, model: str) -> tuple[float, int]:
 
 
 @contextmanager
-def paused(*pids: int) -> Iterator[None]:
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
+def paused(*servers: RunningServer | LlamaServer) -> Iterator[None]:
+    """``servers`` stopped (SIGSTOP by their own PIDs) while the other side runs."""
+    for server in servers:
+        server.pause()
     try:
         yield
     finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+        for server in servers:
+            server.resume()
 
 
 def at_once(*calls: Any) -> tuple[float, int]:
@@ -163,18 +117,27 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def binary() -> Path:
+    try:
+        return find_or_build(build=False)
+    except BuildUnavailable as exc:
+        pytest.skip(f"llama-server unavailable: {exc} (nox -s bench_llama_server builds it)")
+
+
+@pytest.fixture(scope="module")
 def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("thread-logs")
 
 
 @pytest.fixture(scope="module")
-def llama_servers(models: Path, logs: Path) -> Iterator[list[LlamaServer]]:
+def llama_servers(binary: Path, models: Path, logs: Path) -> Iterator[list[LlamaServer]]:
     servers: list[LlamaServer] = []
+    flags = server_flags(THREADS, N_CTX)
     try:
         for name in (GEMMA, GEMMA_B):
-            servers.append(LlamaServer(models / name, logs))
+            servers.append(start_llama_server(binary, logs, model=models / name, flags=flags))
         for server in servers:  # warm: the prompt cached, as modeld's will be
-            server.decode()
+            native_decode(server)
         yield servers
     finally:
         for server in servers:
@@ -215,16 +178,16 @@ def _alternate(
     benchmark: BenchmarkFixture,
     ours: Any,
     theirs: Any,
-    our_pids: list[int],
-    their_pids: list[int],
+    our_side: list[RunningServer],
+    their_side: list[LlamaServer],
 ) -> tuple[list[float], list[float]]:
     our_rates: list[float] = []
     their_rates: list[float] = []
 
     def one_round() -> None:
-        with paused(*our_pids):
+        with paused(*our_side):
             their_rates.append(theirs()[0])
-        with paused(*their_pids):
+        with paused(*their_side):
             our_rates.append(ours()[0])
 
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=1)
@@ -239,9 +202,9 @@ def test_gemma_alone(
     ours, theirs = _alternate(
         benchmark,
         lambda: modeld_decode(modeld, GEMMA),
-        reference.decode,
-        [modeld.process.pid],
-        [reference.pid, other.pid],
+        lambda: native_decode(reference),
+        [modeld],
+        [reference, other],
     )
     assert _record(benchmark, "alone", ours, theirs) > 0
 
@@ -256,7 +219,7 @@ def test_gemma_after_a_second_model(
         return modeld_decode(modeld, GEMMA)
 
     ours_rates, theirs = _alternate(
-        benchmark, ours, reference.decode, [modeld.process.pid], [reference.pid, other.pid]
+        benchmark, ours, lambda: native_decode(reference), [modeld], [reference, other]
     )
     status = httpx.get(modeld.base_url + "/status", timeout=10).json()
     pools = {i["model_id"]: i["openmp_pool_threads"] for i in status["instances"]}
@@ -275,8 +238,8 @@ def test_two_models_at_the_same_moment(
         lambda: at_once(
             lambda: modeld_decode(modeld, GEMMA), lambda: modeld_decode(modeld, GEMMA_B)
         ),
-        lambda: at_once(first.decode, second.decode),
-        [modeld.process.pid],
-        [first.pid, second.pid],
+        lambda: at_once(lambda: native_decode(first), lambda: native_decode(second)),
+        [modeld],
+        [first, second],
     )
     assert _record(benchmark, "together", ours, theirs) > 0

@@ -56,6 +56,13 @@ class RunningServer:
         )
         return sock
 
+    def pause(self) -> None:
+        """SIGSTOP by its own PID (benchmarks: the other side runs alone meanwhile)."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
     def stop(self, timeout_s: float = 30) -> int:
         """SIGTERM, then wait for the exit status (killed only if it does not exit)."""
         if self.process.poll() is None:
