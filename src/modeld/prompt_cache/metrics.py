@@ -16,34 +16,26 @@ def prompt_cache_metrics(
 ) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
     if stats is None or not stats.enabled:
         return
-    held = GaugeMetricFamily(
-        "modeld_prompt_cache_bytes", "sequence states held, by tier", labels=["tier"]
-    )
-    held.add_metric(["memory"], stats.memory_bytes)
-    held.add_metric(["disk"], stats.disk_bytes)
-    bound = GaugeMetricFamily(
-        "modeld_prompt_cache_bound_bytes",
-        "each tier's bound (memory: what it may use now, within the budget's free memory)",
-        labels=["tier"],
-    )
-    bound.add_metric(["memory"], stats.memory_allowed_bytes)
-    bound.add_metric(["disk"], stats.disk_bound_bytes)
-    entries = GaugeMetricFamily(
-        "modeld_prompt_cache_entries", "sequence states held, by tier", labels=["tier"]
-    )
-    entries.add_metric(["memory"], stats.memory_entries)
-    entries.add_metric(["disk"], stats.disk_entries)
-    hits = CounterMetricFamily(
-        "modeld_prompt_cache_hits", "restores, by the tier that served them", labels=["tier"]
-    )
-    hits.add_metric(["memory"], stats.hits_memory)
-    hits.add_metric(["disk"], stats.hits_disk)
+    for family, name, doc, memory, disk in [
+        (GaugeMetricFamily, "bytes", "sequence states held, by tier", stats.memory_bytes,
+         stats.disk_bytes),
+        (GaugeMetricFamily, "bound_bytes", "each tier's bound (memory: what it may use now, "
+         "within the budget's free memory)", stats.memory_allowed_bytes, stats.disk_bound_bytes),
+        (GaugeMetricFamily, "entries", "sequence states held, by tier", stats.memory_entries,
+         stats.disk_entries),
+        (CounterMetricFamily, "hits", "restores, by the tier that served them",
+         stats.hits_memory, stats.hits_disk),
+    ]:  # fmt: skip
+        by_tier = family(f"modeld_prompt_cache_{name}", doc, labels=["tier"])
+        by_tier.add_metric(["memory"], memory)
+        by_tier.add_metric(["disk"], disk)
+        yield by_tier
     pending = GaugeMetricFamily(
         "modeld_prompt_cache_write_pending_bytes",
         "states waiting for the disk writer (counted in the memory bound)",
         value=stats.disk_pending_bytes,
     )
-    yield from (held, bound, entries, hits, pending)
+    yield pending
     for name, value, doc in [
         ("misses", stats.misses, "generations the cache had nothing better for"),
         ("saves", stats.saves, "sequence states saved"),
