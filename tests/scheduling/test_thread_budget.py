@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from loguru import logger
 
 from modeld.engine.base import TokenLoop
 from modeld.engine.cpu_cores import cgroup_cpu_limit, usable_cores
@@ -157,12 +158,35 @@ def test_the_longest_unused_idle_pool_is_freed_first() -> None:
     assert (old.threads.pool, recent.threads.pool) == (1, 1)
 
 
-def test_a_set_threads_wins_and_oversubscribes() -> None:
-    a, b = _instance("a", 1.0), _instance("b", 2.0)
-    budget = _budget(2, [a, b], threads="2")
-    assert budget.lease(a) == 2
-    assert budget.lease(b) == 2  # set: not cut to fit, though both run (a warning logs it)
-    assert (a.threads.pool, b.threads.pool) == (2, 2)
+def test_a_set_threads_wins_and_oversubscribes_with_one_warning() -> None:
+    warnings: list[str] = []
+    logger.enable("modeld")  # a library keeps its log off until enabled
+    sink = logger.add(
+        lambda message: warnings.append(message.record["extra"]["model"]),
+        level="WARNING",
+        filter=lambda record: "oversubscribe" in record["message"],
+    )
+    try:
+        a, b = _instance("a", 1.0), _instance("b", 2.0)
+        budget = _budget(2, [a, b], threads="2")
+        assert budget.lease(a) == 2
+        assert warnings == []
+        assert budget.lease(b) == 2  # set: not cut to fit, though both run
+        assert (a.threads.pool, b.threads.pool) == (2, 2)
+        assert warnings == ["b"]
+        budget.give_back(b)
+        assert budget.lease(b) == 2  # still oversubscribing: told once, not every lease
+        assert warnings == ["b"]
+        budget.give_back(a)
+        budget.give_back(b)
+        a.threads.pool = 1  # a's pool freed: b alone fits again
+        assert budget.lease(b) == 2
+        assert warnings == ["b"]
+        assert budget.lease(a) == 2  # with b running: oversubscribing again, told again
+        assert warnings == ["b", "a"]
+    finally:
+        logger.remove(sink)
+        logger.disable("modeld")
 
 
 def test_one_thread_work_frees_its_own_pool_only_when_it_must() -> None:

@@ -77,6 +77,7 @@ class ThreadBudget:
         self._instances = instances
         self.cores = cores or usable_cores()
         self.pools_released = 0  # how many idle pools were freed to make room
+        self._warned: set[str] = set()  # models whose leases oversubscribe, told once
         self._started = 0
 
     def lease(self, instance: Instance) -> int:
@@ -97,7 +98,10 @@ class ThreadBudget:
         self._share_cores(starting=instance)
         self._fit(starting=instance)
         busy = sum(i.threads.lease for i in self._instances())
-        if busy > self.cores or self._managed() > self.cores:
+        if busy <= self.cores and self._managed() <= self.cores:
+            self._warned.discard(instance.model_id)
+        elif instance.model_id not in self._warned:  # once, until it fits again
+            self._warned.add(instance.model_id)
             logger.warning(
                 "threads oversubscribe the cores: set threads lower for some models",
                 model=instance.model_id,
