@@ -343,6 +343,24 @@ async def test_show_says_the_tool_format(served: Served) -> None:
         assert answer.json()["tool_format"] == family
 
 
+async def test_show_reads_the_format_from_a_configured_jinja_file(
+    tool_models: Path, tmp_path: Path
+) -> None:
+    """A model whose own template is generic, configured with a Hermes Jinja file: the
+    file is what a chat renders with, so /api/show shows its text and its format; a
+    file that cannot be read shows as no template (a chat answers that error)."""
+    file = MODELS["generic"][0]
+    (tmp_path / "hermes.jinja").write_text(HERMES)
+    config = tmp_path / "modeld.toml"
+    config.write_text(f'[models."{file}"]\nchat_template = "hermes.jinja"\n')
+    async for served in _serve(tool_models, config=str(config)):
+        shown = (await served.http.post("/api/show", json={"model": file})).json()
+        assert (shown["tool_format"], shown["template"]) == ("hermes", HERMES)
+        (tmp_path / "hermes.jinja").unlink()
+        shown = (await served.http.post("/api/show", json={"model": file})).json()
+        assert shown["tool_format"] == "generic"
+
+
 # --- the real Gemma 3 270M: its template has no tool support, so the generic format ---
 
 

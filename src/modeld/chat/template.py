@@ -5,7 +5,9 @@ file), compiled once and rendered with the variables transformers and llama.cpp 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -18,6 +20,7 @@ __all__ = [
     "MAX_TEMPLATE_CHARS",
     "ChatTemplate",
     "output_too_long",
+    "read_template_file",
     "template_messages",
     "template_tools",
 ]
@@ -143,3 +146,18 @@ def _template_call(call: MessageToolCall) -> dict[str, Any]:
         "type": "function",
         "function": {"name": call.function.name, "arguments": arguments},
     }
+
+
+def read_template_file(path: Path) -> str:
+    """A Jinja file's text, read on each request (an edited file is used at once)."""
+    if not os.path.isfile(path):  # before opening: a FIFO would block the open
+        raise ChatTemplateError(f"chat template {path} is not a readable regular file")
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(4 * MAX_TEMPLATE_CHARS + 1)
+    except OSError as exc:
+        raise ChatTemplateError(f"cannot read chat template {path}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ChatTemplateError(f"chat template {path} is not UTF-8") from None

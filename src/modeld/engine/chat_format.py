@@ -10,20 +10,18 @@ llama-2 format, wrong for most models).
 from __future__ import annotations
 
 import ctypes
-import os
 from collections.abc import Sequence
 from functools import cache
-from pathlib import Path
 
 import llama_cpp
 
-from modeld.chat import MAX_TEMPLATE_CHARS, ChatTemplate
-from modeld.chat.template import output_too_long
+from modeld.chat import ChatTemplate
+from modeld.chat.template import output_too_long, read_template_file
 from modeld.errors import ChatTemplateError, NoChatTemplate
 from modeld.settings.per_model import template_file
 from modeld.types import ChatMessage, Tool
 
-__all__ = ["ChatFormatter", "builtin_chat_templates", "read_template_file", "render_builtin"]
+__all__ = ["ChatFormatter", "builtin_chat_templates", "render_builtin"]
 
 _GGUF_KEY = "tokenizer.chat_template"
 _COMPILED_KEPT = 4  # templates a model keeps compiled (its own, and an override or two)
@@ -137,18 +135,3 @@ class ChatFormatter:
                 self._compiled.pop(next(iter(self._compiled)))
             self._compiled[source] = template
         return template
-
-
-def read_template_file(path: Path) -> str:
-    """A Jinja file's text, read on each request (an edited file is used at once)."""
-    if not os.path.isfile(path):  # before opening: a FIFO would block the open
-        raise ChatTemplateError(f"chat template {path} is not a readable regular file")
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(4 * MAX_TEMPLATE_CHARS + 1)
-    except OSError as exc:
-        raise ChatTemplateError(f"cannot read chat template {path}: {exc.strerror}") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ChatTemplateError(f"chat template {path} is not UTF-8") from None

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from modeld.chat import ChatTemplate
-from modeld.engine.chat_format import builtin_chat_templates, read_template_file
+from modeld.chat.template import read_template_file
+from modeld.engine.chat_format import builtin_chat_templates
 from modeld.errors import ChatTemplateError, ConfigError
 from modeld.settings.config import Settings
 from modeld.settings.per_model import template_file

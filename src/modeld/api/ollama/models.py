@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -23,10 +24,12 @@ from modeld.api.ollama.facts import (
 from modeld.api.ollama.names import model_id_for, naming, ollama_name
 from modeld.api.ollama.wire import OLLAMA_SAMPLING, ModelBody
 from modeld.api.protocol import json_response
-from modeld.errors import InvalidRequest, ModeldError, Unsupported
+from modeld.chat.template import read_template_file
+from modeld.errors import ChatTemplateError, InvalidRequest, ModeldError, Unsupported
 from modeld.gguf import GgufMetadata
 from modeld.scheduling.manager import ModelManager
 from modeld.settings.keep_alive import FOREVER_S
+from modeld.settings.per_model import template_file
 from modeld.sizes import MIB
 from modeld.statistics import InstanceStatistics
 from modeld.tools.formats import resolve_format
@@ -124,8 +127,13 @@ class ModelListings:
         shown: dict[str, object] = {}
         if has_chat_template(settings, model_id, metadata):
             capabilities += ["chat", "tools"]  # every template: "generic" needs none
+            # what a chat renders with: a configured Jinja file's text (read as each
+            # chat reads it), none for a llama.cpp built-in, else the file's own
+            source = template if configured is None else await _configured_source(configured)
+            if configured is not None and source is not None:
+                template = source
             own_format = settings.model(model_id).tool_format
-            shown["tool_format"] = resolve_format(template or None, own_format).value
+            shown["tool_format"] = resolve_format(source or None, own_format).value
         return json_response(
             {
                 **shown,
@@ -176,3 +184,16 @@ def _model_info(metadata: GgufMetadata) -> dict[str, object]:
     }
     info["general.parameter_count"] = metadata.parameter_count
     return info
+
+
+async def _configured_source(chat_template: str) -> str | None:
+    """The Jinja source a configured ``chat_template`` names (None for a built-in, or a
+    file that cannot be read now: a chat would answer that error itself), read off the
+    event loop."""
+    path = template_file(chat_template)
+    if path is None:
+        return None
+    try:
+        return await anyio.to_thread.run_sync(read_template_file, path)
+    except ChatTemplateError:
+        return None
