@@ -60,9 +60,13 @@ class ThreadCall(Generic[T]):
     Made on the event loop's thread; its completion is signalled there.
     """
 
-    def __init__(self, fn: Callable[[], T], on_loop: LoopCallback) -> None:
+    def __init__(
+        self, fn: Callable[[], T], on_loop: LoopCallback, wake_fd: int | None = None
+    ) -> None:
         self._fn = fn
         self._on_loop = on_loop
+        self._wake_fd = wake_fd  # a signal wakes no one: this descriptor does
+        self._fd_wait: anyio.CancelScope | None = None
         self._finished = anyio.Event()
         self._done = threading.Event()
         self._callbacks: list[Callable[[], None]] = []
@@ -87,8 +91,13 @@ class ThreadCall(Generic[T]):
 
     def signal(self) -> None:
         """Worker thread: the callable has reached the point :meth:`signalled` waits for
-        (it goes on running)."""
-        self._on_loop(self._on_signal)
+        (it goes on running). With a wake descriptor the signal is only recorded: the
+        waiter wakes when the descriptor turns readable
+        (:meth:`EngineWorker.submit_signalling`)."""
+        if self._wake_fd is not None:
+            self._signalled = True
+        else:
+            self._on_loop(self._on_signal)
 
     def _on_signal(self) -> None:
         self._signalled = True
@@ -97,6 +106,8 @@ class ThreadCall(Generic[T]):
     def _settle(self) -> None:
         self._finished.set()
         self._woken.set()
+        if self._fd_wait is not None:
+            self._fd_wait.cancel()
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             callback()
@@ -120,7 +131,12 @@ class ThreadCall(Generic[T]):
 
         Cancelling the wait does not stop the callable.
         """
-        await self._woken.wait()
+        if self._wake_fd is not None and not self._signalled and not self._woken.is_set():
+            with anyio.CancelScope() as self._fd_wait:
+                await anyio.wait_readable(self._wake_fd)
+            self._fd_wait = None
+        if not self._signalled:  # (readable before a signal: never; the end decides)
+            await self._woken.wait()
         if self._signalled:
             return True
         if self._error is not None:
@@ -154,10 +170,18 @@ class EngineWorker:
     def submit(self, fn: Callable[[], T]) -> ThreadCall[T]:
         return self._enqueue(ThreadCall(fn, self._on_loop))
 
-    def submit_signalling(self, fn: Callable[[Callable[[], None]], T]) -> ThreadCall[T]:
+    def submit_signalling(
+        self, fn: Callable[[Callable[[], None]], T], wake_fd: int | None = None
+    ) -> ThreadCall[T]:
         """Run ``fn(signal)``: its call to ``signal()`` wakes whoever awaits
-        :meth:`ThreadCall.signalled` (a request prepared, its generation going on)."""
-        call: ThreadCall[T] = ThreadCall(lambda: fn(call.signal), self._on_loop)
+        :meth:`ThreadCall.signalled` (a request prepared, its generation going on).
+
+        With ``wake_fd`` the signal only records: the waiter wakes when that descriptor
+        turns readable, which ``fn`` makes happen after signalling (a token ring whose
+        loop wakes it on starting, once the worker no longer needs the GIL: waking the
+        event loop earlier makes the worker wait for the GIL the loop then holds), or
+        when ``fn`` ends."""
+        call: ThreadCall[T] = ThreadCall(lambda: fn(call.signal), self._on_loop, wake_fd)
         return self._enqueue(call)
 
     def _enqueue(self, call: ThreadCall[T]) -> ThreadCall[T]:

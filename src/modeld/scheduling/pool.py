@@ -179,8 +179,16 @@ class InstancePool:
         self.idle.touched(instance)
         return instance
 
-    async def ready_instance(self, model: ModelFile, deadline_s: float) -> Instance:
+    async def ready_instance(
+        self, model: ModelFile, deadline_s: float, *, check_file: bool = True
+    ) -> Instance:
         """A ready instance of ``model``, loading it (once, however many wait) if needed.
+
+        A ready one's file is looked up again (a file replaced under it is loaded anew)
+        unless ``check_file`` is False: then the caller's work checks it on the model's
+        worker (:meth:`Registry.unchanged`, then :meth:`recheck_file`), sparing the
+        request a thread hop; a ``model`` whose identity is not the loaded one's is
+        looked up either way.
 
         Raises the load's own error (:class:`ModelInvalid`, :class:`ModelTooLarge`,
         :class:`MemoryBusy`, ...), :class:`ModelCoolingDown` during a failed load's backoff,
@@ -197,13 +205,11 @@ class InstancePool:
                 await instance.gone.wait()
                 continue
             if instance.state is InstanceState.READY:
-                current = await _changed_file(self.registry, instance)
-                if current is not None:
-                    await self.unloader.unload(instance, DoneReason.EVICTED, cause="file_changed")
-                    if isinstance(current, ModeldError):
-                        raise current  # deleted (404), or no longer a valid id
-                    model = current  # loaded again from the file as it is now
-                    continue
+                if check_file or model.identity != instance.model.identity:
+                    current = await self._replaced_file(instance)
+                    if current is not None:
+                        model = current  # loaded again from the file as it is now
+                        continue
                 if not instance.is_ready():  # unloaded while the file was looked at
                     continue
                 return instance
@@ -217,9 +223,29 @@ class InstancePool:
                 assert instance.error is not None
                 raise instance.error
 
+    async def recheck_file(self, instance: Instance) -> bool:
+        """After the worker's quick check found ``instance``'s file changed (or could not
+        tell): the full lookup. False when the file is the one loaded after all; True
+        once the instance is unloaded for a changed file (the caller loads it anew).
+        Raises as :meth:`ready_instance` does for a file that is gone."""
+        return await self._replaced_file(instance) is not None
+
+    async def _replaced_file(self, instance: Instance) -> ModelFile | None:
+        """The file as it is now when it is not the one ``instance`` loaded (which is
+        unloaded then); None when it is. Raises the lookup's error for a file that is
+        gone (after unloading), :class:`ModelsDirUnavailable`."""
+        current = await _changed_file(self.registry, instance)
+        if current is None:
+            return None
+        await self.unloader.unload(instance, DoneReason.EVICTED, cause="file_changed")
+        if isinstance(current, ModeldError):
+            raise current  # deleted (404), or no longer a valid id
+        return current
+
     def loaded_file(self, model_id: str) -> ModelFile | None:
         """The file of ``model_id``'s ready instance (None: none is ready): the request
-        need not look it up before its turn, :meth:`ready_instance` checks it then."""
+        need not look it up before its turn: it is checked then (:meth:`ready_instance`,
+        or the request's first step on the worker)."""
         instance = self._instances.get(model_id)
         return instance.model if instance is not None and instance.is_ready() else None
 
@@ -305,8 +331,9 @@ async def _changed_file(registry: Registry, instance: Instance) -> ModelFile | M
     file as it is now when it is not the one loaded (the error that looking it up raised
     when it is gone), None when it is the same.
 
-    The only file lookup of a request to a loaded model (admission skips its own).
-    Raises :class:`ModelsDirUnavailable` when the models dir does not answer.
+    A request to a loaded model makes it only when its worker's quick check
+    (:meth:`Registry.unchanged`) did not pass. Raises :class:`ModelsDirUnavailable` when
+    the models dir does not answer.
     """
     try:
         current = await registry.lookup(instance.model_id)

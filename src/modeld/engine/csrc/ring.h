@@ -51,6 +51,7 @@ typedef struct {
     _Atomic int finished;
     _Atomic int cancelled;
     _Atomic int producer_busy;      /* a push or a loop owns the producer side */
+    _Atomic int wake_at_start;      /* the consumer wants a wake-up when a loop starts */
     int wake_fd;                    /* -1 once closed */
 } ring_t;
 
@@ -141,6 +142,16 @@ ring_notify_consumer(ring_t *r)
 {
     if (atomic_exchange(&r->consumer_notified, 1) == 0) {
         eventfd_write(r->wake_fd, 1);
+    }
+}
+
+/* A loop has started (the C loop: with the GIL released): wake the consumer once if it
+ * asked for it (ring_wake_at_start), as a push would; a drain clears it. */
+static void
+ring_loop_started(ring_t *r)
+{
+    if (atomic_exchange(&r->wake_at_start, 0)) {
+        ring_notify_consumer(r);
     }
 }
 
