@@ -90,6 +90,18 @@ def _instrument(alternate: bool) -> None:
     _wrap(tokens.Tokenizer, "tokenize", "tokenize", "tokenized")
     _wrap(launching, "run_request", "worker_starts")
     _wrap(cloop.CTokenLoop, "_run", "c_loop_called", "c_loop_returned")
+    import anyio
+
+    wait_readable = anyio.wait_readable
+
+    async def marked_wait_readable(fd: int) -> None:
+        _mark("fd_wait")
+        await wait_readable(fd)
+        _mark("fd_woken")
+
+    anyio.wait_readable = marked_wait_readable  # type: ignore[assignment]
+    _wrap(protocol, "start_watched", None, "start_watched_done")
+    _wrap(streaming.GenerationResponse, "__call__", "response_called")
     _wrap(streaming, "_send_body", None, "first_body_sent")
     _wrap(streaming.GenerationResponse, "_choices", None, "choices_done")
     original_run = cloop.CTokenLoop._run
@@ -108,8 +120,36 @@ def _instrument(alternate: bool) -> None:
 
 
 def _old_path() -> None:
-    """Hooks through which ``--alternate`` restores the request path before the change
-    (none yet: filled in with the change)."""
+    """Hooks through which ``--alternate`` restores the request path before the change:
+    the loaded file looked up on a filesystem thread before the launch (not on the
+    worker), and "prepared" waking the event loop from the worker (call_soon_threadsafe)
+    instead of the C loop's start. (The ring's start wake is not undone: on the old path
+    it costs one empty drain more.)"""
+    from modeld.engine import worker
+    from modeld.scheduling import admission, launching
+
+    start = admission.Admission.start
+
+    async def old_start(self: Any, *args: Any, launch_checks_file: bool) -> Any:
+        return await start(self, *args, launch_checks_file=launch_checks_file and not _old())
+
+    admission.Admission.start = old_start  # type: ignore[method-assign]
+    generation = launching.Launcher._generation
+
+    async def old_generation(self: Any, *args: Any, check_file: bool = True) -> Any:
+        return await generation(self, *args, check_file=check_file and not _old())
+
+    launching.Launcher._generation = old_generation  # type: ignore[method-assign]
+    submit = worker.EngineWorker.submit_signalling
+
+    def old_submit(self: Any, fn: Any, wake_fd: int | None = None) -> Any:
+        return submit(self, fn, None if _old() else wake_fd)
+
+    worker.EngineWorker.submit_signalling = old_submit  # type: ignore[method-assign]
+
+
+def _old() -> bool:
+    return _STATE["old"]
 
 
 def serve(marks_path: Path, alternate: bool, flags: list[str]) -> int:
@@ -195,7 +235,8 @@ def _report(clients: list[dict[str, float]], servers: list[dict[str, float]], al
     for client, server in zip(clients, servers, strict=True):
         merged = {**server, **client}
         groups["old" if server.get("old") else "new"].append(merged)
-    names = [n for n in servers[-1] if n not in {"old"}] + ["first_line", "done_line", "closed"]
+    names = list(dict.fromkeys(n for row in servers for n in row if n != "old"))
+    names += ["first_line", "done_line", "closed"]
     shown = {k: v for k, v in groups.items() if v}
     print(f"load average {os.getloadavg()[0]:.2f}; medians, ms after the client's send")
     print("| mark | " + " | ".join(f"{k} (n={len(v)})" for k, v in shown.items()) + " |")
