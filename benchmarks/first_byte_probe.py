@@ -30,8 +30,13 @@ _STATE = {"old": False}
 
 
 def _mark(name: str) -> None:
+    """The first time ``name`` is reached in a request (``name`` ending in "<": the
+    last time)."""
     if _MARKS:
-        _MARKS[-1].setdefault(name, time.perf_counter())
+        if name.endswith("<"):
+            _MARKS[-1][name] = time.perf_counter()
+        else:
+            _MARKS[-1].setdefault(name, time.perf_counter())
 
 
 def _wrap(owner: Any, attribute: str, before: str | None, after: str | None = None) -> None:
@@ -71,7 +76,7 @@ def _is_coroutine(fn: Callable[..., Any]) -> bool:
 def _instrument(alternate: bool) -> None:
     """Marks along the request path (see the table the driver prints)."""
     from modeld.api import protocol, streaming
-    from modeld.engine import cloop, tokens
+    from modeld.engine import cloop, llama_engine, tokens, worker
     from modeld.scheduling import admission, generation, launching, pool
 
     original_answer = protocol.answer
@@ -98,11 +103,13 @@ def _instrument(alternate: bool) -> None:
         _mark("fd_wait")
         await wait_readable(fd)
         _mark("fd_woken")
+        _mark("last_fd_woken<")
 
     anyio.wait_readable = marked_wait_readable  # type: ignore[assignment]
     _wrap(protocol, "start_watched", None, "start_watched_done")
     _wrap(streaming.GenerationResponse, "__call__", "response_called")
-    _wrap(streaming, "_send_body", None, "first_body_sent")
+    _wrap(streaming, "_send_body", "last_body_send<", "first_body_sent")
+    _wrap(generation.Generation, "_next_chunk", "last_next_chunk<")
     _wrap(streaming.GenerationResponse, "_choices", None, "choices_done")
     original_run = cloop.CTokenLoop._run
 
@@ -115,15 +122,24 @@ def _instrument(alternate: bool) -> None:
 
     cloop.CTokenLoop._run = timed_run  # type: ignore[method-assign]
     _wrap(generation.Generation, "_next_chunk", None, "chunk_framed")
+    _wrap(generation.Generation, "_finish", "finish_seen")
+    _wrap(worker.ThreadCall, "wait", "call_wait", "call_waited")
+    _wrap(launching.Launcher, "_finished", "launcher_finished", "launcher_finished_done")
     _wrap(generation.Generation, "_settle", None, "settled")
+    _wrap(llama_engine.LlamaEngine, "generate", None, "generate_returned")
+    _wrap(worker.EngineWorker, "_enqueue", "submit")
+    _wrap(launching.WorkerFileCheck, "run", "worker_check", "worker_checked")
+    _wrap(worker.ThreadCall, "_complete", "call_complete")
     _old_path()
 
 
 def _old_path() -> None:
     """Hooks through which ``--alternate`` restores the request path before the change:
     the loaded file looked up on a filesystem thread before the launch (not on the
-    worker), and "prepared" waking the event loop from the worker (call_soon_threadsafe)
-    instead of the C loop's start. (The ring's start wake is not undone: on the old path
+    worker), "prepared" waking the event loop from the worker (call_soon_threadsafe)
+    instead of the C loop's start, a finished call's result taken one event-loop turn
+    later, and the log line and metrics of a finished generation before its last line.
+    (The ring's start wake is not undone: on the old path
     it costs one empty drain more.)"""
     from modeld.engine import worker
     from modeld.scheduling import admission, launching
@@ -146,6 +162,18 @@ def _old_path() -> None:
         return submit(self, fn, None if _old() else wake_fd)
 
     worker.EngineWorker.submit_signalling = old_submit  # type: ignore[method-assign]
+    wait = worker.ThreadCall.wait
+
+    async def old_wait(self: Any) -> Any:
+        if _old():  # as before: always one event-loop turn, for the worker's notice
+            await self._finished.wait()
+        return await wait(self)
+
+    worker.ThreadCall.wait = old_wait  # type: ignore[method-assign]
+    from modeld import events
+
+    call_soon = events._call_soon
+    events._call_soon = lambda callback: callback() if _old() else call_soon(callback)
 
 
 def _old() -> bool:
@@ -203,10 +231,13 @@ def drive(requests: int, tokens: int, alternate: bool, flags: list[str]) -> None
             sys.executable, "-m", "benchmarks.first_byte_probe", "serve", str(marks_path),
             "--alternate" if alternate else "--plain",
             "--models-dir", str(root / "models"), "--host", "127.0.0.1", "--port", str(port),
-            "--threads", "1", "--n-ctx", "1024", "--log-level", "warning", *flags,
+            "--threads", "1", "--n-ctx", "1024", *flags,
         ]  # fmt: skip
         env = {**os.environ, "XDG_STATE_HOME": str(root / "state")}
-        server = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], env=env)
+        log = (root / "modeld.log").open("wb")  # as the benchmark's servers log
+        server = subprocess.Popen(
+            command, cwd=Path(__file__).resolve().parents[1], env=env, stdout=log, stderr=log
+        )
         try:
             for _ in range(600):
                 try:

@@ -104,6 +104,8 @@ class ThreadCall(Generic[T]):
         self._woken.set()
 
     def _settle(self) -> None:
+        if self._finished.is_set():  # settled early by wait()
+            return
         self._finished.set()
         self._woken.set()
         if self._fd_wait is not None:
@@ -147,8 +149,13 @@ class ThreadCall(Generic[T]):
         """The callable's result, or its exception re-raised.
 
         Cancelling the wait does not stop the callable: it runs to its end on the worker.
+        A call already :attr:`done` is settled here and now (its ``when_done`` callbacks
+        run first, as always), not one event-loop turn later.
         """
-        await self._finished.wait()
+        if self._done.is_set():
+            self._settle()  # the worker's own notice finds it settled
+        else:
+            await self._finished.wait()
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]
