@@ -132,40 +132,63 @@ def test_the_loop_wakes_a_ring_that_asked_as_it_starts_before_any_token(
 
 
 @pytest.mark.anyio
-async def test_a_signal_with_a_wake_descriptor_wakes_the_waiter_only_through_it() -> None:
-    """``submit_signalling(fn, wake_fd)``: the signal is recorded, the descriptor wakes."""
+async def test_a_signal_with_a_wake_descriptor_wakes_the_waiter_through_it() -> None:
+    """``submit_signalling(fn, wake_fd)``: the signal is recorded and the descriptor,
+    made readable after it (as the ring's loop does on starting), wakes the waiter; an
+    end wakes it too."""
     worker = EngineWorker("test-signal-fd")
     wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    signalled, release = threading.Event(), threading.Event()
+    release = threading.Event()
 
     def work(signal: Callable[[], None]) -> str:
         signal()
-        signalled.set()
+        os.eventfd_write(wake_fd, 1)
         release.wait(30)
         return "done"
 
     try:
         call = worker.submit_signalling(work, wake_fd)
-        woken: list[bool] = []
-        async with anyio.create_task_group() as tasks:
-
-            async def waiter() -> None:
-                woken.append(await call.signalled())
-
-            tasks.start_soon(waiter)
-            await anyio.to_thread.run_sync(signalled.wait, 30)
-            await anyio.sleep(0.05)  # the loop runs on: nothing has woken the waiter
-            assert woken == []
-            os.eventfd_write(wake_fd, 1)  # as the ring's loop does when it starts
-        assert woken == [True]
+        with anyio.fail_after(10):
+            assert await call.signalled() is True
+        assert not call.done
         release.set()
         assert await call.wait() == "done"
-        failing = worker.submit_signalling(lambda signal: 1 // 0, wake_fd)
         os.eventfd_read(wake_fd)
+        failing = worker.submit_signalling(lambda signal: 1 // 0, wake_fd)
         with pytest.raises(ZeroDivisionError):  # its end wakes the waiter
             await failing.signalled()
         silent = worker.submit_signalling(lambda signal: "no signal", wake_fd)
         assert await silent.signalled() is False
+    finally:
+        release.set()
+        os.close(wake_fd)
+        await worker.shutdown()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("signal_after_s", [0.0, 0.05], ids=["at-once", "late"])
+async def test_a_signal_whose_descriptor_stays_quiet_still_wakes_the_waiter(
+    signal_after_s: float,
+) -> None:
+    """A call that signals and then works on without making its descriptor readable (a
+    prompt-cache restore before the token loop) is seen as signalled while it runs."""
+    worker = EngineWorker("test-signal-quiet")
+    wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    release = threading.Event()
+
+    def work(signal: Callable[[], None]) -> str:
+        release.wait(signal_after_s)  # preparing (never released: it just takes this long)
+        signal()
+        release.wait(30)
+        return "done"
+
+    try:
+        call = worker.submit_signalling(work, wake_fd)
+        with anyio.fail_after(10):
+            assert await call.signalled() is True
+        assert not call.done  # still running: the descriptor never turned readable
+        release.set()
+        assert await call.wait() == "done"
     finally:
         release.set()
         os.close(wake_fd)

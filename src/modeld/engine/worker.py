@@ -22,6 +22,11 @@ from anyio.lowlevel import current_token
 __all__ = ["EngineWorker", "ThreadCall", "WorkerStopped"]
 
 T = TypeVar("T")
+# How long a waiter gives a wake descriptor (see EngineWorker.submit_signalling) before a
+# signal wakes it as usual: a callable that signalled, then does slow work before what
+# makes the descriptor readable (a prompt-cache restore before the token loop), is seen
+# as signalled within this.
+SIGNAL_PATIENCE_S = 0.002
 LoopCallback = Callable[[Callable[[], None]], None]
 
 
@@ -67,6 +72,8 @@ class ThreadCall(Generic[T]):
         self._on_loop = on_loop
         self._wake_fd = wake_fd  # a signal wakes no one: this descriptor does
         self._fd_wait: anyio.CancelScope | None = None
+        self._signal_lock = threading.Lock()
+        self._wake_at_signal = wake_fd is None  # waited past the patience: wake as usual
         self._finished = anyio.Event()
         self._done = threading.Event()
         self._callbacks: list[Callable[[], None]] = []
@@ -94,9 +101,10 @@ class ThreadCall(Generic[T]):
         (it goes on running). With a wake descriptor the signal is only recorded: the
         waiter wakes when the descriptor turns readable
         (:meth:`EngineWorker.submit_signalling`)."""
-        if self._wake_fd is not None:
-            self._signalled = True
-        else:
+        with self._signal_lock:
+            self._signalled = True  # (the loop's own flag too: set again there, harmless)
+            wake = self._wake_at_signal
+        if wake:
             self._on_loop(self._on_signal)
 
     def _on_signal(self) -> None:
@@ -135,8 +143,11 @@ class ThreadCall(Generic[T]):
         """
         if self._wake_fd is not None and not self._signalled and not self._woken.is_set():
             with anyio.CancelScope() as self._fd_wait:
+                self._fd_wait.deadline = anyio.current_time() + SIGNAL_PATIENCE_S
                 await anyio.wait_readable(self._wake_fd)
             self._fd_wait = None
+            with self._signal_lock:  # not woken in time: a signal from now on wakes
+                self._wake_at_signal = True
         if not self._signalled:  # (readable before a signal: never; the end decides)
             await self._woken.wait()
         if self._signalled:
@@ -187,7 +198,8 @@ class EngineWorker:
         turns readable, which ``fn`` makes happen after signalling (a token ring whose
         loop wakes it on starting, once the worker no longer needs the GIL: waking the
         event loop earlier makes the worker wait for the GIL the loop then holds), or
-        when ``fn`` ends."""
+        when ``fn`` ends; after :data:`SIGNAL_PATIENCE_S` a signal wakes the waiter as
+        usual."""
         call: ThreadCall[T] = ThreadCall(lambda: fn(call.signal), self._on_loop, wake_fd)
         return self._enqueue(call)
 
