@@ -5,7 +5,7 @@ there and back, on a request's way to its first byte).
 A file rewritten, replaced or deleted under a loaded (mmapped) model must not be used:
 when the quick check does not pass, the job ends with :class:`FileChanged` before
 anything is prepared, and the event loop looks the file up in full
-(:meth:`InstancePool.recheck_file`), unloading the instance when the file did change.
+(:func:`replaced_file`), unloading the instance when the file did change.
 A stalled mount stalls the worker's ``stat()``: the request is answered
 :class:`ModelsDirUnavailable` after the registry's own deadline (the model stays busy
 until the call comes back, as a lookup thread stays stuck in it).
@@ -18,13 +18,16 @@ from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 
-from modeld.errors import ModelsDirUnavailable
+from modeld.errors import InvalidModelId, ModeldError, ModelNotFound, ModelsDirUnavailable
+from modeld.registry import ModelFile, Registry
+from modeld.types import DoneReason
 
 if TYPE_CHECKING:
     from modeld.engine.worker import ThreadCall
-    from modeld.registry import ModelFile, Registry
+    from modeld.scheduling.instance import Instance
+    from modeld.scheduling.unloading import Unloader
 
-__all__ = ["FileChanged", "WorkerFileCheck"]
+__all__ = ["FileChanged", "WorkerFileCheck", "replaced_file"]
 
 T = TypeVar("T")
 
@@ -59,3 +62,22 @@ class WorkerFileCheck:
         raise ModelsDirUnavailable(
             f"the models dir did not answer within {self._registry.timeout_s:g} s"
         )
+
+
+async def replaced_file(
+    registry: Registry, unloader: Unloader, instance: Instance
+) -> ModelFile | None:
+    """The full lookup of a ready instance's file: None when it is the one loaded; the
+    file as it is now when it is not, after unloading the instance (loaded anew from it).
+    Raises the lookup's error for a file that is gone (after unloading: deleted, 404, or
+    no longer a valid id), :class:`ModelsDirUnavailable`."""
+    try:
+        current: ModelFile | ModeldError = await registry.lookup(instance.model_id)
+    except (ModelNotFound, InvalidModelId) as exc:
+        current = exc
+    if isinstance(current, ModelFile) and current.identity == instance.model.identity:
+        return None
+    await unloader.unload(instance, DoneReason.EVICTED, cause="file_changed")
+    if isinstance(current, ModeldError):
+        raise current
+    return current

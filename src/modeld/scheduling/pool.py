@@ -15,7 +15,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from modeld.engine.base import TokenLoop
-from modeld.errors import InvalidModelId, ModeldError, ModelNotFound, QueueTimeout, ShuttingDown
+from modeld.errors import ModeldError, QueueTimeout, ShuttingDown
 from modeld.events import EventHub, ModelFailed, ModelLoadStarted, ModelReady
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.probe import MemoryProbe
@@ -23,6 +23,7 @@ from modeld.prompt_cache import PromptCache
 from modeld.registry import ModelFile, Registry
 from modeld.scheduling.clock import Clock, MonotonicClock
 from modeld.scheduling.fifo import FifoSlot
+from modeld.scheduling.file_check import replaced_file
 from modeld.scheduling.file_guard import FileGuard
 from modeld.scheduling.idle import IdleUnloader
 from modeld.scheduling.instance import Instance
@@ -184,11 +185,9 @@ class InstancePool:
     ) -> Instance:
         """A ready instance of ``model``, loading it (once, however many wait) if needed.
 
-        A ready one's file is looked up again (a file replaced under it is loaded anew)
-        unless ``check_file`` is False: then the caller's work checks it on the model's
-        worker (:meth:`Registry.unchanged`, then :meth:`recheck_file`), sparing the
-        request a thread hop; a ``model`` whose identity is not the loaded one's is
-        looked up either way.
+        A ready one's file is looked up again (a replaced file is loaded anew) unless
+        ``check_file`` is False and ``model`` is the loaded file: the caller's work then
+        checks it on the model's worker (:mod:`~modeld.scheduling.file_check`).
 
         Raises the load's own error (:class:`ModelInvalid`, :class:`ModelTooLarge`,
         :class:`MemoryBusy`, ...), :class:`ModelCoolingDown` during a failed load's backoff,
@@ -206,7 +205,7 @@ class InstancePool:
                 continue
             if instance.state is InstanceState.READY:
                 if check_file or model.identity != instance.model.identity:
-                    current = await self._replaced_file(instance)
+                    current = await replaced_file(self.registry, self.unloader, instance)
                     if current is not None:
                         model = current  # loaded again from the file as it is now
                         continue
@@ -222,25 +221,6 @@ class InstancePool:
             if instance.state is InstanceState.ERROR:
                 assert instance.error is not None
                 raise instance.error
-
-    async def recheck_file(self, instance: Instance) -> bool:
-        """After the worker's quick check found ``instance``'s file changed (or could not
-        tell): the full lookup. False when the file is the one loaded after all; True
-        once the instance is unloaded for a changed file (the caller loads it anew).
-        Raises as :meth:`ready_instance` does for a file that is gone."""
-        return await self._replaced_file(instance) is not None
-
-    async def _replaced_file(self, instance: Instance) -> ModelFile | None:
-        """The file as it is now when it is not the one ``instance`` loaded (which is
-        unloaded then); None when it is. Raises the lookup's error for a file that is
-        gone (after unloading), :class:`ModelsDirUnavailable`."""
-        current = await _changed_file(self.registry, instance)
-        if current is None:
-            return None
-        await self.unloader.unload(instance, DoneReason.EVICTED, cause="file_changed")
-        if isinstance(current, ModeldError):
-            raise current  # deleted (404), or no longer a valid id
-        return current
 
     def loaded_file(self, model_id: str) -> ModelFile | None:
         """The file of ``model_id``'s ready instance (None: none is ready): the request
@@ -324,19 +304,3 @@ async def _first_of(*events: anyio.Event) -> None:
 
         for event in events:
             waits.start_soon(first, event)
-
-
-async def _changed_file(registry: Registry, instance: Instance) -> ModelFile | ModeldError | None:
-    """A file rewritten in place under a loaded (mmapped) model must not be used: the
-    file as it is now when it is not the one loaded (the error that looking it up raised
-    when it is gone), None when it is the same.
-
-    A request to a loaded model makes it only when its worker's quick check
-    (:meth:`Registry.unchanged`) did not pass. Raises :class:`ModelsDirUnavailable` when
-    the models dir does not answer.
-    """
-    try:
-        current = await registry.lookup(instance.model_id)
-    except (ModelNotFound, InvalidModelId) as exc:
-        return exc
-    return None if current.identity == instance.model.identity else current
