@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -128,6 +129,18 @@ def _instrument(alternate: bool) -> None:
     _wrap(generation.Generation, "_settle", None, "settled")
     _wrap(llama_engine.LlamaEngine, "generate", None, "generate_returned")
     _wrap(worker.EngineWorker, "_enqueue", "submit")
+    settle = worker.ThreadCall._settle
+
+    def marked_settle(self: Any) -> None:
+        if _MARKS and self._wake_fd is not None and "settle_fd_readable=" not in _MARKS[-1]:
+            import select
+
+            readable = bool(select.select([self._wake_fd], [], [], 0)[0])
+            _MARKS[-1]["settle_fd_readable="] = float(readable)
+            _mark("settle_cb")
+        settle(self)
+
+    worker.ThreadCall._settle = marked_settle  # type: ignore[method-assign]
     _wrap(launching.WorkerFileCheck, "run", "worker_check", "worker_checked")
     _wrap(worker.ThreadCall, "_complete", "call_complete")
     _old_path()
@@ -147,25 +160,26 @@ def _old_path() -> None:
     start = admission.Admission.start
 
     async def old_start(self: Any, *args: Any, launch_checks_file: bool) -> Any:
-        return await start(self, *args, launch_checks_file=launch_checks_file and not _old())
+        checks = launch_checks_file and not _old("stat")
+        return await start(self, *args, launch_checks_file=checks)
 
     admission.Admission.start = old_start  # type: ignore[method-assign]
     generation = launching.Launcher._generation
 
     async def old_generation(self: Any, *args: Any, check_file: bool = True) -> Any:
-        return await generation(self, *args, check_file=check_file and not _old())
+        return await generation(self, *args, check_file=check_file and not _old("stat"))
 
     launching.Launcher._generation = old_generation  # type: ignore[method-assign]
     submit = worker.EngineWorker.submit_signalling
 
     def old_submit(self: Any, fn: Any, wake_fd: int | None = None) -> Any:
-        return submit(self, fn, None if _old() else wake_fd)
+        return submit(self, fn, None if _old("signal") else wake_fd)
 
     worker.EngineWorker.submit_signalling = old_submit  # type: ignore[method-assign]
     wait = worker.ThreadCall.wait
 
     async def old_wait(self: Any) -> Any:
-        if _old():  # as before: always one event-loop turn, for the worker's notice
+        if _old("wait"):  # as before: always one event-loop turn, for the worker's notice
             await self._finished.wait()
         return await wait(self)
 
@@ -173,11 +187,14 @@ def _old_path() -> None:
     from modeld import events
 
     call_soon = events._call_soon
-    events._call_soon = lambda callback: callback() if _old() else call_soon(callback)
+    events._call_soon = lambda callback: callback() if _old("soon") else call_soon(callback)
 
 
-def _old() -> bool:
-    return _STATE["old"]
+def _old(part: str) -> bool:
+    """This request takes the old path for ``part`` (MODELD_PROBE_OLD: the parts restored
+    on the old path, comma-separated; all by default)."""
+    parts = os.environ.get("MODELD_PROBE_OLD", "stat,signal,wait,soon").split(",")
+    return _STATE["old"] and part in parts
 
 
 def serve(marks_path: Path, alternate: bool, flags: list[str]) -> int:
@@ -214,7 +231,9 @@ def _request(port: int, body: bytes) -> dict[str, float]:
     return marks
 
 
-def drive(requests: int, tokens: int, alternate: bool, flags: list[str]) -> None:
+def drive(
+    requests: int, tokens: int, alternate: bool, flags: list[str], pause_s: float = 0.0
+) -> None:
     """Start the instrumented server, send the requests, print the medians."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import httpx
@@ -249,7 +268,13 @@ def drive(requests: int, tokens: int, alternate: bool, flags: list[str]) -> None
                 {"model": "tiny.gguf", "prompt": "hello world and the", "max_tokens": tokens}
                 | {"temperature": 0.0}
             ).encode()
-            clients = [_request(port, body) for _ in range(requests + 4)]
+            clients = []
+            for _ in range(requests + 4):
+                clients.append(_request(port, body))
+                if pause_s:  # as the benchmark does: the server stopped while the other runs
+                    server.send_signal(signal.SIGSTOP)
+                    time.sleep(pause_s)
+                    server.send_signal(signal.SIGCONT)
         finally:
             server.terminate()
             server.wait(30)
@@ -292,8 +317,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--tokens", type=int, default=1)
     parser.add_argument("--alternate", action="store_true")
+    parser.add_argument("--pause-ms", type=float, default=0.0, help="server stopped between")
     args, flags = parser.parse_known_args()
-    drive(args.requests, args.tokens, args.alternate, flags)
+    drive(args.requests, args.tokens, args.alternate, flags, args.pause_ms / 1000)
 
 
 if __name__ == "__main__":
