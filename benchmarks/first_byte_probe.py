@@ -7,8 +7,11 @@ every mark is "ms after the client sent the request".
 model, starts the instrumented server, sends N serial ``/infer`` streams of T tokens and
 prints the median of each mark. With ``--alternate`` the server switches request by
 request between the request path as it is and the one before issue 24's last change
-(:func:`_old_path`), so that host load falls on both alike. A profiling aid, not a
-benchmark: the figures that count come from ``nox -s bench_llama_server``.
+(:func:`_old_path`; ``MODELD_PROBE_OLD`` names the parts it restores), so that host load
+falls on both alike. ``--pause-ms P`` stops the server (SIGSTOP) for P ms after each
+request, as the benchmark does while llama-server runs; ``MODELD_PROBE_ROWS=FILE`` keeps
+every request's marks. A profiling aid, not a benchmark: the figures that count come
+from ``nox -s bench_llama_server``.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def _instrument(alternate: bool) -> None:
     """Marks along the request path (see the table the driver prints)."""
     from modeld.api import protocol, streaming
     from modeld.engine import cloop, llama_engine, tokens, worker
-    from modeld.scheduling import admission, generation, launching, pool
+    from modeld.scheduling import admission, file_check, generation, launching, pool
 
     original_answer = protocol.answer
 
@@ -89,7 +92,8 @@ def _instrument(alternate: bool) -> None:
             _MARKS[-1]["old"] = float(_STATE["old"])
         return await original_answer(*args, **kwargs)
 
-    protocol.answer = answer  # type: ignore[assignment]
+    patched: Any = protocol
+    patched.answer = answer
     _wrap(admission.Admission, "_start_within", "admitted")
     _wrap(pool.InstancePool, "ready_instance", "ready_instance", "instance_ready")
     _wrap(launching.Launcher, "_generation", "launch", "prepared_seen")
@@ -140,8 +144,9 @@ def _instrument(alternate: bool) -> None:
             _mark("settle_cb")
         settle(self)
 
-    worker.ThreadCall._settle = marked_settle  # type: ignore[method-assign]
-    _wrap(launching.WorkerFileCheck, "run", "worker_check", "worker_checked")
+    call_type: Any = worker.ThreadCall
+    call_type._settle = marked_settle
+    _wrap(file_check.WorkerFileCheck, "run", "worker_check", "worker_checked")
     _wrap(worker.ThreadCall, "_complete", "call_complete")
     _old_path()
 
@@ -157,37 +162,43 @@ def _old_path() -> None:
     from modeld.engine import worker
     from modeld.scheduling import admission, launching
 
-    start = admission.Admission.start
+    admission_type: Any = admission.Admission
+    start = admission_type.start
 
     async def old_start(self: Any, *args: Any, launch_checks_file: bool) -> Any:
         checks = launch_checks_file and not _old("stat")
         return await start(self, *args, launch_checks_file=checks)
 
-    admission.Admission.start = old_start  # type: ignore[method-assign]
-    generation = launching.Launcher._generation
+    admission_type.start = old_start
+    launcher_type: Any = launching.Launcher
+    generation = launcher_type._generation
 
-    async def old_generation(self: Any, *args: Any, check_file: bool = True) -> Any:
-        return await generation(self, *args, check_file=check_file and not _old("stat"))
+    async def old_generation(self: Any, *args: Any, **kwargs: Any) -> Any:
+        check_file = kwargs.pop("check_file", True) and not _old("stat")
+        return await generation(self, *args, check_file=check_file, **kwargs)
 
-    launching.Launcher._generation = old_generation  # type: ignore[method-assign]
-    submit = worker.EngineWorker.submit_signalling
+    launcher_type._generation = old_generation
+    worker_type: Any = worker.EngineWorker
+    submit = worker_type.submit_signalling
 
     def old_submit(self: Any, fn: Any, wake_fd: int | None = None) -> Any:
         return submit(self, fn, None if _old("signal") else wake_fd)
 
-    worker.EngineWorker.submit_signalling = old_submit  # type: ignore[method-assign]
-    wait = worker.ThreadCall.wait
+    worker_type.submit_signalling = old_submit
+    call_type: Any = worker.ThreadCall
+    wait = call_type.wait
 
     async def old_wait(self: Any) -> Any:
         if _old("wait"):  # as before: always one event-loop turn, for the worker's notice
             await self._finished.wait()
         return await wait(self)
 
-    worker.ThreadCall.wait = old_wait  # type: ignore[method-assign]
+    call_type.wait = old_wait
     from modeld import events
 
-    call_soon = events._call_soon
-    events._call_soon = lambda callback: callback() if _old("soon") else call_soon(callback)
+    events_module: Any = events
+    call_soon = events_module._call_soon
+    events_module._call_soon = lambda callback: callback() if _old("soon") else call_soon(callback)
 
 
 def _old(part: str) -> bool:
@@ -279,14 +290,15 @@ def drive(
             server.terminate()
             server.wait(30)
         server_marks = json.loads(marks_path.read_text())
-    _report(clients[4:], server_marks[4:], alternate)
+    _report(clients[4:], server_marks[4:])
     rows_path = os.environ.get("MODELD_PROBE_ROWS")
     if rows_path:  # every request's marks, for a closer look
         rows = [{**s, **c} for c, s in zip(clients[4:], server_marks[4:], strict=True)]
         Path(rows_path).write_text(json.dumps(rows))
 
 
-def _report(clients: list[dict[str, float]], servers: list[dict[str, float]], alt: bool) -> None:
+def _report(clients: list[dict[str, float]], servers: list[dict[str, float]]) -> None:
+    """Medians of each mark, per path: a markdown table on stdout."""
     groups: dict[str, list[dict[str, float]]] = {"new": [], "old": []}
     for client, server in zip(clients, servers, strict=True):
         merged = {**server, **client}
@@ -306,7 +318,6 @@ def _report(clients: list[dict[str, float]], servers: list[dict[str, float]], al
                 values = [(r[name] - r["sent"]) * 1000 for r in rows if name in r]
             cells.append(f"{statistics.median(values):.3f}" if values else "-")
         print(f"| {name} | " + " | ".join(cells) + " |")
-    del alt
 
 
 def main() -> None:
