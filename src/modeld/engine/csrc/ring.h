@@ -11,6 +11,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <sched.h>
 #include <linux/futex.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -146,13 +147,16 @@ ring_notify_consumer(ring_t *r)
 }
 
 /* A loop has started (the C loop: with the GIL released): wake the consumer once if it
- * asked for it (ring_wake_at_start), as a push would; a drain clears it. */
-static void
+ * asked for it (the wake_at_start flag), as a push would; a drain clears it. True when
+ * it woke the consumer. */
+static bool
 ring_loop_started(ring_t *r)
 {
     if (atomic_exchange(&r->wake_at_start, 0)) {
         ring_notify_consumer(r);
+        return true;
     }
+    return false;
 }
 
 /* Consumer side, between a wake-up and the drain that follows it: clear the wake-up
