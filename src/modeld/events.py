@@ -8,6 +8,7 @@ up loses the oldest events rather than holding memory or slowing the scheduler.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections import deque
@@ -134,24 +135,37 @@ Listener = Callable[[Event], None]
 class EventHub:
     """Publish from the event loop's thread; subscribe from any task.
 
-    Listeners (metrics, logs) are called synchronously on publish and must not block;
-    subscribers (``GET /events``) read at their own pace from a bounded buffer.
+    Listeners are called on publish and must not block: synchronously, or (``soon``)
+    once the event loop is done with what it is doing; subscribers (``GET /events``)
+    read at their own pace from a bounded buffer.
     """
 
     def __init__(self, capacity_per_subscriber: int = 256) -> None:
         self._capacity = capacity_per_subscriber
         self._subscribers: set[Subscription] = set()
         self._listeners: list[Listener] = []
+        self._soon: list[Listener] = []
         self._closed = False
 
-    def add_listener(self, listener: Listener) -> None:
-        self._listeners.append(listener)
+    def add_listener(self, listener: Listener, *, soon: bool = False) -> None:
+        """``soon``: for work nobody waits for (a log line, metrics): called in order,
+        right after what published the event (a generation's end) has let the event
+        loop go, so that a request's last line is not written after it. On asyncio;
+        elsewhere (and outside an event loop) at once."""
+        (self._soon if soon else self._listeners).append(listener)
 
     def publish(self, event: Event) -> None:
         for listener in self._listeners:
             listener(event)
+        if self._soon:
+            _call_soon(lambda: self._call(self._soon, event))
         for subscriber in self._subscribers:
             subscriber._offer(event)
+
+    @staticmethod
+    def _call(listeners: list[Listener], event: Event) -> None:
+        for listener in listeners:
+            listener(event)
 
     def close(self) -> None:
         """End every subscription (at shutdown): each reads what is left, then None."""
@@ -169,3 +183,13 @@ class EventHub:
             yield subscription
         finally:
             self._subscribers.discard(subscription)
+
+
+def _call_soon(callback: Callable[[], None]) -> None:
+    """``callback`` on the running asyncio loop's next turn; at once without one."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # trio, or no event loop
+        callback()
+        return
+    loop.call_soon(callback)

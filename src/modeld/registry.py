@@ -140,6 +140,27 @@ class Registry:
         check_model_id(model_id)
         return self._inspect(model_id)
 
+    @property
+    def timeout_s(self) -> float:
+        """How long a filesystem call may take before the models dir counts as unavailable."""
+        return self._timeout_s
+
+    def unchanged(self, model: ModelFile) -> bool:
+        """Blocking, one ``stat()`` (for the model's worker thread, which runs it as the
+        first step of a request to the loaded model): True when ``model.id`` still names
+        the very file ``model`` was loaded from, a readable regular file. False when
+        anything differs or fails: the caller then looks it up in full (:meth:`lookup`)."""
+        candidate = self._root / model.id
+        try:
+            info = os.stat(candidate)
+        except OSError:
+            return False
+        return (
+            stat.S_ISREG(info.st_mode)
+            and FileIdentity.of(info) == model.identity
+            and os.access(candidate, os.R_OK)
+        )
+
     def _inspect(self, model_id: str) -> ModelFile:
         candidate = self._root / model_id
         try:

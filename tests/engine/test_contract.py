@@ -5,17 +5,22 @@ the request was being prepared evaluates nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import select
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import anyio
 import pytest
+from llama_cpp import Llama
 
 from modeld.engine.base import StopCode, TokenLoop
 from modeld.engine.contract import Engine, Recipe, run_request
 from modeld.engine.llama_engine import EngineSettings, LlamaEngine
 from modeld.engine.worker import EngineWorker
 from modeld.errors import InvalidRequest, NoChatTemplate
-from modeld.types import ChatMessage, ChatRequest, InferRequest
+from modeld.types import ChatMessage, ChatRequest, InferRequest, SamplingParams
 
 SETTINGS = EngineSettings(n_ctx=256, n_batch=64, n_threads=1, n_gpu_layers=0)
 ASK = InferRequest(prompt="hello there", max_tokens=4, temperature=0.0)
@@ -100,4 +105,91 @@ async def test_a_worker_call_is_awaited_at_its_signal_and_at_its_end() -> None:
         with pytest.raises(ZeroDivisionError):
             await failing.signalled()
     finally:
+        await worker.shutdown()
+
+
+@pytest.mark.parametrize("asked", [True, False], ids=["asked", "not-asked"])
+def test_the_loop_wakes_a_ring_that_asked_as_it_starts_before_any_token(
+    loop: TokenLoop, tiny_llama: Llama, asked: bool
+) -> None:
+    """The scheduler's "prepared" wake: the C loop gives it once it has let go of the
+    GIL, the Python loop as it starts; a ring cancelled first shows it with nothing in
+    it (and the loop evaluates nothing)."""
+    ring = loop.new_ring()
+    try:
+        if asked:
+            ring.wake_at_start()
+        ring.cancel()
+        tokens = tiny_llama.tokenize(b"hello there")
+        outcome = loop.run(tiny_llama, ring, tokens, SamplingParams(max_tokens=4))
+        readable = bool(select.select([ring.fileno()], [], [], 0)[0])
+        drained = ring.drain()
+    finally:
+        ring.close()
+    assert outcome.stop_code is StopCode.CANCELLED
+    assert readable is asked
+    assert drained == (b"", 0, False)  # woken, no token, not finished (the worker finishes)
+
+
+@pytest.mark.anyio
+async def test_a_signal_with_a_wake_descriptor_wakes_the_waiter_through_it() -> None:
+    """``submit_signalling(fn, wake_fd)``: the signal is recorded and the descriptor,
+    made readable after it (as the ring's loop does on starting), wakes the waiter; an
+    end wakes it too."""
+    worker = EngineWorker("test-signal-fd")
+    wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    release = threading.Event()
+
+    def work(signal: Callable[[], None]) -> str:
+        signal()
+        os.eventfd_write(wake_fd, 1)
+        release.wait(30)
+        return "done"
+
+    try:
+        call = worker.submit_signalling(work, wake_fd)
+        with anyio.fail_after(10):
+            assert await call.signalled() is True
+        assert not call.done
+        release.set()
+        assert await call.wait() == "done"
+        os.eventfd_read(wake_fd)
+        failing = worker.submit_signalling(lambda signal: 1 // 0, wake_fd)
+        with pytest.raises(ZeroDivisionError):  # its end wakes the waiter
+            await failing.signalled()
+        silent = worker.submit_signalling(lambda signal: "no signal", wake_fd)
+        assert await silent.signalled() is False
+    finally:
+        release.set()
+        os.close(wake_fd)
+        await worker.shutdown()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("signal_after_s", [0.0, 0.05], ids=["at-once", "late"])
+async def test_a_signal_whose_descriptor_stays_quiet_still_wakes_the_waiter(
+    signal_after_s: float,
+) -> None:
+    """A call that signals and then works on without making its descriptor readable (a
+    prompt-cache restore before the token loop) is seen as signalled while it runs."""
+    worker = EngineWorker("test-signal-quiet")
+    wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    release = threading.Event()
+
+    def work(signal: Callable[[], None]) -> str:
+        release.wait(signal_after_s)  # preparing (never released: it just takes this long)
+        signal()
+        release.wait(30)
+        return "done"
+
+    try:
+        call = worker.submit_signalling(work, wake_fd)
+        with anyio.fail_after(10):
+            assert await call.signalled() is True
+        assert not call.done  # still running: the descriptor never turned readable
+        release.set()
+        assert await call.wait() == "done"
+    finally:
+        release.set()
+        os.close(wake_fd)
         await worker.shutdown()

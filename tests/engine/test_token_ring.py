@@ -266,3 +266,16 @@ def test_c_ring_capacity_bounds() -> None:
     ring = _c_ring(16)
     assert ring.capacity_bytes == 16  # type: ignore[attr-defined]
     ring.close()
+
+
+def test_a_loop_start_wakes_only_a_consumer_that_asked(make_ring: RingFactory) -> None:
+    quiet, asked = make_ring(64), make_ring(64)
+    asked.wake_at_start()
+    for ring in (quiet, asked):
+        ring.loop_started()
+    assert not _readable(quiet)  # a choice's loop, a warm-up: no wake for nothing
+    assert _readable(asked)
+    assert asked.drain() == (b"", 0, False)  # a wake, not data
+    assert not _readable(asked)
+    asked.loop_started()  # once per asking
+    assert not _readable(asked)

@@ -43,8 +43,9 @@ def create_app(
     """
     owned_manager = manager or ModelManager(settings)
     metrics = Metrics(owned_manager.statistics)
-    owned_manager.events.add_listener(metrics.on_event)
-    owned_manager.events.add_listener(log_event)
+    # after a request's last line, not before it
+    owned_manager.events.add_listener(metrics.on_event, soon=True)
+    owned_manager.events.add_listener(log_event, soon=True)
     routes = mounted_routes()
 
     @asynccontextmanager

@@ -85,8 +85,9 @@ class LoopOutcome:
 class TokenRing(Protocol):
     """Bounded SPSC byte ring with a cancel flag and a wake-up file descriptor.
 
-    Consumer side (event loop): ``fileno``, ``drain``, ``watch_finish``, ``cancel``, ``close``.
-    Producer side (worker thread): ``push`` (used by the loop), ``finish`` (by the worker).
+    Consumer side (event loop): ``fileno``, ``drain``, ``watch_finish``, ``wake_at_start``,
+    ``cancel``, ``close``. Producer side (worker thread): ``loop_started`` and ``push``
+    (used by the loop), ``finish`` (by the worker).
     """
 
     def fileno(self) -> int:
@@ -116,6 +117,17 @@ class TokenRing(Protocol):
         Returns True when the stream has already finished. Lets the consumer let chunks
         gather while still seeing the end at once.
         """
+        ...
+
+    def wake_at_start(self) -> None:
+        """Before the run: the descriptor turns readable once when a loop starts on the
+        ring (``loop_started``), as a push would. The C loop wakes it after releasing
+        the GIL, so the consumer, woken, never waits for a worker that still needs it."""
+        ...
+
+    def loop_started(self) -> None:
+        """Producer side, as a loop starts: wakes the consumer if it asked
+        (``wake_at_start``). The C loop does this itself."""
         ...
 
     def push(self, data: bytes, tokens: int) -> bool:

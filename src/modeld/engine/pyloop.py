@@ -58,6 +58,7 @@ class PythonTokenLoop:
         seed = params.seed if params.seed is not None else secrets.randbits(32)
         llama.set_seed(seed)
 
+        ring.loop_started()  # a consumer that asked is woken (the C loop: without the GIL)
         started_ns = time.perf_counter_ns()
         kept = keep_prefix(llama, cached)
         if kept:  # Llama.eval() goes on from the kept positions

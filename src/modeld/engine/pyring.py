@@ -60,6 +60,7 @@ class PyTokenRing:
         self._buffer = bytearray()
         self._tokens = 0
         self._notified = False  # the wake-up was set (or watch_finish armed) since the drain
+        self._wake_at_start = False
         self._finished = False
         self._cancelled = False
         self._closed = False
@@ -121,6 +122,16 @@ class PyTokenRing:
             if not self._finished:
                 self._finished = True
                 self._wake.set()
+
+    def wake_at_start(self) -> None:
+        self._wake_at_start = True
+
+    def loop_started(self) -> None:
+        with self._cond:
+            if self._wake_at_start and not self._notified:
+                self._notified = True
+                self._wake.set()
+            self._wake_at_start = False
 
     def cancel(self) -> None:
         with self._cond:

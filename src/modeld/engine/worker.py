@@ -22,6 +22,11 @@ from anyio.lowlevel import current_token
 __all__ = ["EngineWorker", "ThreadCall", "WorkerStopped"]
 
 T = TypeVar("T")
+# How long a waiter gives a wake descriptor (see EngineWorker.submit_signalling) before a
+# signal wakes it as usual: a callable that signalled, then does slow work before what
+# makes the descriptor readable (a prompt-cache restore before the token loop), is seen
+# as signalled within this.
+SIGNAL_PATIENCE_S = 0.002
 LoopCallback = Callable[[Callable[[], None]], None]
 
 
@@ -60,9 +65,15 @@ class ThreadCall(Generic[T]):
     Made on the event loop's thread; its completion is signalled there.
     """
 
-    def __init__(self, fn: Callable[[], T], on_loop: LoopCallback) -> None:
+    def __init__(
+        self, fn: Callable[[], T], on_loop: LoopCallback, wake_fd: int | None = None
+    ) -> None:
         self._fn = fn
         self._on_loop = on_loop
+        self._wake_fd = wake_fd  # a signal wakes no one: this descriptor does
+        self._fd_wait: anyio.CancelScope | None = None
+        self._signal_lock = threading.Lock()
+        self._wake_at_signal = wake_fd is None  # waited past the patience: wake as usual
         self._finished = anyio.Event()
         self._done = threading.Event()
         self._callbacks: list[Callable[[], None]] = []
@@ -87,16 +98,26 @@ class ThreadCall(Generic[T]):
 
     def signal(self) -> None:
         """Worker thread: the callable has reached the point :meth:`signalled` waits for
-        (it goes on running)."""
-        self._on_loop(self._on_signal)
+        (it goes on running). With a wake descriptor the signal is only recorded: the
+        waiter wakes when the descriptor turns readable
+        (:meth:`EngineWorker.submit_signalling`)."""
+        with self._signal_lock:
+            self._signalled = True  # (the loop's own flag too: set again there, harmless)
+            wake = self._wake_at_signal
+        if wake:
+            self._on_loop(self._on_signal)
 
     def _on_signal(self) -> None:
         self._signalled = True
         self._woken.set()
 
     def _settle(self) -> None:
+        if self._finished.is_set():  # settled early by wait()
+            return
         self._finished.set()
         self._woken.set()
+        if self._fd_wait is not None:
+            self._fd_wait.cancel()
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             callback()
@@ -120,7 +141,15 @@ class ThreadCall(Generic[T]):
 
         Cancelling the wait does not stop the callable.
         """
-        await self._woken.wait()
+        if self._wake_fd is not None and not self._signalled and not self._woken.is_set():
+            with anyio.CancelScope() as self._fd_wait:
+                self._fd_wait.deadline = anyio.current_time() + SIGNAL_PATIENCE_S
+                await anyio.wait_readable(self._wake_fd)
+            self._fd_wait = None
+            with self._signal_lock:  # not woken in time: a signal from now on wakes
+                self._wake_at_signal = True
+        if not self._signalled:  # (readable before a signal: never; the end decides)
+            await self._woken.wait()
         if self._signalled:
             return True
         if self._error is not None:
@@ -131,8 +160,13 @@ class ThreadCall(Generic[T]):
         """The callable's result, or its exception re-raised.
 
         Cancelling the wait does not stop the callable: it runs to its end on the worker.
+        A call already :attr:`done` is settled here and now (its ``when_done`` callbacks
+        run first, as always), not one event-loop turn later.
         """
-        await self._finished.wait()
+        if self._done.is_set():
+            self._settle()  # the worker's own notice finds it settled
+        else:
+            await self._finished.wait()
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]
@@ -154,10 +188,19 @@ class EngineWorker:
     def submit(self, fn: Callable[[], T]) -> ThreadCall[T]:
         return self._enqueue(ThreadCall(fn, self._on_loop))
 
-    def submit_signalling(self, fn: Callable[[Callable[[], None]], T]) -> ThreadCall[T]:
+    def submit_signalling(
+        self, fn: Callable[[Callable[[], None]], T], wake_fd: int | None = None
+    ) -> ThreadCall[T]:
         """Run ``fn(signal)``: its call to ``signal()`` wakes whoever awaits
-        :meth:`ThreadCall.signalled` (a request prepared, its generation going on)."""
-        call: ThreadCall[T] = ThreadCall(lambda: fn(call.signal), self._on_loop)
+        :meth:`ThreadCall.signalled` (a request prepared, its generation going on).
+
+        With ``wake_fd`` the signal only records: the waiter wakes when that descriptor
+        turns readable, which ``fn`` makes happen after signalling (a token ring whose
+        loop wakes it on starting, once the worker no longer needs the GIL: waking the
+        event loop earlier makes the worker wait for the GIL the loop then holds), or
+        when ``fn`` ends; after :data:`SIGNAL_PATIENCE_S` a signal wakes the waiter as
+        usual."""
+        call: ThreadCall[T] = ThreadCall(lambda: fn(call.signal), self._on_loop, wake_fd)
         return self._enqueue(call)
 
     def _enqueue(self, call: ThreadCall[T]) -> ThreadCall[T]:

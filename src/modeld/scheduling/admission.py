@@ -88,9 +88,13 @@ class Admission:
     def generation_took(self, seconds: float) -> None:
         self._generation_s_ewma = 0.8 * self._generation_s_ewma + 0.2 * seconds
 
-    async def start(self, model_id: str, ticket: SlotTicket, launch: Launch[T]) -> T:
+    async def start(
+        self, model_id: str, ticket: SlotTicket, launch: Launch[T], *, launch_checks_file: bool
+    ) -> T:
         """Wait for the ticket's turn and a ready instance, then ``launch`` on it (None:
         the instance went away meanwhile; it is loaded again, still first in line).
+        ``launch_checks_file``: ``launch`` checks a loaded model's file itself, on the
+        model's worker (see :meth:`InstancePool.ready_instance`).
 
         Raises :class:`QueueTimeout` past ``--max-wait-ms``, :class:`InferTimeout` past
         an earlier ``--infer-timeout``, and what the lookup, the load and ``launch``
@@ -107,13 +111,15 @@ class Admission:
                     # a moment earlier, is the one that fires
                     inner_deadline_s = deadline_s + 1.0
                     return await self._start_within(
-                        model_id, ticket, timing, inner_deadline_s, launch
+                        model_id, ticket, timing, inner_deadline_s, launch, launch_checks_file
                     )
             except TimeoutError:
                 raise InferTimeout(
                     f"{model_id}: not started within --infer-timeout ({timeout:g} s)"
                 ) from None
-        return await self._start_within(model_id, ticket, timing, deadline_s, launch)
+        return await self._start_within(
+            model_id, ticket, timing, deadline_s, launch, launch_checks_file
+        )
 
     async def _start_within(
         self,
@@ -122,6 +128,7 @@ class Admission:
         timing: RequestTiming,
         deadline_s: float,
         launch: Launch[T],
+        launch_checks_file: bool,
     ) -> T:
         # The ticket keeps the request's place in the model's line from admission on,
         # across the file lookup and the load: the order of arrival is the order of
@@ -139,13 +146,19 @@ class Admission:
                 ) from None
             while True:
                 load_started_s = time.monotonic()
-                instance = await self._pool.ready_instance(model, deadline_s)
+                instance = await self._pool.ready_instance(
+                    model, deadline_s, check_file=not launch_checks_file
+                )
                 timing.load_s += time.monotonic() - load_started_s
                 timing.deadline_s = deadline_s
                 launched = await launch(instance, timing)
                 if launched is not None:
                     return launched
-                # unloaded between the load and the launch: load it again, still first
+                # unloaded between the load and the launch (or for a file replaced under
+                # it): load it again, still first, from the file as it is now
+                model = self._pool.loaded_file(model_id) or await self._pool.registry.lookup(
+                    model_id
+                )
         except BaseException:
             ticket.release()
             raise

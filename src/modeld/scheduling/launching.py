@@ -27,6 +27,7 @@ from modeld.events import EventHub, GenerationFinished
 from modeld.scheduling.admission import Admission
 from modeld.scheduling.choices import ChoiceRun, check_choices
 from modeld.scheduling.fifo import SlotTicket
+from modeld.scheduling.file_check import FileChanged, WorkerFileCheck, replaced_file
 from modeld.scheduling.generation import Generation, RequestTiming
 from modeld.scheduling.instance import Instance
 from modeld.scheduling.pool import InstancePool
@@ -97,7 +98,7 @@ class Launcher:
             def launch(instance: Instance, timing: RequestTiming) -> Awaitable[Generation | None]:
                 return self._generation(instance, request, recipe, run, timing, ticket)
 
-            await self._admission.start(model.id, ticket, launch)
+            await self._admission.start(model.id, ticket, launch, launch_checks_file=True)
             try:
                 yield run
             finally:
@@ -120,7 +121,9 @@ class Launcher:
                 self._pool.idle.used(instance, keep_alive)
                 return _start_embedding(self._pool, instance, texts, cancelled, timing, truncate)
 
-            call: ThreadCall[Embedded] = await self._admission.start(model_id, ticket, launch)
+            call: ThreadCall[Embedded] = await self._admission.start(
+                model_id, ticket, launch, launch_checks_file=False
+            )
             try:
                 vectors, prompt_tokens = await call.wait()
             except BaseException:
@@ -160,32 +163,44 @@ class Launcher:
         run: ChoiceRun,
         timing: RequestTiming,
         ticket: SlotTicket,
+        check_file: bool = True,
     ) -> Generation | None:
-        """Hand the request to the instance's worker, which prepares it and goes on to
-        generate its first choice; returns once it is prepared (None when the instance
-        went away meanwhile). The run takes over ``ticket``.
+        """Hand the request to the instance's worker, which checks the loaded file
+        (:mod:`~modeld.scheduling.file_check`), prepares the request and generates its
+        first choice; returns once the token loop has started (None: the instance went
+        away, or was unloaded for a changed file). The run takes over ``ticket``.
 
-        Raises what preparing raises (:class:`InvalidRequest`, ...). Cancelled while the
-        request is prepared, the worker is told to stop and the model stays busy (and
-        visibly so) until it has: the next request does not queue behind it unseen.
-        """
+        "Prepared" wakes no one: the loop wakes the event loop through the ring as it
+        starts (the C loop: without the GIL), so neither waits for the other's GIL on
+        the way to the first token; a preparation that fails ends the call, which wakes.
+
+        Raises what preparing and the file's lookup raise (:class:`InvalidRequest`, ...).
+        Cancelled while preparing, the worker is told to stop and the model stays busy
+        (visibly) until it has: the next request does not queue behind it unseen."""
         engine, worker = instance.engine, instance.worker
         if engine is None or worker is None:
             return None
         ring = engine.new_ring()
-
+        ring.wake_at_start()
+        check = WorkerFileCheck(self._pool.registry, instance.model if check_file else None)
         kept: list[PreparedRequest] = []
 
         def prepare_and_generate(prepared: Callable[[], None]) -> LoopOutcome:
+            check.run()
             return run_request(engine, request, recipe, ring, prepared, kept.append)
 
         leased = self._pool.threads.leased(instance, engine, prepare_and_generate)
-        # the first generation runs in a stage marker
-        call = _given_back(
-            self._pool, instance, worker.submit_signalling(self._pool.first_use(instance, leased))
-        )
+        staged = self._pool.first_use(instance, leased)  # the first one in a stage marker
+        call = _given_back(self._pool, instance, worker.submit_signalling(staged, ring.fileno()))
         try:
-            prepared = await call.signalled()
+            prepared = await check.signalled(call)
+        except FileChanged:
+            ring.close()
+            if await replaced_file(self._pool.registry, self._pool.unloader, instance):
+                return None  # unloaded: loaded again from the file as it is now
+            return await self._generation(  # the same file after all (a race): go on
+                instance, request, recipe, run, timing, ticket, check_file=False
+            )
         except (WorkerStopped, EngineClosed):
             ring.close()
             return None

@@ -15,7 +15,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from modeld.engine.base import TokenLoop
-from modeld.errors import InvalidModelId, ModeldError, ModelNotFound, QueueTimeout, ShuttingDown
+from modeld.errors import ModeldError, QueueTimeout, ShuttingDown
 from modeld.events import EventHub, ModelFailed, ModelLoadStarted, ModelReady
 from modeld.memory.budget import MemoryBudget
 from modeld.memory.probe import MemoryProbe
@@ -23,6 +23,7 @@ from modeld.prompt_cache import PromptCache
 from modeld.registry import ModelFile, Registry
 from modeld.scheduling.clock import Clock, MonotonicClock
 from modeld.scheduling.fifo import FifoSlot
+from modeld.scheduling.file_check import replaced_file
 from modeld.scheduling.file_guard import FileGuard
 from modeld.scheduling.idle import IdleUnloader
 from modeld.scheduling.instance import Instance
@@ -179,8 +180,14 @@ class InstancePool:
         self.idle.touched(instance)
         return instance
 
-    async def ready_instance(self, model: ModelFile, deadline_s: float) -> Instance:
+    async def ready_instance(
+        self, model: ModelFile, deadline_s: float, *, check_file: bool = True
+    ) -> Instance:
         """A ready instance of ``model``, loading it (once, however many wait) if needed.
+
+        A ready one's file is looked up again (a replaced file is loaded anew) unless
+        ``check_file`` is False and ``model`` is the loaded file: the caller's work then
+        checks it on the model's worker (:mod:`~modeld.scheduling.file_check`).
 
         Raises the load's own error (:class:`ModelInvalid`, :class:`ModelTooLarge`,
         :class:`MemoryBusy`, ...), :class:`ModelCoolingDown` during a failed load's backoff,
@@ -197,13 +204,11 @@ class InstancePool:
                 await instance.gone.wait()
                 continue
             if instance.state is InstanceState.READY:
-                current = await _changed_file(self.registry, instance)
-                if current is not None:
-                    await self.unloader.unload(instance, DoneReason.EVICTED, cause="file_changed")
-                    if isinstance(current, ModeldError):
-                        raise current  # deleted (404), or no longer a valid id
-                    model = current  # loaded again from the file as it is now
-                    continue
+                if check_file or model.identity != instance.model.identity:
+                    current = await replaced_file(self.registry, self.unloader, instance)
+                    if current is not None:
+                        model = current  # loaded again from the file as it is now
+                        continue
                 if not instance.is_ready():  # unloaded while the file was looked at
                     continue
                 return instance
@@ -219,7 +224,8 @@ class InstancePool:
 
     def loaded_file(self, model_id: str) -> ModelFile | None:
         """The file of ``model_id``'s ready instance (None: none is ready): the request
-        need not look it up before its turn, :meth:`ready_instance` checks it then."""
+        need not look it up before its turn: it is checked then (:meth:`ready_instance`,
+        or the request's first step on the worker)."""
         instance = self._instances.get(model_id)
         return instance.model if instance is not None and instance.is_ready() else None
 
@@ -298,18 +304,3 @@ async def _first_of(*events: anyio.Event) -> None:
 
         for event in events:
             waits.start_soon(first, event)
-
-
-async def _changed_file(registry: Registry, instance: Instance) -> ModelFile | ModeldError | None:
-    """A file rewritten in place under a loaded (mmapped) model must not be used: the
-    file as it is now when it is not the one loaded (the error that looking it up raised
-    when it is gone), None when it is the same.
-
-    The only file lookup of a request to a loaded model (admission skips its own).
-    Raises :class:`ModelsDirUnavailable` when the models dir does not answer.
-    """
-    try:
-        current = await registry.lookup(instance.model_id)
-    except (ModelNotFound, InvalidModelId) as exc:
-        return exc
-    return None if current.identity == instance.model.identity else current

@@ -11,6 +11,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <sched.h>
 #include <linux/futex.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -51,6 +52,7 @@ typedef struct {
     _Atomic int finished;
     _Atomic int cancelled;
     _Atomic int producer_busy;      /* a push or a loop owns the producer side */
+    _Atomic int wake_at_start;      /* the consumer wants a wake-up when a loop starts */
     int wake_fd;                    /* -1 once closed */
 } ring_t;
 
@@ -142,6 +144,19 @@ ring_notify_consumer(ring_t *r)
     if (atomic_exchange(&r->consumer_notified, 1) == 0) {
         eventfd_write(r->wake_fd, 1);
     }
+}
+
+/* A loop has started (the C loop: with the GIL released): wake the consumer once if it
+ * asked for it (the wake_at_start flag), as a push would; a drain clears it. True when
+ * it woke the consumer. */
+static bool
+ring_loop_started(ring_t *r)
+{
+    if (atomic_exchange(&r->wake_at_start, 0)) {
+        ring_notify_consumer(r);
+        return true;
+    }
+    return false;
 }
 
 /* Consumer side, between a wake-up and the drain that follows it: clear the wake-up
