@@ -209,18 +209,24 @@ def test_responses_output_text_logprobs(server: RunningServer) -> None:
     assert bad.json()["error"]["param"] == "top_logprobs"
 
 
-def test_native_infer_reports_them_in_chunks_and_the_terminal_line(
+def test_native_infer_reports_them_in_chunks_or_the_whole_record(
     server: RunningServer,
 ) -> None:
+    """Streamed, the chunk lines carry every entry and the terminal line repeats none
+    (the stream keeps nothing it sent); whole, the record has them all."""
     body = {"model": TINY, "prompt": "The quick", "max_tokens": 6, "temperature": 0,
             "logprobs": 1}  # fmt: skip
     with server.client() as http:
         lines = [json.loads(line) for line in http.post("/infer", json=body).text.splitlines()]
+        whole = http.post("/infer", json={**body, "stream": False}).json()
         refused = http.post("/infer", json={**body, "logprobs": 21})
     *chunks, last = lines
     streamed = [e for chunk in chunks for e in chunk.get("logprobs", ())]
-    assert len(last["logprobs"]) == last["metrics"]["completion_tokens"]
-    _same(streamed, last["logprobs"])
+    assert len(streamed) == last["metrics"]["completion_tokens"]
+    assert "logprobs" not in last
+    assert len(whole["logprobs"]) == whole["metrics"]["completion_tokens"]
+    _check_entries(whole["logprobs"], whole["text"], 1)
+    _same(streamed, whole["logprobs"])
     assert refused.status_code == 400
     assert "logprobs" in refused.text
 
