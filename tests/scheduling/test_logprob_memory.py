@@ -51,14 +51,16 @@ async def test_a_stream_keeps_no_entries_and_a_whole_answer_keeps_what_it_would_
 
 
 async def test_every_streamed_choice_keeps_none(manager_factory: Factory, models_dir: Path) -> None:
-    async with manager_factory(models_dir) as manager:
-        async with manager.choices(ask(temperature=1.0, seed=3), 3) as run:
-            counts = []
-            async for generation in run:
-                sent = [e async for chunk in generation for e in chunk.logprobs]
-                assert generation.result is not None
-                assert generation.result.logprobs == ()
-                counts.append((len(sent), generation.result.metrics.completion_tokens))
+    counts = []
+    async with (
+        manager_factory(models_dir) as manager,
+        manager.choices(ask(temperature=1.0, seed=3), 3) as run,
+    ):
+        async for generation in run:
+            sent = [e async for chunk in generation for e in chunk.logprobs]
+            assert generation.result is not None
+            assert generation.result.logprobs == ()
+            counts.append((len(sent), generation.result.metrics.completion_tokens))
     assert len(counts) == 3
     assert all(entries == tokens > 0 for entries, tokens in counts)
 
