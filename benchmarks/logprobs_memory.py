@@ -99,7 +99,10 @@ def _http(root: Path, models_dir: Path, streamed: bool) -> dict[str, Any]:
     from tests.support.server import start_modeld
 
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in NO_PROMPT_CACHE.items()]
-    server = start_modeld(models_dir, root, "--threads", "2", "--n-ctx", "1024", *flags)
+    config = root / "modeld.toml"  # the file's own template is hidden: llama.cpp's gemma
+    config.write_text(f'[models."{GEMMA}"]\nchat_template = "gemma"\n')
+    flags += ["--config", str(config), "--threads", "2", "--n-ctx", "1024"]
+    server = start_modeld(models_dir, root, *flags)
     try:
         body: dict[str, Any] = {
             "model": GEMMA,
@@ -114,12 +117,13 @@ def _http(root: Path, models_dir: Path, streamed: bool) -> dict[str, Any]:
             time.sleep(0.5)
             before = _status_kib(server.process.pid)
             asked = {**body, "n": CHOICES, "logprobs": True, "top_logprobs": TOP}
-            tokens = 0
+            tokens = answer_bytes = 0
             if streamed:
                 asked["stream"] = True
                 asked["stream_options"] = {"include_usage": True}
                 with http.stream("POST", "/v1/chat/completions", json=asked) as answer:
                     for line in answer.iter_lines():
+                        answer_bytes += len(line) + 2
                         if line.startswith("data: {"):
                             usage = json.loads(line[6:]).get("usage")
                             tokens = usage["completion_tokens"] if usage else tokens
@@ -127,12 +131,14 @@ def _http(root: Path, models_dir: Path, streamed: bool) -> dict[str, Any]:
                 answer = http.post("/v1/chat/completions", json=asked)
                 assert answer.status_code == 200, answer.text
                 tokens = answer.json()["usage"]["completion_tokens"]
+                answer_bytes = len(answer.content)
             after = _status_kib(server.process.pid)
     finally:
         server.stop()
     return {
         "case": "streamed" if streamed else "whole",
         "completion_tokens": tokens,
+        "answer_mib": round(answer_bytes / 2**20, 1),
         "vmhwm_before_mib": round(before["VmHWM"] / 1024, 1),
         "vmhwm_growth_mib": round((after["VmHWM"] - before["VmHWM"]) / 1024, 1),
         "vmrss_growth_mib": round((after["VmRSS"] - before["VmRSS"]) / 1024, 1),
