@@ -31,8 +31,9 @@ TOP = 20
 MAX_TOKENS = 400
 PROMPT = "Once upon a time, in a city by the sea, there lived"
 GEMMA = "gemma-3-270m-q4_k_m.gguf"
-# the prompt cache keeps each choice's state: off, so what grows is the answer's
-NO_PROMPT_CACHE = {"prompt_cache_mb": "0", "prompt_cache_disk_mb": "0"}
+# the prompt cache keeps each choice's state: off, so what grows is the answer's; and no
+# --infer-timeout on a busy machine (it bounds all the choices together)
+QUIET = {"prompt_cache_mb": "0", "prompt_cache_disk_mb": "0", "infer_timeout": "3600"}
 
 
 def _models_dir(root: Path) -> Path:
@@ -50,7 +51,7 @@ async def _library(models_dir: Path, streamed: bool) -> dict[str, Any]:
     from modeld.settings.config import load_settings
     from modeld.types import InferRequest
 
-    flags = {"models_dir": str(models_dir), "n_ctx": "1024", "threads": "2", **NO_PROMPT_CACHE}
+    flags = {"models_dir": str(models_dir), "n_ctx": "1024", "threads": "2", **QUIET}
     request = InferRequest(
         prompt=PROMPT, model=GEMMA, max_tokens=MAX_TOKENS, temperature=1.0, seed=1, logprobs=TOP
     )
@@ -72,12 +73,14 @@ async def _library(models_dir: Path, streamed: bool) -> dict[str, Any]:
                 assert generation.result is not None
                 results.append(generation.result)
                 tokens += generation.result.metrics.completion_tokens
+        assert run.stopped is None, run.stopped
         held, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         kept = sum(len(r.logprobs or ()) for r in results)
     return {
         "case": "streamed" if streamed else "whole",
         "completion_tokens": tokens,
+        "done": sorted({str(r.done_reason) for r in results}),
         "entries_sent": entries,
         "entries_in_results": kept,
         "peak_mib": round((peak - before) / 2**20, 2),
@@ -98,7 +101,7 @@ def _status_kib(pid: int) -> dict[str, int]:
 def _http(root: Path, models_dir: Path, streamed: bool) -> dict[str, Any]:
     from tests.support.server import start_modeld
 
-    flags = [f"--{key.replace('_', '-')}={value}" for key, value in NO_PROMPT_CACHE.items()]
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in QUIET.items()]
     config = root / "modeld.toml"  # the file's own template is hidden: llama.cpp's gemma
     config.write_text(f'[models."{GEMMA}"]\nchat_template = "gemma"\n')
     flags += ["--config", str(config), "--threads", "2", "--n-ctx", "1024"]
