@@ -114,7 +114,7 @@ def _http(root: Path, models_dir: Path, streamed: bool) -> dict[str, Any]:
             "temperature": 1.0,
             "seed": 1,
         }
-        with server.client(timeout_s=600) as http:
+        with server.client(timeout_s=3600) as http:
             warm = http.post("/v1/chat/completions", json={**body, "max_tokens": 4})
             assert warm.status_code == 200, warm.text
             time.sleep(0.5)
