@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from modeld.logprob_entry import TokenLogprob, TopLogprob
 from modeld.settings.keep_alive import KeepAlive
 from modeld.sizes import MAX_CONTEXT_TOKENS
 
@@ -17,6 +18,7 @@ __all__ = [
     "MAX_CHAT_MESSAGES",
     "MAX_CHOICES",
     "MAX_EMBEDDING_INPUTS",
+    "MAX_LOGPROB_VALUES",
     "MAX_STOP_STRINGS",
     "MAX_STOP_STRING_CHARS",
     "MAX_TOOLS",
@@ -63,6 +65,9 @@ MAX_CHAT_MESSAGES = 4096
 MAX_RAW_GRAMMAR_CHARS = 256 * 1024  # a first bound; modeld.grammar's bytes bound is exact
 MAX_EMBEDDING_INPUTS = 2048
 MAX_CHOICES = 8  # answers to one request (OpenAI's n): each is a generation on the held slot
+# log probabilities one request may report: tokens x choices x (1 + alternatives), where
+# tokens is max_tokens, or the context when unset (modeld.scheduling.choices checks it)
+MAX_LOGPROB_VALUES = 1 << 20
 
 
 class DoneReason(enum.StrEnum):
@@ -327,26 +332,6 @@ class ToolCallDelta(msgspec.Struct, frozen=True, kw_only=True):
     arguments: str = ""
 
 
-class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
-    """One of the likeliest tokens at a position: its id, its piece (raw bytes, maybe
-    part of a UTF-8 character) and its log probability."""
-
-    id: int
-    piece: bytes
-    logprob: float
-
-    @property
-    def text(self) -> str:
-        return self.piece.decode("utf-8", "replace")
-
-
-class TokenLogprob(TopLogprob, frozen=True, array_like=True):
-    """A generated token's log probability and the ``logprobs`` likeliest tokens at its
-    position, most likely first."""
-
-    top: tuple[TopLogprob, ...] = ()
-
-
 class Chunk(msgspec.Struct, frozen=True):
     """Text produced since the last chunk and how many tokens made it; for a request
     with tools, ``text`` is content only and ``tool_calls`` the calls it completed.
@@ -382,7 +367,8 @@ class GenerationResult(msgspec.Struct, frozen=True):
     error: dict[str, str] | None = None
     # the calls the answer made (a request with tools); its text is then content only
     tool_calls: tuple[MessageToolCall, ...] = ()
-    # one entry per generated token that produced text, in order; None when not asked
+    # one entry per generated token that produced text, in order, when read whole
+    # (Generation.read_whole); () when streamed: the chunks carried them; None: not asked
     logprobs: tuple[TokenLogprob, ...] | None = None
 
 

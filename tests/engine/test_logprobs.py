@@ -4,6 +4,7 @@ rounding), the values llama.cpp's own logits give, and none of the work when not
 from __future__ import annotations
 
 import math
+import tracemalloc
 from pathlib import Path
 
 import msgspec
@@ -107,6 +108,28 @@ def test_nothing_is_queued_when_not_asked(loop: TokenLoop, tiny_llama: Llama) ->
         assert ring.drain_logprobs() == []
     finally:
         ring.close()
+
+
+def test_a_queued_record_takes_what_its_pieces_need(c_loop: TokenLoop, tiny_llama: Llama) -> None:
+    """Records wait in the C loop's queue until the event loop drains them, which a
+    stream's slow client delays by up to a ring's worth of tokens: each is the size of
+    its pieces, not of the 256-byte bound per alternative (it was ~5.4 KB with 20)."""
+    params = msgspec.structs.replace(GREEDY, max_tokens=64, logprobs=MAX_TOP_LOGPROBS)
+    prompt = tiny_llama.tokenize(PROMPT_TEXT)
+    ring = c_loop.new_ring()
+    try:
+        tracemalloc.start()  # the C loop allocates through PyMem_Raw*: traced
+        before_bytes = tracemalloc.get_traced_memory()[0]
+        thread, result = run_in_worker(lambda: c_loop.run(tiny_llama, ring, prompt, params), ring)
+        consume(ring)
+        tokens = outcome_of(thread, result).completion_tokens
+        queued_bytes = tracemalloc.get_traced_memory()[0] - before_bytes
+        tracemalloc.stop()
+        got = entries(ring.drain_logprobs())
+    finally:
+        ring.close()
+    assert len(got) == tokens == params.max_tokens
+    assert queued_bytes / tokens < 1024, queued_bytes / tokens
 
 
 def test_zero_top_logprobs_reports_the_chosen_token_only(

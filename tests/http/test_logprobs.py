@@ -198,29 +198,47 @@ def test_responses_output_text_logprobs(server: RunningServer) -> None:
     part = whole["output"][0]["content"][0]
     assert len(part["logprobs"]) == whole["usage"]["output_tokens"]
     _check_entries(part["logprobs"], part["text"], 2)
-    deltas = []
+    deltas, repeated = [], {}
     for line in streamed.splitlines():
         if line.startswith("data: "):
             event = json.loads(line[6:])
             if event["type"] == "response.output_text.delta":
                 deltas += event["logprobs"]
+            repeated[event["type"]] = event
     _same(deltas, part["logprobs"])
+    # the closing events repeat the text's entries, as OpenAI's do: a client's final
+    # response (the openai package's get_final_response) is response.completed's
+    last = repeated.get("response.completed") or repeated["response.incomplete"]
+    completed = last["response"]["output"][0]["content"][0]
+    for closing in [
+        repeated["response.output_text.done"]["logprobs"],
+        repeated["response.content_part.done"]["part"]["logprobs"],
+        repeated["response.output_item.done"]["item"]["content"][0]["logprobs"],
+        completed["logprobs"],
+    ]:
+        assert closing == deltas
     assert bad.status_code == 400
     assert bad.json()["error"]["param"] == "top_logprobs"
 
 
-def test_native_infer_reports_them_in_chunks_and_the_terminal_line(
+def test_native_infer_reports_them_in_chunks_or_the_whole_record(
     server: RunningServer,
 ) -> None:
+    """Streamed, the chunk lines carry every entry and the terminal line repeats none
+    (the stream keeps nothing it sent); whole, the record has them all."""
     body = {"model": TINY, "prompt": "The quick", "max_tokens": 6, "temperature": 0,
             "logprobs": 1}  # fmt: skip
     with server.client() as http:
         lines = [json.loads(line) for line in http.post("/infer", json=body).text.splitlines()]
+        whole = http.post("/infer", json={**body, "stream": False}).json()
         refused = http.post("/infer", json={**body, "logprobs": 21})
     *chunks, last = lines
     streamed = [e for chunk in chunks for e in chunk.get("logprobs", ())]
-    assert len(last["logprobs"]) == last["metrics"]["completion_tokens"]
-    _same(streamed, last["logprobs"])
+    assert len(streamed) == last["metrics"]["completion_tokens"]
+    assert "logprobs" not in last
+    assert len(whole["logprobs"]) == whole["metrics"]["completion_tokens"]
+    _check_entries(whole["logprobs"], whole["text"], 1)
+    _same(streamed, whole["logprobs"])
     assert refused.status_code == 400
     assert "logprobs" in refused.text
 
@@ -252,3 +270,43 @@ def test_streamed_choices_each_count_their_own_text_offsets(client: openai.OpenA
     for choice in whole.choices:
         assert choice.logprobs.text_offset[0] == 0
         assert streamed[choice.index] == choice.logprobs.text_offset
+
+
+def test_a_request_whose_entries_could_pass_the_bound_is_a_400_naming_its_count(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
+    module_server_factory: ServerFactory,
+) -> None:  # fmt: skip
+    """tokens (max_tokens, else the context) x n x (1 + alternatives) over
+    MAX_LOGPROB_VALUES: refused before anything is queued, in every protocol, with the
+    protocol's own name of the count; below it the same request is answered."""
+    directory = write_chat_models(tmp_path_factory.mktemp("bound-models"))
+    shutil.copyfile(tiny_model_dir / TINY, directory / TINY)
+    server = module_server_factory(directory, "--n-ctx", "65536")
+    client = openai_client(server)
+    chat = {"model": TINY_CHAT, "messages": HELLO, "logprobs": True, "top_logprobs": 20}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**chat, n=8, max_tokens=10_000)
+    assert refused.value.param == "top_logprobs"
+    assert "1,048,576" in refused.value.message
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=TINY, prompt="hi", logprobs=5, n=8, max_tokens=65_536)
+    assert refused.value.param == "logprobs"
+    with pytest.raises(openai.BadRequestError) as refused:  # no max_output_tokens
+        client.responses.create(model=TINY_CHAT, input="hi", top_logprobs=20)
+    assert refused.value.param == "top_logprobs"
+    with ollama.Client(host=server.base_url, timeout=60) as api:
+        with pytest.raises(ollama.ResponseError) as caught:
+            api.generate(
+                model=TINY, prompt="hi", logprobs=True, top_logprobs=20,
+                options={"num_predict": 60_000},
+            )  # fmt: skip
+        assert caught.value.status_code == 400
+        assert "logprobs" in caught.value.error
+    with server.client() as http:
+        infer = http.post("/infer", json={"model": TINY, "prompt": "hi", "logprobs": 20,
+                                          "max_tokens": None})  # fmt: skip
+        assert infer.status_code == 400
+        assert infer.json()["error"]["field"] == "logprobs"
+        assert http.get("/status").json()["instances"] == []  # nothing was loaded
+    answer = client.chat.completions.create(**chat, n=8, max_tokens=4)
+    assert all(len(c.logprobs.content[0].top_logprobs) == 20 for c in answer.choices)

@@ -65,15 +65,17 @@ def ndjson_line(record: object) -> bytes:
     return one_line_json(record) + b"\n"
 
 
-def terminal_record(result: GenerationResult) -> dict[str, object]:
-    record: dict[str, object] = {"done": True, **msgspec.to_builtins(result)}
+def terminal_record(result: GenerationResult, *, streamed: bool = False) -> dict[str, object]:
+    """``POST /infer``'s record of how a generation ended: with every log-probability
+    entry when read whole, none after a stream (its chunk lines carried them)."""
+    bare = msgspec.structs.replace(result, logprobs=None)
+    record: dict[str, object] = {"done": True, **msgspec.to_builtins(bare)}
     if record.get("error") is None:
         record.pop("error", None)
     if not record.get("tool_calls"):
         record.pop("tool_calls", None)
-    if result.logprobs is None:
-        record.pop("logprobs", None)
-    else:
+    record.pop("logprobs", None)
+    if result.logprobs is not None and not streamed:
         record["logprobs"] = token_entries(result.logprobs)
     return record
 
@@ -194,7 +196,8 @@ class ChoicesFraming(StreamFraming, Protocol):
 
 
 class NdjsonFraming:
-    """``POST /infer``: ``{"text","tokens"}`` lines, then the terminal record."""
+    """``POST /infer``: ``{"text","tokens"}`` lines (with ``logprobs`` when asked), then
+    the terminal record."""
 
     media_type = NDJSON
 
@@ -208,7 +211,7 @@ class NdjsonFraming:
         return ndjson_line(line)
 
     def end(self, result: GenerationResult) -> bytes:
-        return ndjson_line(terminal_record(result))
+        return ndjson_line(terminal_record(result, streamed=True))
 
 
 class GenerationResponse(Response):

@@ -11,7 +11,7 @@ logits the lower token id comes first, in both loops, so the two agree token for
 
 An entry goes from a loop to the event loop as ``(id, piece, logprob, ((id, piece,
 logprob), ...))`` through the ring's side queue (``push_logprob`` / ``drain_logprobs``)
-and becomes a :class:`~modeld.types.TokenLogprob` there (:func:`entries`).
+and is packed into a :class:`~modeld.types.TokenLogprob` there (:func:`entries`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import llama_cpp
-import msgspec
 import numpy as np
 
+from modeld.logprob_entry import RawTop
 from modeld.types import TokenLogprob
 
 if TYPE_CHECKING:
@@ -34,7 +34,6 @@ __all__ = ["PIECE_MAX_BYTES", "RawLogprob", "entries", "logprob_entry"]
 PIECE_MAX_BYTES = 256
 """An alternative whose piece is longer is reported with an empty one (csrc LP_PIECE_MAX)."""
 
-RawTop = tuple[int, bytes, float]
 RawLogprob = tuple[int, bytes, float, tuple[RawTop, ...]]
 
 
@@ -74,5 +73,5 @@ def logprob_entry(
 
 
 def entries(raw: list[RawLogprob]) -> list[TokenLogprob]:
-    """What a ring's ``drain_logprobs()`` returned, as typed entries."""
-    return msgspec.convert(raw, list[TokenLogprob])
+    """What a ring's ``drain_logprobs()`` returned, as packed entries."""
+    return [TokenLogprob.of(*entry) for entry in raw]

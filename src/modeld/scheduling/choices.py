@@ -18,11 +18,24 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 
+from modeld.engine.contract import Request
 from modeld.errors import InvalidRequest
 from modeld.scheduling.generation import Generation
-from modeld.types import MAX_CHOICES, DoneReason, GenerationMetrics, GenerationResult
+from modeld.types import (
+    MAX_CHOICES,
+    MAX_LOGPROB_VALUES,
+    DoneReason,
+    GenerationMetrics,
+    GenerationResult,
+)
 
-__all__ = ["FINISHED_REASONS", "ChoiceRun", "NextChoice", "check_choices"]
+__all__ = [
+    "FINISHED_REASONS",
+    "ChoiceRun",
+    "NextChoice",
+    "check_choices",
+    "check_logprob_volume",
+]
 
 FINISHED_REASONS = frozenset({DoneReason.STOP, DoneReason.LENGTH})
 """The ends after which the next choice starts; any other ends the run."""
@@ -36,6 +49,25 @@ def check_choices(count: int) -> None:
     bound is checked before anything is admitted."""
     if type(count) is not int or not 1 <= count <= MAX_CHOICES:
         raise InvalidRequest(f"n is 1 to {MAX_CHOICES} choices, not {count!r}", field="n")
+
+
+def check_logprob_volume(request: Request, count: int, n_ctx: int) -> None:
+    """Raises :class:`InvalidRequest` (field ``logprobs``) when the log probabilities
+    ``count`` answers to ``request`` may report pass :data:`MAX_LOGPROB_VALUES`: tokens
+    (``max_tokens``, at most the context ``n_ctx``; the context when unset) x choices x
+    (1 + alternatives). A whole answer holds them all until it is written, so the bound
+    is checked before anything is admitted."""
+    if request.logprobs is None:
+        return
+    tokens = min(request.max_tokens or n_ctx, n_ctx)
+    values = tokens * count * (1 + request.logprobs)
+    if values > MAX_LOGPROB_VALUES:
+        raise InvalidRequest(
+            f"logprobs: up to {values:,} log probabilities ({tokens} tokens x {count}"
+            f" choices x (1 + {request.logprobs} alternatives)), over the {MAX_LOGPROB_VALUES:,}"
+            " one request may report: ask for fewer alternatives, choices or tokens",
+            field="logprobs",
+        )
 
 
 class ChoiceRun:

@@ -70,8 +70,8 @@ class Generation:
         max_gap_s: float,
         logprobs: bool = False,
     ) -> None:
-        """``logprobs``: the request asked for log probabilities (chunks and the result
-        carry them)."""
+        """``logprobs``: the request asked for log probabilities (the chunks carry them;
+        the result too when read whole: :meth:`read_whole`)."""
         self.request_id = request_id
         self.model_id = model_id
         self.result: GenerationResult | None = None
@@ -88,6 +88,7 @@ class Generation:
         self._calls: list[Delta] = []
         self._aligner = LogprobAligner(ring) if logprobs else None
         self._held_logprobs: tuple[TokenLogprob, ...] = ()
+        self._kept_logprobs: list[TokenLogprob] | None = None  # for the result: read whole
 
     def parse_tool_calls(self, tool_format: str | None) -> None:
         """Read the output as ``tool_format`` writes calls (before it is iterated): the
@@ -98,8 +99,13 @@ class Generation:
 
     def read_whole(self) -> None:
         """The reader takes the answer only at its end (no stream): tokens may gather
-        longer between wake-ups (:data:`~modeld.scheduling.coalescing.WHOLE_ANSWER_GAP_S`)."""
+        longer between wake-ups (:data:`~modeld.scheduling.coalescing.WHOLE_ANSWER_GAP_S`),
+        and the result keeps every log-probability entry (a stream's result keeps none:
+        they went out with its chunks, and holding them would grow with the answer).
+        Call it before iterating."""
         self._coalescer.read_whole()
+        if self._aligner is not None:
+            self._kept_logprobs = []
 
     def cancel(self, reason: DoneReason = DoneReason.CANCELLED) -> None:
         """Stop the token loop within one token; the result will say ``reason``."""
@@ -150,7 +156,10 @@ class Generation:
     def _logprobs(self, released_bytes: int, *, final: bool = False) -> tuple[TokenLogprob, ...]:
         if self._aligner is None:
             return ()
-        return self._aligner.take(released_bytes, final=final)
+        taken = self._aligner.take(released_bytes, final=final)
+        if self._kept_logprobs is not None:
+            self._kept_logprobs += taken
+        return taken
 
     def _parsed(
         self, text: str, tokens: int, logprobs: tuple[TokenLogprob, ...], *, final: bool
@@ -231,9 +240,15 @@ class Generation:
             metrics=self._metrics(outcome),
             error={"code": EngineError.code, "message": outcome.error} if outcome.error else None,
             tool_calls=collect(self._calls)[1],
-            logprobs=tuple(self._aligner.sent) if self._aligner is not None else None,
+            logprobs=self._result_logprobs(),
         )
         self._on_finished(self)
+
+    def _result_logprobs(self) -> tuple[TokenLogprob, ...] | None:
+        if self._aligner is None:
+            return None
+        kept, self._kept_logprobs = self._kept_logprobs, None
+        return tuple(kept) if kept is not None else ()
 
     def _metrics(self, outcome: LoopOutcome) -> GenerationMetrics:
         timing = self._timing

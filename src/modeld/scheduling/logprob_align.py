@@ -6,7 +6,9 @@ the ring later (an unfinished UTF-8 character, a possible stop string held back)
 lengths, and a chunk carries the entries whose bytes it completes: each entry goes out
 exactly once, with (or before) nothing of a later token's text. At the end, a token whose
 text was cut by a stop string goes out if any of its bytes did; tokens wholly inside the
-stop string, or after a cancel, never do.
+stop string, or after a cancel, never do. Nothing is kept once handed out: a stream's
+entries leave with its chunks (a whole answer's reader keeps them, see
+:meth:`~modeld.scheduling.generation.Generation.read_whole`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ class LogprobAligner:
         self._pending: deque[tuple[int, int, TokenLogprob]] = deque()  # (start, end, entry)
         self._placed_bytes = 0  # where the next entry's piece starts
         self._released_bytes = 0  # text drained so far
-        self.sent: list[TokenLogprob] = []  # every entry handed out, in order
 
     def take(self, released_bytes: int, *, final: bool = False) -> tuple[TokenLogprob, ...]:
         """The entries that ``released_bytes`` more bytes of drained text complete (all
@@ -48,5 +49,4 @@ class LogprobAligner:
             self._pending.popleft()
         if final:
             self._pending.clear()
-        self.sent += out
         return tuple(out)

@@ -30,7 +30,7 @@ from modeld.prompt_cache.setup import build_prompt_cache
 from modeld.registry import ModelFile, Registry, check_model_name
 from modeld.scheduling.admission import Admission
 from modeld.scheduling.calls import GenerationCalls
-from modeld.scheduling.choices import ChoiceRun
+from modeld.scheduling.choices import ChoiceRun, check_choices, check_logprob_volume
 from modeld.scheduling.clock import Clock
 from modeld.scheduling.generation import Generation
 from modeld.scheduling.history import EventHistory
@@ -209,8 +209,13 @@ class ModelManager(GenerationCalls):
         A ``format`` that cannot be enforced is refused before the request queues.
         Leaving the block early cancels the running choice and starts no other. Cancelled
         at any await, it leaves nothing behind: no admission, no place in the queue, no
-        held slot.
+        held slot. Log probabilities the run may report are bounded
+        (:func:`~modeld.scheduling.choices.check_logprob_volume`): over the bound it
+        raises :class:`InvalidRequest` (field ``logprobs``) at once, as a bad ``n`` does.
         """
+        if request.logprobs is not None:
+            check_choices(count)
+            check_logprob_volume(request, count, self.resolve(request.model).n_ctx)
         return self._launcher.stream(request, request_id, self.resolve, count)
 
     async def embed(

@@ -115,6 +115,7 @@ class _Response:
         self.sampling = sampling
         self.text = ""
         self.logprobs: list[TokenLogprob] = []  # the text's, when asked
+        self._shaped: Any = None  # the logprobs as JSON, once the text is complete
         self.sequence = 0
 
     def item(self, status: str) -> dict[str, Any]:
@@ -128,8 +129,16 @@ class _Response:
         }
 
     def part(self) -> dict[str, Any]:
-        logprobs = token_entries(self.logprobs)
-        return {"type": "output_text", "text": self.text, "annotations": [], "logprobs": logprobs}
+        shaped = self._shaped if self._shaped is not None else token_entries(self.logprobs)
+        return {"type": "output_text", "text": self.text, "annotations": [], "logprobs": shaped}
+
+    def finish_text(self) -> Any:
+        """The text is complete: its ``logprobs`` are encoded once, the entries let go,
+        and the same bytes go into every event that repeats them (a stream ends with
+        four: the text, its part, its item and the response)."""
+        self._shaped = token_entries(self.logprobs)
+        self.logprobs = []
+        return self._shaped
 
     def item_status(self, result: GenerationResult) -> str:
         """A message cut at ``max_output_tokens`` is ``incomplete``, as its response is."""
@@ -233,13 +242,9 @@ class _ResponseFraming:
         last = (
             "response.completed" if result.done_reason is DoneReason.STOP else "response.incomplete"
         )
+        logprobs = r.finish_text()
         return (
-            r.event(
-                "response.output_text.done",
-                **self._where(),
-                text=r.text,
-                logprobs=token_entries(r.logprobs),
-            )
+            r.event("response.output_text.done", **self._where(), text=r.text, logprobs=logprobs)
             + r.event("response.content_part.done", **self._where(), part=r.part())
             + r.event(
                 "response.output_item.done", output_index=0, item=r.item(r.item_status(result))
@@ -268,6 +273,7 @@ class _ResponseCall:
         response = self._response(generation)
         response.text = text
         response.logprobs = list(result.logprobs or ())
+        response.finish_text()
         return response.whole(result)
 
 
@@ -283,6 +289,7 @@ class ResponsesProtocol:
             "prompt": "input",
             "messages": "input",
             "format": "text.format",
+            "logprobs": "top_logprobs",
             **RESPONSES_SAMPLING.param_names,
         }
         sampling = sampling_of(body, RESPONSES_SAMPLING)

@@ -118,6 +118,7 @@ class ChatProtocol:
             "prompt": "messages",
             "format": "response_format",
             "max_tokens": max_name,
+            "logprobs": "top_logprobs",  # the count; chat's logprobs is the switch
         }
         generate = chat_request(decoded, sampling_of(body), edge.defaults_for)
         include_usage = bool(decoded.stream_options and decoded.stream_options.include_usage)

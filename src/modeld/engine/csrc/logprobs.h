@@ -170,7 +170,11 @@ lp_record_make(const struct llama_vocab *vocab, const float *logits, int32_t n_v
         at += n;
     }
     r->n_bytes = at;
-    return r;
+    /* Shrink to the pieces' real size (a few bytes each, not LP_PIECE_MAX): records wait
+     * here while a stream's client reads slowly, up to a ring's worth of tokens. */
+    lp_record *fit =
+        MODELD_REALLOC(r, sizeof(lp_record) + (size_t)n_items * sizeof(lp_item) + at);
+    return fit != NULL ? fit : r;
 }
 
 #endif /* MODELD_LOGPROBS_H */
