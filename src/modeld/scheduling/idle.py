@@ -112,7 +112,7 @@ async def keep_prefix(instance: Instance) -> None:
     answer's last bytes for the GIL and a client that sends its next request at once
     (it finds its prefix live) never waits for it. A request that comes before the copy
     starts skips it (the slot is busy again); one that comes during it waits for it (a
-    copy of the state: ~0.1 ms per MiB on the development host).
+    copy of the state: ~0.4-0.5 ms per MiB on the development host).
     """
     await anyio.sleep(KEEP_AFTER_IDLE_S)
     engine, worker, slot = instance.engine, instance.worker, instance.slot
