@@ -36,7 +36,6 @@ from benchmarks.llama_server import (
     server_flags,
     start_llama_server,
 )
-from benchmarks.llama_server_build import BuildUnavailable, find_or_build
 from benchmarks.raw_client import Answer, infer
 from benchmarks.raw_processes import generate_seconds
 from llama_cpp import Llama
@@ -58,14 +57,6 @@ ROUTER_THREADS = os.environ.get("MODELD_BENCH_ROUTER_THREADS")
 ALTERNATIONS = 10
 
 pytestmark = pytest.mark.timeout(1800)
-
-
-@pytest.fixture(scope="module")
-def binary() -> Path:
-    try:
-        return find_or_build(build=False)
-    except BuildUnavailable as exc:
-        pytest.skip(f"llama-server unavailable: {exc} (nox -s bench_llama_server builds it)")
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,6 @@ from typing import Any
 import httpx
 import pytest
 from benchmarks.llama_server import LlamaServer, server_flags, start_llama_server
-from benchmarks.llama_server_build import BuildUnavailable, find_or_build
 from pytest_benchmark.fixture import BenchmarkFixture
 from tests.support.server import RunningServer, start_modeld
 from tests.support.tiny_gguf import TinyModelSpec, write_tiny_gguf
@@ -114,14 +113,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
             (directory / name).write_bytes(gemma.read_bytes())
     write_tiny_gguf(directory / SECOND, TinyModelSpec(n_embd=256, n_ff=512, n_layer=4))
     return directory
-
-
-@pytest.fixture(scope="module")
-def binary() -> Path:
-    try:
-        return find_or_build(build=False)
-    except BuildUnavailable as exc:
-        pytest.skip(f"llama-server unavailable: {exc} (nox -s bench_llama_server builds it)")
 
 
 @pytest.fixture(scope="module")
