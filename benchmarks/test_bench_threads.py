@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 import pytest
-from benchmarks.llama_server import LlamaServer, server_flags, start_llama_server
+from benchmarks.llama_server import LlamaServer, completion, server_flags, start_llama_server
 from pytest_benchmark.fixture import BenchmarkFixture
 from tests.support.server import RunningServer, start_modeld
 from tests.support.tiny_gguf import TinyModelSpec, write_tiny_gguf
@@ -54,8 +54,7 @@ GEMMA, GEMMA_B, SECOND = "gemma.gguf", "gemma-b.gguf", "second.gguf"
 def native_decode(server: LlamaServer) -> tuple[float, int]:
     """(decode tokens/s as llama-server times it, tokens)."""
     body = {"prompt": PROMPT, "n_predict": DECODE_TOKENS, "temperature": 0, "top_k": 1}
-    answer = httpx.post(server.base_url + "/completion", json=body, timeout=600).json()
-    timings = answer["timings"]
+    timings = completion(server.base_url, body).metrics
     return float(timings["predicted_per_second"]), int(timings["predicted_n"])
 
 
