@@ -14,11 +14,13 @@ import jinja2
 
 from modeld.chat.sandbox import OutputTooLong, TemplateRefused, compile_template, render_bounded
 from modeld.errors import ChatTemplateError, ContextLengthExceeded
+from modeld.settings.per_model import template_file
 from modeld.types import ChatMessage, MessageToolCall, Tool
 
 __all__ = [
     "MAX_TEMPLATE_CHARS",
     "ChatTemplate",
+    "configured_source",
     "output_too_long",
     "read_template_file",
     "template_messages",
@@ -161,3 +163,11 @@ def read_template_file(path: Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ChatTemplateError(f"chat template {path} is not UTF-8") from None
+
+
+def configured_source(chat_template: str) -> str | None:
+    """The Jinja source a configured ``chat_template`` renders with: its file's text, or
+    None for a llama.cpp built-in name. Raises :class:`ChatTemplateError` as
+    :func:`read_template_file` does."""
+    path = template_file(chat_template)
+    return read_template_file(path) if path is not None else None

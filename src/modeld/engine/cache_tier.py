@@ -2,9 +2,10 @@
 prompt would discard is saved, and a longer cached prefix than the context holds is
 restored before the loop runs (:mod:`modeld.prompt_cache`). On the model's worker thread.
 
-A model that goes idle keeps its context's prefix in the memory tier at once
-(:meth:`CacheTier.keep_idle`), so that the prompt that later displaces it (another
-conversation's turn) finds it saved and pays only its own restore.
+A model that goes idle keeps its context's prefix in the memory tier soon after
+(:meth:`CacheTier.keep_idle`, scheduled by :func:`modeld.scheduling.idle.keep_prefix`),
+so that the prompt that later displaces it (another conversation's turn) finds it saved
+and pays only its own restore.
 
 The cache is an optimisation: any failure of it is logged and the prompt is evaluated
 afresh; it never fails a generation or a close.

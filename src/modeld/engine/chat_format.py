@@ -16,7 +16,7 @@ from functools import cache
 import llama_cpp
 
 from modeld.chat import ChatTemplate
-from modeld.chat.template import output_too_long, read_template_file
+from modeld.chat.template import configured_source, output_too_long, read_template_file
 from modeld.errors import ChatTemplateError, NoChatTemplate
 from modeld.settings.per_model import template_file
 from modeld.types import ChatMessage, Tool
@@ -84,8 +84,7 @@ class ChatFormatter:
         llama.cpp built-in template or none at all): what the tool-call format is
         detected from (:func:`modeld.tools.detect_format`)."""
         if override is not None:
-            path = template_file(override)
-            return read_template_file(path) if path is not None else None
+            return configured_source(override)
         return self._gguf_source
 
     def render(

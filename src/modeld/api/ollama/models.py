@@ -24,12 +24,11 @@ from modeld.api.ollama.facts import (
 from modeld.api.ollama.names import model_id_for, naming, ollama_name
 from modeld.api.ollama.wire import OLLAMA_SAMPLING, ModelBody
 from modeld.api.protocol import json_response
-from modeld.chat.template import read_template_file
+from modeld.chat.template import configured_source
 from modeld.errors import ChatTemplateError, InvalidRequest, ModeldError, Unsupported
 from modeld.gguf import GgufMetadata
 from modeld.scheduling.manager import ModelManager
 from modeld.settings.keep_alive import FOREVER_S
-from modeld.settings.per_model import template_file
 from modeld.sizes import MIB
 from modeld.statistics import InstanceStatistics
 from modeld.tools.formats import resolve_format
@@ -190,10 +189,7 @@ async def _configured_source(chat_template: str) -> str | None:
     """The Jinja source a configured ``chat_template`` names (None for a built-in, or a
     file that cannot be read now: a chat would answer that error itself), read off the
     event loop."""
-    path = template_file(chat_template)
-    if path is None:
-        return None
     try:
-        return await anyio.to_thread.run_sync(read_template_file, path)
+        return await anyio.to_thread.run_sync(configured_source, chat_template)
     except ChatTemplateError:
         return None
